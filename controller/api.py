@@ -1,0 +1,213 @@
+"""The controller's HTTP API (FastAPI): health, readiness, metrics, fleet and incidents.
+
+Contract: docs/ARCHITECTURE.md and DESIGN.md §5. Lists are ``{"items": [...]}``,
+errors are ``application/problem+json`` (RFC 9457), times are ISO 8601 UTC,
+OpenAPI 3.1 is served at ``/api/v1/openapi.json``. Read-only for now: the
+mutating endpoints (approvals, silences) arrive with the remediation engine
+and take a bearer token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+
+import selfheal
+from controller.engine import Engine
+from controller.fleet import Fleet
+from controller.metrics import ControllerMetrics
+from controller.page import render_status_page
+from controller.store import Incident, SqliteStore
+from detectors.presence import is_offline
+from selfheal.clocks import Clock, iso
+
+T = TypeVar("T")
+
+
+@dataclass
+class ApiContext:
+    fleet: Fleet
+    store: SqliteStore
+    engine: Engine
+    metrics: ControllerMetrics
+    clock: Clock
+    offline_after: float
+    broker_connected: Any
+    """An object with ``is_set()``: the controller's MQTT connection is up."""
+
+
+class NodeOut(BaseModel):
+    id: str
+    state: Literal["online", "offline"]
+    last_seen: str | None
+    session: int
+    version: str
+    units: list[str]
+
+
+class UnitOut(BaseModel):
+    node: str
+    name: str
+    kind: str
+    state: str
+    pid: int | None
+    restarts: int
+    healthy: bool | None
+    cpu_percent: float
+    rss_bytes: int
+
+
+class IncidentOut(BaseModel):
+    id: int
+    state: Literal["open", "failed", "resolved"]
+    kind: str
+    node: str
+    unit: str | None
+    severity: str
+    summary: str
+    rule: str | None
+    opened_at: str
+    resolved_at: str | None
+
+
+class TimelineOut(BaseModel):
+    at: str
+    kind: str
+    data: dict[str, Any]
+
+
+class PlanOut(BaseModel):
+    id: str
+    incident_id: int
+    rule: str
+    attempt: int
+    state: str
+    created_at: str
+    updated_at: str
+    detail: dict[str, Any]
+
+
+class IncidentDetailOut(IncidentOut):
+    timeline: list[TimelineOut]
+    plans: list[PlanOut]
+
+
+class Items(BaseModel, Generic[T]):
+    items: list[T]
+
+
+def create_api(ctx: ApiContext) -> FastAPI:
+    app = FastAPI(title="selfheal controller", version=selfheal.__version__,
+                  openapi_url="/api/v1/openapi.json", docs_url="/api/v1/docs", redoc_url=None)
+
+    @app.exception_handler(HTTPException)
+    async def problem(request: Request, exc: HTTPException) -> JSONResponse:
+        return _problem(exc.status_code, str(exc.detail), request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return _problem(422, detail, request.url.path)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"description": "broker not connected yet"}})
+    async def readyz(request: Request) -> Response:
+        if not ctx.broker_connected.is_set():
+            return _problem(503, "not connected to the MQTT broker", request.url.path)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/api/v1/nodes")
+    async def nodes() -> Items[NodeOut]:
+        return Items(items=_nodes(ctx))
+
+    @app.get("/api/v1/units")
+    async def units() -> Items[UnitOut]:
+        return Items(items=_units(ctx))
+
+    @app.get("/api/v1/incidents")
+    async def incidents(state: Literal["open", "failed", "resolved"] | None = Query(None),
+                        limit: int = Query(200, ge=1, le=1000)) -> Items[IncidentOut]:
+        rows = await ctx.store.list_incidents(state=state, limit=limit)
+        return Items(items=[_incident(i) for i in rows])
+
+    @app.get("/api/v1/incidents/{incident_id}", responses={404: {"description": "no such incident"}})
+    async def incident(incident_id: int) -> IncidentDetailOut:
+        detail = await ctx.store.get_incident(incident_id)
+        if detail is None:
+            raise HTTPException(404, f"no incident {incident_id}")
+        return IncidentDetailOut(
+            **_incident(detail.incident).model_dump(),
+            timeline=[TimelineOut(at=iso(e.at) or "", kind=e.kind, data=e.data) for e in detail.timeline],
+            plans=[PlanOut(id=p.id, incident_id=p.incident_id, rule=p.rule, attempt=p.attempt, state=p.state,
+                           created_at=iso(p.created_at) or "", updated_at=iso(p.updated_at) or "",
+                           detail=p.detail) for p in detail.plans])
+
+    @app.get("/api/v1/plans")
+    async def plans(limit: int = Query(200, ge=1, le=1000)) -> Items[PlanOut]:
+        rows = await ctx.store.list_plans(limit=limit)
+        return Items(items=[PlanOut(id=p.id, incident_id=p.incident_id, rule=p.rule, attempt=p.attempt,
+                                    state=p.state, created_at=iso(p.created_at) or "",
+                                    updated_at=iso(p.updated_at) or "", detail=p.detail) for p in rows])
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        recent = await ctx.store.list_incidents(limit=30)
+        return HTMLResponse(render_status_page(
+            nodes=[n.model_dump() for n in _nodes(ctx)], units=[u.model_dump() for u in _units(ctx)],
+            incidents=[_incident(i).model_dump() for i in recent], version=selfheal.__version__,
+            now=iso(ctx.clock.wall()) or ""))
+
+    return app
+
+
+def _problem(status: int, detail: str, instance: str) -> JSONResponse:
+    titles = {404: "Not Found", 422: "Invalid request", 503: "Not ready"}
+    return JSONResponse({"type": "about:blank", "title": titles.get(status, "Error"), "status": status,
+                         "detail": detail, "instance": instance},
+                        status_code=status, media_type="application/problem+json")
+
+
+def _nodes(ctx: ApiContext) -> list[NodeOut]:
+    now = ctx.clock.wall()
+    out = []
+    for node_id in sorted(ctx.fleet.nodes):
+        snapshot = ctx.fleet.snapshot(node_id)
+        node = ctx.fleet.nodes[node_id]
+        if snapshot is None:
+            continue
+        offline = is_offline(snapshot, now, ctx.offline_after)
+        out.append(NodeOut(id=node_id, state="offline" if offline else "online",
+                           last_seen=iso(node.last_seen) if node.last_seen else None, session=node.session,
+                           version=node.version, units=sorted(node.units)))
+    return out
+
+
+def _units(ctx: ApiContext) -> list[UnitOut]:
+    return [
+        UnitOut(node=node_id, name=unit.name, kind=unit.kind, state=unit.state, pid=unit.pid,
+                restarts=unit.restarts, healthy=unit.probe.healthy if unit.probe else None,
+                cpu_percent=unit.cpu_percent, rss_bytes=unit.rss_bytes)
+        for node_id in sorted(ctx.fleet.nodes)
+        for unit in sorted(ctx.fleet.nodes[node_id].units.values(), key=lambda u: u.name)
+    ]
+
+
+def _incident(incident: Incident) -> IncidentOut:
+    return IncidentOut(id=incident.id, state=incident.state, kind=incident.kind, node=incident.node,
+                       unit=incident.unit, severity=incident.severity, summary=incident.summary,
+                       rule=incident.rule, opened_at=iso(incident.opened_at) or "",
+                       resolved_at=iso(incident.resolved_at))

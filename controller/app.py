@@ -1,0 +1,175 @@
+"""The controller's composition root: build every part from the config and run them together.
+
+One ``asyncio.TaskGroup`` with named tasks: the MQTT link (ingest), the
+engine, and the HTTP server. SIGTERM (handled by the CLI) sets ``stop``;
+each part winds down on it. The store is opened first and closed last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import uvicorn
+
+from controller.api import ApiContext, create_api
+from controller.broker import embedded_broker
+from controller.dispatcher import Dispatcher
+from controller.engine import Engine
+from controller.fleet import Fleet
+from controller.metrics import ControllerMetrics
+from controller.store import SqliteStore
+from detectors.model import DetectorSettings, Threshold
+from rules.loader import load_rulebooks
+from rules.model import Rulebook
+from selfheal import sdnotify, wire
+from selfheal.clocks import Clock, SystemClock
+from selfheal.config import Config, split_host_port
+from selfheal.errors import WireError
+from selfheal.keys import read_key
+from selfheal.logs import RateLimiter, get_logger
+from selfheal.mqtt import MqttLink, Outgoing
+
+log = get_logger("controller")
+
+
+class Controller:
+    def __init__(self, config: Config, *, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.rulebook: Rulebook = load_rulebooks(config.controller.rulebooks)
+        self.metrics = ControllerMetrics()
+        self.fleet = Fleet(history=config.controller.history, max_nodes=config.controller.max_nodes)
+        self.session = uuid.uuid4().hex[:12]
+        self.rate_limit = RateLimiter(period=60.0)
+        host, port = config.mqtt.host_port()
+        offline = wire.encode(wire.ControllerStatus(state="offline", session=self.session))
+        self.link = MqttLink(host, port, client_id=f"selfheal-controller-{self.session}",
+                             will=Outgoing(wire.CONTROLLER_STATUS_TOPIC, offline, 1, True),
+                             keepalive=config.mqtt.keepalive, reconnect_max=config.mqtt.reconnect_max,
+                             name="controller.mqtt")
+        self.api_port: int | None = None
+
+    def settings(self) -> DetectorSettings:
+        return DetectorSettings(
+            offline_after=self.config.controller.offline_after,
+            thresholds=tuple(Threshold(name=t.name, metric=t.metric, above=t.above, samples=t.samples,
+                                       severity=t.severity) for t in self.rulebook.thresholds))
+
+    def key_for(self, node: str) -> bytes | None:
+        return read_key(self.config.security.key_dir, node)
+
+    async def run(self, *, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            if self.config.mqtt.url == "embedded":
+                host, port = split_host_port(self.config.mqtt.embedded_listen, what="mqtt.embedded_listen")
+                await stack.enter_async_context(embedded_broker(host, port))
+            store = await SqliteStore.open(Path(self.config.controller.state_dir) / "selfheal.sqlite3")
+            stack.push_async_callback(store.close)
+            epoch = await store.next_epoch()
+            dispatcher = Dispatcher(fleet=self.fleet, store=store, link=self.link, keys=self.key_for,
+                                    clock=self.clock, epoch=epoch, command_ttl=self.config.controller.command_ttl,
+                                    ack_timeout=self.config.controller.ack_timeout)
+            engine = Engine(fleet=self.fleet, store=store, rulebook=self.rulebook, dispatcher=dispatcher,
+                            clock=self.clock, settings=self.settings(), metrics=self.metrics)
+            await engine.recover()
+            self.metrics.add_fleet_collector(lambda: self._fleet_gauges(engine))
+            api = create_api(ApiContext(fleet=self.fleet, store=store, engine=engine, metrics=self.metrics,
+                                        clock=self.clock, offline_after=self.config.controller.offline_after,
+                                        broker_connected=self.link.connected))
+            server, sock = self._http_server(api)
+            log.info("controller.starting", epoch=epoch, session=self.session, api=f"http://{self.api_address}/",
+                     mqtt=self.config.mqtt.url, rules=[r.name for r in self.rulebook.rules])
+
+            async def handle(topic: str, payload: bytes) -> None:
+                await self._ingest(topic, payload, dispatcher)
+
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.link.run(stop=stop, handle=handle, on_connect=self._on_connect), name="mqtt")
+                tg.create_task(engine.run(stop=stop), name="engine")
+                tg.create_task(server.serve(sockets=[sock]), name="http")
+                tg.create_task(self._announce_ready(server, ready), name="ready")
+                await stop.wait()
+                sdnotify.notify("STOPPING=1")
+                server.should_exit = True
+                await self.fleet.notify()
+
+    @property
+    def api_address(self) -> str:
+        host, _ = split_host_port(self.config.controller.listen, what="controller.listen")
+        return f"{host}:{self.api_port}"
+
+    def _http_server(self, api: object) -> tuple[uvicorn.Server, socket.socket]:
+        host, port = split_host_port(self.config.controller.listen, what="controller.listen")
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        self.api_port = int(sock.getsockname()[1])
+        server = _Server(uvicorn.Config(api, log_level="warning", access_log=False, lifespan="off"))  # type: ignore[arg-type]
+        return server, sock
+
+    async def _announce_ready(self, server: uvicorn.Server, ready: asyncio.Event | None) -> None:
+        while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
+            await asyncio.sleep(0.02)
+        await self.link.connected.wait()
+        log.info("controller.ready", api=f"http://{self.api_address}/")
+        sdnotify.notify("READY=1")
+        if ready is not None:
+            ready.set()
+
+    async def _on_connect(self, link: MqttLink) -> None:
+        for channel in ("status", "report", "digests", "events"):
+            await link.subscribe(f"{wire.PREFIX}/p/+/nodes/+/{channel}", qos=1)
+        online = wire.ControllerStatus(state="online", session=self.session, ts=self.clock.wall())
+        link.publish(wire.CONTROLLER_STATUS_TOPIC, wire.encode(online), qos=1, retain=True)
+
+    async def _ingest(self, topic: str, payload: bytes, dispatcher: Dispatcher) -> None:
+        try:
+            message = wire.decode_node_message(topic, payload)
+        except WireError as exc:
+            self.metrics.rejected.labels(exc.reason).inc()
+            source = topic.split("/")[5] if topic.count("/") >= 6 else topic[:64]
+            if self.rate_limit.allow(source, exc.reason, self.clock.monotonic()):
+                log.warning("message.rejected", topic=topic[:200], reason=exc.reason, error=str(exc)[:300])
+            return
+        self.metrics.messages.labels(topic.rsplit("/", 1)[-1]).inc()
+        result = self.fleet.apply(message, self.clock.wall())
+        if result is not None:
+            dispatcher.on_result(message.node, result)
+        await self.fleet.notify()
+
+    def _fleet_gauges(self, engine: Engine) -> tuple[dict[str, int], int]:
+        counts = {"online": 0, "offline": 0}
+        for node in self.fleet.nodes.values():
+            counts["online" if node.online else "offline"] += 1
+        return counts, engine.open_count()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn inside our task group: signals belong to the process, not to the HTTP server."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def run_controller(config: Config, *, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+    await Controller(config).run(stop=stop, ready=ready)
+
+
+@contextlib.asynccontextmanager
+async def running_controller(config: Config) -> AsyncIterator[Controller]:
+    """Run a controller in the background of a test or the demo; stopped on exit."""
+    controller = Controller(config)
+    stop, ready = asyncio.Event(), asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(controller.run(stop=stop, ready=ready), name="controller")
+        await ready.wait()
+        try:
+            yield controller
+        finally:
+            stop.set()

@@ -1,0 +1,180 @@
+"""Fleet state: what the controller knows of every node, in memory, bounded.
+
+``Fleet.apply`` folds one validated wire message into the state; detectors
+read frozen ``NodeSnapshot``s of it. Presence follows session numbers: a
+status or will from an older agent session never overrides a newer one, and
+handlers are idempotent (the embedded broker may deliver a retained message
+twice). Each node keeps at most ``history`` reports; beyond ``max_nodes`` the
+longest-silent node is evicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from detectors.model import NodeSnapshot
+from selfheal.wire import (
+    CommandResult,
+    Event,
+    NodeMessage,
+    NodeStatus,
+    ProbeChanged,
+    ProbeState,
+    Report,
+    UnitExited,
+    UnitReport,
+    UnitStarted,
+)
+
+MAX_UNITS_PER_NODE = 1000
+
+
+@dataclass
+class NodeState:
+    id: str
+    online: bool = False
+    session: int = 0
+    version: str = ""
+    http: str = ""
+    last_seen: float = 0.0
+    units: dict[str, UnitReport] = field(default_factory=dict)
+    reports: deque[Report] = field(default_factory=deque)
+    last_seq: int = -1
+    event_ts: dict[str, float] = field(default_factory=dict)
+    """Agent time of the last event per unit: an older report does not undo it."""
+
+
+class Fleet:
+    def __init__(self, *, history: int = 120, max_nodes: int = 10_000) -> None:
+        self.history = history
+        self.max_nodes = max_nodes
+        self.nodes: dict[str, NodeState] = {}
+        self.changed = asyncio.Condition()
+        self.dirty: set[str] = set()
+        self.evicted = 0
+        self.stale = 0
+
+    def apply(self, message: NodeMessage, now: float) -> CommandResult | None:
+        """Fold a message in; returns a command result for the dispatcher, if it was one."""
+        if isinstance(message, NodeStatus):
+            self._apply_status(message, now)
+            return None
+        node = self._node(message.node)
+        if isinstance(message, Report):
+            if message.session < node.session:
+                self.stale += 1
+                return None
+            node.session = max(node.session, message.session)
+            node.last_seen = now
+            node.online = True
+            if message.session == node.session and message.seq <= node.last_seq:
+                return None  # duplicate or reordered report
+            node.last_seq = message.seq
+            node.reports.append(message)
+            while len(node.reports) > self.history:
+                node.reports.popleft()
+            node.units = {
+                u.name: node.units[u.name] if node.event_ts.get(u.name, 0.0) > message.ts else u
+                for u in message.units[:MAX_UNITS_PER_NODE]
+            }
+            self._touch(node.id)
+            return None
+        if isinstance(message, Event):
+            if message.session < node.session:
+                self.stale += 1
+                return None
+            node.last_seen = now
+            body = message.body
+            if isinstance(body, CommandResult):
+                return body
+            self._apply_unit_event(node, body)
+            node.event_ts[body.unit] = message.ts
+            self._touch(node.id)
+        return None
+
+    def _apply_status(self, status: NodeStatus, now: float) -> None:
+        node = self._node(status.node)
+        if status.session < node.session:
+            self.stale += 1  # a will or birth from an older agent session
+            return
+        if status.session > node.session:
+            node.last_seq = -1
+        node.session = status.session
+        node.online = status.state == "online"
+        node.version = status.version
+        node.http = status.http
+        node.last_seen = now
+        for name in status.units:
+            node.units.setdefault(name, UnitReport(name=name, kind="process", state="starting"))
+        self._touch(node.id)
+
+    def _apply_unit_event(self, node: NodeState, body: UnitExited | UnitStarted | ProbeChanged) -> None:
+        unit = node.units.get(body.unit) or UnitReport(name=body.unit, kind="process", state="starting")
+        if isinstance(body, UnitExited):
+            unit = msgspec.structs.replace(
+                unit, state="stopped" if body.expected else "exited", pid=body.pid,
+                exit_code=body.exit_code, exit_signal=body.exit_signal, probe=_pending(unit.probe))
+        elif isinstance(body, UnitStarted):
+            unit = msgspec.structs.replace(unit, state="running", pid=body.pid, restarts=body.restarts,
+                                           exit_code=None, exit_signal=None, probe=_pending(unit.probe),
+                                           proc_status="")
+        else:
+            unit = msgspec.structs.replace(unit, probe=body.probe)
+        node.units[body.unit] = unit
+
+    def _node(self, node_id: str) -> NodeState:
+        node = self.nodes.get(node_id)
+        if node is None:
+            if len(self.nodes) >= self.max_nodes:
+                victim = min(self.nodes.values(), key=lambda n: (n.online, n.last_seen))
+                del self.nodes[victim.id]
+                self.evicted += 1
+            node = self.nodes[node_id] = NodeState(id=node_id, reports=deque())
+        return node
+
+    def _touch(self, node_id: str) -> None:
+        self.dirty.add(node_id)
+
+    async def notify(self) -> None:
+        """Wake whoever waits on a change (the engine, verifications)."""
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``predicate()`` holds after some change, or ``timeout`` seconds; True if it held."""
+        async with self.changed:
+            try:
+                await asyncio.wait_for(self.changed.wait_for(predicate), timeout)
+            except TimeoutError:
+                return predicate()
+        return True
+
+    def snapshot(self, node_id: str) -> NodeSnapshot | None:
+        node = self.nodes.get(node_id)
+        if node is None:
+            return None
+        return NodeSnapshot(node=node.id, online=node.online, last_seen=node.last_seen,
+                            units=tuple(node.units.values()), reports=tuple(node.reports))
+
+    def unit(self, node_id: str, unit: str) -> UnitReport | None:
+        node = self.nodes.get(node_id)
+        return node.units.get(unit) if node else None
+
+
+def _pending(probe: ProbeState | None) -> ProbeState | None:
+    """A probe whose verdict on a new incarnation of the unit is not in yet."""
+    if probe is None:
+        return None
+    return msgspec.structs.replace(probe, healthy=False, consecutive_failures=0, last_error="pending")
+
+
+def unit_is_healthy(unit: UnitReport | None) -> bool:
+    """Running, and its probe (if it has one) says healthy."""
+    if unit is None or unit.state != "running":
+        return False
+    return unit.probe is None or unit.probe.healthy

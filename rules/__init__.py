@@ -1,0 +1,1 @@
+"""Rulebooks: which finding gets which remediation, loaded from schema-validated YAML."""

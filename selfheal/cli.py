@@ -1,0 +1,206 @@
+"""The ``selfheal`` command: agent, controller, demo, status, config check, version.
+
+Exit codes: 0 ok; 1 failure (for ``status``: degraded); 2 usage; 3 ``status``
+could not reach the controller; 78 configuration error (EX_CONFIG, which
+systemd's ``RestartPreventExitStatus=78`` treats as permanent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import selfheal
+from selfheal.config import DEFAULT_PATH, Config, load_config
+from selfheal.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, SelfhealError
+from selfheal.logs import configure_logging, get_logger
+
+EXIT_UNREACHABLE = 3
+STOP_DEADLINE = 20.0
+"""Seconds a process may take to stop cleanly after SIGTERM before it is ended hard."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return EXIT_OK
+    try:
+        result: int = args.func(args)
+    except ConfigError as exc:
+        print(f"selfheal: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except SelfhealError as exc:
+        print(f"selfheal: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfheal", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    for name, func, text in (("agent", _cmd_agent, "run the node agent"),
+                             ("controller", _cmd_controller, "run the controller")):
+        p = command(name, func, text)
+        p.add_argument("--config", type=Path, default=DEFAULT_PATH, help=f"TOML config (default {DEFAULT_PATH})")
+
+    p = command("demo", _cmd_demo, "run a controller, two agents and fault injection on loopback")
+    p.add_argument("--duration", type=float, default=None, help="stop after S seconds (default: until Ctrl-C)")
+    p.add_argument("--keep", action="store_true", help="keep the demo's temp dir (configs, logs, database)")
+
+    p = command("status", _cmd_status, "show nodes, units and open incidents from a controller's API")
+    p.add_argument("--url", default=None, help="controller API base URL (default from --config, else "
+                                               "http://127.0.0.1:8080)")
+    p.add_argument("--config", type=Path, default=None, help="read controller.listen from this config")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the API")
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(metavar="ACTION")
+    check = config_sub.add_parser("check", help="validate a config file without starting anything")
+    check.add_argument("path", type=Path)
+    check.add_argument("--role", choices=["agent", "controller", "any"], default="any")
+    check.set_defaults(func=_cmd_config_check)
+
+    command("version", lambda _args: print(f"selfheal {selfheal.__version__}") or EXIT_OK, "print the version")
+    return parser
+
+
+def _load(path: Path, role: str) -> Config:
+    config = load_config(path, role=role)  # type: ignore[arg-type]
+    configure_logging(config.log)
+    return config
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    from agent.app import run_agent  # noqa: PLC0415 - the agent's deps load only when it runs
+
+    config = _load(args.config, "agent")
+    return run_until_signalled(lambda stop: run_agent(config, stop=stop), "agent")
+
+
+def _cmd_controller(args: argparse.Namespace) -> int:
+    from controller.app import run_controller  # noqa: PLC0415 - heavy deps load only when it runs
+
+    config = _load(args.config, "controller")
+    return run_until_signalled(lambda stop: run_controller(config, stop=stop), "controller")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from selfheal.demo import run_demo  # noqa: PLC0415
+
+    return run_demo(duration=args.duration, keep=args.keep)
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    config = load_config(args.path, role=args.role)
+    if args.role in ("controller", "any") and config.controller.rulebooks:
+        from rules.loader import load_rulebooks  # noqa: PLC0415
+
+        load_rulebooks(config.controller.rulebooks)
+    print(f"{args.path}: ok ({len(config.agent.units)} unit(s), mqtt {config.mqtt.url})")
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import httpx  # noqa: PLC0415
+
+    url = args.url
+    if url is None:
+        listen = load_config(args.config).controller.listen if args.config else "127.0.0.1:8080"
+        url = f"http://{listen.replace('0.0.0.0', '127.0.0.1')}"  # noqa: S104 - rewriting, not binding
+    url = url.rstrip("/")
+    try:
+        with httpx.Client(base_url=url, timeout=args.timeout) as client:
+            nodes = client.get("/api/v1/nodes").raise_for_status().json()["items"]
+            units = client.get("/api/v1/units").raise_for_status().json()["items"]
+            incidents = [*client.get("/api/v1/incidents", params={"state": "open"}).raise_for_status()
+                         .json()["items"],
+                         *client.get("/api/v1/incidents", params={"state": "failed"}).raise_for_status()
+                         .json()["items"]]
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        if args.json:
+            print(json.dumps({"status": "unreachable", "url": url, "error": str(exc)}))
+        else:
+            print(f"selfheal: cannot reach the controller at {url}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    degraded = (any(n["state"] != "online" for n in nodes) or bool(incidents)
+                or any(u["state"] != "running" or u["healthy"] is False for u in units))
+    verdict = "degraded" if degraded else "healthy"
+    if args.json:
+        print(json.dumps({"status": verdict, "nodes": nodes, "units": units, "incidents": incidents}))
+    else:
+        _print_status(verdict, nodes, units, incidents)
+    return EXIT_FAILURE if degraded else EXIT_OK
+
+
+def _print_status(verdict: str, nodes: list[dict[str, Any]], units: list[dict[str, Any]],
+                  incidents: list[dict[str, Any]]) -> None:
+    print(f"selfheal: {verdict}")
+    print(f"\nNODES ({len(nodes)})")
+    for n in nodes:
+        print(f"  {n['id']:<20} {n['state']:<8} last seen {n['last_seen']}")
+    print(f"\nUNITS ({len(units)})")
+    for u in units:
+        probe = "-" if u["healthy"] is None else ("healthy" if u["healthy"] else "unhealthy")
+        print(f"  {u['node'] + '/' + u['name']:<30} {u['state']:<9} probe {probe:<9} pid {u['pid']} "
+              f"restarts {u['restarts']}")
+    print(f"\nOPEN INCIDENTS ({len(incidents)})")
+    for i in incidents:
+        print(f"  #{i['id']:<5} {i['state']:<7} {i['summary']} (since {i['opened_at']})")
+
+
+def run_until_signalled(start: Callable[[asyncio.Event], Awaitable[None]], name: str) -> int:
+    """Run ``start(stop)``; SIGTERM/SIGINT set ``stop``; a hard deadline backs it up."""
+    log = get_logger(name)
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            if stop.is_set():
+                return
+            log.info("signal.received", signal=signal.Signals(signum).name)
+            stop.set()
+            loop.call_later(STOP_DEADLINE, _hard_exit, log)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        await start(stop)
+
+    failures: list[SelfhealError] = []
+    try:
+        asyncio.run(runner())
+    except* SelfhealError as group:
+        failures.extend(e for e in group.exceptions if isinstance(e, SelfhealError))
+    for exc in failures:
+        log.error("process.failed", process=name, error=str(exc))
+    if any(isinstance(e, ConfigError) for e in failures):
+        return EXIT_CONFIG
+    return EXIT_FAILURE if failures else EXIT_OK
+
+
+def _hard_exit(log: Any) -> None:
+    log.error("shutdown.deadline_exceeded", deadline_s=STOP_DEADLINE)
+    os._exit(EXIT_FAILURE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

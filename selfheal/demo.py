@@ -1,0 +1,198 @@
+"""``selfheal demo``: the whole loop on loopback, with real processes.
+
+Starts a controller with the embedded broker and two agents as separate
+``selfheal`` processes, each supervising a small HTTP service with an HTTP
+probe; then SIGKILLs one service (a crash) and SIGSTOPs the other (a hang),
+and narrates the healing from the controller's API. Everything lives in a
+temp dir; free ports are picked automatically. The API stays up until Ctrl-C
+or ``--duration``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from selfheal.keys import write_key
+
+NODES = ("node-a", "node-b")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _q(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def write_configs(root: Path) -> tuple[Path, dict[str, Path], int]:
+    """Controller and agent configs for the demo; returns (controller config, agent configs, API port)."""
+    broker, api = _free_port(), _free_port()
+    keys = root / "keys"
+    for node in NODES:
+        write_key(keys, node)
+    common = f'[security]\nkey_dir = {_q(str(keys))}\napi_token_file = {_q(str(root / "api.token"))}\n'
+    controller = root / "controller.toml"
+    controller.write_text(
+        f'[mqtt]\nurl = "embedded"\nembedded_listen = "127.0.0.1:{broker}"\n\n'
+        f'[controller]\nlisten = "127.0.0.1:{api}"\nstate_dir = {_q(str(root / "controller"))}\n'
+        f"offline_after = 5.0\n\n{common}")
+    agents = {}
+    for node in NODES:
+        port = _free_port()
+        path = root / f"{node}.toml"
+        path.write_text(
+            f'[mqtt]\nurl = "mqtt://127.0.0.1:{broker}"\nkeepalive = 5.0\n\n'
+            f'[agent]\nnode_id = "{node}"\ninterval = 1.0\nstate_dir = {_q(str(root / node))}\n'
+            f'listen = "127.0.0.1:0"\n\n'
+            f'[[agent.units]]\nname = "web"\nkind = "process"\n'
+            f'command = [{_q(sys.executable)}, "-m", "http.server", "{port}", "--bind", "127.0.0.1"]\n'
+            f"stop_grace = 2.0\n\n"
+            f'[agent.units.probe]\nkind = "http"\ntarget = "http://127.0.0.1:{port}/"\n'
+            f"interval = 0.5\ntimeout = 0.5\nfailures = 3\nstart_period = 1.0\n\n{common}")
+        agents[node] = path
+    return controller, agents, api
+
+
+class Narrator:
+    """Polls the API and prints what changed, like an operator watching the page."""
+
+    def __init__(self, client: httpx.Client, out: Callable[[str], None]) -> None:
+        self.client = client
+        self.out = out
+        self.seen: dict[int, int] = {}
+
+    def units(self) -> dict[str, dict[str, Any]]:
+        items = self.client.get("/api/v1/units").json()["items"]
+        return {f"{u['node']}/{u['name']}": u for u in items}
+
+    def poll(self) -> None:
+        for incident in reversed(self.client.get("/api/v1/incidents", params={"limit": 20}).json()["items"]):
+            detail = self.client.get(f"/api/v1/incidents/{incident['id']}").json()
+            start = self.seen.get(incident["id"], 0)
+            for entry in detail["timeline"][start:]:
+                self.out(f"  incident #{incident['id']} {entry['kind']:<16} {_describe(entry)}")
+            self.seen[incident["id"]] = len(detail["timeline"])
+
+    def wait(self, what: str, check: Callable[[], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.poll()
+                if check():
+                    return True
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            time.sleep(0.2)
+        self.out(f"  !! gave up waiting for {what} after {timeout:.0f}s")
+        return False
+
+
+def _describe(entry: dict[str, Any]) -> str:
+    data = entry["data"]
+    for key in ("summary", "detail", "reason"):
+        if key in data:
+            return str(data[key])
+    if entry["kind"] == "plan":
+        return f"rule {data['rule']}, attempt {data['attempt']}: " + ", ".join(
+            f"{s['kind']} {s['node']}/{s['unit']}" for s in data["steps"])
+    if entry["kind"] == "command_result":
+        return f"agent says {data['status']}"
+    return ", ".join(f"{k}={v}" for k, v in data.items())
+
+
+def run_demo(  # noqa: PLR0915 - one narrated script, read top to bottom
+    *, duration: float | None = None, keep: bool = False,
+             out: Callable[[str], None] = lambda line: print(line, flush=True)) -> int:
+    root = Path(tempfile.mkdtemp(prefix="selfheal-demo-"))
+    controller_cfg, agent_cfgs, api = write_configs(root)
+    procs: list[subprocess.Popen[bytes]] = []
+    env = {**os.environ, "SELFHEAL_LOG__FORMAT": "json"}
+
+    def spawn(role: str, config: Path, log_name: str) -> None:
+        with (root / log_name).open("ab") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "selfheal", role, "--config", str(config)],
+                                          stdout=log, stderr=subprocess.STDOUT, env=env))
+
+    out(f"selfheal demo: working in {root}")
+    started = time.monotonic()
+    try:
+        spawn("controller", controller_cfg, "controller.log")
+        base = f"http://127.0.0.1:{api}"
+        with httpx.Client(base_url=base, timeout=2.0) as client:
+            narrator = Narrator(client, out)
+            if not narrator.wait("the controller", lambda: client.get("/readyz").status_code == 200, 30):
+                return _fail(root, out)
+            out(f"status: {base}/")
+            for node, config in agent_cfgs.items():
+                spawn("agent", config, f"{node}.log")
+            out("started 2 agents (node-a, node-b), each supervising an HTTP service 'web' probed every 0.5 s")
+
+            def all_healthy() -> bool:
+                units = narrator.units()
+                return len(units) == 2 and all(u["state"] == "running" and u["healthy"] for u in units.values())
+
+            if not narrator.wait("both services healthy", all_healthy, 60):
+                return _fail(root, out)
+            out("both services are healthy\n")
+            for node, sig, what in (("node-a", signal.SIGKILL, "crash"), ("node-b", signal.SIGSTOP, "hang")):
+                unit = narrator.units()[f"{node}/web"]
+                out(f"fault: {what} — {sig.name} {node}/web (pid {unit['pid']})")
+                t0 = time.monotonic()
+                os.kill(unit["pid"], sig)
+
+                def healed(node: str = node, restarts: int = unit["restarts"]) -> bool:
+                    u = narrator.units()[f"{node}/web"]
+                    return u["restarts"] > restarts and u["state"] == "running" and bool(u["healthy"])
+
+                if narrator.wait(f"{node}/web to heal", healed, 60):
+                    out(f"healed: {node}/web is serving again {time.monotonic() - t0:.1f}s after the {what}\n")
+            narrator.wait("incidents to resolve", lambda: not client.get(
+                "/api/v1/incidents", params={"state": "open"}).json()["items"], 15)
+            out(f"all healed. The API stays up at {base}/ — "
+                + ("Ctrl-C to stop." if duration is None else f"stopping after {duration:g}s."))
+            while duration is None or time.monotonic() - started < duration:
+                narrator.poll()
+                if any(p.poll() is not None for p in procs):
+                    out("a selfheal process exited unexpectedly; see the logs")
+                    return _fail(root, out)
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        out("\nstopping")
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(25)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if keep:
+            out(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def _fail(root: Path, out: Callable[[str], None]) -> int:
+    for log in sorted(root.glob("*.log")):
+        out(f"--- last lines of {log.name}")
+        for line in log.read_text(errors="replace").splitlines()[-15:]:
+            out(line)
+    return 1

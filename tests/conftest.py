@@ -1,0 +1,121 @@
+"""Shared fixtures: free ports, a real Mosquitto per test session, deadline polling.
+
+A component a test needs is started by the test itself on a free loopback port.
+When it is missing the test fails with the Debian package to install; `.ci/run`
+installs them, so CI never skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def require_binary(name: str, package: str) -> str:
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None)
+    if path is None:
+        pytest.fail(f"{name} not found: install the Debian package {package!r} (apt-get install -y {package})")
+    return path
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+@dataclass
+class Broker:
+    host: str
+    port: int
+    process: subprocess.Popen[bytes]
+    config: Path
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def start(self) -> None:
+        """(Re)start on the same port, e.g. after ``stop`` in a broker-outage test."""
+        exe = require_binary("mosquitto", "mosquitto")
+        self.process = subprocess.Popen([exe, "-c", str(self.config)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+
+def start_mosquitto(directory: Path) -> Broker:
+    port = free_port()
+    config = directory / "mosquitto.conf"
+    config.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "max_queued_messages 100000\nset_tcp_nodelay true\n"
+    )
+    broker = Broker("127.0.0.1", port, None, config)  # type: ignore[arg-type]
+    broker.start()
+    return broker
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """One real Mosquitto for the test session; tests use unique node ids and topics."""
+    broker = start_mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def own_mosquitto(tmp_path: Path) -> Iterator[Broker]:
+    """A Mosquitto of the test's own, for tests that stop and restart the broker."""
+    broker = start_mosquitto(tmp_path)
+    yield broker
+    broker.stop()
+
+
+async def eventually(check: Callable[[], Awaitable[bool] | bool], *, timeout: float = 20.0,
+                     interval: float = 0.05, what: str = "condition") -> None:
+    """Poll ``check`` until it is true or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def eventually_sync(check: Callable[[], bool], *, timeout: float = 30.0, interval: float = 0.1,
+                    what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
