@@ -8,7 +8,12 @@ detectors over every node and reconciles:
 - an open incident whose finding holds and that has no plan running asks
   the planner, which answers with a plan, a hold (a guard says not yet) or a
   refusal (the incident is marked ``failed`` and left to a human);
-- an incident whose finding cleared, and with no plan running, is resolved.
+- an incident whose finding stayed clear for the rule's ``resolve_after``,
+  with no plan running, is resolved; a relapse inside that window continues
+  the same incident.
+
+Attempts are counted per target (node/unit) over the rule's attempt window,
+across incidents, so a flapping unit cannot restart forever on fresh budgets.
 
 Incidents of a node that is offline are left as they are: its units' states
 are stale, so neither healing nor "cleared" can be trusted.
@@ -20,7 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 
 from controller.dispatcher import Dispatcher, PlanOutcome
 from controller.fleet import Fleet
@@ -40,8 +46,18 @@ from selfheal.logs import get_logger
 @dataclass
 class _Tracked:
     incident: Incident
-    attempts: list[float] = field(default_factory=list)
+    plans: int = 0
+    """Plans this incident has run (they number the next plan)."""
     last_hold: str = ""
+    cleared_since: float | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{self.incident.node}/{self.incident.unit or '-'}"
+
+
+MAX_ATTEMPTS_KEPT = 100
+"""Attempt times remembered per target (far above any sane max_attempts)."""
 
 
 class Engine:
@@ -58,16 +74,21 @@ class Engine:
         self.max_concurrent_plans = max_concurrent_plans
         self.tick = tick
         self.tracked: dict[str, _Tracked] = {}
+        self.attempts: dict[str, deque[float]] = {}
+        """Start times of recent attempts per target (node/unit), across incidents."""
         self.running: dict[str, asyncio.Task[None]] = {}
         self.log = get_logger("engine")
 
     async def recover(self) -> None:
         """Reload unresolved incidents; expire plans a previous run left running."""
         now = self.clock.wall()
+        window = max((rule.attempt_window for rule in self.rulebook.rules), default=0.0)
+        for node, unit, at in await self.store.recent_attempts(since=now - window):
+            self._attempts(f"{node}/{unit or '-'}").append(at)
         for incident in await self.store.unresolved_incidents():
             tracked = _Tracked(incident)
             for plan in await self.store.plans_for(incident.id):
-                tracked.attempts.append(plan.created_at)
+                tracked.plans += 1
                 if plan.state == "running":
                     await self.store.save_plan(PlanRecord(
                         id=plan.id, incident_id=plan.incident_id, rule=plan.rule, attempt=plan.attempt,
@@ -113,8 +134,9 @@ class Engine:
             incident = tracked.incident
             if current is None:
                 if incident.kind == "node_offline" or incident.node not in offline:
-                    await self._resolve(tracked, now)
+                    await self._maybe_resolve(tracked, now)
                 continue
+            tracked.cleared_since = None
             if incident.state == "open":
                 await self._decide(tracked, current, now, plans)
 
@@ -129,11 +151,18 @@ class Engine:
         self.log.warning("incident.opened", incident=incident.id, kind=finding.kind, node=finding.node,
                          unit=finding.unit, summary=finding.summary, rule=rule.name if rule else None)
 
-    async def _resolve(self, tracked: _Tracked, now: float) -> None:
+    async def _maybe_resolve(self, tracked: _Tracked, now: float) -> None:
         incident = tracked.incident
-        await self.store.set_incident_state(incident.id, "resolved", at=now, reason="symptom cleared")
+        rule = self.rulebook.rule_for(incident.kind, incident.severity)
+        if tracked.cleared_since is None:
+            tracked.cleared_since = now
+        clear_for = now - tracked.cleared_since
+        if rule is not None and clear_for < rule.resolve_after:
+            return
+        await self.store.set_incident_state(incident.id, "resolved", at=now,
+                                            reason=f"symptom cleared and stayed clear for {clear_for:.1f}s")
         del self.tracked[incident.key]
-        if tracked.attempts or incident.kind == "node_offline":
+        if tracked.plans or incident.kind == "node_offline":
             self.metrics.time_to_heal.labels(incident.kind).observe(max(0.0, now - incident.opened_at))
         self.log.info("incident.resolved", incident=incident.id, kind=incident.kind, node=incident.node,
                       unit=incident.unit, open_for_s=round(now - incident.opened_at, 3))
@@ -144,8 +173,10 @@ class Engine:
         rule = self.rulebook.rule_for(finding.kind, finding.severity)
         if rule is None:
             return
+        history = self._attempts(tracked.target)
+        recent = [at for at in history if at > now - rule.attempt_window]
         decision = plan_remediation(incident_id=incident.id, node=incident.node, unit=incident.unit,
-                                    rule=rule, attempts=tracked.attempts, now=now)
+                                    rule=rule, attempts=recent, incident_plans=tracked.plans, now=now)
         if decision is None:
             return
         if isinstance(decision, Refuse):
@@ -159,7 +190,8 @@ class Engine:
             await self._hold(tracked, Hold("concurrency", f"{len(self.running)} plans already running",
                                            now), now)
             return
-        tracked.attempts.append(now)
+        history.append(now)
+        tracked.plans += 1
         tracked.last_hold = ""
         self.running[incident.key] = plans.create_task(self._execute(decision, tracked),
                                                        name=f"plan-{decision.id}")
@@ -192,6 +224,15 @@ class Engine:
         tracked.incident = dataclasses.replace(incident, state="failed")
         self.log.error("incident.failed", incident=incident.id, node=incident.node, unit=incident.unit,
                        reason=reason)
+
+    def _attempts(self, target: str) -> deque[float]:
+        history = self.attempts.get(target)
+        if history is None:
+            if len(self.attempts) >= 100_000:  # bounded: forget the target attempted longest ago
+                oldest = min(self.attempts, key=lambda t: self.attempts[t][-1] if self.attempts[t] else 0.0)
+                del self.attempts[oldest]
+            history = self.attempts[target] = deque(maxlen=MAX_ATTEMPTS_KEPT)
+        return history
 
     def open_count(self) -> int:
         return len(self.tracked)

@@ -279,6 +279,16 @@ class SqliteStore:
         result: list[PlanRecord] = await self._run(select)
         return result
 
+    async def recent_attempts(self, since: float) -> list[tuple[str, str | None, float]]:
+        """(node, unit, started at) of every plan started since ``since``, oldest first."""
+        def select() -> list[tuple[str, str | None, float]]:
+            rows = self._db.execute(
+                "SELECT i.node, i.unit, p.created_at FROM plans p JOIN incidents i ON i.id = p.incident_id"
+                " WHERE p.created_at >= ? ORDER BY p.created_at", (since,)).fetchall()
+            return [(node, unit, float(at)) for node, unit, at in rows]
+        result: list[tuple[str, str | None, float]] = await self._run(select)
+        return result
+
     async def record_command(self, *, key: str, command_id: str, plan_id: str, node: str, epoch: int,
                              issued_at: float, payload: bytes) -> bool:
         """Record a command before it is published; False if its idempotency key was already issued."""

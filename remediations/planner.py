@@ -34,8 +34,10 @@ class Policy(Protocol):
 
 
 def plan_remediation(*, incident_id: int, node: str, unit: str | None, rule: Policy,
-                     attempts: Sequence[float], now: float) -> Decision:
-    """``attempts`` are the start times of earlier attempts on this incident, oldest first."""
+                     attempts: Sequence[float], incident_plans: int, now: float) -> Decision:
+    """``attempts`` are the start times of earlier attempts on this target within the rule's
+    attempt window, oldest first (they drive the guards); ``incident_plans`` is how many plans
+    this incident already ran (it numbers the new plan, and so its idempotency keys)."""
     if rule.action == "none":
         return None
     if unit is None:
@@ -46,7 +48,7 @@ def plan_remediation(*, incident_id: int, node: str, unit: str | None, rule: Pol
     held = check_cooldown(attempts[-1] if attempts else None, rule.min_interval, now)
     if held is not None:
         return held
-    attempt = len(attempts) + 1
+    attempt = incident_plans + 1
     return Plan(
         id=plan_id(incident_id, attempt), incident_id=incident_id, rule=rule.name,
         rule_digest=rule.digest, attempt=attempt, steps=(RestartUnit(node=node, unit=unit),),

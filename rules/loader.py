@@ -58,6 +58,8 @@ SCHEMA: dict[str, Any] = {
                     "min_interval": {"type": "number", "minimum": 0},
                     "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
                     "verify_within": {"type": "number", "exclusiveMinimum": 0},
+                    "attempt_window": {"type": "number", "exclusiveMinimum": 0},
+                    "resolve_after": {"type": "number", "minimum": 0},
                 },
             },
         },
@@ -105,6 +107,8 @@ def parse_rulebook(text: str, *, source: str) -> Rulebook:
             min_interval=float(item.get("min_interval", 5.0)),
             max_attempts=int(item.get("max_attempts", 3)),
             verify_within=float(item.get("verify_within", 30.0)),
+            attempt_window=float(item.get("attempt_window", 600.0)),
+            resolve_after=float(item.get("resolve_after", 5.0)),
             source=source,
             digest=hashlib.sha256(json.dumps(item, sort_keys=True).encode()).hexdigest(),
         )

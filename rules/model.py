@@ -26,7 +26,14 @@ class Rule:
     min_interval: float = 5.0
     """Seconds between two remediation attempts on the same target."""
     max_attempts: int = 3
-    """Attempts per incident before it is marked ``failed`` and left alone."""
+    """Attempts on the same target within ``attempt_window`` before its incident is marked ``failed``
+    and left alone. Counted per target, not per incident, so a unit that crashes, heals and crashes
+    again cannot buy itself a fresh budget with each new incident."""
+    attempt_window: float = 600.0
+    """Seconds over which ``max_attempts`` is counted."""
+    resolve_after: float = 5.0
+    """Seconds the finding must stay clear before the incident resolves; a relapse within it
+    continues the same incident."""
     verify_within: float = 30.0
     """Seconds after the action for the target to be healthy again, else the attempt failed."""
     source: str = "<builtin>"
