@@ -82,6 +82,7 @@ class Controller:
                                         clock=self.clock, offline_after=self.config.controller.offline_after,
                                         broker_connected=self.link.connected))
             server, sock = self._http_server(api)
+            stack.callback(sock.close)
             log.info("controller.starting", epoch=epoch, session=self.session, api=f"http://{self.api_address}/",
                      mqtt=self.config.mqtt.url, rules=[r.name for r in self.rulebook.rules])
 

@@ -85,7 +85,7 @@ async def test_unit_exit_is_restarted_with_a_signed_command_and_verified(
     write_key(tmp_path / "keys", node)
     key = read_key(tmp_path / "keys", node)
     assert key is not None
-    config = load_config(_config(tmp_path, mosquitto))
+    config = load_config(_config(tmp_path, mosquitto, offline_after="60.0"))
     agent = ScriptedAgent(mqtt_client, node)
     await mqtt_client.subscribe(wire.node_topic(node, "commands"), qos=1)
     async with running_controller(config) as controller:
