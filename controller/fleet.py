@@ -69,7 +69,7 @@ class Fleet:
             if message.session < node.session:
                 self.stale += 1
                 return None
-            node.session = max(node.session, message.session)
+            self._enter_session(node, message.session)
             node.last_seen = now
             node.online = True
             if message.session == node.session and message.seq <= node.last_seq:
@@ -79,7 +79,7 @@ class Fleet:
             while len(node.reports) > self.history:
                 node.reports.popleft()
             node.units = {
-                u.name: node.units[u.name] if node.event_ts.get(u.name, 0.0) > message.ts else u
+                u.name: node.units.get(u.name, u) if node.event_ts.get(u.name, 0.0) > message.ts else u
                 for u in message.units[:MAX_UNITS_PER_NODE]
             }
             self._touch(node.id)
@@ -88,7 +88,9 @@ class Fleet:
             if message.session < node.session:
                 self.stale += 1
                 return None
+            self._enter_session(node, message.session)
             node.last_seen = now
+            node.online = True  # it is talking, even if its birth message is still on the way
             body = message.body
             if isinstance(body, CommandResult):
                 return body
@@ -102,9 +104,7 @@ class Fleet:
         if status.session < node.session:
             self.stale += 1  # a will or birth from an older agent session
             return
-        if status.session > node.session:
-            node.last_seq = -1
-        node.session = status.session
+        self._enter_session(node, status.session)
         node.online = status.state == "online"
         node.version = status.version
         node.http = status.http
@@ -112,6 +112,14 @@ class Fleet:
         for name in status.units:
             node.units.setdefault(name, UnitReport(name=name, kind="process", state="starting"))
         self._touch(node.id)
+
+    @staticmethod
+    def _enter_session(node: NodeState, session: int) -> None:
+        """A newer agent session starts its sequence numbers and clock afresh."""
+        if session > node.session:
+            node.session = session
+            node.last_seq = -1
+            node.event_ts.clear()
 
     def _apply_unit_event(self, node: NodeState, body: UnitExited | UnitStarted | ProbeChanged) -> None:
         unit = node.units.get(body.unit) or UnitReport(name=body.unit, kind="process", state="starting")

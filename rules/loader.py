@@ -14,12 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import msgspec
 import yaml
 
 from rules.model import Rule, Rulebook, ThresholdSpec
 from selfheal.errors import RulebookError
+from selfheal.wire import HostMetrics, UnitReport
 
 FINDING_KINDS = ["unit_exited", "probe_failing", "node_offline", "metric_threshold"]
+
+
+def _numeric_fields(struct: type[msgspec.Struct]) -> list[str]:
+    return [f.name for f in msgspec.structs.fields(struct) if f.type in (int, float, int | None, float | None)
+            and f.name not in ("pid", "exit_code", "exit_signal", "v")]
+
+
+METRICS = sorted([*(f"host.{name}" for name in [*_numeric_fields(HostMetrics), "disk_max_percent"]),
+                  *(f"unit.{name}" for name in _numeric_fields(UnitReport))])
+"""Metrics a threshold may watch: the numeric fields of the wire's host and unit reports."""
 _NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"}
 _SEVERITY = {"enum": ["info", "warning", "critical"]}
 
@@ -37,7 +49,7 @@ SCHEMA: dict[str, Any] = {
                 "required": ["name", "metric", "above"],
                 "properties": {
                     "name": _NAME,
-                    "metric": {"type": "string", "pattern": r"^(host|unit)\.[a-z_0-9]+$"},
+                    "metric": {"enum": METRICS},
                     "above": {"type": "number"},
                     "samples": {"type": "integer", "minimum": 1, "maximum": 1000},
                     "severity": _SEVERITY,

@@ -172,9 +172,23 @@ def load_config(path: Path | str | None = None, *, env: Mapping[str, str] | None
         config = msgspec.convert(raw, Config, strict=True)
     except msgspec.ValidationError as exc:
         message, _, where = str(exc).partition(" - at `$")
-        raise ConfigError(message, source=source, path=where.rstrip("`").lstrip(".")) from None
-    _check(config, source, role)
+        path = where.rstrip("`").lstrip(".")
+        unknown = _UNKNOWN_FIELD.match(message)
+        if unknown:  # name the offending key itself, not just the table holding it
+            path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+            message = "unknown key"
+        raise ConfigError(message, source=source, path=path) from None
+    try:
+        _check(config, source, role)
+    except ConfigError as exc:
+        if exc.source:
+            raise
+        raise ConfigError(str(exc).split(": ", 1)[-1] if exc.path else str(exc), source=source,
+                          path=exc.path) from None
     return config
+
+
+_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `([^`]*)`$")
 
 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,24 +41,35 @@ def _q(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
-def write_configs(root: Path) -> tuple[Path, dict[str, Path], int]:
-    """Controller and agent configs for the demo; returns (controller config, agent configs, API port)."""
+@dataclass(frozen=True)
+class Layout:
+    controller: Path
+    agents: dict[str, Path]
+    api_port: int
+    unit_ports: dict[str, int]
+    """The HTTP port of each node's ``web`` service."""
+
+
+def write_configs(root: Path, *, broker_url: str | None = None, rulebook: Path | None = None) -> Layout:
+    """Controller and agent configs: embedded broker unless ``broker_url``; built-in rules unless ``rulebook``."""
     broker, api = _free_port(), _free_port()
     keys = root / "keys"
     for node in NODES:
         write_key(keys, node)
     common = f'[security]\nkey_dir = {_q(str(keys))}\napi_token_file = {_q(str(root / "api.token"))}\n'
     controller = root / "controller.toml"
+    mqtt = f'url = {_q(broker_url)}' if broker_url else f'url = "embedded"\nembedded_listen = "127.0.0.1:{broker}"'
+    rules = f"rulebooks = [{_q(str(rulebook))}]\n" if rulebook else ""
     controller.write_text(
-        f'[mqtt]\nurl = "embedded"\nembedded_listen = "127.0.0.1:{broker}"\n\n'
+        f'[mqtt]\n{mqtt}\n\n'
         f'[controller]\nlisten = "127.0.0.1:{api}"\nstate_dir = {_q(str(root / "controller"))}\n'
-        f"offline_after = 5.0\n\n{common}")
-    agents = {}
+        f"offline_after = 5.0\n{rules}\n{common}")
+    agents, ports = {}, {}
     for node in NODES:
         port = _free_port()
         path = root / f"{node}.toml"
         path.write_text(
-            f'[mqtt]\nurl = "mqtt://127.0.0.1:{broker}"\nkeepalive = 5.0\n\n'
+            f'[mqtt]\nurl = {_q(broker_url or f"mqtt://127.0.0.1:{broker}")}\nkeepalive = 5.0\n\n'
             f'[agent]\nnode_id = "{node}"\ninterval = 1.0\nstate_dir = {_q(str(root / node))}\n'
             f'listen = "127.0.0.1:0"\n\n'
             f'[[agent.units]]\nname = "web"\nkind = "process"\n'
@@ -66,7 +78,8 @@ def write_configs(root: Path) -> tuple[Path, dict[str, Path], int]:
             f'[agent.units.probe]\nkind = "http"\ntarget = "http://127.0.0.1:{port}/"\n'
             f"interval = 0.5\ntimeout = 0.5\nfailures = 3\nstart_period = 1.0\n\n{common}")
         agents[node] = path
-    return controller, agents, api
+        ports[node] = port
+    return Layout(controller, agents, api, ports)
 
 
 class Narrator:
@@ -111,6 +124,10 @@ def _describe(entry: dict[str, Any]) -> str:
     if entry["kind"] == "plan":
         return f"rule {data['rule']}, attempt {data['attempt']}: " + ", ".join(
             f"{s['kind']} {s['node']}/{s['unit']}" for s in data["steps"])
+    if entry["kind"] == "command_sent":
+        return f"{data['step']} signed and sent to the agent (idempotency key {data['key'][:12]}…)"
+    if entry["kind"] == "verifying":
+        return f"waiting up to {data['within_s']:g}s for the unit to be healthy again"
     if entry["kind"] == "command_result":
         return f"agent says {data['status']}"
     return ", ".join(f"{k}={v}" for k, v in data.items())
@@ -120,7 +137,7 @@ def run_demo(  # noqa: PLR0915 - one narrated script, read top to bottom
     *, duration: float | None = None, keep: bool = False,
              out: Callable[[str], None] = lambda line: print(line, flush=True)) -> int:
     root = Path(tempfile.mkdtemp(prefix="selfheal-demo-"))
-    controller_cfg, agent_cfgs, api = write_configs(root)
+    layout = write_configs(root)
     procs: list[subprocess.Popen[bytes]] = []
     env = {**os.environ, "SELFHEAL_LOG__FORMAT": "json"}
 
@@ -132,14 +149,14 @@ def run_demo(  # noqa: PLR0915 - one narrated script, read top to bottom
     out(f"selfheal demo: working in {root}")
     started = time.monotonic()
     try:
-        spawn("controller", controller_cfg, "controller.log")
-        base = f"http://127.0.0.1:{api}"
+        spawn("controller", layout.controller, "controller.log")
+        base = f"http://127.0.0.1:{layout.api_port}"
         with httpx.Client(base_url=base, timeout=2.0) as client:
             narrator = Narrator(client, out)
             if not narrator.wait("the controller", lambda: client.get("/readyz").status_code == 200, 30):
                 return _fail(root, out)
             out(f"status: {base}/")
-            for node, config in agent_cfgs.items():
+            for node, config in layout.agents.items():
                 spawn("agent", config, f"{node}.log")
             out("started 2 agents (node-a, node-b), each supervising an HTTP service 'web' probed every 0.5 s")
 

@@ -4,11 +4,11 @@
 
     SelfhealError                     base of everything selfheal raises on purpose
     ├── ConfigError                   a bad config file or value; names the key path (exit code 78)
+    │   └── RulebookError             a rulebook that fails its schema; names file, rule and key
     ├── WireError                     an MQTT payload or topic that cannot be accepted
     │   ├── MalformedMessage          not JSON, wrong shape or type, wrong schema version
     │   ├── OversizedMessage          larger than the wire size cap
     │   └── SpoofedMessage            node id or bucket does not match the topic
-    ├── RulebookError                 a rulebook that fails its schema; names file, rule and key
     ├── StoreError                    the state store could not read or write
     ├── UnitError                     a managed unit could not be started, stopped or found
     └── RemediationError              a remediation step did not complete
@@ -63,7 +63,7 @@ class SpoofedMessage(WireError):
     reason = "spoofed"
 
 
-class RulebookError(SelfhealError):
+class RulebookError(ConfigError):
     """A rulebook failed validation."""
 
 

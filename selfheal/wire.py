@@ -218,7 +218,7 @@ def parse_node_topic(topic: str) -> tuple[int, str, str]:
     parts = topic.split("/")
     if len(parts) != 7 or parts[:3] != ["selfheal", "v1", "p"] or parts[4] != "nodes":
         raise MalformedMessage(f"not a v1 node topic: {topic[:120]!r}")
-    if not parts[3].isdigit():
+    if not (parts[3].isascii() and parts[3].isdigit()):
         raise MalformedMessage(f"bucket is not a number in {topic[:120]!r}")
     return int(parts[3]), parts[5], parts[6]
 
@@ -258,7 +258,7 @@ def _explain(payload: bytes, exc: msgspec.DecodeError) -> str:
         version = _version_probe.decode(payload).get("v")
     except msgspec.DecodeError:
         return f"not a JSON object: {exc}"
-    if version != VERSION:
+    if version is not None and version != VERSION:
         return f"schema version {version!r} is not {VERSION}"
     return str(exc)
 
