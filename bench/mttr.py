@@ -7,9 +7,9 @@ starts at the signal and stops at the first HTTP 200 from the service's port,
 polled every 20 ms by this script, independently of selfheal's own probes.
 
 Anchors (measured on this kind of machine, quoted in the issue): Monit 5.33 at
-its tightest (1 s cycle, restart on the first failed HTTP check) 2.0–2.5 s for
-a crash, 11–12.7 s for a hang; Kubernetes' default liveness probe settings
-(period 10 s, 3 failures) give 21–61 s for a hang.
+its tightest (1 s cycle, restart on the first failed HTTP check) 2.0-2.5 s for
+a crash, 11-12.7 s for a hang; Kubernetes' default liveness probe settings
+(period 10 s, 3 failures) give 21-61 s for a hang.
 
     .venv/bin/python bench/mttr.py [-n 5] [--broker-url mqtt://127.0.0.1:1883] [--json]
 """
@@ -134,9 +134,9 @@ def main() -> int:
         median, worst = statistics.median(times), max(times)
         label, low, high = ANCHORS[fault]
         figures[fault] = {"median_s": round(median, 3), "max_s": round(worst, 3), "n": len(times)}
-        print(f"{fault:<6} {median:>7.2f}s {worst:>7.2f}s   {label}: {low}–{high} s "
+        print(f"{fault:<6} {median:>7.2f}s {worst:>7.2f}s   {label}: {low}-{high} s "
               f"(selfheal median is {median / low:.2f}x of its best)")
-    print(f"{'':<24}   Kubernetes default liveness, hang: {K8S_HANG[0]:g}–{K8S_HANG[1]:g} s")
+    print(f"{'':<24}   Kubernetes default liveness, hang: {K8S_HANG[0]:g}-{K8S_HANG[1]:g} s")
     if args.json:
         print(json.dumps(figures))
     return 0

@@ -46,6 +46,7 @@ class MqttLink:
         self._outbox: deque[Outgoing] = deque()
         self._outbox_size = outbox_size
         self._wake = asyncio.Event()
+        self._closing = False
         self._client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
         self.dropped = 0
@@ -99,6 +100,7 @@ class MqttLink:
                 self._client = None
 
     async def _serve(self, client: aiomqtt.Client, stop: asyncio.Event, handle: Handler) -> None:
+        self._closing = False
         reader = asyncio.create_task(self._read(client, handle), name=f"{self.client_id}-read")
         writer = asyncio.create_task(self._write(client), name=f"{self.client_id}-write")
         stopper = asyncio.create_task(stop.wait(), name=f"{self.client_id}-stop")
@@ -106,7 +108,7 @@ class MqttLink:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if stopper in done:
-                await self._flush(client)
+                await self._flush(writer)
         finally:
             for task in tasks:
                 task.cancel()
@@ -128,6 +130,8 @@ class MqttLink:
     async def _write(self, client: aiomqtt.Client) -> None:
         while True:
             if not self._outbox:
+                if self._closing:
+                    return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -137,16 +141,16 @@ class MqttLink:
             if self._outbox and self._outbox[0] is item:
                 self._outbox.popleft()
 
-    async def _flush(self, client: aiomqtt.Client, timeout: float = 2.0) -> None:
-        """Best effort: send what is queued before a clean disconnect."""
-        async def drain() -> None:
-            while self._outbox:
-                item = self._outbox.popleft()
-                await client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
+    async def _flush(self, writer: asyncio.Task[None], timeout: float = 2.0) -> None:
+        """Best effort: let the writer send what is queued, then end, before a clean disconnect.
 
-        try:
-            await asyncio.wait_for(drain(), timeout)
-        except (TimeoutError, aiomqtt.MqttError):
+        Waiting for the writer (rather than publishing alongside it) keeps the message it
+        has in flight from being sent twice and the rest from being reordered.
+        """
+        self._closing = True
+        self._wake.set()
+        await asyncio.wait({writer}, timeout=timeout)
+        if self._outbox:
             self.log.warning("mqtt.flush_incomplete", left=len(self._outbox))
 
 

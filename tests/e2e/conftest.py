@@ -96,7 +96,8 @@ class Cluster:
                 return dict(unit)
         return None
 
-    def wait_healthy(self, node: str, name: str = "web", *, restarts_above: int = -1, timeout: float = 40) -> dict[str, Any]:
+    def wait_healthy(self, node: str, name: str = "web", *, restarts_above: int = -1,
+                     timeout: float = 40) -> dict[str, Any]:
         def healthy() -> bool:
             u = self.unit(node, name)
             return bool(u and u["state"] == "running" and u["healthy"] and u["restarts"] > restarts_above)
@@ -133,7 +134,7 @@ def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]
     broker.stop()
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
-        print(cluster.logs())  # noqa: T201 - shown by pytest on failure
+        print(cluster.logs())
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -39,7 +39,8 @@ def test_a_killed_unit_is_restarted_and_its_incident_resolved(cluster: Cluster) 
     assert "SIGKILL" in str(incident["summary"])
     detail = cluster.get(f"/api/v1/incidents/{incident['id']}")
     kinds = [entry["kind"] for entry in detail["timeline"]]
-    assert kinds[0] == "opened" and kinds[-1] == "resolved"
+    assert kinds[0] == "opened"
+    assert kinds[-1] == "resolved"
     assert "plan_succeeded" in kinds
     assert detail["plans"][0]["state"] == "succeeded"
 

@@ -1,0 +1,4 @@
+"""The selfheal node agent: collects, probes, supervises units and executes signed commands.
+
+The composition root is ``agent.app.run_agent``; see ``docs/ARCHITECTURE.md``.
+"""

@@ -1,0 +1,284 @@
+"""The agent's composition root: wires supervisor, probes, executor and MQTT, start to stop.
+
+``run_agent(config, stop=...)`` is the whole agent. At start it bumps the
+session number in ``<state_dir>/session`` (so a late last will from an older
+run never marks this one offline), opens the command ledger and reads the
+node's command key, then runs in one task group:
+
+- the MQTT link (``selfheal.mqtt.MqttLink``) with a retained ``offline`` last
+  will; on every connect it subscribes to its ``commands`` topic and the
+  controller's status, and publishes its retained ``online`` birth, again
+  whenever a (new) controller comes online;
+- the supervisor (units, their watchers and probes);
+- the reporter: one ``Report`` per ``agent.interval`` while connected;
+- the command loop: commands are decoded at the edge (malformed ones are
+  dropped, counted and logged, rate-limited), queued (bounded) and executed
+  one at a time, each acked with a ``CommandResult`` event.
+
+Events go out with QoS 1 through the link's outbox, so they wait out a broker
+outage. Shutdown is ordered: finish the command in hand, stop reporting,
+publish ``offline`` (a clean disconnect sends no will), stop the units, then
+flush and disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from collections.abc import Mapping
+from contextlib import suppress
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from agent.collect import ProcessSampler, collect_host
+from agent.executor import CommandExecutor
+from agent.ledger import Ledger
+from agent.supervisor import DEFAULT_KINDS, Supervisor
+from agent.units.base import UnitContext, UnitFactory
+from selfheal import __version__, sdnotify
+from selfheal.clocks import Clock, SystemClock
+from selfheal.config import Config
+from selfheal.errors import WireError
+from selfheal.keys import read_key
+from selfheal.logs import RateLimiter, get_logger
+from selfheal.mqtt import MqttLink, Outgoing
+from selfheal.wire import (
+    CONTROLLER_STATUS_TOPIC,
+    Command,
+    Event,
+    EventBody,
+    HostMetrics,
+    NodeStatus,
+    Report,
+    UnitReport,
+    decode_controller_status,
+    decode_node_message,
+    encode,
+    node_topic,
+)
+
+COMMAND_QUEUE = 256
+"""Commands waiting to execute at most; more are dropped (the controller's ack timeout retries)."""
+
+
+def next_session(state_dir: Path, wall: float) -> int:
+    """Read, increment and durably store the session number (blocking).
+
+    An unreadable counter restarts from the wall clock in seconds, which is
+    above any count a real node reaches, so sessions still only grow.
+    """
+    path = state_dir / "session"
+    try:
+        previous = int(path.read_text(encoding="ascii").strip() or "0")
+    except FileNotFoundError:
+        previous = 0
+    except (ValueError, UnicodeDecodeError):
+        previous = int(wall)
+    session = previous + 1
+    tmp = path.with_name("session.tmp")
+    with tmp.open("w", encoding="ascii") as out:
+        out.write(f"{session}\n")
+        out.flush()
+        os.fsync(out.fileno())
+    tmp.replace(path)
+    return session
+
+
+class AgentApp:
+    """One running agent; build it with ``AgentApp.open`` (it does the blocking reads)."""
+
+    def __init__(self, config: Config, *, session: int, key: bytes | None, ledger: Ledger,
+                 clock: Clock, kinds: Mapping[str, UnitFactory] | None = None) -> None:
+        agent = config.agent
+        self.config = config
+        self.node_id = agent.node_id
+        self.state_dir = Path(agent.state_dir)
+        self.session = session
+        self.clock = clock
+        self.ledger = ledger
+        self.seq = 0
+        self.counts: Counter[str] = Counter()
+        """events, reports, and dropped input by reason (malformed, oversized, spoofed, queue_full)."""
+        self.limiter = RateLimiter(period=60.0)
+        self.log = get_logger("agent", node=self.node_id)
+        self.topics = {channel: node_topic(self.node_id, channel)
+                       for channel in ("status", "report", "events", "commands")}
+        host, port = config.mqtt.host_port()
+        self.link = MqttLink(
+            host, port, client_id=f"selfheal-agent-{self.node_id}",
+            will=Outgoing(self.topics["status"], encode(self._status("offline")), qos=1, retain=True),
+            keepalive=config.mqtt.keepalive, reconnect_max=config.mqtt.reconnect_max,
+            name="agent.mqtt",
+        )
+        ctx = UnitContext(node_id=self.node_id, state_dir=self.state_dir, emit=self.emit, clock=clock)
+        self.supervisor = Supervisor(agent.units, ctx, kinds=kinds or DEFAULT_KINDS)
+        self.executor = CommandExecutor(node_id=self.node_id, key=key, ledger=ledger,
+                                        units=self.supervisor, clock=clock, limiter=self.limiter)
+        self.sampler = ProcessSampler()
+        self._commands: asyncio.Queue[Command | None] = asyncio.Queue(maxsize=COMMAND_QUEUE)
+        self._controller_session: str | None = None
+        self._host: HostMetrics | None = None
+
+    @classmethod
+    async def open(cls, config: Config, *, clock: Clock | None = None,
+                   kinds: Mapping[str, UnitFactory] | None = None) -> AgentApp:
+        """Prepare the state dir, bump the session, open the ledger, read the key."""
+        clock = clock or SystemClock()
+        state_dir = Path(config.agent.state_dir)
+        await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
+        session = await asyncio.to_thread(next_session, state_dir, clock.wall())
+        key = await asyncio.to_thread(read_key, config.security.key_dir, config.agent.node_id)
+        ledger = await asyncio.to_thread(Ledger(state_dir / "ledger.sqlite3").open, clock.wall())
+        app = cls(config, session=session, key=key, ledger=ledger, clock=clock, kinds=kinds)
+        if key is None:
+            app.log.warning("agent.no_command_key", key_dir=config.security.key_dir,
+                            consequence="every command will be rejected")
+        return app
+
+    async def run(self, *, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        units_stop, units_started, link_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self.log.info("agent.starting", session=self.session, units=self.supervisor.names,
+                      broker=f"{self.link.host}:{self.link.port}")
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.link.run(stop=link_stop, handle=self.handle, on_connect=self._on_connect),
+                           name="agent-mqtt")
+            units = tg.create_task(self.supervisor.run(stop=units_stop, started=units_started),
+                                   name="agent-supervisor")
+            reporter = tg.create_task(self._report_loop(stop=stop), name="agent-report")
+            commands = tg.create_task(self._command_loop(), name="agent-commands")
+            readiness = tg.create_task(self._signal_ready(units_started, ready), name="agent-ready")
+            await stop.wait()
+            sdnotify.notify("STOPPING=1")
+            self.log.info("agent.stopping")
+            readiness.cancel()
+            self._end_commands()
+            await commands
+            await reporter
+            self.link.publish(self.topics["status"], encode(self._status("offline")), qos=1, retain=True)
+            units_stop.set()
+            await units
+            link_stop.set()
+        self.log.info("agent.stopped", counts=dict(self.counts), commands=dict(self.executor.counts))
+
+    def emit(self, body: EventBody) -> None:
+        """Send one event (QoS 1); it waits in the outbox while the broker is away."""
+        event = Event(node=self.node_id, session=self.session, ts=self.clock.wall(), body=body)
+        self.link.publish(self.topics["events"], encode(event), qos=1)
+        self.counts["events"] += 1
+
+    async def handle(self, topic: str, payload: bytes) -> None:
+        """Every incoming MQTT message; never raises, never blocks."""
+        if topic == self.topics["commands"]:
+            try:
+                message = decode_node_message(topic, payload)
+            except WireError as exc:
+                self._drop(exc.reason, str(exc), topic)
+                return
+            if not isinstance(message, Command):
+                self._drop("malformed", f"{type(message).__name__} on the commands topic", topic)
+                return
+            try:
+                self._commands.put_nowait(message)
+            except asyncio.QueueFull:
+                self._drop("queue_full", f"{COMMAND_QUEUE} commands already waiting", topic)
+        elif topic == CONTROLLER_STATUS_TOPIC:
+            if not payload:
+                return  # a cleared retained status
+            try:
+                status = decode_controller_status(payload)
+            except WireError as exc:
+                self._drop(exc.reason, str(exc), topic)
+                return
+            if status.state != "online":
+                self._controller_session = None
+            elif status.session != self._controller_session:
+                self._controller_session = status.session
+                self.log.info("agent.controller_online", controller_session=status.session)
+                self._announce()
+
+    async def _on_connect(self, link: MqttLink) -> None:
+        await link.subscribe(self.topics["commands"], qos=1)
+        await link.subscribe(CONTROLLER_STATUS_TOPIC, qos=1)
+        self._announce()
+
+    def _announce(self) -> None:
+        self.link.publish(self.topics["status"], encode(self._status("online")), qos=1, retain=True)
+
+    def _status(self, state: Literal["online", "offline"]) -> NodeStatus:
+        return NodeStatus(node=self.node_id, state=state,
+                          session=self.session, version=__version__,
+                          units=[unit.name for unit in self.config.agent.units], http="",
+                          ts=self.clock.wall())
+
+    def _drop(self, reason: str, detail: str, topic: str) -> None:
+        self.counts[reason] += 1
+        if self.limiter.allow(topic, reason, self.clock.monotonic()):
+            self.log.warning("agent.message_dropped", reason=reason, detail=detail[:300], topic=topic,
+                             suppressed_so_far=self.limiter.suppressed)
+
+    async def _signal_ready(self, units_started: asyncio.Event, ready: asyncio.Event | None) -> None:
+        await units_started.wait()
+        await self.link.connected.wait()
+        self.log.info("agent.ready", session=self.session)
+        if ready is not None:
+            ready.set()
+        sdnotify.notify("READY=1")
+
+    async def _command_loop(self) -> None:
+        while (command := await self._commands.get()) is not None:
+            result = await self.executor.execute(command)
+            self.emit(result)
+
+    def _end_commands(self) -> None:
+        """Drop what still waits (unacked: the controller times out and decides) and end the loop."""
+        while not self._commands.empty():
+            if self._commands.get_nowait() is not None:
+                self.counts["dropped_at_shutdown"] += 1
+        self._commands.put_nowait(None)
+
+    async def _report_loop(self, *, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.config.agent.interval
+        self._host = await asyncio.to_thread(collect_host)  # primes cpu_percent's first delta
+        next_at = loop.time() + interval
+        while not stop.is_set():
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, next_at - loop.time()))
+            if stop.is_set():
+                return
+            next_at = max(next_at + interval, loop.time())  # a slow round skips ticks, never bursts
+            if self.link.connected.is_set():
+                report = await self._build_report()
+                self.link.publish(self.topics["report"], encode(report), qos=0)
+                self.counts["reports"] += 1
+
+    async def _build_report(self) -> Report:
+        self._host = host = await asyncio.to_thread(collect_host, self._host)
+        units = self.supervisor.reports()
+        samples = await asyncio.to_thread(
+            self.sampler.collect_many, [unit.pid for unit in units if unit.pid is not None])
+        self.seq += 1
+        return Report(node=self.node_id, session=self.session, seq=self.seq, ts=self.clock.wall(),
+                      host=host, units=[_with_sample(unit, samples) for unit in units])
+
+
+def _with_sample(unit: UnitReport, samples: Mapping[int, tuple[float, int, int, int, str]]) -> UnitReport:
+    sample = samples.get(unit.pid) if unit.pid is not None else None
+    if sample is None:
+        return unit
+    cpu, rss, fds, threads, status = sample
+    return msgspec.structs.replace(unit, cpu_percent=cpu, rss_bytes=rss, num_fds=fds,
+                                   num_threads=threads, proc_status=status)
+
+
+async def run_agent(config: Config, *, stop: asyncio.Event, ready: asyncio.Event | None = None,
+                    clock: Clock | None = None) -> None:
+    """Run the agent of ``config.agent.node_id`` until ``stop`` is set; ``ready`` once connected with units up."""
+    app = await AgentApp.open(config, clock=clock)
+    try:
+        await app.run(stop=stop, ready=ready)
+    finally:
+        await asyncio.to_thread(app.ledger.close)

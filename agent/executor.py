@@ -1,0 +1,144 @@
+"""The command executor: decides whether a controller command may run, runs it, says how it went.
+
+A command runs only when it is authentic (HMAC with this node's key from
+``security.key_dir``; no key file means every command is refused), addressed
+to this node, not expired (``expires_at`` against the injected wall clock) and
+not from a stale epoch (lower than the highest epoch accepted so far: a
+controller that lost its lease must not act). Each idempotency ``key`` runs at
+most once, across agent restarts too (``agent.ledger``); a repeat is answered
+``duplicate`` with the original outcome as ``"<status>: <detail>"``.
+
+Order matters: authenticity first (a forged command learns nothing, not even
+whether its key was used), then the ledger (a late redelivery of a command
+that ran gets its outcome back, even if it has expired since), then freshness.
+Rejected commands are not recorded, so a forged key cannot block a real one.
+
+The checks are pure functions; ``CommandExecutor`` is the thin edge that
+reads the clock, talks to the ledger off the loop and calls the supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Literal, NamedTuple, Protocol
+
+from agent.ledger import RUNNING, Ledger
+from selfheal.clocks import Clock
+from selfheal.errors import StoreError, UnitError
+from selfheal.logs import RateLimiter, get_logger
+from selfheal.wire import Command, CommandResult, RestartUnit, verify_command
+
+Status = Literal["done", "failed", "rejected", "duplicate"]
+
+
+class UnitControl(Protocol):
+    """What the executor needs from the supervisor."""
+
+    async def restart(self, name: str) -> object: ...
+
+
+class Rejection(NamedTuple):
+    reason: str
+    """Short fixed label: counts and rate-limits logs."""
+    detail: str
+    """What the ack says."""
+
+
+def check_authentic(command: Command, *, node_id: str, key: bytes | None) -> Rejection | None:
+    """Why ``command`` is not a genuine command for this node, or None."""
+    if key is None:
+        return Rejection("no_key", f"no command key for node {node_id!r} in security.key_dir: "
+                                   "this agent refuses every command")
+    if not command.sig:
+        return Rejection("unsigned", "unsigned command")
+    if not verify_command(command, key):
+        return Rejection("bad_signature", "bad signature")
+    if command.node != node_id:
+        return Rejection("wrong_node", f"addressed to node {command.node[:64]!r}, this is {node_id!r}")
+    return None
+
+
+def check_fresh(command: Command, *, now: float, highest_epoch: int) -> Rejection | None:
+    """Why a genuine ``command`` must not run any more, or None."""
+    if command.expires_at < now:
+        return Rejection("expired", f"expired {now - command.expires_at:.3f}s ago")
+    if command.epoch < highest_epoch:
+        return Rejection("stale_epoch", f"stale epoch {command.epoch} < {highest_epoch}")
+    return None
+
+
+class CommandExecutor:
+    """Executes commands addressed to this node; see the module docstring."""
+
+    def __init__(self, *, node_id: str, key: bytes | None, ledger: Ledger, units: UnitControl,
+                 clock: Clock, limiter: RateLimiter | None = None) -> None:
+        self.node_id = node_id
+        self.key = key
+        self.ledger = ledger
+        self.units = units
+        self.clock = clock
+        self.highest_epoch = 0
+        self.counts: Counter[str] = Counter()
+        """Outcomes by status (done, failed, rejected, duplicate)."""
+        self.rejections: Counter[str] = Counter()
+        """Rejections by reason label (no_key, unsigned, bad_signature, wrong_node, expired, stale_epoch)."""
+        self.limiter = limiter or RateLimiter(period=60.0)
+        self.log = get_logger("agent.executor", node=node_id)
+
+    async def execute(self, command: Command) -> CommandResult:
+        """Decide, run if allowed, record; always returns the result to ack."""
+        rejection = check_authentic(command, node_id=self.node_id, key=self.key)
+        if rejection is not None:
+            return self._reject(command, rejection)
+        try:
+            earlier = await asyncio.to_thread(self.ledger.get, command.key)
+            if earlier is not None:
+                return self._duplicate(command, earlier.status, earlier.detail)
+            rejection = check_fresh(command, now=self.clock.wall(), highest_epoch=self.highest_epoch)
+            if rejection is not None:
+                return self._reject(command, rejection)
+            earlier = await asyncio.to_thread(self.ledger.claim, command.key, command.id, self.clock.wall())
+        except StoreError as exc:
+            return self._result(command, "failed", f"not run: the command ledger failed: {exc}")
+        if earlier is not None:
+            return self._duplicate(command, earlier.status, earlier.detail)
+        self.highest_epoch = max(self.highest_epoch, command.epoch)
+        status, detail = await self._run(command)
+        try:
+            await asyncio.to_thread(self.ledger.finish, command.key, status, detail, self.clock.wall())
+        except StoreError as exc:
+            # The outcome stands (the step ran); the claim stays "running", so a repeat is still refused.
+            self.log.error("command.ledger_failed", command_id=command.id, error=str(exc))  # noqa: TRY400
+        return self._result(command, status, detail)
+
+    async def _run(self, command: Command) -> tuple[Status, str]:
+        step = command.step
+        if isinstance(step, RestartUnit):
+            try:
+                unit = await self.units.restart(step.unit)
+            except UnitError as exc:
+                return "failed", str(exc)
+            pid = getattr(unit, "pid", None)
+            return "done", f"restarted unit {step.unit!r}" + (f" (pid {pid})" if pid else "")
+        return "failed", f"step {type(step).__name__} is not supported by this agent"
+
+    def _reject(self, command: Command, rejection: Rejection) -> CommandResult:
+        self.rejections[rejection.reason] += 1
+        if self.limiter.allow("commands", rejection.reason, self.clock.monotonic()):
+            self.log.warning("command.rejected", command_id=command.id[:64], key=command.key[:128],
+                             reason=rejection.reason, detail=rejection.detail,
+                             suppressed_so_far=self.limiter.suppressed)
+        return self._result(command, "rejected", rejection.detail)
+
+    def _duplicate(self, command: Command, status: str, detail: str) -> CommandResult:
+        if status == RUNNING:
+            status, detail = "failed", "interrupted: the agent stopped while executing it"
+        return self._result(command, "duplicate", f"{status}: {detail}")
+
+    def _result(self, command: Command, status: Status, detail: str) -> CommandResult:
+        self.counts[status] += 1
+        if status != "rejected":
+            self.log.info("command.result", command_id=command.id, key=command.key, status=status,
+                          detail=detail)
+        return CommandResult(command_id=command.id, key=command.key, status=status, detail=detail)

@@ -1,0 +1,148 @@
+"""The command ledger: which idempotency keys this agent has executed, and how it went.
+
+It is what makes "at most once" survive an agent restart: a key is *claimed*
+(written, synchronously, as ``running``) before its command is executed and
+*finished* with the outcome after, so a command redelivered after a crash in
+the middle of it is answered ``duplicate`` ("interrupted") rather than run a
+second time.
+
+SQLite in WAL mode at ``<state_dir>/ledger.sqlite3``; every method blocks, so
+the agent calls them through ``asyncio.to_thread`` (one lock serializes them,
+whichever thread they land on). Bounded: entries older than ``max_age``
+seconds and the oldest beyond ``max_rows`` are pruned at open and every
+``PRUNE_EVERY`` claims.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import NamedTuple
+
+from selfheal.errors import StoreError
+
+MAX_AGE = 7 * 86400.0
+MAX_ROWS = 100_000
+PRUNE_EVERY = 1000
+RUNNING = "running"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS commands (
+    key TEXT PRIMARY KEY,
+    command_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS commands_at ON commands (at);
+"""
+
+
+class Entry(NamedTuple):
+    key: str
+    command_id: str
+    status: str
+    """``running`` while executing (or interrupted by a crash), else the CommandResult status."""
+    detail: str
+    at: float
+
+
+class Ledger:
+    """At-most-once record of idempotency keys; see the module docstring."""
+
+    def __init__(self, path: Path | str, *, max_age: float = MAX_AGE, max_rows: int = MAX_ROWS) -> None:
+        self.path = Path(path)
+        self.max_age = max_age
+        self.max_rows = max_rows
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._claims = 0
+
+    def open(self, now: float) -> Ledger:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # a claim must survive a power cut, not just a crash
+            db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the command ledger {self.path}: {exc}") from None
+        self._db = db
+        self.prune(now)
+        return self
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def claim(self, key: str, command_id: str, now: float) -> Entry | None:
+        """Claim ``key`` for execution: None when it is new (now ``running``), else the earlier entry."""
+        with self._lock:
+            db = self._conn()
+            try:
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO commands (key, command_id, status, detail, at) "
+                    "VALUES (?, ?, ?, '', ?)", (key, command_id, RUNNING, now))
+                if cursor.rowcount == 1:
+                    self._claims += 1
+                    claimed = True
+                else:
+                    claimed = False
+                    row = db.execute("SELECT key, command_id, status, detail, at FROM commands WHERE key = ?",
+                                     (key,)).fetchone()
+            except sqlite3.Error as exc:
+                raise StoreError(f"command ledger: {exc}") from None
+        if claimed:
+            if self._claims % PRUNE_EVERY == 0:
+                self.prune(now)
+            return None
+        return Entry(*row)
+
+    def finish(self, key: str, status: str, detail: str, now: float) -> None:
+        """Record the outcome of a claimed key."""
+        with self._lock:
+            try:
+                self._conn().execute("UPDATE commands SET status = ?, detail = ?, at = ? WHERE key = ?",
+                                     (status, detail, now, key))
+            except sqlite3.Error as exc:
+                raise StoreError(f"command ledger: {exc}") from None
+
+    def get(self, key: str) -> Entry | None:
+        with self._lock:
+            row = self._conn().execute(
+                "SELECT key, command_id, status, detail, at FROM commands WHERE key = ?", (key,)).fetchone()
+        return Entry(*row) if row is not None else None
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._conn().execute("SELECT count(*) FROM commands").fetchone()[0])
+
+    def prune(self, now: float) -> int:
+        """Forget entries older than ``max_age`` and the oldest beyond ``max_rows``; returns how many."""
+        with self._lock:
+            db = self._conn()
+            try:
+                removed = db.execute("DELETE FROM commands WHERE at < ?", (now - self.max_age,)).rowcount
+                removed += db.execute(
+                    "DELETE FROM commands WHERE key IN "
+                    "(SELECT key FROM commands ORDER BY at DESC LIMIT -1 OFFSET ?)",
+                    (self.max_rows,)).rowcount
+            except sqlite3.Error as exc:
+                raise StoreError(f"command ledger: {exc}") from None
+        return removed
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError("the command ledger is not open")
+        return self._db

@@ -1,0 +1,210 @@
+"""Health probes of units: http, tcp and exec checks, each on its own interval.
+
+Two halves. ``ProbeTracker`` is the pure state machine: it takes each check's
+result and the loop time, counts consecutive failures, ignores failures during
+the ``start_period`` after a (re)start (a success ends the start period early,
+like Docker's health checks), and says when the verdict changed. A unit is
+unhealthy once ``consecutive_failures >= failures``. No verdict exists until the
+first success or the first full run of failures, so a unit that just started
+is never called unhealthy (or healthy) on one sample.
+
+``ProbeRunner`` is the thin edge: it runs the checks with their timeout and
+emits ``ProbeChanged`` on the first verdict and on every healthy<->unhealthy
+flip. During the start period after a (re)start it probes at a fast cadence
+(``min(interval, 0.2s)``) until the first success, so a recovery is seen within
+a fraction of a second instead of a whole interval; failures are then counted
+at the configured interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from contextlib import AsyncExitStack, suppress
+
+import httpx
+
+from selfheal.clocks import Clock
+from selfheal.config import ProbeConfig, split_host_port
+from selfheal.errors import SelfhealError
+from selfheal.logs import get_logger
+from selfheal.wire import EventBody, ProbeChanged, ProbeState
+
+FAST_CADENCE = 0.2
+"""Seconds between probes right after a (re)start, until the first verdict."""
+MAX_ERROR_CHARS = 200
+
+
+class ProbeTracker:
+    """Pure probe state: feed it results with the loop time; it says when the verdict changes."""
+
+    def __init__(self, config: ProbeConfig) -> None:
+        self.config = config
+        self.consecutive_failures = 0
+        self.state: ProbeState | None = None
+        self._start_until = 0.0
+        self._proven = False
+
+    def restarted(self, now: float) -> None:
+        """The unit (re)started at loop time ``now``: a new start period, failures forgotten.
+
+        The last verdict stays until a new one is reached, so a flip is still a flip.
+        """
+        self._start_until = now + self.config.start_period
+        self._proven = False
+        self.consecutive_failures = 0
+
+    def in_start_period(self, now: float) -> bool:
+        return not self._proven and now < self._start_until
+
+
+    def record(self, *, ok: bool, now: float, wall: float, error: str = "",
+               latency: float = 0.0) -> ProbeState | None:
+        """Take one check result; returns the new state when the verdict appeared or flipped."""
+        previous = self.state
+        if ok:
+            self._proven = True
+            self.consecutive_failures = 0
+            healthy: bool | None = True
+        elif self.in_start_period(now):
+            healthy = previous.healthy if previous is not None else None
+        else:
+            self.consecutive_failures += 1
+            if self.consecutive_failures >= self.config.failures:
+                healthy = False
+            else:
+                healthy = previous.healthy if previous is not None else None
+        if healthy is None:
+            return None
+        self.state = ProbeState(
+            kind=self.config.kind, healthy=healthy, consecutive_failures=self.consecutive_failures,
+            failures_threshold=self.config.failures, last_error="" if ok else error[:MAX_ERROR_CHARS],
+            last_latency_s=round(latency, 6), checked_at=wall,
+        )
+        if previous is None or previous.healthy != healthy:
+            return self.state
+        return None
+
+
+class ProbeRunner:
+    """Runs one unit's probe until stopped; ``unit_started`` restarts its start period."""
+
+    def __init__(self, unit: str, config: ProbeConfig, *, emit: Callable[[EventBody], None],
+                 clock: Clock, node_id: str = "") -> None:
+        self.unit = unit
+        self.config = config
+        self.emit = emit
+        self.clock = clock
+        self.tracker = ProbeTracker(config)
+        self.checks = 0
+        self._restarted = asyncio.Event()
+        self.log = get_logger("agent.probe", node=node_id, unit=unit)
+
+    @property
+    def state(self) -> ProbeState | None:
+        return self.tracker.state
+
+    def unit_started(self) -> None:
+        self._restarted.set()
+
+    async def run(self, *, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        fast = min(self.config.interval, FAST_CADENCE)
+        async with AsyncExitStack() as stack:
+            client = None
+            if self.config.kind == "http":
+                # trust_env=False: a proxy from the environment must not sit between us and a local unit.
+                client = await stack.enter_async_context(
+                    httpx.AsyncClient(trust_env=False, follow_redirects=False))
+            next_at = loop.time() + fast
+            while not stop.is_set():
+                await _wait_any((stop, self._restarted), max(0.0, next_at - loop.time()))
+                if stop.is_set():
+                    return
+                if self._restarted.is_set():
+                    self._restarted.clear()
+                    self.tracker.restarted(loop.time())
+                    next_at = loop.time() + fast
+                    continue
+                if loop.time() < next_at:
+                    continue
+                ok, error, latency = await self.check(client)
+                self.checks += 1
+                now = loop.time()
+                changed = self.tracker.record(ok=ok, now=now, wall=self.clock.wall(), error=error,
+                                              latency=latency)
+                if changed is not None:
+                    self.log.info("probe.changed", healthy=changed.healthy, error=changed.last_error,
+                                  consecutive_failures=changed.consecutive_failures)
+                    self.emit(ProbeChanged(unit=self.unit, probe=changed))
+                next_at = now + (fast if self.tracker.in_start_period(now) else self.config.interval)
+
+    async def check(self, client: httpx.AsyncClient | None = None) -> tuple[bool, str, float]:
+        """Run the check once: (ok, error, latency seconds). Never raises."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                ok, error = await self._check(client)
+        except TimeoutError:
+            ok, error = False, f"timeout after {self.config.timeout}s"
+        except (OSError, ValueError, httpx.HTTPError, httpx.InvalidURL, SelfhealError) as exc:
+            ok, error = False, f"{type(exc).__name__}: {exc}".rstrip(": ")
+        return ok, error, loop.time() - began
+
+    async def _check(self, client: httpx.AsyncClient | None) -> tuple[bool, str]:
+        target = self.config.target
+        if self.config.kind == "http":
+            if client is None:
+                async with httpx.AsyncClient(trust_env=False) as own:
+                    return await _check_http(own, str(target))
+            return await _check_http(client, str(target))
+        if self.config.kind == "tcp":
+            return await _check_tcp(str(target))
+        argv = target if isinstance(target, list) else [target]
+        return await _check_exec(argv)
+
+
+async def _check_http(client: httpx.AsyncClient, url: str) -> tuple[bool, str]:
+    response = await client.get(url)
+    if response.status_code < 400:
+        return True, ""
+    return False, f"HTTP {response.status_code}"
+
+
+async def _check_tcp(target: str) -> tuple[bool, str]:
+    host, port = split_host_port(target, what="probe.target")
+    _, writer = await asyncio.open_connection(host, port)
+    writer.close()
+    await writer.wait_closed()
+    return True, ""
+
+
+async def _check_exec(argv: list[str]) -> tuple[bool, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    try:
+        returncode = await proc.wait()
+    except asyncio.CancelledError:  # the timeout: do not leave the check running
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await asyncio.shield(proc.wait())
+        raise
+    if returncode == 0:
+        return True, ""
+    return False, f"exit code {returncode}" if returncode > 0 else f"killed by signal {-returncode}"
+
+
+async def _wait_any(events: tuple[asyncio.Event, ...], seconds: float) -> None:
+    """Return when any event is set or after ``seconds``."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)

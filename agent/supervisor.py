@@ -1,0 +1,133 @@
+"""The unit supervisor: owns every unit of the node and its probe, start to shutdown.
+
+``Supervisor.run`` starts all units (a unit that cannot start is reported as
+``failed``, never fatal), runs one watcher per unit and one probe runner per
+probe in its task group, and on stop stops every unit (SIGTERM, then SIGKILL
+after the unit's grace) before returning. Unit kinds come from an explicit
+registry ``kind -> factory`` passed in by the composition root.
+
+The supervisor never restarts a crashed unit on its own: the controller
+decides, and asks through ``restart`` (a ``restart_unit`` command).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+
+import msgspec
+
+from agent.probes import ProbeRunner
+from agent.units.base import Unit, UnitContext, UnitFactory
+from agent.units.process import ProcessUnit
+from selfheal.config import UnitConfig
+from selfheal.errors import UnitError
+from selfheal.logs import get_logger
+from selfheal.wire import ProbeState, UnitReport
+
+DEFAULT_KINDS: Mapping[str, UnitFactory] = {"process": ProcessUnit}
+
+
+@dataclass(slots=True)
+class Supervised:
+    unit: Unit
+    probe: ProbeRunner | None
+
+
+class Supervisor:
+    """All units of one node; see the module docstring."""
+
+    def __init__(self, units: Sequence[UnitConfig], ctx: UnitContext, *,
+                 kinds: Mapping[str, UnitFactory]) -> None:
+        self.ctx = ctx
+        self.entries: dict[str, Supervised] = {}
+        for config in units:
+            factory = kinds.get(config.kind)
+            if factory is None:
+                raise UnitError(f"unit {config.name!r}: kind {config.kind!r} is not available "
+                                f"(have: {', '.join(sorted(kinds))})")
+            probe = None
+            if config.probe is not None:
+                probe = ProbeRunner(config.name, config.probe, emit=ctx.emit, clock=ctx.clock,
+                                    node_id=ctx.node_id)
+            self.entries[config.name] = Supervised(factory(config, ctx), probe)
+        self.stopping = False
+        self.log = get_logger("agent.supervisor", node=ctx.node_id)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    async def run(self, *, stop: asyncio.Event, started: asyncio.Event | None = None) -> None:
+        probes_stop = asyncio.Event()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for name, entry in self.entries.items():
+                    tg.create_task(entry.unit.watch(), name=f"unit-watch-{name}")
+                    if entry.probe is not None:
+                        tg.create_task(entry.probe.run(stop=probes_stop), name=f"probe-{name}")
+                await self.start_all()
+                if started is not None:
+                    started.set()
+                await stop.wait()
+                probes_stop.set()
+                await self.stop_all()
+                for entry in self.entries.values():
+                    entry.unit.close()
+        finally:
+            # Torn down abnormally (cancelled, a watcher failed): leave no orphans behind.
+            for entry in self.entries.values():
+                entry.unit.kill()
+
+    async def start_all(self) -> None:
+        for name in self.entries:
+            # A unit that cannot start is reported as failed; the controller sees it and decides.
+            with suppress(UnitError):
+                await self._start(name)
+
+    async def stop_all(self) -> None:
+        """Stop every unit at once (each within its own grace), never raising."""
+        self.stopping = True
+        results = await asyncio.gather(*(entry.unit.stop() for entry in self.entries.values()),
+                                       return_exceptions=True)
+        for name, result in zip(self.entries, results, strict=True):
+            if isinstance(result, BaseException):
+                self.log.error("unit.stop_failed", unit=name, error=str(result))
+
+    async def restart(self, name: str) -> Unit:
+        """Restart one unit; ``UnitError`` when it is unknown, the agent is stopping or it cannot start."""
+        entry = self._entry(name)
+        if self.stopping:
+            raise UnitError(f"unit {name!r}: the agent is stopping")
+        await entry.unit.restart()
+        if entry.probe is not None:
+            entry.probe.unit_started()
+        return entry.unit
+
+    def reports(self) -> list[UnitReport]:
+        """Each unit's state with its probe state (process metrics are the caller's to add)."""
+        out = []
+        for entry in self.entries.values():
+            report = entry.unit.report()
+            probe: ProbeState | None = entry.probe.state if entry.probe is not None else None
+            if probe is not None:
+                report = msgspec.structs.replace(report, probe=probe)
+            out.append(report)
+        return out
+
+    async def _start(self, name: str) -> None:
+        entry = self._entry(name)
+        await entry.unit.start()
+        if entry.probe is not None:
+            entry.probe.unit_started()
+
+    def _entry(self, name: str) -> Supervised:
+        entry = self.entries.get(name)
+        if entry is None:
+            known = ", ".join(self.entries) or "none"
+            raise UnitError(f"unknown unit {name!r} on node {self.ctx.node_id!r} (units: {known})")
+        return entry
+
+

@@ -1,0 +1,205 @@
+"""Unit kind ``process``: a plain child process the agent starts, watches and stops.
+
+Each run gets its own session (so its own process group): stopping signals
+the whole group, the way systemd's ``KillMode=control-group`` does, and
+whatever the main process leaves behind when it exits is killed too, so a
+restart never finds the old child still holding the port. Output is
+appended to ``<state_dir>/logs/<unit>.log`` (rotated once to ``.log.1`` at
+start when it grew past ``LOG_ROTATE_BYTES``).
+
+``watch`` awaits each run's exit, so an exit is seen the moment it happens and
+emitted as ``UnitExited``; ``expected`` says whether the agent caused it. The
+agent never restarts a crashed unit by itself: the controller decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from agent.units.base import UnitContext, UnitState
+from selfheal.clocks import iso
+from selfheal.config import UnitConfig
+from selfheal.errors import UnitError
+from selfheal.logs import get_logger
+from selfheal.wire import UnitExited, UnitReport, UnitStarted
+
+LOG_ROTATE_BYTES = 16 * 1024 * 1024
+KILL_WAIT = 10.0
+"""Seconds to wait for a SIGKILLed process to be reaped before giving up on it."""
+
+
+@dataclass(slots=True, eq=False)
+class _Run:
+    proc: asyncio.subprocess.Process
+    expected: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ProcessUnit:
+    """A ``process`` unit; see the module docstring."""
+
+    kind = "process"
+
+    def __init__(self, config: UnitConfig, ctx: UnitContext) -> None:
+        if not config.command:
+            raise UnitError(f"unit {config.name!r}: a process unit needs a command")
+        self.config = config
+        self.ctx = ctx
+        self.restarts = 0
+        self.started_at = 0.0
+        self.exit_code: int | None = None
+        self.exit_signal: int | None = None
+        self.error = ""
+        self._state: UnitState = "stopped"
+        self._run: _Run | None = None
+        self._runs: asyncio.Queue[_Run | None] = asyncio.Queue()
+        self._lock = asyncio.Lock()
+        self.log = get_logger("agent.unit", node=ctx.node_id, unit=config.name)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def state(self) -> UnitState:
+        return self._state
+
+    @property
+    def pid(self) -> int | None:
+        run = self._run
+        return run.proc.pid if run is not None and not run.done.is_set() else None
+
+    async def start(self) -> None:
+        async with self._lock:
+            await self._start()
+
+    async def stop(self, grace: float | None = None) -> None:
+        async with self._lock:
+            await self._stop(self.config.stop_grace if grace is None else grace)
+
+    async def restart(self) -> None:
+        async with self._lock:
+            await self._stop(self.config.stop_grace)
+            self.restarts += 1
+            await self._start()
+
+    async def watch(self) -> None:
+        while True:
+            run = await self._runs.get()
+            if run is None:
+                return
+            returncode = await run.proc.wait()
+            self._on_exit(run, returncode)
+
+    def kill(self) -> None:
+        run = self._run
+        if run is not None and not run.done.is_set():
+            run.expected = True
+            _signal_group(run.proc.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        self._runs.put_nowait(None)
+
+    def report(self) -> UnitReport:
+        return UnitReport(
+            name=self.name, kind=self.kind, state=self._state, pid=self.pid, restarts=self.restarts,
+            started_at=self.started_at, exit_code=self.exit_code, exit_signal=self.exit_signal,
+        )
+
+    async def _start(self) -> None:
+        if self._run is not None and not self._run.done.is_set():
+            return
+        self._state = "starting"
+        argv = self.config.command
+        cwd = self.config.cwd or str(self.ctx.state_dir)
+        try:
+            log_file = await asyncio.to_thread(_open_log, self.ctx.state_dir, self.name, argv,
+                                               self.ctx.clock.wall())
+        except OSError as exc:
+            raise self._failed(f"cannot open the unit log: {exc}") from None
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                cwd=cwd, env={**os.environ, **self.config.env}, start_new_session=True,
+            )
+        except OSError as exc:
+            raise self._failed(f"cannot start {argv[0]!r} in {cwd!r}: {exc.strerror or exc}") from None
+        finally:
+            log_file.close()
+        run = _Run(proc)
+        self._run = run
+        self._state = "running"
+        self.error = ""
+        self.started_at = self.ctx.clock.wall()
+        self.exit_code = self.exit_signal = None
+        self._runs.put_nowait(run)
+        self.log.info("unit.started", pid=proc.pid, restarts=self.restarts)
+        self.ctx.emit(UnitStarted(unit=self.name, pid=proc.pid, restarts=self.restarts))
+
+    def _failed(self, detail: str) -> UnitError:
+        self._state = "failed"
+        self.error = detail
+        self.log.error("unit.start_failed", detail=detail)
+        return UnitError(f"unit {self.name!r}: {detail}")
+
+    async def _stop(self, grace: float) -> None:
+        run = self._run
+        if run is None or run.done.is_set():
+            return
+        run.expected = True
+        pgid = run.proc.pid
+        # SIGCONT after SIGTERM: a SIGSTOPped process cannot act on SIGTERM until it runs again.
+        _signal_group(pgid, signal.SIGTERM)
+        _signal_group(pgid, signal.SIGCONT)
+        with suppress(TimeoutError):
+            await asyncio.wait_for(run.done.wait(), grace)
+        if run.done.is_set():
+            return
+        self.log.warning("unit.stop_timeout", pid=pgid, grace_s=grace, action="SIGKILL")
+        _signal_group(pgid, signal.SIGKILL)
+        try:
+            await asyncio.wait_for(run.done.wait(), KILL_WAIT)
+        except TimeoutError:
+            raise UnitError(f"unit {self.name!r}: pid {pgid} survived SIGKILL for {KILL_WAIT}s") from None
+
+    def _on_exit(self, run: _Run, returncode: int) -> None:
+        pid = run.proc.pid
+        # Leftovers of the group (children the main process did not take down) go with it.
+        _signal_group(pid, signal.SIGKILL)
+        code, sig = (None, -returncode) if returncode < 0 else (returncode, None)
+        if self._run is run:
+            self.exit_code, self.exit_signal = code, sig
+            self._state = "stopped" if run.expected else "exited"
+        log = self.log.info if run.expected else self.log.warning
+        log("unit.exited", pid=pid, exit_code=code, exit_signal=sig, expected=run.expected)
+        self.ctx.emit(UnitExited(unit=self.name, pid=pid, exit_code=code, exit_signal=sig,
+                                 expected=run.expected))
+        run.done.set()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    # Gone already (its id may even belong to someone else now): nothing of ours to signal.
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _open_log(state_dir: Path, unit: str, argv: list[str], now: float) -> IO[bytes]:
+    directory = state_dir / "logs"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{unit}.log"
+    try:
+        if path.stat().st_size > LOG_ROTATE_BYTES:
+            path.replace(path.with_name(f"{unit}.log.1"))
+    except FileNotFoundError:
+        pass
+    log_file = path.open("ab")
+    log_file.write(f"--- selfheal: starting {argv!r} at {iso(now)} ---\n".encode())
+    log_file.flush()
+    return log_file
