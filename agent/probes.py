@@ -131,6 +131,7 @@ class ProbeRunner:
                     continue
                 if loop.time() < next_at:
                     continue
+                began = loop.time()
                 ok, error, latency = await self.check(client)
                 self.checks += 1
                 now = loop.time()
@@ -140,7 +141,11 @@ class ProbeRunner:
                     self.log.info("probe.changed", healthy=changed.healthy, error=changed.last_error,
                                   consecutive_failures=changed.consecutive_failures)
                     self.emit(ProbeChanged(unit=self.unit, probe=changed))
-                next_at = now + (fast if self.tracker.in_start_period(now) else self.config.interval)
+                # A fixed cadence from the start of each check, like Kubernetes' periodSeconds: a probe
+                # that times out does not stretch the period, so a hang is confirmed in about
+                # interval x failures, not (interval + timeout) x failures.
+                period = fast if self.tracker.in_start_period(now) else self.config.interval
+                next_at = max(now, began + period)
 
     async def check(self, client: httpx.AsyncClient | None = None) -> tuple[bool, str, float]:
         """Run the check once: (ok, error, latency seconds). Never raises."""

@@ -166,3 +166,24 @@ async def test_bad_messages_are_counted_and_the_loop_keeps_going(
         await eventually(lambda: node in controller.fleet.nodes, what="good message still accepted")
         metrics = (await _api(controller, "/metrics")).text
         assert 'selfheal_messages_rejected_total{reason="malformed"}' in metrics
+
+
+async def test_the_controller_rides_out_a_broker_restart(tmp_path: Path, own_mosquitto: Broker) -> None:
+    node = "flow-outage"
+    config = load_config(_config(tmp_path, own_mosquitto))
+    async with running_controller(config) as controller:
+        assert (await _api(controller, "/readyz")).status_code == 200
+        own_mosquitto.stop()
+        await eventually(lambda: not controller.link.connected.is_set(), what="disconnect noticed")
+        response = await _api(controller, "/readyz")
+        assert response.status_code == 503
+        assert response.headers["content-type"] == "application/problem+json"
+        assert (await _api(controller, "/healthz")).status_code == 200  # alive, just not ready
+
+        own_mosquitto.start()
+        await eventually(lambda: controller.link.connected.is_set(), timeout=30, what="reconnected")
+        async with aiomqtt.Client(own_mosquitto.host, own_mosquitto.port,
+                                  protocol=aiomqtt.ProtocolVersion.V311) as client:
+            await ScriptedAgent(client, node).birth()
+        await eventually(lambda: node in controller.fleet.nodes, what="messages flow again after the outage")
+        assert (await _api(controller, "/readyz")).status_code == 200
