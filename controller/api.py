@@ -24,7 +24,7 @@ from controller.engine import Engine
 from controller.fleet import Fleet
 from controller.metrics import ControllerMetrics
 from controller.page import render_status_page
-from controller.store import Incident, SqliteStore
+from controller.store import Incident, PlanRecord, SqliteStore
 from detectors.presence import is_offline
 from selfheal.clocks import Clock, iso
 
@@ -152,16 +152,12 @@ def create_api(ctx: ApiContext) -> FastAPI:
         return IncidentDetailOut(
             **_incident(detail.incident).model_dump(),
             timeline=[TimelineOut(at=iso(e.at) or "", kind=e.kind, data=e.data) for e in detail.timeline],
-            plans=[PlanOut(id=p.id, incident_id=p.incident_id, rule=p.rule, attempt=p.attempt, state=p.state,
-                           created_at=iso(p.created_at) or "", updated_at=iso(p.updated_at) or "",
-                           detail=p.detail) for p in detail.plans])
+            plans=[_plan(p) for p in detail.plans])
 
     @app.get("/api/v1/plans")
     async def plans(limit: int = Query(200, ge=1, le=1000)) -> Items[PlanOut]:
         rows = await ctx.store.list_plans(limit=limit)
-        return Items(items=[PlanOut(id=p.id, incident_id=p.incident_id, rule=p.rule, attempt=p.attempt,
-                                    state=p.state, created_at=iso(p.created_at) or "",
-                                    updated_at=iso(p.updated_at) or "", detail=p.detail) for p in rows])
+        return Items(items=[_plan(p) for p in rows])
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
@@ -204,6 +200,11 @@ def _units(ctx: ApiContext) -> list[UnitOut]:
         for node_id in sorted(ctx.fleet.nodes)
         for unit in sorted(ctx.fleet.nodes[node_id].units.values(), key=lambda u: u.name)
     ]
+
+
+def _plan(plan: PlanRecord) -> PlanOut:
+    return PlanOut(id=plan.id, incident_id=plan.incident_id, rule=plan.rule, attempt=plan.attempt, state=plan.state,
+                   created_at=iso(plan.created_at) or "", updated_at=iso(plan.updated_at) or "", detail=plan.detail)
 
 
 def _incident(incident: Incident) -> IncidentOut:

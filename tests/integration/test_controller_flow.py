@@ -181,7 +181,7 @@ async def test_the_controller_rides_out_a_broker_restart(tmp_path: Path, own_mos
         assert (await _api(controller, "/healthz")).status_code == 200  # alive, just not ready
 
         own_mosquitto.start()
-        await eventually(lambda: controller.link.connected.is_set(), timeout=30, what="reconnected")
+        await eventually(controller.link.connected.is_set, timeout=30, what="reconnected")
         async with aiomqtt.Client(own_mosquitto.host, own_mosquitto.port,
                                   protocol=aiomqtt.ProtocolVersion.V311) as client:
             await ScriptedAgent(client, node).birth()
