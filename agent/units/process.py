@@ -3,7 +3,10 @@
 Each run gets its own session (so its own process group): stopping signals
 the whole group, the way systemd's ``KillMode=control-group`` does, and
 whatever the main process leaves behind when it exits is killed too, so a
-restart never finds the old child still holding the port. Output is
+restart never finds the old child still holding the port. While a run is
+alive its pid is recorded in the state dir: if the agent dies hard, the next
+agent stops that leftover before it starts the unit again (see
+``agent.units.leftovers``). Output is
 appended to ``<state_dir>/logs/<unit>.log`` (rotated once to ``.log.1`` at
 start when it grew past ``LOG_ROTATE_BYTES``).
 
@@ -23,7 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import psutil
+
+from agent.units import leftovers
 from agent.units.base import UnitContext, UnitState
+from agent.units.leftovers import signal_group
 from selfheal.clocks import iso
 from selfheal.config import UnitConfig
 from selfheal.errors import UnitError
@@ -96,13 +103,17 @@ class ProcessUnit:
             if run is None:
                 return
             returncode = await run.proc.wait()
+            # Leftovers of the group (children the main process did not take down) go with it;
+            # then nothing of the run is left for its record to name.
+            signal_group(run.proc.pid, signal.SIGKILL)
+            await self._forget()
             self._on_exit(run, returncode)
 
     def kill(self) -> None:
         run = self._run
-        if run is not None and not run.done.is_set():
+        if run is not None and not run.done.is_set() and run.proc.returncode is None:
             run.expected = True
-            _signal_group(run.proc.pid, signal.SIGKILL)
+            signal_group(run.proc.pid, signal.SIGKILL)
 
     def close(self) -> None:
         self._runs.put_nowait(None)
@@ -117,6 +128,11 @@ class ProcessUnit:
         if self._run is not None and not self._run.done.is_set():
             return
         self._state = "starting"
+        try:
+            await leftovers.reap(self.ctx.state_dir, self.name, grace=self.config.stop_grace,
+                                 kill_wait=KILL_WAIT, log=self.log)
+        except UnitError as exc:
+            raise self._failed(str(exc)) from None
         argv = self.config.command
         cwd = self.config.cwd or str(self.ctx.state_dir)
         try:
@@ -135,6 +151,8 @@ class ProcessUnit:
             log_file.close()
         run = _Run(proc)
         self._run = run
+        # Recorded before the watcher sees the run, so its exit always removes the record after this wrote it.
+        await self._remember(proc.pid)
         self._state = "running"
         self.error = ""
         self.started_at = self.ctx.clock.wall()
@@ -153,26 +171,42 @@ class ProcessUnit:
         run = self._run
         if run is None or run.done.is_set():
             return
+        if run.proc.returncode is not None:
+            # It exited on its own and ``watch`` is winding it up: nothing to signal (its pid may be reused).
+            await run.done.wait()
+            return
         run.expected = True
         pgid = run.proc.pid
         # SIGCONT after SIGTERM: a SIGSTOPped process cannot act on SIGTERM until it runs again.
-        _signal_group(pgid, signal.SIGTERM)
-        _signal_group(pgid, signal.SIGCONT)
+        signal_group(pgid, signal.SIGTERM)
+        signal_group(pgid, signal.SIGCONT)
         with suppress(TimeoutError):
             await asyncio.wait_for(run.done.wait(), grace)
         if run.done.is_set():
             return
         self.log.warning("unit.stop_timeout", pid=pgid, grace_s=grace, action="SIGKILL")
-        _signal_group(pgid, signal.SIGKILL)
+        signal_group(pgid, signal.SIGKILL)
         try:
             await asyncio.wait_for(run.done.wait(), KILL_WAIT)
         except TimeoutError:
             raise UnitError(f"unit {self.name!r}: pid {pgid} survived SIGKILL for {KILL_WAIT}s") from None
 
+    async def _remember(self, pid: int) -> None:
+        try:
+            await asyncio.to_thread(leftovers.remember, self.ctx.state_dir, self.name, pid)
+        except (OSError, psutil.Error) as exc:
+            # The unit runs all the same; only a hard agent death would now leave it behind unnoticed.
+            self.log.warning("unit.record_failed", pid=pid, error=str(exc))
+
+    async def _forget(self) -> None:
+        try:
+            await asyncio.to_thread(leftovers.forget, self.ctx.state_dir, self.name)
+        except OSError as exc:
+            # Harmless: the next start finds the pid gone (or reused) and drops the record then.
+            self.log.warning("unit.record_failed", error=str(exc))
+
     def _on_exit(self, run: _Run, returncode: int) -> None:
         pid = run.proc.pid
-        # Leftovers of the group (children the main process did not take down) go with it.
-        _signal_group(pid, signal.SIGKILL)
         code, sig = (None, -returncode) if returncode < 0 else (returncode, None)
         if self._run is run:
             self.exit_code, self.exit_signal = code, sig
@@ -182,12 +216,6 @@ class ProcessUnit:
         self.ctx.emit(UnitExited(unit=self.name, pid=pid, exit_code=code, exit_signal=sig,
                                  expected=run.expected))
         run.done.set()
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    # Gone already (its id may even belong to someone else now): nothing of ours to signal.
-    with suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
 
 
 def _open_log(state_dir: Path, unit: str, argv: list[str], now: float) -> IO[bytes]:
