@@ -210,7 +210,8 @@ class AgentApp:
     def _status(self, state: Literal["online", "offline"]) -> NodeStatus:
         return NodeStatus(node=self.node_id, state=state,
                           session=self.session, version=__version__,
-                          units=[unit.name for unit in self.config.agent.units], http="",
+                          units=[unit.name for unit in self.config.agent.units],
+                          labels=dict(self.config.agent.labels), http="",
                           ts=self.clock.wall())
 
     def _drop(self, reason: str, detail: str, topic: str) -> None:

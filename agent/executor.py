@@ -27,7 +27,7 @@ from agent.ledger import RUNNING, Ledger
 from selfheal.clocks import Clock
 from selfheal.errors import StoreError, UnitError
 from selfheal.logs import RateLimiter, get_logger
-from selfheal.wire import Command, CommandResult, RestartUnit, verify_command
+from selfheal.wire import Command, CommandResult, RestartUnit, StartUnit, StopUnit, verify_command
 
 Status = Literal["done", "failed", "rejected", "duplicate"]
 
@@ -36,6 +36,8 @@ class UnitControl(Protocol):
     """What the executor needs from the supervisor."""
 
     async def restart(self, name: str) -> object: ...
+    async def stop(self, name: str) -> object: ...
+    async def start(self, name: str) -> object: ...
 
 
 class Rejection(NamedTuple):
@@ -114,14 +116,22 @@ class CommandExecutor:
 
     async def _run(self, command: Command) -> tuple[Status, str]:
         step = command.step
-        if isinstance(step, RestartUnit):
-            try:
+        try:
+            if isinstance(step, RestartUnit):
                 unit = await self.units.restart(step.unit)
-            except UnitError as exc:
-                return "failed", str(exc)
-            pid = getattr(unit, "pid", None)
-            return "done", f"restarted unit {step.unit!r}" + (f" (pid {pid})" if pid else "")
-        return "failed", f"step {type(step).__name__} is not supported by this agent"
+                verb = "restarted"
+            elif isinstance(step, StopUnit):
+                unit = await self.units.stop(step.unit)
+                return "done", f"stopped unit {step.unit!r}"
+            elif isinstance(step, StartUnit):
+                unit = await self.units.start(step.unit)
+                verb = "started"
+            else:
+                return "failed", f"step {type(step).__name__} is not supported by this agent"
+        except UnitError as exc:
+            return "failed", str(exc)
+        pid = getattr(unit, "pid", None)
+        return "done", f"{verb} unit {step.unit!r}" + (f" (pid {pid})" if pid else "")
 
     def _reject(self, command: Command, rejection: Rejection) -> CommandResult:
         self.rejections[rejection.reason] += 1

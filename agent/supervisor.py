@@ -34,6 +34,7 @@ DEFAULT_KINDS: Mapping[str, UnitFactory] = {"process": ProcessUnit}
 class Supervised:
     unit: Unit
     probe: ProbeRunner | None
+    config: UnitConfig
 
 
 class Supervisor:
@@ -52,7 +53,7 @@ class Supervisor:
             if config.probe is not None:
                 probe = ProbeRunner(config.name, config.probe, emit=ctx.emit, clock=ctx.clock,
                                     node_id=ctx.node_id)
-            self.entries[config.name] = Supervised(factory(config, ctx), probe)
+            self.entries[config.name] = Supervised(factory(config, ctx), probe, config)
         self.stopping = False
         self.log = get_logger("agent.supervisor", node=ctx.node_id)
 
@@ -82,7 +83,9 @@ class Supervisor:
                 entry.unit.kill()
 
     async def start_all(self) -> None:
-        for name in self.entries:
+        for name, entry in self.entries.items():
+            if not entry.config.autostart:
+                continue  # a standby copy: stopped until a migration starts it here
             # A unit that cannot start is reported as failed; the controller sees it and decides.
             with suppress(UnitError):
                 await self._start(name)
@@ -105,6 +108,19 @@ class Supervisor:
         if entry.probe is not None:
             entry.probe.unit_started()
         return entry.unit
+
+    async def stop(self, name: str) -> Unit:
+        """Stop one unit on the controller's command (an expected exit: nobody heals it)."""
+        entry = self._entry(name)
+        await entry.unit.stop()
+        return entry.unit
+
+    async def start(self, name: str) -> Unit:
+        """Start one unit on the controller's command (e.g. the standby copy of a migration)."""
+        if self.stopping:
+            raise UnitError(f"unit {name!r}: the agent is stopping")
+        await self._start(name)
+        return self._entry(name).unit
 
     def reports(self) -> list[UnitReport]:
         """Each unit's state with its probe state (process metrics are the caller's to add)."""

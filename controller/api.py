@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 import selfheal
+from controller.api_actions import create_actions
 from controller.engine import Engine
 from controller.fleet import Fleet
 from controller.metrics import ControllerMetrics
@@ -41,6 +42,8 @@ class ApiContext:
     offline_after: float
     broker_connected: Any
     """An object with ``is_set()``: the controller's MQTT connection is up."""
+    api_token: str | None = None
+    """Bearer token for mutating endpoints; None disables them (503)."""
 
 
 class NodeOut(BaseModel):
@@ -81,6 +84,8 @@ class TimelineOut(BaseModel):
     at: str
     kind: str
     data: dict[str, Any]
+    hash: str
+    """This entry's link in the incident's hash chain (``selfheal audit verify`` recomputes it)."""
 
 
 class PlanOut(BaseModel):
@@ -115,6 +120,8 @@ def create_api(ctx: ApiContext) -> FastAPI:
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         return _problem(422, detail, request.url.path)
+
+    app.include_router(create_actions(engine=ctx.engine, store=ctx.store, clock=ctx.clock, token=ctx.api_token))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -151,7 +158,8 @@ def create_api(ctx: ApiContext) -> FastAPI:
             raise HTTPException(404, f"no incident {incident_id}")
         return IncidentDetailOut(
             **_incident(detail.incident).model_dump(),
-            timeline=[TimelineOut(at=iso(e.at) or "", kind=e.kind, data=e.data) for e in detail.timeline],
+            timeline=[TimelineOut(at=iso(e.at) or "", kind=e.kind, data=e.data, hash=e.hash)
+                      for e in detail.timeline],
             plans=[_plan(p) for p in detail.plans])
 
     @app.get("/api/v1/plans")
@@ -171,7 +179,8 @@ def create_api(ctx: ApiContext) -> FastAPI:
 
 
 def _problem(status: int, detail: str, instance: str) -> JSONResponse:
-    titles = {404: "Not Found", 422: "Invalid request", 503: "Not ready"}
+    titles = {401: "Unauthorized", 404: "Not Found", 409: "Conflict", 422: "Invalid request",
+              503: "Unavailable"}
     return JSONResponse({"type": "about:blank", "title": titles.get(status, "Error"), "status": status,
                          "detail": detail, "instance": instance},
                         status_code=status, media_type="application/problem+json")

@@ -22,8 +22,10 @@ from controller.dispatcher import Dispatcher
 from controller.engine import Engine
 from controller.fleet import Fleet
 from controller.metrics import ControllerMetrics
+from controller.notify import LogNotifier
 from controller.store import SqliteStore
 from detectors.model import DetectorSettings, Threshold
+from remediations.state import Budget
 from rules.loader import load_rulebooks
 from rules.model import Rulebook
 from selfheal import sdnotify, wire
@@ -53,6 +55,8 @@ class Controller:
                              keepalive=config.mqtt.keepalive, reconnect_max=config.mqtt.reconnect_max,
                              name="controller.mqtt")
         self.api_port: int | None = None
+        self.notifier = LogNotifier()
+        self.engine: Engine | None = None
 
     def settings(self) -> DetectorSettings:
         return DetectorSettings(
@@ -72,15 +76,21 @@ class Controller:
             stack.push_async_callback(store.close)
             epoch = await store.next_epoch()
             dispatcher = Dispatcher(fleet=self.fleet, store=store, link=self.link, keys=self.key_for,
-                                    clock=self.clock, epoch=epoch, command_ttl=self.config.controller.command_ttl,
+                                    clock=self.clock, notifier=self.notifier, epoch=epoch,
+                                    command_ttl=self.config.controller.command_ttl,
                                     ack_timeout=self.config.controller.ack_timeout)
+            budget = self.config.controller.budget
             engine = Engine(fleet=self.fleet, store=store, rulebook=self.rulebook, dispatcher=dispatcher,
-                            clock=self.clock, settings=self.settings(), metrics=self.metrics)
+                            clock=self.clock, settings=self.settings(), metrics=self.metrics, notifier=self.notifier,
+                            budget=Budget(max_concurrent=budget.max_concurrent, max_node_share=budget.max_node_share,
+                                          max_replica_share=budget.max_replica_share, group_label=budget.group_label),
+                            command_ttl=self.config.controller.command_ttl)
+            self.engine = engine
             await engine.recover()
             self.metrics.add_fleet_collector(lambda: self._fleet_gauges(engine))
             api = create_api(ApiContext(fleet=self.fleet, store=store, engine=engine, metrics=self.metrics,
                                         clock=self.clock, offline_after=self.config.controller.offline_after,
-                                        broker_connected=self.link.connected))
+                                        broker_connected=self.link.connected, api_token=self._api_token()))
             server, sock = self._http_server(api)
             stack.callback(sock.close)
             log.info("controller.starting", epoch=epoch, session=self.session, api=f"http://{self.api_address}/",
@@ -98,6 +108,16 @@ class Controller:
                 sdnotify.notify("STOPPING=1")
                 server.should_exit = True
                 await self.fleet.notify()
+
+    def _api_token(self) -> str | None:
+        path = Path(self.config.security.api_token_file)
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            log.warning("api.token_missing", path=str(path), error=exc.strerror,
+                        effect="mutating endpoints (approve, cancel, pause, silences) answer 503")
+            return None
+        return token or None
 
     @property
     def api_address(self) -> str:

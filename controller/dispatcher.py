@@ -1,137 +1,200 @@
 """The dispatcher: runs one plan — signed commands out, acks in, then verification.
 
-For each step it derives the idempotency key, records the command in the
-store *before* publishing it (so a restarted controller can never issue the
-same key twice), signs it with the node's key, publishes it on the node's
-``commands`` topic and waits for the agent's ack. Then it waits for the
-target to be healthy again (a new incarnation, running, probe healthy) within
-the rule's deadline. Every step lands in the incident's timeline.
+For each agent-side step it derives the idempotency key, records the command
+in the store *before* publishing it (so a restarted controller can never
+issue the same key twice), signs it with the node's key, publishes it on the
+node's ``commands`` topic and waits for the agent's ack. Just before each
+disruptive step it re-checks the symptom: a plan whose symptom cleared is
+cancelled, not executed. Migration is orchestrated here: stop on the source
+(which must be reachable, so two copies never run), start on the target.
+Then it verifies the target (healthy, or the finding cleared) within the
+deadline and for the stable period. Every step lands in the audit trail.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from controller.fleet import Fleet, unit_is_healthy
-from controller.store import Incident, PlanRecord, SqliteStore
-from remediations.plans import Plan, RestartUnit, idempotency_key
+from controller.notify import Notification, Notifier
+from controller.store import Incident, SqliteStore
+from remediations.plans import (
+    DISRUPTIVE,
+    MigrateUnit,
+    Notify,
+    Plan,
+    RestartUnit,
+    ResyncDataset,
+    StartUnit,
+    Step,
+    StopUnit,
+    Verification,
+    WaitHealthy,
+    idempotency_key,
+)
+from selfheal import wire
 from selfheal.clocks import Clock
+from selfheal.errors import PermanentRemediationError, RemediationError
 from selfheal.logs import get_logger
 from selfheal.mqtt import MqttLink
-from selfheal.wire import Command, CommandResult, encode, node_topic, sign_command
-from selfheal.wire import RestartUnit as WireRestartUnit
 
-Outcome = Literal["succeeded", "failed"]
+Outcome = Literal["succeeded", "failed", "escalated", "cancelled"]
 KeyLookup = Callable[[str], bytes | None]
+Recheck = Callable[[], bool]
+Audit = Callable[[str, dict[str, object]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
 class PlanOutcome:
     outcome: Outcome
     detail: str
-    healed_at: float | None = None
 
 
 class Dispatcher:
     def __init__(self, *, fleet: Fleet, store: SqliteStore, link: MqttLink, keys: KeyLookup, clock: Clock,
-                 epoch: int, command_ttl: float, ack_timeout: float) -> None:
+                 notifier: Notifier, epoch: int, command_ttl: float, ack_timeout: float) -> None:
         self.fleet = fleet
         self.store = store
         self.link = link
         self.keys = keys
         self.clock = clock
+        self.notifier = notifier
         self.epoch = epoch
         self.command_ttl = command_ttl
         self.ack_timeout = ack_timeout
-        self._pending: dict[str, asyncio.Future[CommandResult]] = {}
+        self._pending: dict[str, asyncio.Future[wire.CommandResult]] = {}
         self.log = get_logger("dispatcher")
 
-    def on_result(self, node: str, result: CommandResult) -> None:
+    def on_result(self, node: str, result: wire.CommandResult) -> None:
         """An agent's ack; unknown ids (e.g. for a command of a previous controller run) are ignored."""
         future = self._pending.get(result.command_id)
         if future is not None and not future.done():
             future.set_result(result)
 
-    async def execute(self, plan: Plan, incident: Incident) -> PlanOutcome:
+    async def execute(self, plan: Plan, incident: Incident, *, recheck: Recheck, audit: Audit,
+                      on_verifying: Callable[[], Awaitable[None]]) -> PlanOutcome:
         log = self.log.bind(incident=incident.id, plan=plan.id, node=incident.node, unit=incident.unit)
-        await self._save(plan, "running", {"steps": [s.kind for s in plan.steps]})
-        await self._timeline(incident, "plan", {
-            "plan": plan.id, "rule": plan.rule, "rule_digest": plan.rule_digest, "attempt": plan.attempt,
-            "steps": [{"kind": s.kind, "node": s.node, "unit": s.unit} for s in plan.steps]})
-        before = self.fleet.unit(plan.verification.node, plan.verification.unit)
+        before = (self.fleet.unit(plan.verification.node, plan.verification.unit)
+                  if plan.verification and plan.verification.unit else None)
         for index, step in enumerate(plan.steps):
-            problem = await self._run_step(plan, incident, index, step)
-            if problem is not None:
-                log.warning("plan.step_failed", step=step.kind, reason=problem)
-                return await self._finish(plan, incident, "failed", problem)
-        await self._timeline(incident, "verifying", {"within_s": plan.verification.within})
-        started = self.clock.monotonic()
-        target = plan.verification
+            if isinstance(step, DISRUPTIVE) and not recheck():
+                await audit("rechecked", {"step": step.kind, "symptom": "cleared"})
+                return PlanOutcome("cancelled", f"the symptom cleared before {step.kind}; nothing was done")
+            if isinstance(step, DISRUPTIVE):
+                await audit("rechecked", {"step": step.kind, "symptom": "still present"})
+            try:
+                await self._run_step(plan, incident, index, step, audit)
+            except RemediationError as exc:
+                log.warning("plan.step_failed", step=step.kind, reason=str(exc))
+                return PlanOutcome("failed", str(exc))
+            if isinstance(step, Notify):
+                return PlanOutcome("escalated", "a human was notified; selfheal leaves this incident alone")
+        if plan.verification is None:
+            return PlanOutcome("succeeded", "done")
+        await on_verifying()
+        return await self._verify(plan.verification, before, recheck, audit)
 
-        def healed() -> bool:
+    async def _run_step(self, plan: Plan, incident: Incident, index: int, step: Step, audit: Audit) -> None:
+        if isinstance(step, RestartUnit | StopUnit | StartUnit):
+            await self._command(plan, incident, index, step.node, _wire_step(step), audit=audit)
+        elif isinstance(step, MigrateUnit):
+            source = self.fleet.nodes.get(step.source)
+            if source is None or not source.online:
+                raise PermanentRemediationError(
+                    f"cannot migrate {step.unit}: its node {step.source} is unreachable, so a second copy "
+                    "could run; fencing an unreachable node is not automated")
+            await self._command(plan, incident, index, step.source, wire.StopUnit(unit=step.unit), audit=audit)
+            await self._command(plan, incident, index + 100, step.target, wire.StartUnit(unit=step.unit), audit=audit)
+        elif isinstance(step, WaitHealthy):
+            if not await self.fleet.wait_for(lambda: unit_is_healthy(self.fleet.unit(step.node, step.unit)),
+                                             step.within):
+                raise RemediationError(f"{step.node}/{step.unit} not healthy within {step.within:g}s")
+        elif isinstance(step, Notify):
+            deliveries = await self.notifier.notify(Notification(
+                incident_id=incident.id, event="escalated", severity=step.severity,
+                title=f"selfheal gave up on {incident.node}/{incident.unit or '-'}: a human is needed",
+                text=step.message, node=incident.node, unit=incident.unit))
+            await audit("notification", {"event": "escalated", "deliveries": [
+                {"destination": d.destination, "outcome": d.outcome, "detail": d.detail} for d in deliveries]})
+        elif isinstance(step, ResyncDataset):
+            raise PermanentRemediationError("resync_dataset needs dataset digests, which are not configured")
+
+    async def _command(self, plan: Plan, incident: Incident, index: int, node: str, step: wire.CommandStep, *,
+                       audit: Audit) -> None:
+        key_bytes = self.keys(node)
+        if key_bytes is None:
+            raise PermanentRemediationError(f"no signing key for node {node}: sent nothing "
+                                            f"(add {node}.key to the key dir)")
+        now = self.clock.wall()
+        key = idempotency_key(node, incident.id, index, plan.attempt)
+        command = wire.sign_command(wire.Command(
+            id=uuid.uuid4().hex, key=key, node=node, epoch=self.epoch, issued_at=now,
+            expires_at=now + self.command_ttl, step=step), key_bytes)
+        payload = wire.encode(command)
+        if not await self.store.record_command(key=key, command_id=command.id, plan_id=plan.id, node=node,
+                                               epoch=self.epoch, issued_at=now, payload=payload):
+            raise PermanentRemediationError(f"command {key} was already issued; not sending it twice")
+        future: asyncio.Future[wire.CommandResult] = asyncio.get_running_loop().create_future()
+        self._pending[command.id] = future
+        try:
+            self.link.publish(wire.node_topic(node, "commands"), payload, qos=1)
+            await audit("command_sent", {"node": node, "step": type(step).__name__, "unit": step.unit,
+                                         "command": command.id, "key": key, "epoch": self.epoch,
+                                         "expires_at": command.expires_at})
+            try:
+                result = await asyncio.wait_for(future, self.ack_timeout)
+            except TimeoutError:
+                await audit("command_timeout", {"command": command.id})
+                raise RemediationError(f"no ack from {node} within {self.ack_timeout:g}s") from None
+        finally:
+            self._pending.pop(command.id, None)
+        await audit("command_result", {"node": node, "command": command.id, "status": result.status,
+                                       "detail": result.detail})
+        if result.status != "done":
+            raise RemediationError(f"agent {node} answered {result.status}: {result.detail}")
+
+    async def _verify(self, target: Verification, before: wire.UnitReport | None, recheck: Recheck,
+                      audit: Audit) -> PlanOutcome:
+        def good() -> bool:
+            if target.kind == "cleared" or target.unit is None:
+                return not recheck()
             unit = self.fleet.unit(target.node, target.unit)
             if not unit_is_healthy(unit):
                 return False
             assert unit is not None  # noqa: S101 - unit_is_healthy(None) is False
             return before is None or unit.restarts > before.restarts or unit.pid != before.pid
 
-        if await self.fleet.wait_for(healed, target.within):
-            took = self.clock.monotonic() - started
-            log.info("plan.verified", healthy_after_s=round(took, 3))
-            return await self._finish(plan, incident, "succeeded",
-                                      f"healthy again {took:.2f}s after the restart", healed=True)
-        return await self._finish(plan, incident, "failed",
-                                  f"not healthy within {target.within:g}s after the restart")
+        await audit("verifying", {"kind": target.kind, "node": target.node, "unit": target.unit,
+                                  "within_s": target.within, "stable_for_s": target.stable_for})
+        started = self.clock.monotonic()
+        deadline = started + target.within
+        while True:
+            remaining = deadline - self.clock.monotonic()
+            if remaining <= 0 or not await self.fleet.wait_for(good, remaining):
+                return PlanOutcome("failed", f"not {_goal(target)} within {target.within:g}s")
+            healthy_at = self.clock.monotonic()
+            if target.stable_for <= 0:
+                break
+            # Must stay good for the whole stable period: a unit that dies again right away fails.
+            if not await self.fleet.wait_for(lambda: not good(), target.stable_for):
+                break
+            await audit("verification_relapse", {"after_s": round(self.clock.monotonic() - healthy_at, 3)})
+        took = healthy_at - started
+        return PlanOutcome("succeeded", f"{_goal(target)} {took:.2f}s after the action"
+                                        + (f" and stayed so for {target.stable_for:g}s" if target.stable_for else ""))
 
-    async def _run_step(self, plan: Plan, incident: Incident, index: int, step: RestartUnit) -> str | None:
-        key_bytes = self.keys(step.node)
-        if key_bytes is None:
-            return f"no signing key for node {step.node}: sent nothing (add {step.node}.key to key_dir)"
-        now = self.clock.wall()
-        key = idempotency_key(step.node, incident.id, index, plan.attempt)
-        command = sign_command(Command(
-            id=uuid.uuid4().hex, key=key, node=step.node, epoch=self.epoch, issued_at=now,
-            expires_at=now + self.command_ttl, step=WireRestartUnit(unit=step.unit)), key_bytes)
-        payload = encode(command)
-        if not await self.store.record_command(key=key, command_id=command.id, plan_id=plan.id, node=step.node,
-                                               epoch=self.epoch, issued_at=now, payload=payload):
-            return f"command {key} was already issued; not sending it twice"
-        future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
-        self._pending[command.id] = future
-        try:
-            self.link.publish(node_topic(step.node, "commands"), payload, qos=1)
-            await self._timeline(incident, "command_sent", {"step": step.kind, "command": command.id,
-                                                            "key": key, "epoch": self.epoch})
-            try:
-                result = await asyncio.wait_for(future, self.ack_timeout)
-            except TimeoutError:
-                await self._timeline(incident, "command_timeout", {"command": command.id})
-                return f"no ack from {step.node} within {self.ack_timeout:g}s"
-        finally:
-            self._pending.pop(command.id, None)
-        await self._timeline(incident, "command_result", {"command": command.id, "status": result.status,
-                                                          "detail": result.detail})
-        if result.status != "done":
-            return f"agent answered {result.status}: {result.detail}"
-        return None
 
-    async def _finish(self, plan: Plan, incident: Incident, outcome: Outcome, detail: str, *,
-                      healed: bool = False) -> PlanOutcome:
-        await self._save(plan, outcome, {"result": detail})
-        await self._timeline(incident, f"plan_{outcome}", {"plan": plan.id, "detail": detail})
-        return PlanOutcome(outcome, detail, self.clock.wall() if healed else None)
+def _goal(target: Verification) -> str:
+    return "symptom cleared" if target.kind == "cleared" or target.unit is None else "healthy again"
 
-    async def _save(self, plan: Plan, state: str, detail: dict[str, object]) -> None:
-        now = self.clock.wall()
-        await self.store.save_plan(PlanRecord(
-            id=plan.id, incident_id=plan.incident_id, rule=plan.rule, attempt=plan.attempt, state=state,
-            created_at=plan.created_at, updated_at=now,
-            detail={"steps": [{"kind": s.kind, "node": s.node, "unit": s.unit} for s in plan.steps],
-                    **detail}))
 
-    async def _timeline(self, incident: Incident, kind: str, data: dict[str, object]) -> None:
-        await self.store.append_timeline(incident.id, at=self.clock.wall(), kind=kind, data=data)
+def _wire_step(step: RestartUnit | StopUnit | StartUnit) -> wire.CommandStep:
+    if isinstance(step, RestartUnit):
+        return wire.RestartUnit(unit=step.unit)
+    if isinstance(step, StopUnit):
+        return wire.StopUnit(unit=step.unit)
+    return wire.StartUnit(unit=step.unit)

@@ -1,69 +1,68 @@
-"""The engine loop: fleet state → findings → incidents → plans.
+"""The engine loop: fleet state → findings → the pure reconciler → effects applied with I/O.
 
-Level-triggered, like a reconciler: on every fleet change (and on a short
-tick, for time-based conditions such as silence and cooldowns) it runs the
-detectors over every node and reconciles:
+On every fleet change, and on a short tick for time-based conditions, the
+engine runs the detectors over every node, hands the findings that hold to
+``remediations.reconciler.Reconciler`` and applies what it decides: incidents
+opened, relapsed, resolved or failed in the store; plans recorded and run
+(auto), parked for a human (approve) or recorded only (shadow); holds and
+every guard consulted written to the incident's hash-chained audit trail;
+one notification when an incident is escalated, fails or is quarantined.
 
-- a finding with no unresolved incident opens one (in the store first);
-- an open incident whose finding holds and that has no plan running asks
-  the planner, which answers with a plan, a hold (a guard says not yet) or a
-  refusal (the incident is marked ``failed`` and left to a human);
-- an incident whose finding stayed clear for the rule's ``resolve_after``,
-  with no plan running, is resolved; a relapse inside that window continues
-  the same incident.
-
-Attempts are counted per target (node/unit) over the rule's attempt window,
-across incidents, so a flapping unit cannot restart forever on fresh budgets.
-
-Incidents of a node that is offline are left as they are: its units' states
-are stale, so neither healing nor "cleared" can be trusted.
-On start, plans left ``running`` by a previous controller are expired (their
-commands carry an expiry, so no agent runs them late) and counted as attempts.
+On start it rebuilds the reconciler's memory from the store: unresolved
+incidents, recent attempts per target, quarantines, silences, the pause flag.
+Plans a previous run left running are expired — their commands carry an
+expiry, and the incident stays busy until the last of them has expired, so
+an in-flight command and a new plan can never both restart the target.
+Plans awaiting approval keep waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from collections import deque
-from dataclasses import dataclass
+import contextlib
+from collections import defaultdict
+from typing import Any
 
 from controller.dispatcher import Dispatcher, PlanOutcome
 from controller.fleet import Fleet
 from controller.metrics import ControllerMetrics
-from controller.store import Incident, PlanRecord, SqliteStore
+from controller.notify import Notification, Notifier
+from controller.store import Incident, PlanRecord, SilenceRecord, SqliteStore
 from detectors.model import DetectorSettings, Finding
 from detectors.presence import is_offline
 from detectors.registry import detect_node
-from remediations.guards import Hold, Refuse
-from remediations.planner import plan_remediation
-from remediations.plans import Plan
+from remediations.plans import Plan, can_transition
+from remediations.reconciler import (
+    Effect,
+    Failed,
+    FleetView,
+    Held,
+    IncidentState,
+    Opened,
+    Quarantined,
+    Reconciler,
+    Relapsed,
+    Resolved,
+    Started,
+    Symptom,
+)
+from remediations.state import Attempt, Budget, Matcher, Silence
 from rules.model import Rulebook
 from selfheal.clocks import Clock
+from selfheal.errors import SelfhealError
 from selfheal.logs import get_logger
 
-
-@dataclass
-class _Tracked:
-    incident: Incident
-    plans: int = 0
-    """Plans this incident has run (they number the next plan)."""
-    last_hold: str = ""
-    cleared_since: float | None = None
-
-    @property
-    def target(self) -> str:
-        return f"{self.incident.node}/{self.incident.unit or '-'}"
+ACTIVE = ("running", "verifying", "awaiting_approval", "proposed")
 
 
-MAX_ATTEMPTS_KEPT = 100
-"""Attempt times remembered per target (far above any sane max_attempts)."""
+class PlanConflict(SelfhealError):
+    """An approve or cancel that the plan's state does not allow."""
 
 
 class Engine:
     def __init__(self, *, fleet: Fleet, store: SqliteStore, rulebook: Rulebook, dispatcher: Dispatcher,
-                 clock: Clock, settings: DetectorSettings, metrics: ControllerMetrics,
-                 max_concurrent_plans: int = 16, tick: float = 0.25) -> None:
+                 clock: Clock, settings: DetectorSettings, metrics: ControllerMetrics, notifier: Notifier,
+                 budget: Budget | None = None, command_ttl: float = 15.0, tick: float = 0.25) -> None:
         self.fleet = fleet
         self.store = store
         self.rulebook = rulebook
@@ -71,169 +70,349 @@ class Engine:
         self.clock = clock
         self.settings = settings
         self.metrics = metrics
-        self.max_concurrent_plans = max_concurrent_plans
+        self.notifier = notifier
+        self.command_ttl = command_ttl
         self.tick = tick
-        self.tracked: dict[str, _Tracked] = {}
-        self.attempts: dict[str, deque[float]] = {}
-        """Start times of recent attempts per target (node/unit), across incidents."""
-        self.running: dict[str, asyncio.Task[None]] = {}
+        self.reconciler = Reconciler(rulebook, budget)
+        self.incidents: dict[int, Incident] = {}
+        self.awaiting: dict[str, tuple[Plan, float]] = {}
+        """Plans waiting for a human: plan id → (plan, expires at)."""
+        self._plans: asyncio.TaskGroup | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._silences: list[SilenceRecord] = []
+        self._silence_reported: set[str] = set()
         self.log = get_logger("engine")
 
+    # --- start and loop -------------------------------------------------------------------------
+
     async def recover(self) -> None:
-        """Reload unresolved incidents; expire plans a previous run left running."""
         now = self.clock.wall()
+        self.reconciler.paused, self.reconciler.pause_reason = await self.store.get_pause()
+        await self._load_silences()
         window = max((rule.attempt_window for rule in self.rulebook.rules), default=0.0)
-        for node, unit, at in await self.store.recent_attempts(since=now - window):
-            self._attempts(f"{node}/{unit or '-'}").append(at)
+        for incident, plan in await self.store.recent_plans(since=now - window):
+            action = self._action(plan)
+            self.reconciler.restore_attempt(plan.rule, _symptom(incident), Attempt(plan.id, plan.rung,
+                                                                                   plan.created_at, action))
+        live = await self.store.commands_live_after(now, self.command_ttl)
         for incident in await self.store.unresolved_incidents():
-            tracked = _Tracked(incident)
-            for plan in await self.store.plans_for(incident.id):
-                tracked.plans += 1
-                if plan.state == "running":
-                    await self.store.save_plan(PlanRecord(
-                        id=plan.id, incident_id=plan.incident_id, rule=plan.rule, attempt=plan.attempt,
-                        state="expired", created_at=plan.created_at, updated_at=now,
-                        detail={**plan.detail, "result": "controller restarted while the plan ran"}))
-                    await self.store.append_timeline(incident.id, at=now, kind="plan_expired",
-                                                     data={"plan": plan.id, "reason": "controller restarted"})
-            self.tracked[incident.key] = tracked
-        if self.tracked:
-            self.log.info("engine.recovered", unresolved=len(self.tracked))
+            plans = await self.store.plans_for(incident.id)
+            self.incidents[incident.id] = incident
+            state = IncidentState(key=incident.key, symptom=_symptom(incident), rule=incident.rule,
+                                  first_seen=incident.opened_at, id=incident.id, state=incident.state,
+                                  plans=len(plans))
+            self.reconciler.restore_incident(state)
+            for plan in plans:
+                if plan.state in ("running", "verifying", "proposed"):
+                    await self._set_plan_state(plan, "expired", "controller restarted while the plan ran")
+                    if plan.id in live:  # its command may still run: no new plan before it expired
+                        state.busy_until = max(state.busy_until, live[plan.id])
+        for rule, target, until, _ in await self.store.list_quarantines():
+            if until > now:
+                self.reconciler.quarantine(rule, target, until)
+        if self.reconciler.incidents:
+            self.log.info("engine.recovered", unresolved=len(self.reconciler.incidents),
+                          paused=self.reconciler.paused)
 
     async def run(self, *, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as plans:
+            self._plans = plans
             while not stop.is_set():
-                await self.evaluate(plans)
-                try:
+                await self.evaluate()
+                with contextlib.suppress(TimeoutError):
                     async with self.fleet.changed:
                         await asyncio.wait_for(self.fleet.changed.wait(), self.tick)
-                except TimeoutError:
-                    pass
-            for task in self.running.values():
+            for task in self._tasks.values():
                 task.cancel()
 
-    async def evaluate(self, plans: asyncio.TaskGroup) -> None:
-        now = self.clock.wall()
-        findings: dict[str, Finding] = {}
+    async def evaluate(self) -> None:
+        for _ in range(3):  # a newly opened incident is planned in the same pass once it has its id
+            now = self.clock.wall()
+            await self._expire_approvals(now)
+            await self._report_expired_silences(now)
+            symptoms, fleet = self._observe(now)
+            effects = self.reconciler.evaluate(symptoms, fleet, now)
+            for effect in effects:
+                await self._apply(effect, now)
+            if not any(isinstance(e, Opened) for e in effects):
+                return
+
+    def _observe(self, now: float) -> tuple[dict[str, Symptom], FleetView]:
+        symptoms: dict[str, Symptom] = {}
         offline: set[str] = set()
-        for node_id in list(self.fleet.nodes):
+        groups: dict[str, str] = {}
+        replicas: dict[str, int] = defaultdict(int)
+        standby: dict[str, list[str]] = defaultdict(list)
+        label = self.reconciler.budget.group_label
+        for node_id, node in list(self.fleet.nodes.items()):
             snapshot = self.fleet.snapshot(node_id)
             if snapshot is None:
                 continue
+            groups[node_id] = node.labels.get(label, "")
             if is_offline(snapshot, now, self.settings.offline_after):
                 offline.add(node_id)
+            for unit in node.units.values():
+                if unit.state == "stopped" and node_id not in offline:
+                    standby[unit.name].append(node_id)
+                else:
+                    replicas[unit.name] += 1
             for finding in detect_node(snapshot, now, self.settings):
-                findings[finding.key] = finding
-        for key, finding in findings.items():
-            if key not in self.tracked:
-                await self._open(finding, now)
-        for key, tracked in list(self.tracked.items()):
-            if key in self.running:
-                continue
-            current = findings.get(key)
-            incident = tracked.incident
-            if current is None:
-                if incident.kind == "node_offline" or incident.node not in offline:
-                    await self._maybe_resolve(tracked, now)
-                continue
-            tracked.cleared_since = None
-            if incident.state == "open":
-                await self._decide(tracked, current, now, plans)
+                symptoms[finding.key] = _from_finding(finding, node.labels)
+        return symptoms, FleetView(offline=frozenset(offline), groups=groups, replicas=dict(replicas),
+                                   standby={u: tuple(sorted(n)) for u, n in standby.items()})
 
-    async def _open(self, finding: Finding, now: float) -> None:
-        rule = self.rulebook.rule_for(finding.kind, finding.severity)
+    def symptom_holds(self, key: str, node: str) -> bool:
+        """Re-run the detectors on the node's current state: does the finding still hold?"""
+        snapshot = self.fleet.snapshot(node)
+        if snapshot is None:
+            return False
+        return any(f.key == key for f in detect_node(snapshot, self.clock.wall(), self.settings))
+
+    # --- effects --------------------------------------------------------------------------------
+
+    async def _apply(self, effect: Effect, now: float) -> None:
+        if isinstance(effect, Opened):
+            await self._open(effect, now)
+        elif isinstance(effect, Relapsed):
+            await self._audit(effect.incident_id, "relapsed", {"summary": effect.symptom.summary,
+                                                               "evidence": dict(effect.symptom.evidence)})
+        elif isinstance(effect, Resolved):
+            await self._resolve(effect, now)
+        elif isinstance(effect, Failed):
+            await self._fail(effect.incident_id, effect.reason, now, checks=[c.as_dict() for c in effect.checks])
+        elif isinstance(effect, Held):
+            self.metrics.guard_holds.labels(effect.blocking.guard).inc()
+            await self._audit(effect.incident_id, "held", {"blocking": effect.blocking.as_dict(),
+                                                           "checks": [c.as_dict() for c in effect.checks]})
+        elif isinstance(effect, Quarantined):
+            await self.store.save_quarantine(effect.rule, effect.target, effect.until,
+                                             f"re-fired {effect.refires} times after successful remediation")
+            self.metrics.guard_holds.labels("loop_breaker").inc()
+            await self._fail(effect.incident_id, f"loop breaker: {effect.target} re-fired {effect.refires} times "
+                             f"soon after a successful {effect.rule}; the rule is quarantined for it until "
+                             f"{effect.until:.0f}", now, event="quarantined")
+        elif isinstance(effect, Started):
+            await self._start(effect, now)
+
+    async def _open(self, effect: Opened, now: float) -> None:
+        symptom = effect.symptom
+        rule = self.rulebook.by_name(effect.rule) if effect.rule else None
         incident = await self.store.open_incident(
-            key=finding.key, kind=finding.kind, node=finding.node, unit=finding.unit,
-            severity=finding.severity, summary=finding.summary, rule=rule.name if rule else None,
-            opened_at=now, evidence=finding.evidence)
-        self.tracked[finding.key] = _Tracked(incident)
-        self.metrics.incidents.labels(finding.kind).inc()
-        self.log.warning("incident.opened", incident=incident.id, kind=finding.kind, node=finding.node,
-                         unit=finding.unit, summary=finding.summary, rule=rule.name if rule else None)
+            key=effect.key, kind=symptom.kind, node=symptom.node, unit=symptom.unit, severity=symptom.severity,
+            summary=symptom.summary, rule=effect.rule, opened_at=now, evidence=dict(symptom.evidence),
+            details={"labels": dict(symptom.labels),
+                     "rule_digest": rule.digest if rule else None, "rule_source": rule.source if rule else None})
+        self.incidents[incident.id] = incident
+        self.reconciler.bind(effect.key, incident.id)
+        self.metrics.incidents.labels(symptom.kind).inc()
+        self.log.warning("incident.opened", incident=incident.id, kind=symptom.kind, node=symptom.node,
+                         unit=symptom.unit, summary=symptom.summary, rule=effect.rule)
 
-    async def _maybe_resolve(self, tracked: _Tracked, now: float) -> None:
-        incident = tracked.incident
-        rule = self.rulebook.rule_for(incident.kind, incident.severity)
-        if tracked.cleared_since is None:
-            tracked.cleared_since = now
-        clear_for = now - tracked.cleared_since
-        if rule is not None and clear_for < rule.resolve_after:
+    async def _resolve(self, effect: Resolved, now: float) -> None:
+        incident = self.incidents.pop(effect.incident_id, None)
+        await self.store.set_incident_state(effect.incident_id, "resolved", at=now, reason=effect.reason)
+        if incident is None:
             return
-        await self.store.set_incident_state(incident.id, "resolved", at=now,
-                                            reason=f"symptom cleared and stayed clear for {clear_for:.1f}s")
-        del self.tracked[incident.key]
-        if tracked.plans or incident.kind == "node_offline":
-            self.metrics.time_to_heal.labels(incident.kind).observe(max(0.0, now - incident.opened_at))
+        self.metrics.time_to_heal.labels(incident.kind).observe(max(0.0, now - incident.opened_at))
+        detail = await self.store.get_incident(incident.id)
         self.log.info("incident.resolved", incident=incident.id, kind=incident.kind, node=incident.node,
-                      unit=incident.unit, open_for_s=round(now - incident.opened_at, 3))
+                      unit=incident.unit, open_for_s=round(now - incident.opened_at, 3),
+                      audit_head=detail.timeline[-1].hash if detail and detail.timeline else None)
 
-    async def _decide(self, tracked: _Tracked, finding: Finding, now: float,
-                      plans: asyncio.TaskGroup) -> None:
-        incident = tracked.incident
-        rule = self.rulebook.rule_for(finding.kind, finding.severity)
-        if rule is None:
-            return
-        history = self._attempts(tracked.target)
-        recent = [at for at in history if at > now - rule.attempt_window]
-        decision = plan_remediation(incident_id=incident.id, node=incident.node, unit=incident.unit,
-                                    rule=rule, attempts=recent, incident_plans=tracked.plans, now=now)
-        if decision is None:
-            return
-        if isinstance(decision, Refuse):
-            await self._fail(tracked, f"{decision.guard}: {decision.reason}", now)
-            self.metrics.guard_holds.labels(decision.guard).inc()
-            return
-        if isinstance(decision, Hold):
-            await self._hold(tracked, decision, now)
-            return
-        if len(self.running) >= self.max_concurrent_plans:
-            await self._hold(tracked, Hold("concurrency", f"{len(self.running)} plans already running",
-                                           now), now)
-            return
-        history.append(now)
-        tracked.plans += 1
-        tracked.last_hold = ""
-        self.running[incident.key] = plans.create_task(self._execute(decision, tracked),
-                                                       name=f"plan-{decision.id}")
+    async def _fail(self, incident_id: int, reason: str, now: float, *, checks: list[dict[str, object]] | None = None,
+                    event: str = "failed") -> None:
+        await self.store.set_incident_state(incident_id, "failed", at=now, reason=reason)
+        if checks:
+            await self._audit(incident_id, "guards", {"checks": checks})
+        incident = self.incidents.get(incident_id)
+        self.log.error("incident.failed", incident=incident_id, reason=reason)
+        if incident is not None:
+            await self._notify(incident, "quarantined" if event == "quarantined" else "failed", reason)
 
-    async def _execute(self, plan: Plan, tracked: _Tracked) -> None:
-        incident = tracked.incident
+    async def _notify(self, incident: Incident, event: Any, text: str) -> None:
+        deliveries = await self.notifier.notify(Notification(
+            incident_id=incident.id, event=event, severity="critical",
+            title=f"{incident.kind} on {incident.node}/{incident.unit or '-'}: {event.replace('_', ' ')}",
+            text=text, node=incident.node, unit=incident.unit))
+        await self._audit(incident.id, "notification", {"event": event, "deliveries": [
+            {"destination": d.destination, "outcome": d.outcome, "detail": d.detail} for d in deliveries]})
+
+    async def _start(self, effect: Started, now: float) -> None:
+        plan = effect.plan
+        incident = self.incidents.get(effect.incident_id)
+        await self._audit(effect.incident_id, "plan_proposed", {
+            "plan": plan.id, "rule": plan.rule, "rule_digest": plan.rule_digest, "rung": plan.rung,
+            "attempt": plan.attempt, "mode": plan.mode, "steps": [_step(s) for s in plan.steps],
+            "checks": [c.as_dict() for c in effect.checks],
+            "skipped_rungs": [{"rung": i, "reason": why} for i, why in effect.skipped]})
+        record = _record(plan, "proposed", now)
+        await self.store.save_plan(record)
+        if incident is None:
+            return
+        if plan.mode == "shadow":
+            await self._set_plan_state(record, "cancelled", "shadow mode: recorded, not executed")
+            self.reconciler.finish(plan.id, "cancelled", now)
+        elif plan.mode == "approve":
+            expires = now + (rule.approval_timeout if (rule := self.rulebook.by_name(plan.rule)) else 900.0)
+            await self._set_plan_state(record, "awaiting_approval", f"waiting for a human until {expires:.0f}")
+            self.awaiting[plan.id] = (plan, expires)
+            await self._notify(incident, "approval_needed", f"plan {plan.id} ({plan.action}) awaits approval: "
+                                                            f"POST /api/v1/plans/{plan.id}/approve")
+        else:
+            await self._launch(plan, incident, record)
+
+    async def _launch(self, plan: Plan, incident: Incident, record: PlanRecord) -> None:
+        await self._set_plan_state(record, "running", "")
+        assert self._plans is not None  # noqa: S101 - set by run()
+        self._tasks[plan.id] = self._plans.create_task(self._execute(plan, incident), name=f"plan-{plan.id}")
+
+    async def _execute(self, plan: Plan, incident: Incident) -> None:
+        async def audit(kind: str, data: dict[str, object]) -> None:
+            await self._audit(incident.id, kind, {"plan": plan.id, **data})
+
+        async def verifying() -> None:
+            await self._set_plan_state(_record(plan, "running", self.clock.wall()), "verifying", "")
+
         try:
-            outcome = await self.dispatcher.execute(plan, incident)
+            outcome = await self.dispatcher.execute(
+                plan, incident, recheck=lambda: self.symptom_holds(incident.key, incident.node), audit=audit,
+                on_verifying=verifying)
         except Exception as exc:  # a failed plan must never take the engine down
             self.log.exception("plan.crashed", plan=plan.id, incident=incident.id)
             outcome = PlanOutcome("failed", f"internal error: {exc}")
         finally:
-            self.running.pop(incident.key, None)
-        self.metrics.remediations.labels(plan.steps[0].kind, outcome.outcome).inc()
+            self._tasks.pop(plan.id, None)
+        now = self.clock.wall()
+        current = await self.store.get_plan(plan.id)
+        if current is not None:
+            await self._set_plan_state(current, outcome.outcome, outcome.detail)
+        self.reconciler.finish(plan.id, outcome.outcome, now, recover_s=now - incident.opened_at)
+        self.metrics.remediations.labels(plan.action, outcome.outcome).inc()
         self.log.info("plan.finished", plan=plan.id, incident=incident.id, outcome=outcome.outcome,
                       detail=outcome.detail)
         await self.fleet.notify()
 
-    async def _hold(self, tracked: _Tracked, hold: Hold, now: float) -> None:
-        if tracked.last_hold == hold.guard:
-            return  # recorded once per guard, not once per tick
-        tracked.last_hold = hold.guard
-        self.metrics.guard_holds.labels(hold.guard).inc()
-        await self.store.append_timeline(tracked.incident.id, at=now, kind="held", data={
-            "guard": hold.guard, "reason": hold.reason, "until": hold.until})
+    # --- humans: approvals, cancellations, pause, silences --------------------------------------
 
-    async def _fail(self, tracked: _Tracked, reason: str, now: float) -> None:
-        incident = tracked.incident
-        await self.store.set_incident_state(incident.id, "failed", at=now, reason=reason)
-        tracked.incident = dataclasses.replace(incident, state="failed")
-        self.log.error("incident.failed", incident=incident.id, node=incident.node, unit=incident.unit,
-                       reason=reason)
+    async def approve(self, plan_id: str, who: str) -> PlanRecord:
+        record = await self._plan_for_human(plan_id, "running")
+        plan, _ = self.awaiting.pop(plan_id)
+        incident = self.incidents.get(plan.incident_id)
+        await self._audit(plan.incident_id, "approved", {"plan": plan_id, "by": who})
+        if incident is None:
+            raise PlanConflict(f"plan {plan_id}'s incident is no longer open")
+        await self._launch(plan, incident, record)
+        return await self._plan(plan_id)
 
-    def _attempts(self, target: str) -> deque[float]:
-        history = self.attempts.get(target)
-        if history is None:
-            if len(self.attempts) >= 100_000:  # bounded: forget the target attempted longest ago
-                oldest = min(self.attempts, key=lambda t: self.attempts[t][-1] if self.attempts[t] else 0.0)
-                del self.attempts[oldest]
-            history = self.attempts[target] = deque(maxlen=MAX_ATTEMPTS_KEPT)
-        return history
+    async def cancel(self, plan_id: str, who: str) -> PlanRecord:
+        record = await self._plan_for_human(plan_id, "cancelled")
+        task = self._tasks.get(plan_id)
+        if task is not None:
+            task.cancel()
+        self.awaiting.pop(plan_id, None)
+        await self._audit(record.incident_id, "cancelled_by_human", {"plan": plan_id, "by": who})
+        await self._set_plan_state(record, "cancelled", f"cancelled by {who}")
+        self.reconciler.finish(plan_id, "cancelled", self.clock.wall())
+        return await self._plan(plan_id)
+
+    async def _plan_for_human(self, plan_id: str, new: str) -> PlanRecord:
+        record = await self._plan(plan_id)
+        if not can_transition(record.state, new) or (new == "running" and plan_id not in self.awaiting):
+            raise PlanConflict(f"plan {plan_id} is {record.state}; it cannot become {new}")
+        return record
+
+    async def _plan(self, plan_id: str) -> PlanRecord:
+        record = await self.store.get_plan(plan_id)
+        if record is None:
+            raise KeyError(plan_id)
+        return record
+
+    async def set_pause(self, paused: bool, reason: str, who: str) -> None:
+        await self.store.set_pause(paused, reason)
+        self.reconciler.paused, self.reconciler.pause_reason = paused, reason
+        self.log.warning("engine.paused" if paused else "engine.resumed", reason=reason, by=who)
+        await self.fleet.notify()
+
+    async def add_silence(self, silence: SilenceRecord) -> None:
+        await self.store.save_silence(silence)
+        await self._load_silences()
+        await self.fleet.notify()
+
+    async def _load_silences(self) -> None:
+        self._silences = await self.store.list_silences()
+        self.reconciler.silences = [
+            Silence(s.id, tuple(Matcher(m["name"], m["value"]) for m in s.matchers), s.starts_at, s.ends_at,
+                    s.comment, s.author) for s in self._silences]
+
+    async def _report_expired_silences(self, now: float) -> None:
+        """A silence that ends while a problem it muted is still open is reported, once."""
+        for silence in self.reconciler.silences:
+            if silence.ends_at > now or silence.id in self._silence_reported or now - silence.ends_at > 3600:
+                continue
+            self._silence_reported.add(silence.id)
+            for state in list(self.reconciler.incidents.values()):
+                labels = {"kind": state.symptom.kind, "node": state.symptom.node, "unit": state.symptom.unit or "",
+                          "severity": state.symptom.severity, "rule": state.rule or "", **state.symptom.labels}
+                incident = self.incidents.get(state.id or -1)
+                if incident is not None and silence.matches(labels):
+                    await self._audit(incident.id, "silence_expired", {"silence": silence.id})
+                    await self._notify(incident, "silence_expired",
+                                       f"silence {silence.id} ended while this incident is still open")
+
+    async def _expire_approvals(self, now: float) -> None:
+        for plan_id, (_plan, expires) in list(self.awaiting.items()):
+            if expires <= now:
+                del self.awaiting[plan_id]
+                record = await self.store.get_plan(plan_id)
+                if record is not None:
+                    await self._set_plan_state(record, "expired", "no human approved it in time")
+                self.reconciler.finish(plan_id, "expired", now)
+
+    # --- bookkeeping ----------------------------------------------------------------------------
+
+    async def _set_plan_state(self, record: PlanRecord, state: str, detail: str) -> None:
+        now = self.clock.wall()
+        await self.store.save_plan(PlanRecord(
+            id=record.id, incident_id=record.incident_id, rule=record.rule, attempt=record.attempt, state=state,
+            created_at=record.created_at, updated_at=now, detail={**record.detail, "result": detail} if detail
+            else record.detail, rung=record.rung, action=record.action, mode=record.mode,
+            deadline=record.deadline))
+        await self._audit(record.incident_id, f"plan_{state}", {"plan": record.id, "detail": detail})
+
+    async def _audit(self, incident_id: int, kind: str, data: dict[str, object]) -> None:
+        await self.store.append_timeline(incident_id, at=self.clock.wall(), kind=kind, data=data)
+
+    def _action(self, plan: PlanRecord) -> str:
+        rule = self.rulebook.by_name(plan.rule)
+        if rule is not None and 0 <= plan.rung < len(rule.ladder):
+            return rule.ladder[plan.rung].action
+        return plan.action
 
     def open_count(self) -> int:
-        return len(self.tracked)
+        return len(self.reconciler.incidents)
 
+    def stats(self) -> list[dict[str, object]]:
+        return [{"kind": kind, "action": action, **stats.summary()}
+                for (kind, action), stats in sorted(self.reconciler.stats.items())]
+
+
+def _from_finding(finding: Finding, node_labels: dict[str, str]) -> Symptom:
+    return Symptom(key=finding.key, kind=finding.kind, node=finding.node, unit=finding.unit,
+                   severity=finding.severity, summary=finding.summary, evidence=finding.evidence,
+                   labels=dict(node_labels))
+
+
+def _symptom(incident: Incident) -> Symptom:
+    return Symptom(key=incident.key, kind=incident.kind, node=incident.node, unit=incident.unit,
+                   severity=incident.severity, summary=incident.summary)
+
+
+def _step(step: object) -> dict[str, object]:
+    return {name: getattr(step, name) for name in getattr(step, "__slots__", ())}
+
+
+def _record(plan: Plan, state: str, now: float) -> PlanRecord:
+    return PlanRecord(id=plan.id, incident_id=plan.incident_id, rule=plan.rule, attempt=plan.attempt, state=state,
+                      created_at=plan.created_at, updated_at=now,
+                      detail={"steps": [_step(s) for s in plan.steps], "mode": plan.mode},
+                      rung=plan.rung, action=plan.action, mode=plan.mode, deadline=plan.deadline)

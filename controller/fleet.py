@@ -41,6 +41,7 @@ class NodeState:
     session: int = 0
     version: str = ""
     http: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
     last_seen: float = 0.0
     units: dict[str, UnitReport] = field(default_factory=dict)
     reports: deque[Report] = field(default_factory=deque)
@@ -108,6 +109,7 @@ class Fleet:
         node.online = status.state == "online"
         node.version = status.version
         node.http = status.http
+        node.labels = dict(list(status.labels.items())[:32])  # bounded: a node's labels are few
         node.last_seen = now
         for name in status.units:
             node.units.setdefault(name, UnitReport(name=name, kind="process", state="starting"))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from controller.audit import chain_hash, genesis
 from selfheal.errors import StoreError
 
 IncidentState = Literal["open", "failed", "resolved"]
@@ -23,6 +24,7 @@ T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS notes (name TEXT PRIMARY KEY, text TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS incidents (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     key TEXT NOT NULL,
@@ -34,30 +36,58 @@ CREATE TABLE IF NOT EXISTS incidents (
     rule TEXT,
     state TEXT NOT NULL CHECK (state IN ('open', 'failed', 'resolved')),
     opened_at REAL NOT NULL,
-    resolved_at REAL
+    resolved_at REAL,
+    audit_head TEXT,
+    audit_count INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_unresolved_incident_per_key
     ON incidents(key) WHERE state != 'resolved';
 CREATE INDEX IF NOT EXISTS incidents_by_state ON incidents(state, id);
 CREATE TABLE IF NOT EXISTS timeline (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
     incident_id INTEGER NOT NULL REFERENCES incidents(id),
+    seq INTEGER NOT NULL,
     at REAL NOT NULL,
     kind TEXT NOT NULL,
-    data TEXT NOT NULL
+    data TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    PRIMARY KEY (incident_id, seq)
 );
-CREATE INDEX IF NOT EXISTS timeline_by_incident ON timeline(incident_id, id);
+CREATE TRIGGER IF NOT EXISTS timeline_is_append_only BEFORE UPDATE ON timeline
+    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS timeline_keeps_entries BEFORE DELETE ON timeline
+    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 CREATE TABLE IF NOT EXISTS plans (
     id TEXT PRIMARY KEY,
     incident_id INTEGER NOT NULL REFERENCES incidents(id),
     rule TEXT NOT NULL,
     attempt INTEGER NOT NULL,
+    rung INTEGER NOT NULL DEFAULT 0,
+    action TEXT NOT NULL DEFAULT '',
+    mode TEXT NOT NULL DEFAULT 'auto',
+    deadline REAL NOT NULL DEFAULT 0,
     state TEXT NOT NULL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     detail TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS plans_by_incident ON plans(incident_id, attempt);
+CREATE TABLE IF NOT EXISTS silences (
+    id TEXT PRIMARY KEY,
+    matchers TEXT NOT NULL,
+    starts_at REAL NOT NULL,
+    ends_at REAL NOT NULL,
+    comment TEXT NOT NULL,
+    author TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantines (
+    rule TEXT NOT NULL,
+    target TEXT NOT NULL,
+    until REAL NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (rule, target)
+);
 CREATE TABLE IF NOT EXISTS commands (
     key TEXT PRIMARY KEY,
     command_id TEXT NOT NULL,
@@ -90,6 +120,7 @@ class TimelineEntry:
     at: float
     kind: str
     data: dict[str, Any]
+    hash: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,10 +130,26 @@ class PlanRecord:
     rule: str
     attempt: int
     state: str
-    """running, succeeded, failed, expired."""
+    """The plan state machine's state (``remediations.plans.PlanState``)."""
     created_at: float
     updated_at: float
     detail: dict[str, Any] = field(default_factory=dict)
+    rung: int = 0
+    action: str = ""
+    mode: str = "auto"
+    deadline: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SilenceRecord:
+    id: str
+    matchers: list[dict[str, str]]
+    """``[{"name": "node", "value": "node-a"}]``: label globs, all must match."""
+    starts_at: float
+    ends_at: float
+    comment: str
+    author: str
+    created_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,8 +214,9 @@ class SqliteStore:
 
     async def open_incident(self, *, key: str, kind: str, node: str, unit: str | None, severity: str,
                             summary: str, rule: str | None, opened_at: float,
-                            evidence: dict[str, Any]) -> Incident:
+                            evidence: dict[str, Any], details: dict[str, Any] | None = None) -> Incident:
         """Open an incident and its first timeline entry, or return the unresolved one for ``key``."""
+        opening = {"summary": summary, "rule": rule, "evidence": evidence, **(details or {})}
         def insert() -> int:
             with self._db:
                 row = self._db.execute(
@@ -180,9 +228,7 @@ class SqliteStore:
                     " VALUES (?, ?, ?, ?, ?, ?, ?, 'open', ?)",
                     (key, kind, node, unit, severity, summary, rule, opened_at))
                 incident_id = int(cursor.lastrowid or 0)
-                self._db.execute("INSERT INTO timeline(incident_id, at, kind, data) VALUES (?, ?, ?, ?)",
-                                 (incident_id, opened_at, "opened",
-                                  json.dumps({"summary": summary, "rule": rule, "evidence": evidence})))
+                self._chain(incident_id, opened_at, "opened", _json(opening))
                 return incident_id
         incident_id = await self._run(insert)
         incident = await self.get_incident_row(incident_id)
@@ -195,17 +241,29 @@ class SqliteStore:
             with self._db:
                 self._db.execute("UPDATE incidents SET state = ?, resolved_at = ? WHERE id = ?",
                                  (state, at if state == "resolved" else None, incident_id))
-                self._db.execute("INSERT INTO timeline(incident_id, at, kind, data) VALUES (?, ?, ?, ?)",
-                                 (incident_id, at, state, json.dumps({"reason": reason})))
+                self._chain(incident_id, at, state, _json({"reason": reason}))
         await self._run(update)
 
-    async def append_timeline(self, incident_id: int, *, at: float, kind: str, data: dict[str, Any]) -> None:
-        await self._run(self._append, incident_id, at, kind, json.dumps(data, default=str))
+    async def append_timeline(self, incident_id: int, *, at: float, kind: str, data: dict[str, Any]) -> str:
+        """Append one audit entry; returns its hash (the incident's new chain head)."""
+        def append() -> str:
+            with self._db:
+                return self._chain(incident_id, at, kind, _json(data))
+        result: str = await self._run(append)
+        return result
 
-    def _append(self, incident_id: int, at: float, kind: str, data: str) -> None:
-        with self._db:
-            self._db.execute("INSERT INTO timeline(incident_id, at, kind, data) VALUES (?, ?, ?, ?)",
-                             (incident_id, at, kind, data))
+    def _chain(self, incident_id: int, at: float, kind: str, data: str) -> str:
+        """Append a hash-chained entry; the caller holds the transaction (writer thread only)."""
+        row = self._db.execute("SELECT audit_head, audit_count FROM incidents WHERE id = ?", (incident_id,)).fetchone()
+        if row is None:
+            raise sqlite3.IntegrityError(f"no incident {incident_id}")
+        prev = row[0] or genesis(incident_id)
+        digest = chain_hash(prev, at, kind, data)
+        self._db.execute("INSERT INTO timeline(incident_id, seq, at, kind, data, prev_hash, hash) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (incident_id, row[1] + 1, at, kind, data, prev, digest))
+        self._db.execute("UPDATE incidents SET audit_head = ?, audit_count = ? WHERE id = ?",
+                         (digest, row[1] + 1, incident_id))
+        return digest
 
     async def get_incident_row(self, incident_id: int) -> Incident | None:
         def select() -> Incident | None:
@@ -241,11 +299,11 @@ class SqliteStore:
             return None
 
         def select() -> tuple[tuple[TimelineEntry, ...], tuple[PlanRecord, ...]]:
-            entries = self._db.execute("SELECT at, kind, data FROM timeline WHERE incident_id = ? ORDER BY id",
-                                       (incident_id,)).fetchall()
+            entries = self._db.execute("SELECT at, kind, data, hash FROM timeline WHERE incident_id = ? "
+                                       "ORDER BY seq", (incident_id,)).fetchall()
             plans = self._db.execute(f"SELECT {_PLAN_COLUMNS} FROM plans WHERE incident_id = ? "  # noqa: S608
                                      "ORDER BY attempt", (incident_id,)).fetchall()
-            return (tuple(TimelineEntry(at, kind, json.loads(data)) for at, kind, data in entries),
+            return (tuple(TimelineEntry(at, kind, json.loads(data), digest) for at, kind, data, digest in entries),
                     tuple(_plan(row) for row in plans))
         timeline, plans = await self._run(select)
         return IncidentDetail(incident, timeline, plans)
@@ -256,11 +314,11 @@ class SqliteStore:
         def upsert() -> None:
             with self._db:
                 self._db.execute(
-                    "INSERT INTO plans(id, incident_id, rule, attempt, state, created_at, updated_at, detail)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET state = excluded.state,"
-                    " updated_at = excluded.updated_at, detail = excluded.detail",
-                    (plan.id, plan.incident_id, plan.rule, plan.attempt, plan.state, plan.created_at,
-                     plan.updated_at, json.dumps(plan.detail, default=str)))
+                    "INSERT INTO plans(id, incident_id, rule, attempt, rung, action, mode, deadline, state, created_at,"
+                    " updated_at, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE"
+                    " SET state = excluded.state, updated_at = excluded.updated_at, detail = excluded.detail",
+                    (plan.id, plan.incident_id, plan.rule, plan.attempt, plan.rung, plan.action, plan.mode,
+                     plan.deadline, plan.state, plan.created_at, plan.updated_at, _json(plan.detail)))
         await self._run(upsert)
 
     async def plans_for(self, incident_id: int) -> list[PlanRecord]:
@@ -279,14 +337,93 @@ class SqliteStore:
         result: list[PlanRecord] = await self._run(select)
         return result
 
-    async def recent_attempts(self, since: float) -> list[tuple[str, str | None, float]]:
-        """(node, unit, started at) of every plan started since ``since``, oldest first."""
-        def select() -> list[tuple[str, str | None, float]]:
-            rows = self._db.execute(
-                "SELECT i.node, i.unit, p.created_at FROM plans p JOIN incidents i ON i.id = p.incident_id"
-                " WHERE p.created_at >= ? ORDER BY p.created_at", (since,)).fetchall()
-            return [(node, unit, float(at)) for node, unit, at in rows]
-        result: list[tuple[str, str | None, float]] = await self._run(select)
+    async def recent_plans(self, since: float) -> list[tuple[Incident, PlanRecord]]:
+        """Every plan created since ``since`` with its incident, oldest first (rebuilds target histories)."""
+        def select() -> list[tuple[Incident, PlanRecord]]:
+            columns = ", ".join(f"i.{c.strip()}" for c in _INCIDENT_COLUMNS.split(",")) + ", " + ", ".join(
+                f"p.{c.strip()}" for c in _PLAN_COLUMNS.split(","))
+            rows = self._db.execute(f"SELECT {columns} FROM plans p JOIN incidents i ON i.id = p.incident_id "  # noqa: S608
+                                    "WHERE p.created_at >= ? ORDER BY p.created_at", (since,)).fetchall()
+            width = len(_INCIDENT_COLUMNS.split(","))
+            return [(_incident(row[:width]), _plan(row[width:])) for row in rows]
+        result: list[tuple[Incident, PlanRecord]] = await self._run(select)
+        return result
+
+    async def get_plan(self, plan_id: str) -> PlanRecord | None:
+        def select() -> PlanRecord | None:
+            row = self._db.execute(f"SELECT {_PLAN_COLUMNS} FROM plans WHERE id = ?", (plan_id,)).fetchone()  # noqa: S608
+            return _plan(row) if row else None
+        result: PlanRecord | None = await self._run(select)
+        return result
+
+    async def plans_in(self, states: tuple[str, ...]) -> list[PlanRecord]:
+        def select() -> list[PlanRecord]:
+            marks = ", ".join("?" for _ in states)
+            rows = self._db.execute(f"SELECT {_PLAN_COLUMNS} FROM plans WHERE state IN ({marks}) "  # noqa: S608
+                                    "ORDER BY created_at", states).fetchall()
+            return [_plan(row) for row in rows]
+        result: list[PlanRecord] = await self._run(select)
+        return result
+
+    async def commands_live_after(self, now: float, ttl: float) -> dict[str, float]:
+        """plan id → latest expiry of its commands that agents could still accept (issued within ``ttl``)."""
+        def select() -> dict[str, float]:
+            rows = self._db.execute("SELECT plan_id, MAX(issued_at) FROM commands WHERE issued_at > ? "
+                                    "GROUP BY plan_id", (now - ttl,)).fetchall()
+            return {plan_id: float(issued) + ttl for plan_id, issued in rows}
+        result: dict[str, float] = await self._run(select)
+        return result
+
+    # --- pause, silences, quarantines -----------------------------------------------------------
+
+    async def set_pause(self, paused: bool, reason: str) -> None:
+        def write() -> None:
+            with self._db:
+                self._db.execute("INSERT INTO meta(name, value) VALUES ('paused', ?) ON CONFLICT(name) "
+                                 "DO UPDATE SET value = excluded.value", (int(paused),))
+                self._db.execute("INSERT INTO notes(name, text) VALUES ('pause_reason', ?) ON CONFLICT(name) "
+                                 "DO UPDATE SET text = excluded.text", (reason,))
+        await self._run(write)
+
+    async def get_pause(self) -> tuple[bool, str]:
+        def read() -> tuple[bool, str]:
+            row = self._db.execute("SELECT value FROM meta WHERE name = 'paused'").fetchone()
+            note = self._db.execute("SELECT text FROM notes WHERE name = 'pause_reason'").fetchone()
+            return bool(row and row[0]), note[0] if note else ""
+        result: tuple[bool, str] = await self._run(read)
+        return result
+
+    async def save_silence(self, silence: SilenceRecord) -> None:
+        def write() -> None:
+            with self._db:
+                self._db.execute(
+                    "INSERT INTO silences(id, matchers, starts_at, ends_at, comment, author, created_at) VALUES "
+                    "(?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET ends_at = excluded.ends_at",
+                    (silence.id, _json(silence.matchers), silence.starts_at, silence.ends_at, silence.comment,
+                     silence.author, silence.created_at))
+        await self._run(write)
+
+    async def list_silences(self) -> list[SilenceRecord]:
+        def select() -> list[SilenceRecord]:
+            rows = self._db.execute("SELECT id, matchers, starts_at, ends_at, comment, author, created_at "
+                                    "FROM silences ORDER BY created_at").fetchall()
+            return [SilenceRecord(i, json.loads(m), s, e, c, a, t) for i, m, s, e, c, a, t in rows]
+        result: list[SilenceRecord] = await self._run(select)
+        return result
+
+    async def save_quarantine(self, rule: str, target: str, until: float, reason: str) -> None:
+        def write() -> None:
+            with self._db:
+                self._db.execute("INSERT INTO quarantines(rule, target, until, reason) VALUES (?, ?, ?, ?) "
+                                 "ON CONFLICT(rule, target) DO UPDATE SET until = excluded.until, "
+                                 "reason = excluded.reason", (rule, target, until, reason))
+        await self._run(write)
+
+    async def list_quarantines(self) -> list[tuple[str, str, float, str]]:
+        def select() -> list[tuple[str, str, float, str]]:
+            rows = self._db.execute("SELECT rule, target, until, reason FROM quarantines ORDER BY until").fetchall()
+            return [(r, t, float(u), why) for r, t, u, why in rows]
+        result: list[tuple[str, str, float, str]] = await self._run(select)
         return result
 
     async def record_command(self, *, key: str, command_id: str, plan_id: str, node: str, epoch: int,
@@ -306,7 +443,7 @@ class SqliteStore:
 
 
 _INCIDENT_COLUMNS = "id, key, kind, node, unit, severity, summary, rule, state, opened_at, resolved_at"
-_PLAN_COLUMNS = "id, incident_id, rule, attempt, state, created_at, updated_at, detail"
+_PLAN_COLUMNS = "id, incident_id, rule, attempt, state, created_at, updated_at, detail, rung, action, mode, deadline"
 
 
 def _incident(row: tuple[Any, ...]) -> Incident:
@@ -314,6 +451,11 @@ def _incident(row: tuple[Any, ...]) -> Incident:
 
 
 def _plan(row: tuple[Any, ...]) -> PlanRecord:
-    plan_id, incident_id, rule, attempt, state, created_at, updated_at, detail = row
+    plan_id, incident_id, rule, attempt, state, created_at, updated_at, detail, rung, action, mode, deadline = row
     return PlanRecord(id=plan_id, incident_id=incident_id, rule=rule, attempt=attempt, state=state,
-                      created_at=created_at, updated_at=updated_at, detail=json.loads(detail))
+                      created_at=created_at, updated_at=updated_at, detail=json.loads(detail), rung=rung,
+                      action=action, mode=mode, deadline=deadline)
+
+
+def _json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)

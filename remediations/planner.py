@@ -1,57 +1,226 @@
-"""The planner: given an incident's target, its rule, past attempts and ``now``, decide.
+"""The planner: one pure decision for one incident — a plan, a hold, a refusal, or the end of the ladder.
 
-Returns a ``Plan`` to run, a ``Hold`` (a guard says not yet), a ``Refuse``
-(give up: the incident fails and is left to a human), or ``None`` when the
-rule asks for no action.
+Inputs are the incident's target, its rule, the target's history and a
+context snapshot of the fleet (running plans, budget, silences, pause,
+outcome statistics, standby nodes); ``now`` is passed in. The ladder is
+climbed in order and never goes back: a rung is used ``attempts`` times, with
+exponential backoff and deterministic jitter between them, then the next rung
+is taken. A rung is skipped — and the skip is recorded — when it cannot apply
+(no unit to restart, no healthy standby node to migrate to, no dataset to
+resync) or when its recent success rate for this kind of finding is below the
+rung's floor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
-from remediations.guards import Hold, Refuse, check_cooldown, check_max_attempts
-from remediations.plans import Plan, RestartUnit, Verification, plan_id
+from remediations.guards import (
+    Check,
+    check_backoff,
+    check_budget,
+    check_cooldown,
+    check_for,
+    check_max_attempts,
+    check_pause,
+    check_quarantine,
+    check_rate_limit,
+    check_silence,
+    first_blocking,
+)
+from remediations.plans import (
+    MigrateUnit,
+    Mode,
+    Notify,
+    Plan,
+    RestartUnit,
+    StartUnit,
+    Step,
+    StopUnit,
+    Verification,
+    plan_id,
+)
+from remediations.policy import BackoffPolicy, Policy, RungPolicy
+from remediations.state import Budget, OutcomeStats, Running, Silence, TargetState
 
-Decision = Plan | Hold | Refuse | None
+DISRUPTIVE_ACTIONS = frozenset({"restart", "stop_start", "migrate", "resync"})
 
 
-class Policy(Protocol):
-    """What the planner reads of a rule (``rules.model.Rule`` satisfies it)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def digest(self) -> str: ...
-    @property
-    def action(self) -> str: ...
-    @property
-    def min_interval(self) -> float: ...
-    @property
-    def max_attempts(self) -> int: ...
-    @property
-    def verify_within(self) -> float: ...
+@dataclass(frozen=True, slots=True)
+class Target:
+    incident_id: int
+    key: str
+    kind: str
+    node: str
+    unit: str | None
+    severity: str
+    summary: str
+    labels: Mapping[str, str]
+    first_seen: float
 
 
-def plan_remediation(*, incident_id: int, node: str, unit: str | None, rule: Policy,
-                     attempts: Sequence[float], incident_plans: int, now: float) -> Decision:
-    """``attempts`` are the start times of earlier attempts on this target within the rule's
-    attempt window, oldest first (they drive the guards); ``incident_plans`` is how many plans
-    this incident already ran (it numbers the new plan, and so its idempotency keys)."""
-    if rule.action == "none":
+@dataclass(frozen=True, slots=True)
+class Context:
+    """The fleet as the planner needs to see it, at one moment."""
+
+    incident_plans: int = 0
+    running: Sequence[Running] = ()
+    budget: Budget = field(default_factory=Budget)
+    group: str = ""
+    group_size: int = 1
+    replicas: int = 1
+    standby: Sequence[str] = ()
+    """Healthy online nodes that hold a stopped copy of the unit (migration targets), best first."""
+    rule_starts: Sequence[float] = ()
+    paused: bool = False
+    pause_reason: str = ""
+    silences: Sequence[Silence] = ()
+    stats: Mapping[tuple[str, str], OutcomeStats] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Propose:
+    plan: Plan
+    checks: tuple[Check, ...]
+    skipped: tuple[tuple[int, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    checks: tuple[Check, ...]
+    blocking: Check
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    checks: tuple[Check, ...]
+    blocking: Check
+
+
+@dataclass(frozen=True, slots=True)
+class Exhausted:
+    """Every rung was used (or skipped): the incident is left to a human."""
+
+    reason: str
+    skipped: tuple[tuple[int, str], ...] = ()
+
+
+Decision = Propose | Hold | Refuse | Exhausted | None
+
+
+def backoff_delay(backoff: BackoffPolicy, n: int, seed: str) -> float:
+    """Delay before the n-th attempt on a rung (n >= 1), with deterministic jitter from ``seed``."""
+    delay = backoff.first if n == 1 else min(backoff.max, backoff.base * backoff.factor ** (n - 2))
+    unit = int.from_bytes(hashlib.sha256(seed.encode()).digest()[:8], "big") / 2**64  # [0, 1)
+    return max(0.0, delay * (1 + backoff.jitter * (2 * unit - 1)))
+
+
+def choose_rung(rule: Policy, target: Target, state: TargetState,
+                ctx: Context) -> tuple[int, int, tuple[tuple[int, str], ...]] | None:
+    """(rung index, attempt number on that rung, skipped rungs), or None when the ladder is used up."""
+    attempts = state.ladder_attempts()
+    used = [0] * len(rule.ladder)
+    for attempt in attempts:
+        if attempt.rung < len(used):
+            used[attempt.rung] += 1
+    start = max((a.rung for a in attempts), default=0)
+    skipped: list[tuple[int, str]] = []
+    for index in range(start, len(rule.ladder)):
+        rung = rule.ladder[index]
+        if used[index] >= rung.attempts:
+            continue
+        reason = _cannot_apply(rung, target, ctx)
+        if reason:
+            skipped.append((index, reason))
+            continue
+        return index, used[index] + 1, tuple(skipped)
+    return None if not skipped else (-1, 0, tuple(skipped))
+
+
+def _cannot_apply(rung: RungPolicy, target: Target, ctx: Context) -> str:
+    if rung.action in ("restart", "stop_start", "migrate") and target.unit is None:
+        return f"{rung.action} needs a unit; the finding names none"
+    if rung.action == "migrate" and not ctx.standby:
+        return "no healthy online node holds a standby copy of the unit"
+    if rung.action == "resync":
+        return "no dataset replicas are known for this finding (dataset digests are not configured)"
+    stats = ctx.stats.get((target.kind, rung.action))
+    if rung.min_success_rate > 0 and stats is not None:
+        rate = stats.recent_rate(rung.min_tries)
+        if rate is not None and rate < rung.min_success_rate:
+            return (f"{rung.action} succeeded {rate:.0%} of its last {rung.min_tries} tries on {target.kind} "
+                    f"(floor {rung.min_success_rate:.0%})")
+    return ""
+
+
+def plan_remediation(target: Target, rule: Policy, state: TargetState, ctx: Context, now: float) -> Decision:
+    choice = choose_rung(rule, target, state, ctx)
+    if choice is None:
+        return Exhausted(f"every rung of {rule.name} was used")
+    index, n, skipped = choice
+    if index < 0:
+        return Exhausted(f"every remaining rung of {rule.name} was skipped", skipped)
+    rung = rule.ladder[index]
+    if rung.action == "none":
         return None
-    if unit is None:
-        return Refuse("target", f"rule {rule.name} restarts a unit but the finding names none")
-    refused = check_max_attempts(attempts, rule.max_attempts)
-    if refused is not None:
-        return refused
-    held = check_cooldown(attempts[-1] if attempts else None, rule.min_interval, now)
-    if held is not None:
-        return held
-    attempt = incident_plans + 1
-    return Plan(
-        id=plan_id(incident_id, attempt), incident_id=incident_id, rule=rule.name,
-        rule_digest=rule.digest, attempt=attempt, steps=(RestartUnit(node=node, unit=unit),),
-        verification=Verification(node=node, unit=unit, within=rule.verify_within),
-        cooldown_key=f"{node}/{unit}", created_at=now,
-    )
+    attempt = ctx.incident_plans + 1
+    ladder = state.ladder_attempts()
+    since = ladder[-1].at if ladder else target.first_seen
+    delay = backoff_delay(rung.backoff, n, f"{target.incident_id}:{attempt}")
+    labels = {**target.labels, "rule": rule.name}
+    checks = [
+        check_silence(labels, ctx.silences, now),
+        check_quarantine(state, now),
+        check_max_attempts(state, rule.max_attempts, rule.attempt_window, now),
+        check_for(target.first_seen, rule.for_, now),
+        check_cooldown(state, rule.cooldown, now),
+        check_backoff(since + delay, now, delay),
+        check_rate_limit(ctx.rule_starts, rule.rate_limit, now),
+    ]
+    if rung.action in DISRUPTIVE_ACTIONS:
+        checks += [
+            check_pause(ctx.paused, ctx.pause_reason),
+            check_budget(budget=ctx.budget, running=ctx.running, node=target.node, unit=target.unit,
+                         group=ctx.group, group_size=ctx.group_size, replicas=ctx.replicas),
+        ]
+    blocking = first_blocking(checks)
+    if blocking is not None:
+        return (Refuse if blocking.verdict == "refuse" else Hold)(tuple(checks), blocking)
+    steps, verification = _steps(rung.action, target, rule, ctx)
+    plan = Plan(id=plan_id(target.incident_id, attempt), incident_id=target.incident_id, rule=rule.name,
+                rule_digest=rule.digest, rung=index, attempt=attempt, steps=steps, verification=verification,
+                cooldown_key=f"{target.node}/{target.unit or '-'}", mode=_mode(rule.mode, rung.action),
+                created_at=now, deadline=now + rule.approval_timeout + rule.verify_within + 120.0)
+    return Propose(plan, tuple(checks), skipped)
+
+
+def _mode(mode: str, action: str) -> Mode:
+    if action == "notify" and mode == "approve":
+        return "auto"  # paging a human needs no human's approval
+    return "shadow" if mode == "shadow" else "approve" if mode == "approve" else "auto"
+
+
+def _steps(action: str, target: Target, rule: Policy,
+           ctx: Context) -> tuple[tuple[Step, ...], Verification | None]:
+    node, unit = target.node, target.unit
+    kind: Literal["healthy", "cleared"] = "cleared" if rule.verify_kind == "cleared" else "healthy"
+    verify = Verification(kind, node, unit, rule.verify_within, rule.stable_for)
+    if action == "notify":
+        return (Notify(node=node, message=target.summary, severity=_severity(target.severity)),), None
+    assert unit is not None  # noqa: S101 - _cannot_apply skipped unit-less rungs
+    if action == "restart":
+        return (RestartUnit(node, unit),), verify
+    if action == "stop_start":
+        return (StopUnit(node, unit), StartUnit(node, unit)), verify
+    destination = ctx.standby[0]
+    return ((MigrateUnit(unit=unit, source=node, target=destination),),
+            Verification(kind, destination, unit, rule.verify_within, rule.stable_for))
+
+
+def _severity(severity: str) -> Literal["info", "warning", "critical"]:
+    if severity == "info":
+        return "info"
+    return "warning" if severity == "warning" else "critical"

@@ -1,9 +1,17 @@
-"""The plan model: a frozen target, ordered steps from a closed set, and how to verify.
+"""The plan model: a frozen target, ordered steps from a closed set, verification, deadline.
 
-A plan is data. The dispatcher interprets it; dry-run records it and stops.
-Idempotency keys are deterministic in (node, incident, step, attempt), so two
-controllers (or one restarted mid-plan) derive the same key for the same step
-and an agent executes it at most once.
+A plan is data. The dispatcher interprets it; shadow mode records it and
+stops. Idempotency keys are deterministic in (node, incident, step, attempt),
+so two controllers (or one restarted mid-plan) derive the same key for the
+same step and an agent executes it at most once.
+
+The plan state machine lives here too, as a table of allowed transitions:
+
+    proposed ──▶ awaiting_approval ──▶ running ──▶ verifying ──▶ succeeded
+       │               │   │              │            │
+       │               │   └─▶ expired    │            └──────▶ failed
+       ├──▶ running    └─────▶ cancelled  ├──▶ failed | cancelled | expired
+       └──▶ cancelled (shadow mode, guard, symptom cleared)   └──▶ escalated (paged a human)
 """
 
 from __future__ import annotations
@@ -15,23 +23,105 @@ from typing import Literal
 
 @dataclass(frozen=True, slots=True)
 class RestartUnit:
-    """Restart one unit on one node (stop with grace, then start)."""
+    """Restart a unit on its node (stop with grace, then start). Disruptive."""
 
     node: str
     unit: str
     kind: Literal["restart_unit"] = "restart_unit"
 
 
-Step = RestartUnit
+@dataclass(frozen=True, slots=True)
+class StopUnit:
+    """Stop a unit on its node. Disruptive."""
+
+    node: str
+    unit: str
+    kind: Literal["stop_unit"] = "stop_unit"
 
 
 @dataclass(frozen=True, slots=True)
-class Verification:
-    """The target must be healthy again (running and, if it has a probe, probe healthy) within ``within``."""
+class StartUnit:
+    """Start a unit on a node (e.g. the standby copy during a migration)."""
+
+    node: str
+    unit: str
+    kind: Literal["start_unit"] = "start_unit"
+
+
+@dataclass(frozen=True, slots=True)
+class MigrateUnit:
+    """Move a singleton unit: stop it on ``source`` (if reachable), start it on ``target``. Disruptive."""
+
+    unit: str
+    source: str
+    target: str
+    kind: Literal["migrate_unit"] = "migrate_unit"
+
+    @property
+    def node(self) -> str:
+        return self.source
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncDataset:
+    """Repair a dataset replica on ``node`` from a verified peer. Disruptive."""
+
+    node: str
+    dataset: str
+    source: str
+    kind: Literal["resync_dataset"] = "resync_dataset"
+
+
+@dataclass(frozen=True, slots=True)
+class WaitHealthy:
+    """Wait until a unit is healthy, up to ``within`` seconds."""
 
     node: str
     unit: str
     within: float
+    kind: Literal["wait_healthy"] = "wait_healthy"
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """Tell a human: the last rung of a ladder pages someone instead of acting again."""
+
+    node: str
+    message: str
+    severity: Literal["info", "warning", "critical"] = "critical"
+    kind: Literal["notify"] = "notify"
+
+
+Step = RestartUnit | StopUnit | StartUnit | MigrateUnit | ResyncDataset | WaitHealthy | Notify
+DISRUPTIVE = (RestartUnit, StopUnit, MigrateUnit, ResyncDataset)
+"""Steps re-checked just before they run: if the symptom cleared, the plan is cancelled instead."""
+
+Mode = Literal["auto", "approve", "shadow"]
+PlanState = Literal["proposed", "awaiting_approval", "running", "verifying", "succeeded", "failed",
+                    "escalated", "cancelled", "expired"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "escalated", "cancelled", "expired"})
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "proposed": frozenset({"awaiting_approval", "running", "cancelled"}),
+    "awaiting_approval": frozenset({"running", "cancelled", "expired"}),
+    "running": frozenset({"verifying", "failed", "escalated", "cancelled", "expired", "succeeded"}),
+    "verifying": frozenset({"succeeded", "failed", "expired"}),
+}
+
+
+def can_transition(current: str, new: str) -> bool:
+    return new in TRANSITIONS.get(current, frozenset())
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """After the steps, within ``within`` s and then for ``stable_for`` s: ``healthy`` — the unit runs and
+    its probe passes; ``cleared`` — the finding no longer holds (e.g. a metric back under its threshold)."""
+
+    kind: Literal["healthy", "cleared"]
+    node: str
+    unit: str | None
+    within: float
+    stable_for: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +130,21 @@ class Plan:
     incident_id: int
     rule: str
     rule_digest: str
+    rung: int
+    """Index of the ladder rung this plan comes from."""
     attempt: int
-    """1 for the first attempt on this incident, 2 for the second..."""
+    """1 for the incident's first plan, 2 for the second... (numbers idempotency keys)."""
     steps: tuple[Step, ...]
-    verification: Verification
+    verification: Verification | None
     cooldown_key: str
+    mode: Mode
     created_at: float
+    deadline: float
+    """Wall time after which nothing of this plan may still run."""
+
+    @property
+    def action(self) -> str:
+        return self.steps[0].kind if self.steps else "none"
 
 
 def idempotency_key(node: str, incident_id: int, step_index: int, attempt: int) -> str:

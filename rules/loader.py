@@ -17,7 +17,7 @@ import jsonschema
 import msgspec
 import yaml
 
-from rules.model import Rule, Rulebook, ThresholdSpec
+from rules.model import Backoff, LoopBreaker, Rule, Rulebook, Rung, ThresholdSpec
 from selfheal.errors import RulebookError
 from selfheal.wire import HostMetrics, UnitReport
 
@@ -34,6 +34,23 @@ METRICS = sorted([*(f"host.{name}" for name in [*_numeric_fields(HostMetrics), "
 """Metrics a threshold may watch: the numeric fields of the wire's host and unit reports."""
 _NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"}
 _SEVERITY = {"enum": ["info", "warning", "critical"]}
+_SECONDS = {"type": "number", "minimum": 0}
+_RUNG: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["action"],
+    "properties": {
+        "action": {"enum": ["restart", "stop_start", "migrate", "resync", "notify", "none"]},
+        "attempts": {"type": "integer", "minimum": 1, "maximum": 100},
+        "backoff": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"first": _SECONDS, "base": _SECONDS, "factor": {"type": "number", "minimum": 1},
+                           "max": _SECONDS, "jitter": {"type": "number", "minimum": 0, "maximum": 1}},
+        },
+        "min_success_rate": {"type": "number", "minimum": 0, "maximum": 1},
+        "min_tries": {"type": "integer", "minimum": 1},
+    },
+}
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -61,17 +78,48 @@ SCHEMA: dict[str, Any] = {
             "items": {
                 "type": "object",
                 "additionalProperties": False,
-                "required": ["name", "kind", "action"],
+                "required": ["name", "match", "ladder"],
                 "properties": {
                     "name": _NAME,
-                    "kind": {"enum": FINDING_KINDS},
-                    "severity": {"type": "array", "items": _SEVERITY},
-                    "action": {"enum": ["restart_unit", "none"]},
-                    "min_interval": {"type": "number", "minimum": 0},
-                    "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
-                    "verify_within": {"type": "number", "exclusiveMinimum": 0},
+                    "match": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["kind"],
+                        "properties": {
+                            "kind": {"enum": FINDING_KINDS},
+                            "severity": {"type": "array", "items": _SEVERITY},
+                            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                        },
+                    },
+                    "for": _SECONDS,
+                    "mode": {"enum": ["auto", "approve", "shadow"]},
+                    "ladder": {"type": "array", "minItems": 1, "items": _RUNG},
+                    "verify": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "kind": {"enum": ["healthy", "cleared"]},
+                            "within": {"type": "number", "exclusiveMinimum": 0},
+                            "stable_for": _SECONDS,
+                        },
+                    },
+                    "reset_after": _SECONDS,
+                    "resolve_after": _SECONDS,
+                    "cooldown": _SECONDS,
+                    "max_attempts": {"type": "integer", "minimum": 1, "maximum": 1000},
                     "attempt_window": {"type": "number", "exclusiveMinimum": 0},
-                    "resolve_after": {"type": "number", "minimum": 0},
+                    "rate_limit": {
+                        "type": "object", "additionalProperties": False, "required": ["count", "per"],
+                        "properties": {"count": {"type": "integer", "minimum": 1},
+                                       "per": {"type": "number", "exclusiveMinimum": 0}},
+                    },
+                    "approval_timeout": {"type": "number", "exclusiveMinimum": 0},
+                    "loop_breaker": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {"refires": {"type": "integer", "minimum": 1},
+                                       "within": {"type": "number", "exclusiveMinimum": 0},
+                                       "quarantine_for": {"type": "number", "exclusiveMinimum": 0}},
+                    },
                 },
             },
         },
@@ -112,20 +160,7 @@ def parse_rulebook(text: str, *, source: str) -> Rulebook:
     errors = sorted(_validator.iter_errors(data), key=lambda e: list(e.absolute_path))
     if errors:
         raise RulebookError(_describe(source, data, errors[0]))
-    rules = tuple(
-        Rule(
-            name=item["name"], kind=item["kind"], action=item["action"],
-            severity=tuple(item.get("severity", ())),
-            min_interval=float(item.get("min_interval", 5.0)),
-            max_attempts=int(item.get("max_attempts", 3)),
-            verify_within=float(item.get("verify_within", 30.0)),
-            attempt_window=float(item.get("attempt_window", 600.0)),
-            resolve_after=float(item.get("resolve_after", 5.0)),
-            source=source,
-            digest=hashlib.sha256(json.dumps(item, sort_keys=True).encode()).hexdigest(),
-        )
-        for item in data["rules"]
-    )
+    rules = tuple(_rule(item, source) for item in data["rules"])
     thresholds = tuple(
         ThresholdSpec(name=t["name"], metric=t["metric"], above=float(t["above"]),
                       samples=int(t.get("samples", 3)), severity=t.get("severity", "warning"))
@@ -134,6 +169,37 @@ def parse_rulebook(text: str, *, source: str) -> Rulebook:
     _check_unique([r.name for r in rules], "rule", source)
     _check_unique([t.name for t in thresholds], "threshold", source)
     return Rulebook(rules, thresholds)
+
+
+def _rule(item: dict[str, Any], source: str) -> Rule:
+    match, verify = item["match"], item.get("verify", {})
+    breaker = item.get("loop_breaker", {})
+    rate = item.get("rate_limit", {"count": 30, "per": 60.0})
+    return Rule(
+        name=item["name"], kind=match["kind"], severity=tuple(match.get("severity", ())),
+        labels=tuple(sorted(match.get("labels", {}).items())),
+        ladder=tuple(_rung(r) for r in item["ladder"]),
+        for_=float(item.get("for", 0.0)), mode=item.get("mode", "auto"),
+        verify_within=float(verify.get("within", 30.0)), verify_kind=verify.get("kind", "healthy"),
+        stable_for=float(verify.get("stable_for", 1.0)),
+        reset_after=float(item.get("reset_after", 300.0)), resolve_after=float(item.get("resolve_after", 5.0)),
+        cooldown=float(item.get("cooldown", 1.0)), max_attempts=int(item.get("max_attempts", 10)),
+        attempt_window=float(item.get("attempt_window", 3600.0)),
+        rate_limit=(int(rate["count"]), float(rate["per"])),
+        approval_timeout=float(item.get("approval_timeout", 900.0)),
+        loop_breaker=LoopBreaker(refires=int(breaker.get("refires", 3)), within=float(breaker.get("within", 120.0)),
+                                 quarantine_for=float(breaker.get("quarantine_for", 3600.0))),
+        source=source, digest=hashlib.sha256(json.dumps(item, sort_keys=True).encode()).hexdigest(),
+    )
+
+
+def _rung(item: dict[str, Any]) -> Rung:
+    backoff = item.get("backoff", {})
+    return Rung(action=item["action"], attempts=int(item.get("attempts", 1)),
+                backoff=Backoff(first=float(backoff.get("first", 0.0)), base=float(backoff.get("base", 1.0)),
+                                factor=float(backoff.get("factor", 2.0)),
+                                max=float(backoff.get("max", 300.0)), jitter=float(backoff.get("jitter", 0.1))),
+                min_success_rate=float(item.get("min_success_rate", 0.0)), min_tries=int(item.get("min_tries", 5)))
 
 
 def _describe(source: str, data: Any, error: jsonschema.ValidationError) -> str:

@@ -1,7 +1,7 @@
-"""The ``selfheal`` command: agent, controller, demo, status, config check, version.
+"""The ``selfheal`` command: run the agent or the controller, the demo, and operator tools.
 
-Exit codes: 0 ok; 1 failure (for ``status``: degraded); 2 usage; 3 ``status``
-could not reach the controller; 78 configuration error (EX_CONFIG, which
+Exit codes: 0 ok; 1 failure (for ``status``: degraded); 2 usage; 3 the
+controller could not be reached; 78 configuration error (EX_CONFIG, which
 systemd's ``RestartPreventExitStatus=78`` treats as permanent).
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -18,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import selfheal
+from selfheal.client import add_client_commands
 from selfheal.config import DEFAULT_PATH, Config, load_config
 from selfheal.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, SelfhealError
 from selfheal.logs import configure_logging, get_logger
 
-EXIT_UNREACHABLE = 3
 STOP_DEADLINE = 20.0
 """Seconds a process may take to stop cleanly after SIGTERM before it is ended hard."""
 
@@ -64,12 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=None, help="stop after S seconds (default: until Ctrl-C)")
     p.add_argument("--keep", action="store_true", help="keep the demo's temp dir (configs, logs, database)")
 
-    p = command("status", _cmd_status, "show nodes, units and open incidents from a controller's API")
-    p.add_argument("--url", default=None, help="controller API base URL (default from --config, else "
-                                               "http://127.0.0.1:8080)")
-    p.add_argument("--config", type=Path, default=None, help="read controller.listen from this config")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the API")
+    add_client_commands(sub)
+
+    audit = sub.add_parser("audit", help="the audit trail")
+    audit_sub = audit.add_subparsers(metavar="ACTION")
+    verify = audit_sub.add_parser("verify", help="recompute every incident's hash chain; exit 1 if any is broken")
+    verify.add_argument("--config", type=Path, default=DEFAULT_PATH, help="read controller.state_dir from this config")
+    verify.add_argument("--db", type=Path, default=None, help="the controller database (overrides --config)")
+    verify.set_defaults(func=_cmd_audit_verify)
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(metavar="ACTION")
@@ -118,52 +119,18 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    import httpx  # noqa: PLC0415
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from controller.audit import verify_database  # noqa: PLC0415
 
-    url = args.url
-    if url is None:
-        listen = load_config(args.config).controller.listen if args.config else "127.0.0.1:8080"
-        url = f"http://{listen.replace('0.0.0.0', '127.0.0.1')}"  # noqa: S104 - rewriting, not binding
-    url = url.rstrip("/")
-    try:
-        with httpx.Client(base_url=url, timeout=args.timeout) as client:
-            nodes = client.get("/api/v1/nodes").raise_for_status().json()["items"]
-            units = client.get("/api/v1/units").raise_for_status().json()["items"]
-            incidents = [*client.get("/api/v1/incidents", params={"state": "open"}).raise_for_status()
-                         .json()["items"],
-                         *client.get("/api/v1/incidents", params={"state": "failed"}).raise_for_status()
-                         .json()["items"]]
-    except (httpx.HTTPError, ValueError, KeyError) as exc:
-        if args.json:
-            print(json.dumps({"status": "unreachable", "url": url, "error": str(exc)}))
-        else:
-            print(f"selfheal: cannot reach the controller at {url}: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    degraded = (any(n["state"] != "online" for n in nodes) or bool(incidents)
-                or any(u["state"] != "running" or u["healthy"] is False for u in units))
-    verdict = "degraded" if degraded else "healthy"
-    if args.json:
-        print(json.dumps({"status": verdict, "nodes": nodes, "units": units, "incidents": incidents}))
-    else:
-        _print_status(verdict, nodes, units, incidents)
-    return EXIT_FAILURE if degraded else EXIT_OK
-
-
-def _print_status(verdict: str, nodes: list[dict[str, Any]], units: list[dict[str, Any]],
-                  incidents: list[dict[str, Any]]) -> None:
-    print(f"selfheal: {verdict}")
-    print(f"\nNODES ({len(nodes)})")
-    for n in nodes:
-        print(f"  {n['id']:<20} {n['state']:<8} last seen {n['last_seen']}")
-    print(f"\nUNITS ({len(units)})")
-    for u in units:
-        probe = "-" if u["healthy"] is None else ("healthy" if u["healthy"] else "unhealthy")
-        print(f"  {u['node'] + '/' + u['name']:<30} {u['state']:<9} probe {probe:<9} pid {u['pid']} "
-              f"restarts {u['restarts']}")
-    print(f"\nOPEN INCIDENTS ({len(incidents)})")
-    for i in incidents:
-        print(f"  #{i['id']:<5} {i['state']:<7} {i['summary']} (since {i['opened_at']})")
+    path = args.db or Path(load_config(args.config).controller.state_dir) / "selfheal.sqlite3"
+    if not path.exists():
+        print(f"selfheal: no controller database at {path}", file=sys.stderr)
+        return EXIT_FAILURE
+    incidents, problems = verify_database(path)
+    for problem in problems:
+        print(f"incident #{problem.incident_id} entry {problem.entry}: {problem.problem}")
+    print(f"{path}: {incidents} incident(s), " + (f"{len(problems)} problem(s)" if problems else "every chain intact"))
+    return EXIT_FAILURE if problems else EXIT_OK
 
 
 def run_until_signalled(start: Callable[[asyncio.Event], Awaitable[None]], name: str) -> int:

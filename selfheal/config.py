@@ -77,6 +77,8 @@ class UnitConfig(_Section, frozen=True, kw_only=True):
     """Working directory; default the agent's state dir."""
     stop_grace: float = 5.0
     """Seconds between SIGTERM and SIGKILL when stopping."""
+    autostart: bool = True
+    """Start with the agent. ``false`` keeps a standby copy: stopped until a migration starts it here."""
     probe: ProbeConfig | None = None
     """Health probe; without one, "running" is healthy."""
 
@@ -95,6 +97,8 @@ class AgentConfig(_Section, frozen=True, kw_only=True):
     """Session counter, command ledger and unit logs live here."""
     listen: str = "0.0.0.0:8731"
     """The agent's own HTTP address (peers, /metrics); port 0 picks a free port."""
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    """Node labels announced to the controller (``group`` groups nodes for the disruption budget)."""
     units: list[UnitConfig] = msgspec.field(default_factory=list)
     datasets: list[DatasetConfig] = msgspec.field(default_factory=list)
 
@@ -103,6 +107,17 @@ class NotifyConfig(_Section, frozen=True, kw_only=True):
     kind: Literal["slack", "mattermost", "teams", "discord", "googlechat", "alertmanager"]
     url: str
     """Webhook URL: a secret, never logged or returned by the API."""
+
+
+class BudgetConfig(_Section, frozen=True, kw_only=True):
+    max_concurrent: int = 5
+    """Disruptive plans (restart, stop, migrate, resync) running at once, fleet-wide."""
+    max_node_share: float = 0.34
+    """Share of a group's nodes under remediation at once; at least one node is always allowed."""
+    max_replica_share: float = 0.5
+    """Share of a unit's replicas (same unit name on several nodes) under remediation at once; at least one."""
+    group_label: str = "group"
+    """Node label (``agent.labels``) that groups nodes for ``max_node_share``."""
 
 
 class ControllerConfig(_Section, frozen=True, kw_only=True):
@@ -123,6 +138,10 @@ class ControllerConfig(_Section, frozen=True, kw_only=True):
     max_nodes: int = 10000
     """Nodes tracked at most; the longest-unseen offline node is evicted beyond it."""
     notify: list[NotifyConfig] = msgspec.field(default_factory=list)
+    budget: BudgetConfig = msgspec.field(default_factory=BudgetConfig)
+    """The fleet disruption budget."""
+    public_url: str = ""
+    """Base URL of the status page as people reach it, for links in notifications (default: the listen address)."""
 
 
 class SecurityConfig(_Section, frozen=True, kw_only=True):
@@ -222,6 +241,12 @@ def _check(config: Config, source: str, role: str) -> None:
             fail("must be > 0", f"controller.{name}")
     if config.controller.history < 1 or config.controller.max_nodes < 1:
         fail("must be >= 1", "controller.history")
+    budget = config.controller.budget
+    if budget.max_concurrent < 1:
+        fail("must be >= 1", "controller.budget.max_concurrent")
+    for name in ("max_node_share", "max_replica_share"):
+        if not 0 < getattr(budget, name) <= 1:
+            fail("must be in (0, 1]", f"controller.budget.{name}")
     agent = config.agent
     if role == "agent" and not agent.node_id:
         fail("required to run an agent", "agent.node_id")

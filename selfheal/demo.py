@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -56,6 +57,9 @@ def write_configs(root: Path, *, broker_url: str | None = None, rulebook: Path |
     keys = root / "keys"
     for node in NODES:
         write_key(keys, node)
+    token = root / "api.token"
+    token.write_text(secrets.token_hex(24) + "\n", encoding="ascii")
+    token.chmod(0o600)
     common = f'[security]\nkey_dir = {_q(str(keys))}\napi_token_file = {_q(str(root / "api.token"))}\n'
     controller = root / "controller.toml"
     mqtt = f'url = {_q(broker_url)}' if broker_url else f'url = "embedded"\nembedded_listen = "127.0.0.1:{broker}"'

@@ -56,6 +56,7 @@ class NodeStatus(_Msg, frozen=True, kw_only=True):
     """Increments each agent start; a will from an older session never closes a newer one."""
     version: str = ""
     units: list[str] = msgspec.field(default_factory=list)
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
     http: str = ""
     ts: float = 0.0
 
@@ -179,7 +180,15 @@ class RestartUnit(_Msg, tag="restart_unit", frozen=True, kw_only=True):
     unit: str
 
 
-CommandStep = RestartUnit
+class StopUnit(_Msg, tag="stop_unit", frozen=True, kw_only=True):
+    unit: str
+
+
+class StartUnit(_Msg, tag="start_unit", frozen=True, kw_only=True):
+    unit: str
+
+
+CommandStep = RestartUnit | StopUnit | StartUnit
 
 
 class Command(_Msg, frozen=True, kw_only=True):

@@ -83,8 +83,9 @@ def test_controller_restart_mid_incident_keeps_history_and_counts_attempts(clust
     crashing = ('[[agent.units]]\nname = "crashy"\nkind = "process"\n'
                 'command = ["sh", "-c", "sleep 0.3; exit 3"]\n')
     rules = cluster.root / "rules.yaml"
-    rules.write_text("version: 1\nrules:\n  - name: restart-crashy\n    kind: unit_exited\n"
-                     "    action: restart_unit\n    min_interval: 1\n    max_attempts: 4\n    verify_within: 5\n")
+    rules.write_text("version: 1\nrules:\n  - name: restart-crashy\n    match: {kind: unit_exited}\n"
+                     "    ladder: [{action: restart, attempts: 10}]\n    cooldown: 1\n    max_attempts: 4\n"
+                     "    verify: {within: 5, stable_for: 1}\n")
     config = cluster.write_controller(f'rulebooks = ["{rules}"]\n')
     controller = cluster.start("controller", "controller", config)
     cluster.wait_ready()

@@ -22,7 +22,8 @@ from controller.fleet import Fleet
 from controller.metrics import ControllerMetrics
 from controller.store import SqliteStore
 from selfheal import wire
-from selfheal.cli import EXIT_UNREACHABLE, main
+from selfheal.cli import main
+from selfheal.client import EXIT_UNREACHABLE
 from selfheal.clocks import SystemClock
 from tests.conftest import eventually, free_port
 

@@ -117,7 +117,8 @@ async def test_unit_exit_is_restarted_with_a_signed_command_and_verified(
         detail = (await _api(controller, f"/api/v1/incidents/{incidents[0]['id']}")).json()
         kinds = [e["kind"] for e in detail["timeline"]]
         assert kinds[0] == "opened"
-        for expected in ("plan", "command_sent", "command_result", "verifying", "plan_succeeded", "resolved"):
+        for expected in ("plan_proposed", "plan_running", "rechecked", "command_sent", "command_result", "verifying",
+                         "plan_succeeded", "resolved"):
             assert expected in kinds
         assert detail["plans"][0]["state"] == "succeeded"
 

@@ -152,9 +152,10 @@ async def test_recent_attempts_span_incidents_of_the_target(store: SqliteStore) 
     second = await store.open_incident(**incident_fields(opened_at=T0 + 3))
     await store.save_plan(plan("2-1", second.id, 1, created_at=T0 + 4))
     await store.save_plan(plan("2-2", second.id, 2, created_at=T0 + 0.5))
-    assert await store.recent_attempts(T0) == [("node-a", "web", T0 + 0.5), ("node-a", "web", T0 + 1),
-                                               ("node-a", "web", T0 + 4)]
-    assert await store.recent_attempts(T0 + 1) == [("node-a", "web", T0 + 1), ("node-a", "web", T0 + 4)]
+    rows = await store.recent_plans(T0)
+    assert [(i.id, p.id, p.created_at) for i, p in rows] == [(second.id, "2-2", T0 + 0.5), (first.id, "1-1", T0 + 1),
+                                                             (second.id, "2-1", T0 + 4)]
+    assert [p.id for _, p in await store.recent_plans(T0 + 1)] == ["1-1", "2-1"]
 
 
 async def test_record_command_refuses_a_duplicate_key(store: SqliteStore) -> None:

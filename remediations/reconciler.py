@@ -1,0 +1,332 @@
+"""The reconciler: the whole decision engine as one pure state machine.
+
+``evaluate(symptoms, fleet, now)`` takes the findings that hold now and
+returns effects — incidents to open, relapse, resolve or fail, plans to start,
+holds to record, loop-breaker quarantines — and updates the engine's memory.
+``bind`` gives a newly opened incident its store id; ``finish`` reports a
+plan's outcome. The controller applies the effects with I/O (store, dispatch,
+alerts); tests and ``bench/engine.py`` drive this class directly, with time
+passed in.
+
+Safety properties it keeps (property-tested): at most one plan per incident at
+a time; never more disruptive plans than the budget; never two plans on a
+target inside its cooldown; never more than ``max_attempts`` per window; an
+incident on an offline node is neither healed nor resolved on stale data.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from remediations.guards import Check
+from remediations.planner import (
+    DISRUPTIVE_ACTIONS,
+    Context,
+    Exhausted,
+    Hold,
+    Propose,
+    Refuse,
+    Target,
+    plan_remediation,
+)
+from remediations.plans import Plan
+from remediations.policy import Policy
+from remediations.state import Attempt, Budget, OutcomeStats, Running, Silence, TargetState
+
+MAX_TARGETS = 100_000
+
+
+class RuleLookup(Protocol):
+    def rule_for(self, kind: str, severity: str, labels: dict[str, str] | None = None) -> Policy | None: ...
+    def by_name(self, name: str) -> Policy | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Symptom:
+    key: str
+    kind: str
+    node: str
+    unit: str | None
+    severity: str
+    summary: str
+    evidence: Mapping[str, object] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class FleetView:
+    offline: frozenset[str] = frozenset()
+    groups: Mapping[str, str] = field(default_factory=dict)
+    """node → group label value."""
+    replicas: Mapping[str, int] = field(default_factory=dict)
+    """unit name → nodes that run a copy."""
+    standby: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """unit name → online nodes holding a stopped copy (migration candidates)."""
+
+
+@dataclass
+class IncidentState:
+    key: str
+    symptom: Symptom
+    rule: str | None
+    first_seen: float
+    id: int | None = None
+    state: str = "open"
+    cleared_since: float | None = None
+    plans: int = 0
+    running_plan: str | None = None
+    last_hold: str = ""
+    busy_until: float = 0.0
+    """Left alone until then: a previous controller's command for it may still be executed."""
+
+
+# --- effects ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    key: str
+    symptom: Symptom
+    rule: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Relapsed:
+    incident_id: int
+    symptom: Symptom
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    incident_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    incident_id: int
+    reason: str
+    checks: tuple[Check, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    incident_id: int
+    plan: Plan
+    checks: tuple[Check, ...]
+    skipped: tuple[tuple[int, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    incident_id: int
+    checks: tuple[Check, ...]
+    blocking: Check
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    incident_id: int
+    rule: str
+    target: str
+    until: float
+    refires: int
+
+
+Effect = Opened | Relapsed | Resolved | Failed | Started | Held | Quarantined
+
+
+class Reconciler:
+    def __init__(self, rules: RuleLookup, budget: Budget | None = None) -> None:
+        self.rules = rules
+        self.budget = budget or Budget()
+        self.incidents: dict[str, IncidentState] = {}
+        self.targets: dict[tuple[str, str], TargetState] = {}
+        self.running: dict[str, Running] = {}
+        self.plan_incident: dict[str, str] = {}
+        self.rule_starts: dict[str, deque[float]] = {}
+        self.stats: dict[tuple[str, str], OutcomeStats] = {}
+        self.silences: list[Silence] = []
+        self.paused = False
+        self.pause_reason = ""
+        self._resetting: set[tuple[str, str]] = set()
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def evaluate(self, symptoms: Mapping[str, Symptom], fleet: FleetView, now: float) -> list[Effect]:
+        effects: list[Effect] = []
+        for key, symptom in symptoms.items():
+            incident = self.incidents.get(key)
+            if incident is None:
+                rule = self._rule(symptom)
+                self.incidents[key] = IncidentState(key, symptom, rule.name if rule else None, first_seen=now)
+                effects.append(Opened(key, symptom, rule.name if rule else None))
+                self._note_refire(symptom, rule, now)
+                continue
+            incident.symptom = symptom
+            if incident.cleared_since is not None:
+                incident.cleared_since = None
+                if incident.id is not None:
+                    effects.append(Relapsed(incident.id, symptom))
+                self._note_refire(symptom, self._rule(symptom), now)
+        unhealthy = {i.symptom.node for i in self.incidents.values()}
+        group_sizes = Counter(fleet.groups.values())
+        for key, incident in list(self.incidents.items()):
+            if incident.id is None or incident.running_plan is not None or incident.busy_until > now:
+                continue
+            if key not in symptoms:
+                effects.extend(self._clear(incident, fleet, now))
+            elif incident.state == "open":
+                effects.extend(self._decide(incident, fleet, unhealthy, group_sizes, now))
+        self._reset_ladders(symptoms, now)
+        return effects
+
+    def bind(self, key: str, incident_id: int) -> None:
+        self.incidents[key].id = incident_id
+
+    def finish(self, plan_id: str, outcome: str, now: float, *, recover_s: float | None = None) -> None:
+        """A plan ended: ``succeeded``, ``failed``, ``escalated``, ``cancelled`` or ``expired``."""
+        self.running.pop(plan_id, None)
+        key = self.plan_incident.pop(plan_id, None)
+        incident = self.incidents.get(key) if key else None
+        if incident is None or incident.running_plan != plan_id:
+            return
+        incident.running_plan = None
+        rule = self.rules.by_name(incident.rule) if incident.rule else None
+        if rule is None:
+            return
+        target = self._target(rule.name, incident.symptom)
+        action = next((a.action for a in reversed(target.attempts) if a.plan_id == plan_id), "")
+        if outcome in ("succeeded", "failed", "expired") and action:
+            self.stats.setdefault((incident.symptom.kind, action), OutcomeStats()).record(
+                outcome == "succeeded", recover_s)
+        if outcome == "succeeded":
+            target.last_success = now
+
+    def restore_attempt(self, rule: str, symptom: Symptom, attempt: Attempt) -> None:
+        """Replay a plan from the store into the target's history (controller start)."""
+        self._target(rule, symptom).attempts.append(attempt)
+        self.rule_starts.setdefault(rule, deque(maxlen=10_000)).append(attempt.at)
+
+    def quarantine(self, rule: str, target: str, until: float) -> None:
+        """Restore a loop-breaker quarantine (``target`` is ``node/unit``)."""
+        state = self.targets.get((rule, target))
+        if state is None:
+            state = self.targets[(rule, target)] = TargetState()
+        state.quarantined_until = max(state.quarantined_until, until)
+
+    def restore_incident(self, incident: IncidentState) -> None:
+        self.incidents[incident.key] = incident
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _rule(self, symptom: Symptom) -> Policy | None:
+        labels = {"kind": symptom.kind, "node": symptom.node, "unit": symptom.unit or "",
+                  "severity": symptom.severity, **symptom.labels}
+        return self.rules.rule_for(symptom.kind, symptom.severity, labels)
+
+    def _target(self, rule: str, symptom: Symptom) -> TargetState:
+        key = (rule, f"{symptom.node}/{symptom.unit or '-'}")
+        target = self.targets.get(key)
+        if target is None:
+            if len(self.targets) >= MAX_TARGETS:  # bounded: forget the target attempted longest ago
+                oldest = min(self.targets, key=lambda k: self.targets[k].last_attempt_at() or 0.0)
+                del self.targets[oldest]
+            target = self.targets[key] = TargetState()
+        return target
+
+    def _note_refire(self, symptom: Symptom, rule: Policy | None, now: float) -> None:
+        if rule is None:
+            return
+        target = self._target(rule.name, symptom)
+        target.healthy_since = None
+        if target.last_success is not None and now - target.last_success <= rule.loop_breaker.within:
+            target.refires.append(now)
+
+    def _clear(self, incident: IncidentState, fleet: FleetView, now: float) -> list[Effect]:
+        symptom = incident.symptom
+        if symptom.node in fleet.offline and symptom.kind != "node_offline":
+            return []  # its node's state is stale: neither healed nor cleared
+        if incident.cleared_since is None:
+            incident.cleared_since = now
+        rule = self.rules.by_name(incident.rule) if incident.rule else None
+        if rule is not None:
+            target = self._target(rule.name, symptom)
+            if target.healthy_since is None:
+                target.healthy_since = incident.cleared_since
+            self._resetting.add((rule.name, f"{symptom.node}/{symptom.unit or '-'}"))
+        if rule is not None and now - incident.cleared_since < rule.resolve_after:
+            return []
+        del self.incidents[incident.key]
+        assert incident.id is not None  # noqa: S101 - only bound incidents reach here
+        return [Resolved(incident.id, f"symptom cleared and stayed clear for {now - incident.cleared_since:.1f}s")]
+
+    def _reset_ladders(self, symptoms: Mapping[str, Symptom], now: float) -> None:
+        for key in list(self._resetting):
+            target = self.targets.get(key)
+            rule = self.rules.by_name(key[0])
+            if target is None or rule is None or target.healthy_since is None:
+                self._resetting.discard(key)
+            elif now - target.healthy_since >= rule.reset_after:
+                target.ladder_from = now
+                target.refires.clear()
+                target.healthy_since = None
+                self._resetting.discard(key)
+
+    def _decide(self, incident: IncidentState, fleet: FleetView, unhealthy: set[str], group_sizes: Counter[str],
+                now: float) -> list[Effect]:
+        assert incident.id is not None  # noqa: S101 - only bound incidents are decided
+        rule = self.rules.by_name(incident.rule) if incident.rule else None
+        if rule is None:
+            return []
+        symptom = incident.symptom
+        target_key = f"{symptom.node}/{symptom.unit or '-'}"
+        target = self._target(rule.name, symptom)
+        breaker = rule.loop_breaker
+        recent_refires = [r for r in target.refires if r >= target.ladder_from]
+        if len(recent_refires) >= breaker.refires and target.quarantined_until <= now:
+            target.quarantined_until = now + breaker.quarantine_for
+            target.refires.clear()
+            incident.state = "failed"
+            return [Quarantined(incident.id, rule.name, target_key, target.quarantined_until, len(recent_refires))]
+        group = fleet.groups.get(symptom.node, "")
+        standby = tuple(n for n in fleet.standby.get(symptom.unit or "", ())
+                        if n != symptom.node and n not in fleet.offline and n not in unhealthy)
+        ctx = Context(
+            incident_plans=incident.plans, running=tuple(self.running.values()), budget=self.budget,
+            group=group, group_size=max(1, group_sizes.get(group, 1)),
+            replicas=max(1, fleet.replicas.get(symptom.unit or "", 1)), standby=standby,
+            rule_starts=tuple(self.rule_starts.get(rule.name, ())), paused=self.paused,
+            pause_reason=self.pause_reason, silences=tuple(self.silences), stats=self.stats)
+        labels = {"kind": symptom.kind, "node": symptom.node, "unit": symptom.unit or "",
+                  "severity": symptom.severity, "group": group, **symptom.labels}
+        decision = plan_remediation(
+            Target(incident.id, incident.key, symptom.kind, symptom.node, symptom.unit, symptom.severity,
+                   symptom.summary, labels, incident.first_seen), rule, target, ctx, now)
+        if decision is None:
+            return []
+        if isinstance(decision, Exhausted):
+            incident.state = "failed"
+            return [Failed(incident.id, f"ladder exhausted: {decision.reason}; left to a human")]
+        if isinstance(decision, Refuse):
+            incident.state = "failed"
+            return [Failed(incident.id, f"{decision.blocking.guard}: {decision.blocking.reason}", decision.checks)]
+        if isinstance(decision, Hold):
+            if decision.blocking.reason == incident.last_hold:
+                return []  # recorded once per reason, not once per tick
+            incident.last_hold = decision.blocking.reason
+            return [Held(incident.id, decision.checks, decision.blocking)]
+        assert isinstance(decision, Propose)  # noqa: S101 - closed set
+        plan = decision.plan
+        action = rule.ladder[plan.rung].action
+        incident.plans += 1
+        incident.running_plan = plan.id
+        incident.last_hold = ""
+        target.attempts.append(Attempt(plan.id, plan.rung, now, action))
+        self.rule_starts.setdefault(rule.name, deque(maxlen=10_000)).append(now)
+        self.running[plan.id] = Running(plan.id, rule.name, symptom.node, symptom.unit, group,
+                                        disruptive=action in DISRUPTIVE_ACTIONS)
+        self.plan_incident[plan.id] = incident.key
+        return [Started(incident.id, plan, decision.checks, decision.skipped)]
