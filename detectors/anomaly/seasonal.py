@@ -1,0 +1,70 @@
+"""Seasonal baseline: compare a value with the same time of day (or week) in earlier periods.
+
+A cycle — nightly batch jobs, daytime traffic, a weekly ETL — makes a normal
+peak look like a breakout to a detector without memory of the cycle, and
+hides a quiet night that should have been busy. This stage splits the period
+(``period`` seconds, e.g. a week) into ``bins`` slots, remembers the mean of
+each slot for the last ``keep`` periods, and feeds its detector the residual
+``value - median(same slot in earlier periods)``. Until a slot has
+``min_periods`` periods of history it stays silent (score 0): the baseline
+starts once enough history exists, not before.
+
+State: ``bins * keep`` floats (168 x 4 for a week of hourly slots), whatever
+the sampling rate. Slots are aligned to the epoch (UTC).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+from detectors.anomaly.model import Evidence, StreamingDetector
+
+
+class SeasonalResidual:
+    """The inner detector sees ``value`` minus the median of its slot over the last ``keep`` periods."""
+
+    __slots__ = (
+        "_expected",
+        "_inner",
+        "_slot",
+        "_slot_count",
+        "_slot_sum",
+        "_slots",
+        "bins",
+        "min_periods",
+        "period",
+    )
+
+    def __init__(self, inner: StreamingDetector, *, period: float = 7 * 86400.0, bins: int = 168, keep: int = 4,
+                 min_periods: int = 2) -> None:
+        if period <= 0 or bins < 1 or keep < 1 or not 1 <= min_periods <= keep:
+            raise ValueError("need period > 0, bins >= 1 and 1 <= min_periods <= keep")
+        self._inner = inner
+        self.period = period
+        self.bins = bins
+        self.min_periods = min_periods
+        self._slots: list[deque[float]] = [deque(maxlen=keep) for _ in range(bins)]
+        self._slot: int | None = None
+        self._slot_sum = 0.0
+        self._slot_count = 0
+        self._expected = float("nan")
+
+    def update(self, ts: float, value: float) -> float:
+        slot = int((ts % self.period) / self.period * self.bins) % self.bins
+        if slot != self._slot:
+            if self._slot is not None and self._slot_count:
+                self._slots[self._slot].append(self._slot_sum / self._slot_count)
+            self._slot, self._slot_sum, self._slot_count = slot, 0.0, 0
+        history = self._slots[slot]
+        score = 0.0
+        if len(history) >= self.min_periods:
+            self._expected = statistics.median(history)
+            score = self._inner.update(ts, value - self._expected)
+        self._slot_sum += value
+        self._slot_count += 1
+        return score
+
+    def evidence(self) -> Evidence:
+        inner = self._inner.evidence()
+        return {**inner, "expected": self._expected} if inner else {}

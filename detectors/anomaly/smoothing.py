@@ -1,0 +1,86 @@
+"""Input stages in front of a detector: a rolling mean, and resampling to a fixed step.
+
+``RollingMean`` feeds its detector the mean of the last ``span`` seconds, so a
+sustained shift (a level that stays up for an hour) can break out even where
+single spikes were higher before. It keeps ``buckets`` partial sums, not the
+samples, so its memory does not grow with the sampling rate.
+
+``Resampled`` turns a fast series (agents report every second) into one mean
+per ``step`` seconds before the detector sees it, so detectors tuned in
+minutes and hours hold the same small state at any report rate and cost a
+fraction of a microsecond per raw sample. A bucket is scored when the first
+sample after it arrives (its mean is only known then — no look-ahead); the
+score is held for the samples in between.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from detectors.anomaly.model import Evidence, StreamingDetector
+
+
+class RollingMean:
+    """The inner detector sees the mean of the last ``span`` seconds (kept in ``buckets`` sums)."""
+
+    __slots__ = ("_buckets", "_first_ts", "_inner", "_width", "buckets", "span")
+
+    def __init__(self, inner: StreamingDetector, span: float, buckets: int = 12) -> None:
+        if span <= 0 or buckets < 1:
+            raise ValueError("span must be positive and buckets >= 1")
+        self._inner = inner
+        self.span = span
+        self.buckets = buckets
+        self._width = span / buckets
+        self._buckets: deque[list[float]] = deque()
+        self._first_ts = math.nan
+
+    def update(self, ts: float, value: float) -> float:
+        if math.isnan(self._first_ts):
+            self._first_ts = ts
+        index = math.floor(ts / self._width)
+        if self._buckets and self._buckets[-1][0] == index:
+            self._buckets[-1][1] += value
+            self._buckets[-1][2] += 1
+        else:
+            self._buckets.append([index, value, 1])
+        while self._buckets[0][0] <= index - self.buckets:
+            self._buckets.popleft()
+        if ts - self._first_ts < self.span:
+            return 0.0  # not a full span yet: a partial mean would break out by construction
+        total = sum(bucket[1] for bucket in self._buckets)
+        count = sum(bucket[2] for bucket in self._buckets)
+        return self._inner.update(ts, total / count)
+
+    def evidence(self) -> Evidence:
+        return self._inner.evidence()
+
+
+class Resampled:
+    """The inner detector sees one mean per ``step`` seconds, timed at the end of its bucket."""
+
+    __slots__ = ("_count", "_index", "_inner", "_score", "_sum", "step")
+
+    def __init__(self, inner: StreamingDetector, step: float) -> None:
+        if step <= 0:
+            raise ValueError("step must be positive")
+        self._inner = inner
+        self.step = step
+        self._index: int | None = None
+        self._sum = 0.0
+        self._count = 0
+        self._score = 0.0
+
+    def update(self, ts: float, value: float) -> float:
+        index = math.floor(ts / self.step)
+        if self._index is not None and index != self._index:
+            self._score = self._inner.update((self._index + 1) * self.step, self._sum / self._count)
+            self._sum, self._count = 0.0, 0
+        self._index = index
+        self._sum += value
+        self._count += 1
+        return self._score
+
+    def evidence(self) -> Evidence:
+        return self._inner.evidence()
