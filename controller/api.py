@@ -93,6 +93,9 @@ class PlanOut(BaseModel):
     incident_id: int
     rule: str
     attempt: int
+    rung: int
+    action: str
+    mode: str
     state: str
     created_at: str
     updated_at: str
@@ -212,7 +215,8 @@ def _units(ctx: ApiContext) -> list[UnitOut]:
 
 
 def _plan(plan: PlanRecord) -> PlanOut:
-    return PlanOut(id=plan.id, incident_id=plan.incident_id, rule=plan.rule, attempt=plan.attempt, state=plan.state,
+    return PlanOut(id=plan.id, incident_id=plan.incident_id, rule=plan.rule, attempt=plan.attempt, rung=plan.rung,
+                   action=plan.action, mode=plan.mode, state=plan.state,
                    created_at=iso(plan.created_at) or "", updated_at=iso(plan.updated_at) or "", detail=plan.detail)
 
 

@@ -179,7 +179,8 @@ class Engine:
         elif isinstance(effect, Resolved):
             await self._resolve(effect, now)
         elif isinstance(effect, Failed):
-            await self._fail(effect.incident_id, effect.reason, now, checks=[c.as_dict() for c in effect.checks])
+            await self._fail(effect.incident_id, effect.reason, now, checks=[c.as_dict() for c in effect.checks],
+                             notify=effect.notify)
         elif isinstance(effect, Held):
             self.metrics.guard_holds.labels(effect.blocking.guard).inc()
             await self._audit(effect.incident_id, "held", {"blocking": effect.blocking.as_dict(),
@@ -220,13 +221,13 @@ class Engine:
                       audit_head=detail.timeline[-1].hash if detail and detail.timeline else None)
 
     async def _fail(self, incident_id: int, reason: str, now: float, *, checks: list[dict[str, object]] | None = None,
-                    event: str = "failed") -> None:
+                    event: str = "failed", notify: bool = True) -> None:
         await self.store.set_incident_state(incident_id, "failed", at=now, reason=reason)
         if checks:
             await self._audit(incident_id, "guards", {"checks": checks})
         incident = self.incidents.get(incident_id)
         self.log.error("incident.failed", incident=incident_id, reason=reason)
-        if incident is not None:
+        if incident is not None and notify:
             await self._notify(incident, "quarantined" if event == "quarantined" else "failed", reason)
 
     async def _notify(self, incident: Incident, event: Any, text: str) -> None:

@@ -109,6 +109,8 @@ class Failed:
     incident_id: int
     reason: str
     checks: tuple[Check, ...] = ()
+    notify: bool = True
+    """False when a human was already paged by the ladder's notify rung: one alert, not two."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +311,8 @@ class Reconciler:
             return []
         if isinstance(decision, Exhausted):
             incident.state = "failed"
-            return [Failed(incident.id, f"ladder exhausted: {decision.reason}; left to a human")]
+            paged = any(a.action == "notify" for a in target.ladder_attempts())
+            return [Failed(incident.id, f"ladder exhausted: {decision.reason}; left to a human", notify=not paged)]
         if isinstance(decision, Refuse):
             incident.state = "failed"
             return [Failed(incident.id, f"{decision.blocking.guard}: {decision.blocking.reason}", decision.checks)]

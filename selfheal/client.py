@@ -92,7 +92,11 @@ def _client(args: argparse.Namespace, *, auth: bool = False) -> httpx.Client:
                 token = token_file.read_text(encoding="utf-8").strip()
             except OSError as exc:
                 print(f"selfheal: cannot read the API token from {token_file}: {exc.strerror}", file=sys.stderr)
-        headers["Authorization"] = f"Bearer {token}"
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        else:
+            print("selfheal: no API token (set SELFHEAL_API_TOKEN, --token-file or --config); "
+                  "the controller will refuse", file=sys.stderr)
     return httpx.Client(base_url=url.rstrip("/"), timeout=args.timeout, headers=headers)
 
 

@@ -44,7 +44,9 @@ def configure_logging(config: LogConfig, *, stream: Any = None) -> None:
 
 
 def get_logger(name: str, **bound: Any) -> Any:
-    return structlog.get_logger(name).bind(**bound)
+    """A lazy logger: it takes the configuration in force when it first logs, not when it is created
+    (module-level loggers are created at import, before ``configure_logging`` runs)."""
+    return structlog.get_logger(name, **bound)
 
 
 class RateLimiter:

@@ -45,8 +45,25 @@ class Cluster:
             f'[mqtt]\nurl = "{self.broker.url}"\nkeepalive = 2.0\nreconnect_max = 1.0\n'
             f'[controller]\nlisten = "127.0.0.1:{self.api_port}"\nstate_dir = "{self.root / "controller"}"\n'
             f"offline_after = 4.0\n{extra}"
-            f'[security]\nkey_dir = "{self.root / "keys"}"\n')
+            f'[security]\nkey_dir = "{self.root / "keys"}"\napi_token_file = "{self.token_file}"\n')
+        self.token_file.write_text("e2e-token-" + self.root.name + "\n")
         return path
+
+    @property
+    def token_file(self) -> Path:
+        return self.root / "api.token"
+
+    def cli(self, *args: str, token_file: Path | None = None) -> subprocess.CompletedProcess[str]:
+        """Run a ``selfheal`` client command against this cluster's controller."""
+        token = token_file or self.token_file
+        return subprocess.run([*SELFHEAL, *args, "--url", self.api, "--token-file", str(token)],
+                              capture_output=True, text=True, timeout=30, check=False)
+
+    def plans(self, incident_id: int) -> list[dict[str, Any]]:
+        return list(self.get(f"/api/v1/incidents/{incident_id}")["plans"])
+
+    def audit(self, incident_id: int) -> list[dict[str, Any]]:
+        return list(self.get(f"/api/v1/incidents/{incident_id}")["timeline"])
 
     def write_agent(self, node: str, units: str, *, interval: float = 0.5) -> Path:
         write_key(self.root / "keys", node)
@@ -100,7 +117,7 @@ class Cluster:
                      timeout: float = 40) -> dict[str, Any]:
         def healthy() -> bool:
             u = self.unit(node, name)
-            return bool(u and u["state"] == "running" and u["healthy"] and u["restarts"] > restarts_above)
+            return bool(u and u["state"] == "running" and u["healthy"] is not False and u["restarts"] > restarts_above)
         eventually_sync(healthy, timeout=timeout, what=f"{node}/{name} healthy")
         unit = self.unit(node, name)
         assert unit is not None
