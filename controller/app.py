@@ -84,10 +84,12 @@ class Controller:
                             clock=self.clock, settings=self.settings(), metrics=self.metrics, notifier=self.notifier,
                             budget=Budget(max_concurrent=budget.max_concurrent, max_node_share=budget.max_node_share,
                                           max_replica_share=budget.max_replica_share, group_label=budget.group_label),
-                            command_ttl=self.config.controller.command_ttl)
+                            command_ttl=self.config.controller.command_ttl,
+                            link_base=self.config.controller.public_url or f"http://{self.config.controller.listen}")
             self.engine = engine
             await engine.recover()
             self.metrics.add_fleet_collector(lambda: self._fleet_gauges(engine))
+            self.metrics.add_stats_collector(engine.stats)
             api = create_api(ApiContext(fleet=self.fleet, store=store, engine=engine, metrics=self.metrics,
                                         clock=self.clock, offline_after=self.config.controller.offline_after,
                                         broker_connected=self.link.connected, api_token=self._api_token()))

@@ -62,7 +62,8 @@ class PlanConflict(SelfhealError):
 class Engine:
     def __init__(self, *, fleet: Fleet, store: SqliteStore, rulebook: Rulebook, dispatcher: Dispatcher,
                  clock: Clock, settings: DetectorSettings, metrics: ControllerMetrics, notifier: Notifier,
-                 budget: Budget | None = None, command_ttl: float = 15.0, tick: float = 0.25) -> None:
+                 budget: Budget | None = None, command_ttl: float = 15.0, tick: float = 0.25,
+                 link_base: str = "") -> None:
         self.fleet = fleet
         self.store = store
         self.rulebook = rulebook
@@ -73,6 +74,8 @@ class Engine:
         self.notifier = notifier
         self.command_ttl = command_ttl
         self.tick = tick
+        self.link_base = link_base.rstrip("/")
+        """Base URL of the API as people reach it, for links in notifications."""
         self.reconciler = Reconciler(rulebook, budget)
         self.incidents: dict[int, Incident] = {}
         self.awaiting: dict[str, tuple[Plan, float]] = {}
@@ -234,7 +237,8 @@ class Engine:
         deliveries = await self.notifier.notify(Notification(
             incident_id=incident.id, event=event, severity="critical",
             title=f"{incident.kind} on {incident.node}/{incident.unit or '-'}: {event.replace('_', ' ')}",
-            text=text, node=incident.node, unit=incident.unit))
+            text=text, node=incident.node, unit=incident.unit,
+            link=f"{self.link_base}/api/v1/incidents/{incident.id}" if self.link_base else ""))
         await self._audit(incident.id, "notification", {"event": event, "deliveries": [
             {"destination": d.destination, "outcome": d.outcome, "detail": d.detail} for d in deliveries]})
 

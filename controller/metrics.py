@@ -40,6 +40,32 @@ class ControllerMetrics:
         self.registry.register(_FleetCollector(read))
 
 
+    def add_stats_collector(self, read: Callable[[], list[dict[str, object]]]) -> None:
+        """``read`` returns the engine's outcome statistics per (finding kind, action)."""
+        self.registry.register(_StatsCollector(read))
+
+
+class _StatsCollector(Collector):
+    def __init__(self, read: Callable[[], list[dict[str, object]]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        rate = GaugeMetricFamily("selfheal_remediation_success_ratio",
+                                 "Share of finished plans that succeeded, per finding kind and action",
+                                 labels=["kind", "action"])
+        median = GaugeMetricFamily("selfheal_remediation_recover_median_seconds",
+                                   "Median time from incident opened to verified recovery, per kind and action",
+                                   labels=["kind", "action"])
+        for row in self._read():
+            labels = [str(row["kind"]), str(row["action"])]
+            if isinstance(row.get("success_rate"), float | int):
+                rate.add_metric(labels, float(row["success_rate"]))  # type: ignore[arg-type]
+            if isinstance(row.get("median_recover_s"), float | int):
+                median.add_metric(labels, float(row["median_recover_s"]))  # type: ignore[arg-type]
+        yield rate
+        yield median
+
+
 class _FleetCollector(Collector):
     def __init__(self, read: Callable[[], tuple[dict[str, int], int]]) -> None:
         self._read = read

@@ -103,7 +103,9 @@ class Narrator:
             detail = self.client.get(f"/api/v1/incidents/{incident['id']}").json()
             start = self.seen.get(incident["id"], 0)
             for entry in detail["timeline"][start:]:
-                self.out(f"  incident #{incident['id']} {entry['kind']:<16} {_describe(entry)}")
+                text = _describe(entry)
+                if text:
+                    self.out(f"  incident #{incident['id']} {entry['kind']:<16} {text}")
             self.seen[incident["id"]] = len(detail["timeline"])
 
     def wait(self, what: str, check: Callable[[], bool], timeout: float) -> bool:
@@ -120,19 +122,30 @@ class Narrator:
         return False
 
 
+QUIET = frozenset({"plan_running", "plan_verifying"})
+"""Timeline entries the narration skips: the entries around them already say it."""
+
+
 def _describe(entry: dict[str, Any]) -> str:
-    data = entry["data"]
+    """One line of narration for an audit entry ("" to skip it)."""
+    data, kind = entry["data"], entry["kind"]
+    if kind in QUIET and not data.get("detail"):
+        return ""
+    if kind == "plan_proposed":
+        steps = ", ".join(f"{s['kind']} {s.get('node', '')}/{s.get('unit', '')}" for s in data["steps"])
+        return f"rule {data['rule']} rung {data['rung']}: {steps} ({len(data['checks'])} guards passed)"
+    if kind == "rechecked":
+        return f"symptom {data['symptom']} just before {data['step']}"
+    if kind == "command_sent":
+        return f"{data['step']} signed and sent to {data['node']} (idempotency key {data['key'][:12]}…)"
+    if kind == "verifying":
+        return f"waiting up to {data['within_s']:g}s for {data['unit']} to be healthy again"
+    if kind == "held":
+        return f"held by {data['blocking']['guard']}: {data['blocking']['reason']}"
     for key in ("summary", "detail", "reason"):
-        if key in data:
+        if data.get(key):
             return str(data[key])
-    if entry["kind"] == "plan":
-        return f"rule {data['rule']}, attempt {data['attempt']}: " + ", ".join(
-            f"{s['kind']} {s['node']}/{s['unit']}" for s in data["steps"])
-    if entry["kind"] == "command_sent":
-        return f"{data['step']} signed and sent to the agent (idempotency key {data['key'][:12]}…)"
-    if entry["kind"] == "verifying":
-        return f"waiting up to {data['within_s']:g}s for the unit to be healthy again"
-    if entry["kind"] == "command_result":
+    if kind == "command_result":
         return f"agent says {data['status']}"
     return ", ".join(f"{k}={v}" for k, v in data.items())
 
