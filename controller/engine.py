@@ -256,7 +256,7 @@ class Engine:
             return
         if plan.mode == "shadow":
             await self._set_plan_state(record, "cancelled", "shadow mode: recorded, not executed")
-            self.reconciler.finish(plan.id, "cancelled", now)
+            self.reconciler.finish(plan.id, "cancelled", now, ran=False)
         elif plan.mode == "approve":
             expires = now + (rule.approval_timeout if (rule := self.rulebook.by_name(plan.rule)) else 900.0)
             await self._set_plan_state(record, "awaiting_approval", f"waiting for a human until {expires:.0f}")
@@ -371,7 +371,7 @@ class Engine:
                 record = await self.store.get_plan(plan_id)
                 if record is not None:
                     await self._set_plan_state(record, "expired", "no human approved it in time")
-                self.reconciler.finish(plan_id, "expired", now)
+                self.reconciler.finish(plan_id, "expired", now, ran=False)
 
     # --- bookkeeping ----------------------------------------------------------------------------
 

@@ -93,6 +93,15 @@ def check_rate_limit(rule_starts: Sequence[float], limit: tuple[int, float], now
     return _allow("rate_limit")
 
 
+def check_exclusive(running: Iterable[Running], node: str, unit: str | None) -> Check:
+    """One disruptive plan per unit at a time, whichever rule started it."""
+    for other in running:
+        if other.disruptive and other.node == node and other.unit == unit:
+            return Check("exclusive", "hold", f"plan {other.plan_id} of rule {other.rule} is already acting on "
+                                              f"{node}/{unit or '-'}")
+    return _allow("exclusive")
+
+
 def check_budget(*, budget: Budget, running: Iterable[Running], node: str, unit: str | None, group: str,
                  group_size: int, replicas: int) -> Check:
     """Fleet disruption budget: concurrent plans, share of a group's nodes, share of a unit's replicas."""

@@ -23,6 +23,7 @@ from remediations.guards import (
     check_backoff,
     check_budget,
     check_cooldown,
+    check_exclusive,
     check_for,
     check_max_attempts,
     check_pause,
@@ -79,6 +80,8 @@ class Context:
     pause_reason: str = ""
     silences: Sequence[Silence] = ()
     stats: Mapping[tuple[str, str], OutcomeStats] = field(default_factory=dict)
+    unit_history: TargetState | None = None
+    """Attempts on this node/unit by every rule: cooldown and max_attempts count them all."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,14 +177,15 @@ def plan_remediation(target: Target, rule: Policy, state: TargetState, ctx: Cont
     checks = [
         check_silence(labels, ctx.silences, now),
         check_quarantine(state, now),
-        check_max_attempts(state, rule.max_attempts, rule.attempt_window, now),
+        check_max_attempts(ctx.unit_history or state, rule.max_attempts, rule.attempt_window, now),
         check_for(target.first_seen, rule.for_, now),
-        check_cooldown(state, rule.cooldown, now),
+        check_cooldown(ctx.unit_history or state, rule.cooldown, now),
         check_backoff(since + delay, now, delay),
         check_rate_limit(ctx.rule_starts, rule.rate_limit, now),
     ]
     if rung.action in DISRUPTIVE_ACTIONS:
         checks += [
+            check_exclusive(ctx.running, target.node, target.unit),
             check_pause(ctx.paused, ctx.pause_reason),
             check_budget(budget=ctx.budget, running=ctx.running, node=target.node, unit=target.unit,
                          group=ctx.group, group_size=ctx.group_size, replicas=ctx.replicas),

@@ -188,8 +188,12 @@ class Reconciler:
     def bind(self, key: str, incident_id: int) -> None:
         self.incidents[key].id = incident_id
 
-    def finish(self, plan_id: str, outcome: str, now: float, *, recover_s: float | None = None) -> None:
-        """A plan ended: ``succeeded``, ``failed``, ``escalated``, ``cancelled`` or ``expired``."""
+    def finish(self, plan_id: str, outcome: str, now: float, *, recover_s: float | None = None,
+               ran: bool = True) -> None:
+        """A plan ended: ``succeeded``, ``failed``, ``escalated``, ``cancelled`` or ``expired``.
+
+        ``ran=False`` for plans that never acted (an approval that expired, shadow mode): they do not
+        count in the success statistics that rungs' floors read."""
         self.running.pop(plan_id, None)
         key = self.plan_incident.pop(plan_id, None)
         incident = self.incidents.get(key) if key else None
@@ -201,7 +205,7 @@ class Reconciler:
             return
         target = self._target(rule.name, incident.symptom)
         action = next((a.action for a in reversed(target.attempts) if a.plan_id == plan_id), "")
-        if outcome in ("succeeded", "failed", "expired") and action:
+        if ran and outcome in ("succeeded", "failed", "expired") and action:
             self.stats.setdefault((incident.symptom.kind, action), OutcomeStats()).record(
                 outcome == "succeeded", recover_s)
         if outcome == "succeeded":
@@ -238,6 +242,14 @@ class Reconciler:
                 del self.targets[oldest]
             target = self.targets[key] = TargetState()
         return target
+
+    def _unit_history(self, target_key: str) -> TargetState:
+        """Every rule's attempts on one node/unit, merged in time order."""
+        merged = sorted((a for (_, t), state in self.targets.items() if t == target_key for a in state.attempts),
+                        key=lambda a: a.at)
+        history = TargetState()
+        history.attempts.extend(merged[-history.attempts.maxlen:] if history.attempts.maxlen else merged)
+        return history
 
     def _note_refire(self, symptom: Symptom, rule: Policy | None, now: float) -> None:
         if rule is None:
@@ -301,7 +313,8 @@ class Reconciler:
             group=group, group_size=max(1, group_sizes.get(group, 1)),
             replicas=max(1, fleet.replicas.get(symptom.unit or "", 1)), standby=standby,
             rule_starts=tuple(self.rule_starts.get(rule.name, ())), paused=self.paused,
-            pause_reason=self.pause_reason, silences=tuple(self.silences), stats=self.stats)
+            pause_reason=self.pause_reason, silences=tuple(self.silences), stats=self.stats,
+            unit_history=self._unit_history(target_key))
         labels = {"kind": symptom.kind, "node": symptom.node, "unit": symptom.unit or "",
                   "severity": symptom.severity, "group": group, **symptom.labels}
         decision = plan_remediation(
@@ -317,9 +330,10 @@ class Reconciler:
             incident.state = "failed"
             return [Failed(incident.id, f"{decision.blocking.guard}: {decision.blocking.reason}", decision.checks)]
         if isinstance(decision, Hold):
-            if decision.blocking.reason == incident.last_hold:
-                return []  # recorded once per reason, not once per tick
-            incident.last_hold = decision.blocking.reason
+            blocking = f"{decision.blocking.guard}|{decision.blocking.until}"
+            if blocking == incident.last_hold:
+                return []  # recorded once per guard and deadline, not once per tick
+            incident.last_hold = blocking
             return [Held(incident.id, decision.checks, decision.blocking)]
         assert isinstance(decision, Propose)  # noqa: S101 - closed set
         plan = decision.plan

@@ -17,6 +17,7 @@ import jsonschema
 import msgspec
 import yaml
 
+from remediations.state import HISTORY
 from rules.model import Backoff, LoopBreaker, Rule, Rulebook, Rung, ThresholdSpec
 from selfheal.errors import RulebookError
 from selfheal.wire import HostMetrics, UnitReport
@@ -106,11 +107,11 @@ SCHEMA: dict[str, Any] = {
                     "reset_after": _SECONDS,
                     "resolve_after": _SECONDS,
                     "cooldown": _SECONDS,
-                    "max_attempts": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    "max_attempts": {"type": "integer", "minimum": 1, "maximum": HISTORY},
                     "attempt_window": {"type": "number", "exclusiveMinimum": 0},
                     "rate_limit": {
                         "type": "object", "additionalProperties": False, "required": ["count", "per"],
-                        "properties": {"count": {"type": "integer", "minimum": 1},
+                        "properties": {"count": {"type": "integer", "minimum": 1, "maximum": 10_000},
                                        "per": {"type": "number", "exclusiveMinimum": 0}},
                     },
                     "approval_timeout": {"type": "number", "exclusiveMinimum": 0},

@@ -32,7 +32,8 @@ from rules.model import Backoff, Rule, Rung
 
 NOW = 1_700_000_000.0
 NO_WAIT = Backoff(first=0.0, base=0.0, factor=1.0, max=0.0, jitter=0.0)
-ALL_GUARDS = ["silence", "quarantine", "max_attempts", "for", "cooldown", "backoff", "rate_limit", "pause", "budget"]
+ALL_GUARDS = ["silence", "quarantine", "max_attempts", "for", "cooldown", "backoff", "rate_limit", "exclusive",
+              "pause", "budget"]
 QUIET_GUARDS = ALL_GUARDS[:7]
 
 
@@ -159,7 +160,8 @@ def test_a_resync_rung_is_skipped() -> None:
 def test_a_unit_rung_is_skipped_for_a_finding_without_a_unit() -> None:
     rule = make_rule(rung("restart"), rung("stop_start"), rung("notify"))
     assert choose_rung(rule, target(unit=None), TargetState(), Context()) == (
-        2, 1, ((0, "restart needs a unit; the finding names none"), (1, "stop_start needs a unit; the finding names none")))
+        2, 1, ((0, "restart needs a unit; the finding names none"),
+               (1, "stop_start needs a unit; the finding names none")))
 
 
 def test_a_rung_whose_recent_success_rate_is_below_its_floor_is_skipped_and_recorded() -> None:
