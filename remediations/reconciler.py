@@ -154,6 +154,8 @@ class Reconciler:
         self.paused = False
         self.pause_reason = ""
         self._resetting: set[tuple[str, str]] = set()
+        self.unit_rules: dict[str, set[str]] = {}
+        """node/unit → rules that have a history for it (to merge their attempts cheaply)."""
 
     # --- inputs ---------------------------------------------------------------------------------
 
@@ -221,6 +223,7 @@ class Reconciler:
         state = self.targets.get((rule, target))
         if state is None:
             state = self.targets[(rule, target)] = TargetState()
+            self.unit_rules.setdefault(target, set()).add(rule)
         state.quarantined_until = max(state.quarantined_until, until)
 
     def restore_incident(self, incident: IncidentState) -> None:
@@ -240,13 +243,18 @@ class Reconciler:
             if len(self.targets) >= MAX_TARGETS:  # bounded: forget the target attempted longest ago
                 oldest = min(self.targets, key=lambda k: self.targets[k].last_attempt_at() or 0.0)
                 del self.targets[oldest]
+                self.unit_rules.get(oldest[1], set()).discard(oldest[0])
             target = self.targets[key] = TargetState()
+            self.unit_rules.setdefault(key[1], set()).add(rule)
         return target
 
     def _unit_history(self, target_key: str) -> TargetState:
         """Every rule's attempts on one node/unit, merged in time order."""
-        merged = sorted((a for (_, t), state in self.targets.items() if t == target_key for a in state.attempts),
-                        key=lambda a: a.at)
+        states = [self.targets[(rule, target_key)] for rule in self.unit_rules.get(target_key, ())
+                  if (rule, target_key) in self.targets]
+        if len(states) == 1:
+            return states[0]
+        merged = sorted((a for state in states for a in state.attempts), key=lambda a: a.at)
         history = TargetState()
         history.attempts.extend(merged[-history.attempts.maxlen:] if history.attempts.maxlen else merged)
         return history
@@ -330,9 +338,9 @@ class Reconciler:
             incident.state = "failed"
             return [Failed(incident.id, f"{decision.blocking.guard}: {decision.blocking.reason}", decision.checks)]
         if isinstance(decision, Hold):
-            blocking = f"{decision.blocking.guard}|{decision.blocking.until}"
+            blocking = decision.blocking.guard
             if blocking == incident.last_hold:
-                return []  # recorded once per guard and deadline, not once per tick
+                return []  # recorded once per blocking guard, not once per tick
             incident.last_hold = blocking
             return [Held(incident.id, decision.checks, decision.blocking)]
         assert isinstance(decision, Propose)  # noqa: S101 - closed set

@@ -305,14 +305,8 @@ def test_a_hold_is_reported_once_per_reason_not_every_tick() -> None:
 
 
 def test_a_cooldown_hold_is_reported_once_not_every_tick() -> None:
-    """BUG: Held is deduplicated on the reason text, and the cooldown reason embeds the elapsed time.
-
-    remediations/reconciler.py:320 compares ``decision.blocking.reason`` with ``incident.last_hold``;
-    remediations/guards.py:76 builds ``f"last attempt {now - last:.1f}s ago; ..."``, which differs every tick,
-    so a cooldown hold is audited (and counted in guard_holds) on every engine tick. The rate_limit and budget
-    reasons carry counts too. Fix: deduplicate on ``(blocking.guard, blocking.until)`` (or make the reasons
-    stable, e.g. ``f"cooldown {cooldown:g}s after the attempt at {last:.0f}"``).
-    """
+    """A hold is audited once per blocking guard, not once per engine tick (the cooldown reason text
+    carries the elapsed time, so deduplicating on the text would log every tick)."""
     rule = Rule(name="r", kind="unit_exited", ladder=(Rung("restart", 5, Backoff(base=0.0, jitter=0.0)),),
                 cooldown=60.0)
     sim = Sim(rule)
@@ -381,15 +375,8 @@ def test_an_expired_silence_no_longer_holds() -> None:
 
 
 def test_two_rules_never_run_disruptive_plans_on_the_same_unit_at_once() -> None:
-    """BUG: target state, cooldown and the one-plan-at-a-time rule are keyed per (rule, node/unit).
-
-    A restart for ``unit_exited`` is still verifying when the restarted unit fails its probe during warm-up:
-    the ``probe_failing`` rule starts a second restart of the same unit on the same node at once (its own
-    cooldown, its own ladder; the replica share counts the node once). remediations/reconciler.py:233
-    (``_target`` keys by ``(rule, node/unit)``) and :299-309 (nothing checks running plans on the same
-    node/unit). Fix: hold in ``_decide`` (or in ``check_budget``) while any running disruptive plan has the
-    same node and unit, and key cooldown/max_attempts by ``plan.cooldown_key`` (node/unit) across rules.
-    """
+    """Two rules matching the same unit (a crash, then a failing probe during warm-up) never act on it at
+    once: the exclusive guard holds the second until the first finishes, and cooldown counts both."""
     probe = Rule(name="restart-unhealthy-unit", kind="probe_failing", ladder=(Rung("restart", 3, FIXED),),
                  cooldown=2.0)
     sim = Sim(CRASH, probe)
