@@ -42,7 +42,7 @@ from selfheal import __version__, sdnotify
 from selfheal.clocks import Clock, SystemClock
 from selfheal.config import Config
 from selfheal.errors import WireError
-from selfheal.keys import read_key
+from selfheal.keys import read_own_key
 from selfheal.logs import RateLimiter, get_logger
 from selfheal.mqtt import MqttLink, Outgoing
 from selfheal.wire import (
@@ -130,7 +130,7 @@ class AgentApp:
         state_dir = Path(config.agent.state_dir)
         await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
         session = await asyncio.to_thread(next_session, state_dir, clock.wall())
-        key = await asyncio.to_thread(read_key, config.security.key_dir, config.agent.node_id)
+        key = await asyncio.to_thread(read_own_key, config.security.key_dir, config.agent.node_id)
         ledger = await asyncio.to_thread(Ledger(state_dir / "ledger.sqlite3").open, clock.wall())
         app = cls(config, session=session, key=key, ledger=ledger, clock=clock, kinds=kinds)
         if key is None:

@@ -309,3 +309,16 @@ def test_config_check_validates_listed_rulebooks(tmp_path: Path, capsys: pytest.
     err = capsys.readouterr().err
     assert str(book) in err
     assert "action" in err
+
+
+def test_the_agent_key_can_come_from_the_environment(tmp_path: Path) -> None:
+    from selfheal.keys import read_own_key, write_key  # noqa: PLC0415 - keeps this test's imports local
+
+    write_key(tmp_path, "node-a")
+    from_file = read_own_key(tmp_path, "node-a", env={})
+    assert from_file is not None
+    assert read_own_key(tmp_path, "node-a", env={"SELFHEAL_COMMAND_KEY": "ab" * 32}) == bytes.fromhex("ab" * 32)
+    with pytest.raises(ConfigError, match=r"\$SELFHEAL_COMMAND_KEY.*not hex"):
+        read_own_key(tmp_path, "node-a", env={"SELFHEAL_COMMAND_KEY": "zz"})
+    with pytest.raises(ConfigError, match="shorter than 16 bytes"):
+        read_own_key(tmp_path, "node-a", env={"SELFHEAL_COMMAND_KEY": "abcd"})
