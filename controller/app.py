@@ -24,6 +24,8 @@ from controller.fleet import Fleet
 from controller.metrics import ControllerMetrics
 from controller.notify import LogNotifier
 from controller.store import SqliteStore
+from detectors.anomaly.policy import AlertPolicySpec
+from detectors.anomaly.watch import AnomalyWatch, WatchSpec
 from detectors.model import DetectorSettings, Threshold
 from remediations.state import Budget
 from rules.loader import load_rulebooks
@@ -31,7 +33,7 @@ from rules.model import Rulebook
 from selfheal import sdnotify, wire
 from selfheal.clocks import Clock, SystemClock
 from selfheal.config import Config, split_host_port
-from selfheal.errors import WireError
+from selfheal.errors import RulebookError, WireError
 from selfheal.keys import read_key
 from selfheal.logs import RateLimiter, get_logger
 from selfheal.mqtt import MqttLink, Outgoing
@@ -44,6 +46,7 @@ class Controller:
         self.config = config
         self.clock = clock or SystemClock()
         self.rulebook: Rulebook = load_rulebooks(config.controller.rulebooks)
+        self.anomalies = build_watch(self.rulebook)
         self.metrics = ControllerMetrics()
         self.fleet = Fleet(history=config.controller.history, max_nodes=config.controller.max_nodes)
         self.session = uuid.uuid4().hex[:12]
@@ -85,7 +88,8 @@ class Controller:
                             budget=Budget(max_concurrent=budget.max_concurrent, max_node_share=budget.max_node_share,
                                           max_replica_share=budget.max_replica_share, group_label=budget.group_label),
                             command_ttl=self.config.controller.command_ttl,
-                            link_base=self.config.controller.public_url or f"http://{self.config.controller.listen}")
+                            link_base=self.config.controller.public_url or f"http://{self.config.controller.listen}",
+                            anomalies=self.anomalies)
             self.engine = engine
             await engine.recover()
             self.metrics.add_fleet_collector(lambda: self._fleet_gauges(engine))
@@ -178,6 +182,19 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def build_watch(rulebook: Rulebook) -> AnomalyWatch | None:
+    """The rulebook's anomaly watches as one live watcher; a bad detector spec is a rulebook error."""
+    if not rulebook.anomalies:
+        return None
+    specs = [WatchSpec(name=a.name, metric=a.metric, detector=dict(a.detector), severity=a.severity,
+                       policy=AlertPolicySpec(threshold=a.threshold, persistence=a.persistence, window=a.window,
+                                              hold=a.hold)) for a in rulebook.anomalies]
+    try:
+        return AnomalyWatch(specs)
+    except ValueError as exc:
+        raise RulebookError(str(exc)) from None
 
 
 async def run_controller(config: Config, *, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:

@@ -28,6 +28,7 @@ from controller.fleet import Fleet
 from controller.metrics import ControllerMetrics
 from controller.notify import Notification, Notifier
 from controller.store import Incident, PlanRecord, SilenceRecord, SqliteStore
+from detectors.anomaly.watch import AnomalyWatch
 from detectors.model import DetectorSettings, Finding
 from detectors.presence import is_offline
 from detectors.registry import detect_node
@@ -51,6 +52,7 @@ from rules.model import Rulebook
 from selfheal.clocks import Clock
 from selfheal.errors import SelfhealError
 from selfheal.logs import get_logger
+from selfheal.wire import Report
 
 ACTIVE = ("running", "verifying", "awaiting_approval", "proposed")
 
@@ -63,7 +65,7 @@ class Engine:
     def __init__(self, *, fleet: Fleet, store: SqliteStore, rulebook: Rulebook, dispatcher: Dispatcher,
                  clock: Clock, settings: DetectorSettings, metrics: ControllerMetrics, notifier: Notifier,
                  budget: Budget | None = None, command_ttl: float = 15.0, tick: float = 0.25,
-                 link_base: str = "") -> None:
+                 link_base: str = "", anomalies: AnomalyWatch | None = None) -> None:
         self.fleet = fleet
         self.store = store
         self.rulebook = rulebook
@@ -77,6 +79,9 @@ class Engine:
         self.link_base = link_base.rstrip("/")
         """Base URL of the API as people reach it, for links in notifications."""
         self.reconciler = Reconciler(rulebook, budget)
+        self.anomalies = anomalies
+        self._fed: dict[str, tuple[int, int]] = {}
+        """node → (session, seq) of the last report fed to the anomaly watch."""
         self.incidents: dict[int, Incident] = {}
         self.awaiting: dict[str, tuple[Plan, float]] = {}
         """Plans waiting for a human: plan id → (plan, expires at)."""
@@ -159,17 +164,34 @@ class Engine:
                     standby[unit.name].append(node_id)
                 else:
                     replicas[unit.name] += 1
-            for finding in detect_node(snapshot, now, self.settings):
+            findings = detect_node(snapshot, now, self.settings)
+            if self.anomalies is not None and node_id not in offline:
+                self._feed_anomalies(node_id, snapshot.reports)
+                findings += self.anomalies.findings(node_id)
+            for finding in findings:
                 symptoms[finding.key] = _from_finding(finding, node.labels)
         return symptoms, FleetView(offline=frozenset(offline), groups=groups, replicas=dict(replicas),
                                    standby={u: tuple(sorted(n)) for u, n in standby.items()})
+
+    def _feed_anomalies(self, node: str, reports: tuple[Report, ...]) -> None:
+        """Each report once, in order (reports are kept in arrival order per node)."""
+        assert self.anomalies is not None  # noqa: S101 - checked by the caller
+        last = self._fed.get(node, (0, -1))
+        for report in reports:
+            if (report.session, report.seq) > last:
+                self.anomalies.observe(report)
+                last = (report.session, report.seq)
+        self._fed[node] = last
 
     def symptom_holds(self, key: str, node: str) -> bool:
         """Re-run the detectors on the node's current state: does the finding still hold?"""
         snapshot = self.fleet.snapshot(node)
         if snapshot is None:
             return False
-        return any(f.key == key for f in detect_node(snapshot, self.clock.wall(), self.settings))
+        findings = detect_node(snapshot, self.clock.wall(), self.settings)
+        if self.anomalies is not None:
+            findings += self.anomalies.findings(node)
+        return any(f.key == key for f in findings)
 
     # --- effects --------------------------------------------------------------------------------
 

@@ -18,11 +18,11 @@ import msgspec
 import yaml
 
 from remediations.state import HISTORY
-from rules.model import Backoff, LoopBreaker, Rule, Rulebook, Rung, ThresholdSpec
+from rules.model import AnomalyWatchSpec, Backoff, LoopBreaker, Rule, Rulebook, Rung, ThresholdSpec
 from selfheal.errors import RulebookError
 from selfheal.wire import HostMetrics, UnitReport
 
-FINDING_KINDS = ["unit_exited", "probe_failing", "node_offline", "metric_threshold"]
+FINDING_KINDS = ["unit_exited", "probe_failing", "node_offline", "metric_threshold", "metric_anomaly"]
 
 
 def _numeric_fields(struct: type[msgspec.Struct]) -> list[str]:
@@ -70,6 +70,28 @@ SCHEMA: dict[str, Any] = {
                     "metric": {"enum": METRICS},
                     "above": {"type": "number"},
                     "samples": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    "severity": _SEVERITY,
+                },
+            },
+        },
+        "anomalies": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", "metric", "detector"],
+                "properties": {
+                    "name": _NAME,
+                    "metric": {"enum": METRICS},
+                    "detector": {"type": "object", "required": ["kind"],
+                                 "additionalProperties": {"type": ["number", "string"]}},
+                    "policy": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {"threshold": {"type": "number", "minimum": 0, "maximum": 1},
+                                       "persistence": {"type": "integer", "minimum": 1},
+                                       "window": {"type": "integer", "minimum": 1, "maximum": 1000},
+                                       "hold": _SECONDS},
+                    },
                     "severity": _SEVERITY,
                 },
             },
@@ -140,6 +162,7 @@ def load_rulebooks(paths: list[str]) -> Rulebook:
         return load_default_rulebook()
     rules: list[Rule] = []
     thresholds: list[ThresholdSpec] = []
+    anomalies: list[AnomalyWatchSpec] = []
     for path in paths:
         try:
             text = Path(path).read_text(encoding="utf-8")
@@ -148,9 +171,11 @@ def load_rulebooks(paths: list[str]) -> Rulebook:
         book = parse_rulebook(text, source=path)
         rules.extend(book.rules)
         thresholds.extend(book.thresholds)
+        anomalies.extend(book.anomalies)
     _check_unique([r.name for r in rules], "rule")
     _check_unique([t.name for t in thresholds], "threshold")
-    return Rulebook(tuple(rules), tuple(thresholds))
+    _check_unique([a.name for a in anomalies], "anomaly")
+    return Rulebook(tuple(rules), tuple(thresholds), tuple(anomalies))
 
 
 def parse_rulebook(text: str, *, source: str) -> Rulebook:
@@ -167,9 +192,22 @@ def parse_rulebook(text: str, *, source: str) -> Rulebook:
                       samples=int(t.get("samples", 3)), severity=t.get("severity", "warning"))
         for t in data.get("thresholds", [])
     )
+    anomalies = tuple(
+        AnomalyWatchSpec(name=a["name"], metric=a["metric"], detector=tuple(sorted(a["detector"].items())),
+                         threshold=float(a.get("policy", {}).get("threshold", 0.5)),
+                         persistence=int(a.get("policy", {}).get("persistence", 1)),
+                         window=int(a.get("policy", {}).get("window", 1)),
+                         hold=float(a.get("policy", {}).get("hold", 600.0)), severity=a.get("severity", "warning"))
+        for a in data.get("anomalies", [])
+    )
+    for watch in anomalies:
+        if watch.persistence > watch.window:
+            raise RulebookError(f"{source}: anomaly {watch.name!r}: policy: persistence {watch.persistence} "
+                                f"exceeds window {watch.window}")
     _check_unique([r.name for r in rules], "rule", source)
     _check_unique([t.name for t in thresholds], "threshold", source)
-    return Rulebook(rules, thresholds)
+    _check_unique([a.name for a in anomalies], "anomaly", source)
+    return Rulebook(rules, thresholds, anomalies)
 
 
 def _rule(item: dict[str, Any], source: str) -> Rule:
@@ -206,10 +244,10 @@ def _rung(item: dict[str, Any]) -> Rung:
 def _describe(source: str, data: Any, error: jsonschema.ValidationError) -> str:
     path = list(error.absolute_path)
     where = ""
-    if len(path) >= 2 and path[0] in ("rules", "thresholds") and isinstance(path[1], int):
+    if len(path) >= 2 and path[0] in ("rules", "thresholds", "anomalies") and isinstance(path[1], int):
         item = data[path[0]][path[1]]
         name = item.get("name") if isinstance(item, dict) else None
-        noun = "rule" if path[0] == "rules" else "threshold"
+        noun = {"rules": "rule", "thresholds": "threshold", "anomalies": "anomaly"}[path[0]]
         label = f"{noun} {name!r} ({path[0]}[{path[1]}])" if name else f"{path[0]}[{path[1]}]"
         key = ".".join(str(p) for p in path[2:])
         where = f"{label}: {key}: " if key else f"{label}: "

@@ -105,9 +105,25 @@ class ThresholdSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class AnomalyWatchSpec:
+    """A streaming anomaly detector per (node, metric): turned into ``metric_anomaly`` findings."""
+
+    name: str
+    metric: str
+    detector: tuple[tuple[str, float | int | str], ...]
+    """The detector spec (``kind`` and its parameters, see docs/DETECTORS.md)."""
+    threshold: float = 0.5
+    persistence: int = 1
+    window: int = 1
+    hold: float = 600.0
+    severity: Literal["info", "warning", "critical"] = "warning"
+
+
+@dataclass(frozen=True, slots=True)
 class Rulebook:
     rules: tuple[Rule, ...]
     thresholds: tuple[ThresholdSpec, ...] = ()
+    anomalies: tuple[AnomalyWatchSpec, ...] = ()
 
     def rule_for(self, kind: str, severity: str, labels: dict[str, str] | None = None) -> Rule | None:
         return next((rule for rule in self.rules if rule.matches(kind, severity, labels or {})), None)

@@ -1,0 +1,121 @@
+"""Live anomaly watching: one streaming detector and alert policy per (watch, node, unit), fed by reports.
+
+The controller hands every new report to ``AnomalyWatch.observe`` (in order,
+once each) and asks ``findings(node)`` for the ``metric_anomaly`` findings that
+hold now. A watch names a metric (``host.<field>`` or ``unit.<field>``, read
+with the same helpers as the threshold detector), a detector spec for
+``registry.build_detector`` and an alert policy (threshold, N-of-M
+persistence, hold). A per-host budget limits how many new alerts one host may
+raise per hour, so a sick host cannot flood the engine.
+
+Pure and bounded: no I/O, no clock (times come from the reports); at most
+``max_streams`` detector instances, the longest idle evicted first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from detectors.anomaly.model import OrderedInput
+from detectors.anomaly.policy import AlertPolicy, AlertPolicySpec, HostAlertBudget
+from detectors.anomaly.registry import build_detector
+from detectors.model import Finding, Severity
+from detectors.thresholds import read_host_metric, read_unit_metric
+from selfheal.wire import Report
+
+MAX_STREAMS = 50_000
+WINDOW = 30
+"""Recent (ts, value, score) samples kept per stream as a finding's evidence."""
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSpec:
+    name: str
+    metric: str
+    """``host.<field>`` or ``unit.<field>`` of the report."""
+    detector: Mapping[str, object]
+    policy: AlertPolicySpec = field(default_factory=AlertPolicySpec)
+    severity: Severity = "warning"
+
+
+@dataclass
+class _Stream:
+    detector: OrderedInput
+    policy: AlertPolicy
+    raised: bool = False
+    admitted: bool = False
+    last_ts: float = 0.0
+    window: list[tuple[float, float, float]] = field(default_factory=list)
+
+
+class AnomalyWatch:
+    def __init__(self, specs: Sequence[WatchSpec], *, max_streams: int = MAX_STREAMS,
+                 host_budget: tuple[int, float] = (3, 3600.0)) -> None:
+        for spec in specs:  # fail at start, naming the watch, not on the first report
+            try:
+                build_detector(spec.detector)
+            except ValueError as exc:
+                raise ValueError(f"anomaly watch {spec.name!r}: detector: {exc}") from None
+        self.specs = tuple(specs)
+        self.max_streams = max_streams
+        self.host_budget = host_budget
+        self._streams: OrderedDict[tuple[str, str, str], _Stream] = OrderedDict()
+        self._budgets: dict[str, HostAlertBudget] = {}
+        self.samples = 0
+
+    def observe(self, report: Report) -> None:
+        for spec in self.specs:
+            scope, _, name = spec.metric.partition(".")
+            if scope == "host":
+                value = read_host_metric(report.host, name)
+                if value is not None:
+                    self._feed(spec, report.node, "", report.ts, value)
+            else:
+                for unit in report.units:
+                    if unit.state != "running":
+                        continue
+                    unit_value = read_unit_metric(unit, name)
+                    if unit_value is not None:
+                        self._feed(spec, report.node, unit.name, report.ts, unit_value)
+
+    def _feed(self, spec: WatchSpec, node: str, unit: str, ts: float, value: float) -> None:
+        key = (spec.name, node, unit)
+        stream = self._streams.get(key)
+        if stream is None:
+            while len(self._streams) >= self.max_streams:
+                self._streams.popitem(last=False)
+            stream = self._streams[key] = _Stream(build_detector(spec.detector), AlertPolicy(spec.policy))
+        self._streams.move_to_end(key)
+        score = stream.detector.update(ts, value)
+        self.samples += 1
+        verdict = stream.policy.observe(ts, score)
+        stream.window.append((ts, value, score))
+        del stream.window[:-WINDOW]
+        stream.last_ts = ts
+        if verdict.onset:
+            budget = self._budgets.setdefault(node, HostAlertBudget(*self.host_budget))
+            stream.admitted = budget.admit(ts)
+        stream.raised = verdict.raised and stream.admitted
+
+    def findings(self, node: str) -> list[Finding]:
+        out = []
+        for (name, stream_node, unit), stream in self._streams.items():
+            if stream_node != node or not stream.raised:
+                continue
+            spec = next(s for s in self.specs if s.name == name)
+            what = f"unit {unit} on {node}" if unit else f"node {node}"
+            out.append(Finding(
+                kind="metric_anomaly", node=node, unit=unit or None, severity=spec.severity,
+                summary=f"{spec.metric} of {what} is anomalous ({name}: score {stream.policy.peak:.2f})",
+                evidence={"watch": name, "metric": spec.metric, "score": round(stream.policy.peak, 4),
+                          "detector": dict(stream.detector.evidence()),
+                          "window": [{"ts": ts, "value": v, "score": round(s, 4)} for ts, v, s in stream.window]}))
+        return out
+
+    def forget(self, node: str) -> None:
+        """Drop a node's streams (it left the fleet)."""
+        for key in [k for k in self._streams if k[1] == node]:
+            del self._streams[key]
+        self._budgets.pop(node, None)
