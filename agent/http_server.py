@@ -1,0 +1,77 @@
+"""The agent's HTTP server: uvicorn on ``agent.listen`` inside the agent's task group.
+
+``bind_listen`` binds the socket up front (port 0 picks a free port), so the
+address is known before the MQTT last will is built and can be announced in
+``NodeStatus.http``. A wildcard host (``0.0.0.0``, ``::``) is announced as
+the local address this host would use to reach the broker — the interface
+the controller and peers most likely share with it — found by connecting a
+UDP socket, which sends nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+from starlette.applications import Starlette
+
+from selfheal.config import split_host_port
+
+WILDCARDS = ("0.0.0.0", "::", "")  # noqa: S104 - recognised, not bound here
+
+
+def bind_listen(listen: str, *, broker_host: str) -> tuple[socket.socket, str]:
+    """A bound TCP socket for ``listen`` and the ``host:port`` to announce for it."""
+    host, port = split_host_port(listen, what="agent.listen")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    bound = int(sock.getsockname()[1])
+    announced = host if host not in WILDCARDS else _route_address(broker_host, family)
+    return sock, f"[{announced}]:{bound}" if ":" in announced else f"{announced}:{bound}"
+
+
+def _route_address(broker_host: str, family: socket.AddressFamily) -> str:
+    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((broker_host, 9))  # UDP connect: picks a route, sends nothing
+        address = str(probe.getsockname()[0])
+        if address not in WILDCARDS:
+            return address
+    return socket.gethostname()
+
+
+class HttpServer:
+    """One uvicorn server on an already bound socket; ``run`` until ``stop``."""
+
+    def __init__(self, app: Starlette, sock: socket.socket) -> None:
+        self.sock = sock
+        self.server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+
+    @property
+    def started(self) -> bool:
+        return bool(self.server.started)
+
+    async def run(self, *, stop: asyncio.Event) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.server.serve(sockets=[self.sock]), name="agent-http-serve")
+                await stop.wait()
+                self.server.should_exit = True
+        finally:
+            self.sock.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn inside our task group: signals belong to the process, not to the HTTP server."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield

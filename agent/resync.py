@@ -1,0 +1,307 @@
+"""The resync puller: repair this node's replica of a dataset from a peer, chunk by verified chunk.
+
+``DatasetResyncer.resync`` executes one ``wire.ResyncDataset`` command. Per
+path, in the order the controller listed them:
+
+- ``fetch``: the file is rebuilt in a temp file in its own directory
+  (``.<name>.selfheal-resync.tmp``, created afresh by every attempt): the
+  listed chunks are pulled from the source's HTTP with the transfer token,
+  the others are copied from the local file; *every* chunk is checked
+  against the authority's hash list as it arrives or is read — the source is
+  never trusted, and the answer must come from the authority's root
+  (``X-Selfheal-Root``), so a source that changed since it was verified is
+  refused. Then: fsync, re-read and verify the whole file, set its mode, keep
+  the old file in the quarantine, rename over it atomically, fsync the
+  directory. Anything going wrong before the rename leaves the old file as it
+  was and removes the temp file.
+- ``delete``: an extra path goes (a file into the quarantine first);
+  ``mkdir`` creates a directory; ``chmod`` sets a mode.
+
+Every path is opened beneath the dataset root without following symlinks
+(``agent.digests.reading``). One resync per dataset at a time; none while the
+dataset is being written (a fresh incremental scan must say ``ok`` first),
+and the digester is held off while files are swapped. Pulled bytes honour
+the dataset's ``read_bandwidth``. Afterwards the dataset is rescanned at once,
+so the controller sees the new root without waiting a scan interval.
+
+The quarantine (``<state_dir>/quarantine/<dataset>/``) keeps at most
+``QUARANTINE_FILES`` files and ``QUARANTINE_BYTES`` bytes, oldest evicted
+first; a replaced file larger than the whole budget is not kept (logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import math
+import os
+import shutil
+import stat
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import httpx
+
+from agent.digests.hashing import Algorithm, algorithm_named, hash_chunk, parse_digest
+from agent.digests.reading import hash_open_file, open_beneath, read_chunk, split_relpath
+from agent.digests.scanner import DatasetScanner
+from agent.digests.throttle import Throttle
+from selfheal.clocks import Clock
+from selfheal.logs import get_logger
+from selfheal.wire import ResyncDataset, ResyncFile
+
+Status = Literal["done", "failed"]
+TEMP_SUFFIX = ".selfheal-resync.tmp"
+QUARANTINE_FILES = 100
+QUARANTINE_BYTES = 2 * 1024**3
+_WRITE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+class ResyncRefused(Exception):
+    """This repair must not go on (a chunk that does not verify, a path that is not plain...)."""
+
+
+@dataclass
+class _Tally:
+    pulled_bytes: int = 0
+    reused_bytes: int = 0
+    paths: list[str] = field(default_factory=list)
+
+
+class DatasetResyncer:
+    def __init__(self, *, scanner: DatasetScanner, state_dir: Path, clock: Clock, node_id: str = "",
+                 transport: httpx.AsyncBaseTransport | None = None, request_timeout: float = 30.0) -> None:
+        self.scanner = scanner
+        self.quarantine = state_dir / "quarantine"
+        self.clock = clock
+        self.transport = transport
+        self.request_timeout = request_timeout
+        self._busy: set[str] = set()
+        self._throttles = {name: Throttle(view.config.read_bandwidth) for name, view in scanner.views.items()}
+        self.log = get_logger("agent.resync", node=node_id)
+
+    async def resync(self, step: ResyncDataset) -> tuple[Status, str]:
+        view = self.scanner.view(step.dataset)
+        if view is None:
+            return "failed", f"no dataset {step.dataset!r} on this node"
+        if step.dataset in self._busy:
+            return "failed", f"a resync of {step.dataset} is already running"
+        self._busy.add(step.dataset)
+        try:
+            before = await self.scanner.scan(step.dataset, deep=False)
+            if before.state != "ok":
+                why = before.error or "being written"
+                return "failed", f"{step.dataset} is {before.state} here ({why}): not repaired"
+            tally = _Tally()
+            try:
+                async with view.lock:  # no scan reads the dataset while files are swapped
+                    await self._repair(step, view.config.path, tally)
+            except (ResyncRefused, OSError, httpx.HTTPError) as exc:
+                self.log.warning("resync.failed", dataset=step.dataset, reason=str(exc), done=tally.paths[:20])
+                return "failed", f"{step.dataset}: {exc} (repaired before that: {len(tally.paths)} paths)"
+            after = await self.scanner.scan(step.dataset, deep=False)
+        finally:
+            self._busy.discard(step.dataset)
+        verdict = ("matches the authority" if after.root == step.expected_root
+                   else f"is {after.root or after.state}, not yet the authority's (more commands may follow)")
+        self.log.info("resync.done", dataset=step.dataset, paths=len(tally.paths), pulled_bytes=tally.pulled_bytes,
+                      reused_bytes=tally.reused_bytes, root=after.root, expected=step.expected_root)
+        return "done", (f"repaired {len(tally.paths)} paths of {step.dataset}: pulled {tally.pulled_bytes} bytes, "
+                        f"reused {tally.reused_bytes} local bytes; the new root {verdict}")
+
+    async def _repair(self, step: ResyncDataset, root: str, tally: _Tally) -> None:
+        async with httpx.AsyncClient(base_url=step.source_url, timeout=self.request_timeout,
+                                     transport=self.transport,
+                                     headers={"Authorization": f"Bearer {step.token}"}) as client:
+            for item in step.files:
+                try:
+                    parts = split_relpath(item.path)
+                except ValueError as exc:
+                    raise ResyncRefused(f"{item.path!r}: {exc}") from None
+                if not parts:
+                    raise ResyncRefused("the dataset root itself cannot be repaired")
+                if item.action == "fetch":
+                    await self._fetch(client, step, root, parts=parts, item=item, tally=tally)
+                else:
+                    await asyncio.to_thread(self._apply, step.dataset, root, parts, item)
+                tally.paths.append(item.path)
+
+    # --- fetch ----------------------------------------------------------------------------------
+
+    async def _fetch(self, client: httpx.AsyncClient, step: ResyncDataset, root: str, *, parts: tuple[str, ...],
+                     item: ResyncFile, tally: _Tally) -> None:
+        expected = [parse_digest(h) for h in item.chunk_hashes]
+        algs = {alg for alg, _ in expected}
+        if len(algs) > 1 or len(expected) != math.ceil(item.size / step.chunk_size):
+            raise ResyncRefused(f"{item.path}: {len(expected)} chunk hashes do not describe {item.size} bytes")
+        alg = algorithm_named(algs.pop()) if algs else algorithm_named("sha256")
+        pulled = set(item.chunks)
+        throttle = self._throttles.get(step.dataset) or Throttle(0)
+        dfd = await asyncio.to_thread(open_beneath, root, parts[:-1], directory=True)
+        name, temp = parts[-1], f".{parts[-1]}{TEMP_SUFFIX}"
+        old = await asyncio.to_thread(_open_old, dfd, name)
+        out = -1
+        try:
+            out = await asyncio.to_thread(os.open, temp, _WRITE_FLAGS, 0o600, dir_fd=dfd)
+            for index, (_, digest) in enumerate(expected):
+                length = min(step.chunk_size, item.size - index * step.chunk_size)
+                data = None
+                if index not in pulled and old >= 0:
+                    data = await asyncio.to_thread(read_chunk, old, index, step.chunk_size)
+                    if len(data) != length or hash_chunk(alg, data) != digest:
+                        data = None  # the local chunk is bad too: pull it after all
+                    else:
+                        tally.reused_bytes += length
+                if data is None:
+                    data = await self._pull(client, step, item.path, index=index, length=length, alg=alg,
+                                            digest=digest)
+                    await asyncio.to_thread(throttle.consume, len(data))
+                    tally.pulled_bytes += length
+                await asyncio.to_thread(os.pwrite, out, data, index * step.chunk_size)
+            await asyncio.to_thread(_finish_temp, out, item, alg, step.chunk_size, [d for _, d in expected])
+            await asyncio.to_thread(self._swap, step.dataset, dfd, name, temp, item.path)
+        except BaseException:
+            await asyncio.to_thread(_unlink_quietly, dfd, temp)
+            raise
+        finally:
+            for fd in (out, old, dfd):
+                if fd >= 0:
+                    os.close(fd)
+
+    async def _pull(self, client: httpx.AsyncClient, step: ResyncDataset, path: str, *, index: int, length: int,
+                    alg: Algorithm, digest: bytes) -> bytes:
+        response = await client.get(f"/datasets/{step.dataset}/chunk", params={"path": path, "index": str(index)})
+        if response.status_code != 200:
+            raise ResyncRefused(f"{path} chunk {index}: the source answered HTTP {response.status_code} "
+                                f"{response.text[:200]}")
+        served_root = response.headers.get("X-Selfheal-Root", "")
+        if served_root != step.expected_root:
+            raise ResyncRefused(f"{path} chunk {index}: the source serves root {served_root or '?'}, not the "
+                                f"authority's {step.expected_root}: it changed, not used")
+        data = response.content
+        if len(data) != length or hash_chunk(alg, data) != digest:
+            raise ResyncRefused(f"{path} chunk {index} from the source does not verify against the authority: "
+                                "refused")
+        return data
+
+    def _swap(self, dataset: str, dfd: int, name: str, temp: str, path: str) -> None:
+        """Keep what stands at ``name`` in the quarantine, then rename the verified temp file over it."""
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            _remove_tree(dfd, name)
+        elif st is not None and stat.S_ISREG(st.st_mode):
+            self._keep(dataset, dfd, name, path, st.st_size)
+        os.rename(temp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        os.fsync(dfd)
+
+    # --- delete, mkdir, chmod -------------------------------------------------------------------
+
+    def _apply(self, dataset: str, root: str, parts: tuple[str, ...], item: ResyncFile) -> None:
+        dfd = open_beneath(root, parts[:-1], directory=True)
+        name = parts[-1]
+        try:
+            if item.action == "delete":
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    return
+                if stat.S_ISDIR(st.st_mode):
+                    _remove_tree(dfd, name)
+                else:
+                    if stat.S_ISREG(st.st_mode):
+                        self._keep(dataset, dfd, name, item.path, st.st_size)
+                    os.unlink(name, dir_fd=dfd)
+            elif item.action == "mkdir":
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o700, dir_fd=dfd)
+                _chmod_beneath(root, parts, item.mode)
+            else:
+                _chmod_beneath(root, parts, item.mode)
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _keep(self, dataset: str, dfd: int, name: str, path: str, size: int) -> None:
+        """A copy of the replaced file in the bounded quarantine (a hard link when on the same filesystem)."""
+        if size > QUARANTINE_BYTES:
+            self.log.warning("resync.not_quarantined", dataset=dataset, path=path, size=size,
+                             reason="larger than the whole quarantine")
+            return
+        folder = self.quarantine / dataset
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{self.clock.wall():.6f}-{path.replace('/', '%')}"
+        try:
+            os.link(name, target, src_dir_fd=dfd, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+            src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+            try:
+                with os.fdopen(src, "rb", closefd=False) as reader, target.open("wb") as writer:
+                    shutil.copyfileobj(reader, writer, 1024 * 1024)
+            finally:
+                os.close(src)
+        _bound_quarantine(folder)
+        self.log.info("resync.quarantined", dataset=dataset, path=path, kept=str(target))
+
+
+def _open_old(dfd: int, name: str) -> int:
+    """The current file at ``name`` for reusing its good chunks, or -1 (absent, not a regular file)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), dir_fd=dfd)
+    except OSError:
+        return -1
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return -1
+    return fd
+
+
+def _finish_temp(fd: int, item: ResyncFile, alg: Algorithm, chunk_size: int, expected: list[bytes]) -> None:
+    """fsync, then re-read the whole temp file and check it against the authority before it may replace."""
+    os.ftruncate(fd, item.size)
+    os.fsync(fd)
+    os.lseek(fd, 0, os.SEEK_SET)
+    digest = hash_open_file(fd, alg=alg, chunk_size=chunk_size, expected=None, throttle=Throttle(0),
+                            abort=threading.Event(), buffer=bytearray(max(chunk_size, 1)))
+    if digest is None or digest.size != item.size or list(digest.chunks) != expected:
+        raise ResyncRefused(f"{item.path}: the rebuilt file does not verify as a whole")
+    os.fchmod(fd, item.mode & 0o7777)
+
+
+def _chmod_beneath(root: str, parts: tuple[str, ...], mode: int) -> None:
+    try:
+        fd = open_beneath(root, parts)
+    except OSError as exc:
+        if exc.errno != errno.EISDIR:
+            raise
+        fd = open_beneath(root, parts, directory=True)
+    try:
+        os.fchmod(fd, mode & 0o7777)
+    finally:
+        os.close(fd)
+
+
+def _remove_tree(dfd: int, name: str) -> None:
+    shutil.rmtree(name, dir_fd=dfd)
+
+
+def _unlink_quietly(dfd: int, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dfd)
+
+
+def _bound_quarantine(folder: Path) -> None:
+    kept = sorted(folder.iterdir(), key=lambda p: p.name)  # names start with the time they were kept
+    sizes = {p: p.lstat().st_size for p in kept}
+    total = sum(sizes.values())
+    while kept and (len(kept) > QUARANTINE_FILES or total > QUARANTINE_BYTES):
+        victim = kept.pop(0)
+        total -= sizes[victim]
+        victim.unlink(missing_ok=True)
