@@ -10,6 +10,11 @@ node's command key, then runs in one task group:
   controller's status, and publishes its retained ``online`` birth, again
   whenever a (new) controller comes online;
 - the supervisor (units, their watchers and probes);
+- the digester (``agent.digests``): a Merkle tree per dataset, scanned on
+  schedule in a thread, its roots published retained on ``digests``;
+- the HTTP server on ``agent.listen`` (``agent.peer_api``): dataset trees,
+  chunk lists and chunks for the controller and peers, behind transfer
+  tokens; its address goes out in every status message;
 - the reporter: one ``Report`` per ``agent.interval`` while connected;
 - the command loop: commands are decoded at the edge (malformed ones are
   dropped, counted and logged, rate-limited), queued (bounded) and executed
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections import Counter
 from collections.abc import Mapping
 from contextlib import suppress
@@ -34,20 +40,27 @@ from typing import Literal
 import msgspec
 
 from agent.collect import ProcessSampler, collect_host
+from agent.digests.cache import DigestCache
+from agent.digests.scanner import DatasetScanner
 from agent.executor import CommandExecutor
+from agent.http_server import HttpServer, bind_listen
 from agent.ledger import Ledger
+from agent.peer_api import PeerApiContext, create_peer_api
+from agent.resync import DatasetResyncer
 from agent.supervisor import DEFAULT_KINDS, Supervisor
 from agent.units.base import UnitContext, UnitFactory
 from selfheal import __version__, sdnotify
 from selfheal.clocks import Clock, SystemClock
 from selfheal.config import Config
-from selfheal.errors import WireError
+from selfheal.errors import SelfhealError, WireError
 from selfheal.keys import read_own_key
 from selfheal.logs import RateLimiter, get_logger
 from selfheal.mqtt import MqttLink, Outgoing
 from selfheal.wire import (
     CONTROLLER_STATUS_TOPIC,
     Command,
+    DatasetDigest,
+    DatasetSummary,
     Event,
     EventBody,
     HostMetrics,
@@ -90,8 +103,9 @@ def next_session(state_dir: Path, wall: float) -> int:
 class AgentApp:
     """One running agent; build it with ``AgentApp.open`` (it does the blocking reads)."""
 
-    def __init__(self, config: Config, *, session: int, key: bytes | None, ledger: Ledger,
-                 clock: Clock, kinds: Mapping[str, UnitFactory] | None = None) -> None:
+    def __init__(self, config: Config, *, session: int, key: bytes | None, ledger: Ledger, cache: DigestCache,
+                 http: tuple[socket.socket, str], clock: Clock,
+                 kinds: Mapping[str, UnitFactory] | None = None) -> None:
         agent = config.agent
         self.config = config
         self.node_id = agent.node_id
@@ -104,8 +118,10 @@ class AgentApp:
         """events, reports, and dropped input by reason (malformed, oversized, spoofed, queue_full)."""
         self.limiter = RateLimiter(period=60.0)
         self.log = get_logger("agent", node=self.node_id)
+        self.cache = cache
+        http_socket, self.http_address = http
         self.topics = {channel: node_topic(self.node_id, channel)
-                       for channel in ("status", "report", "events", "commands")}
+                       for channel in ("status", "report", "digests", "events", "commands")}
         host, port = config.mqtt.host_port()
         self.link = MqttLink(
             host, port, client_id=f"selfheal-agent-{self.node_id}",
@@ -115,9 +131,16 @@ class AgentApp:
         )
         ctx = UnitContext(node_id=self.node_id, state_dir=self.state_dir, emit=self.emit, clock=clock)
         self.supervisor = Supervisor(agent.units, ctx, kinds=kinds or DEFAULT_KINDS)
-        self.executor = CommandExecutor(node_id=self.node_id, key=key, ledger=ledger,
-                                        units=self.supervisor, clock=clock, limiter=self.limiter)
         self.sampler = ProcessSampler()
+        self.digests = DatasetScanner(agent.datasets, cache=cache, publish=self._publish_digests, clock=clock,
+                                      node_id=self.node_id)
+        self.resyncer = DatasetResyncer(scanner=self.digests, state_dir=self.state_dir, clock=clock,
+                                        node_id=self.node_id)
+        self.executor = CommandExecutor(node_id=self.node_id, key=key, ledger=ledger,
+                                        units=self.supervisor, clock=clock, limiter=self.limiter,
+                                        datasets=self.resyncer)
+        self.http = HttpServer(create_peer_api(PeerApiContext(
+            node_id=self.node_id, key=key, datasets=self.digests.view, cache=cache, clock=clock)), http_socket)
         self._commands: asyncio.Queue[Command | None] = asyncio.Queue(maxsize=COMMAND_QUEUE)
         self._controller_session: str | None = None
         self._host: HostMetrics | None = None
@@ -125,14 +148,22 @@ class AgentApp:
     @classmethod
     async def open(cls, config: Config, *, clock: Clock | None = None,
                    kinds: Mapping[str, UnitFactory] | None = None) -> AgentApp:
-        """Prepare the state dir, bump the session, open the ledger, read the key."""
+        """Prepare the state dir, bump the session, open the ledger and digest cache, read the key, bind HTTP."""
         clock = clock or SystemClock()
         state_dir = Path(config.agent.state_dir)
         await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
         session = await asyncio.to_thread(next_session, state_dir, clock.wall())
         key = await asyncio.to_thread(read_own_key, config.security.key_dir, config.agent.node_id)
         ledger = await asyncio.to_thread(Ledger(state_dir / "ledger.sqlite3").open, clock.wall())
-        app = cls(config, session=session, key=key, ledger=ledger, clock=clock, kinds=kinds)
+        cache = await asyncio.to_thread(DigestCache(state_dir / "digests.sqlite3").open,
+                                        [d.name for d in config.agent.datasets])
+        try:
+            http = bind_listen(config.agent.listen, broker_host=config.mqtt.host_port()[0])
+        except OSError as exc:
+            await asyncio.to_thread(ledger.close)
+            await asyncio.to_thread(cache.close)
+            raise SelfhealError(f"agent.listen {config.agent.listen}: cannot listen: {exc.strerror}") from None
+        app = cls(config, session=session, key=key, ledger=ledger, cache=cache, http=http, clock=clock, kinds=kinds)
         if key is None:
             app.log.warning("agent.no_command_key", key_dir=config.security.key_dir,
                             consequence="every command will be rejected")
@@ -141,6 +172,7 @@ class AgentApp:
     async def run(self, *, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         units_stop, units_started, link_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self.log.info("agent.starting", session=self.session, units=self.supervisor.names,
+                      datasets=list(self.digests.views), http=self.http_address,
                       broker=f"{self.link.host}:{self.link.port}")
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.link.run(stop=link_stop, handle=self.handle, on_connect=self._on_connect),
@@ -148,6 +180,8 @@ class AgentApp:
             units = tg.create_task(self.supervisor.run(stop=units_stop, started=units_started),
                                    name="agent-supervisor")
             reporter = tg.create_task(self._report_loop(stop=stop), name="agent-report")
+            digests = tg.create_task(self.digests.run(stop=stop), name="agent-digests")
+            http = tg.create_task(self.http.run(stop=stop), name="agent-http")
             commands = tg.create_task(self._command_loop(), name="agent-commands")
             readiness = tg.create_task(self._signal_ready(units_started, ready), name="agent-ready")
             await stop.wait()
@@ -157,11 +191,18 @@ class AgentApp:
             self._end_commands()
             await commands
             await reporter
+            await digests
+            await http
             self.link.publish(self.topics["status"], encode(self._status("offline")), qos=1, retain=True)
             units_stop.set()
             await units
             link_stop.set()
         self.log.info("agent.stopped", counts=dict(self.counts), commands=dict(self.executor.counts))
+
+    def close(self) -> None:
+        """Close the ledger and the digest cache (blocking)."""
+        self.ledger.close()
+        self.cache.close()
 
     def emit(self, body: EventBody) -> None:
         """Send one event (QoS 1); it waits in the outbox while the broker is away."""
@@ -203,6 +244,8 @@ class AgentApp:
         await link.subscribe(self.topics["commands"], qos=1)
         await link.subscribe(CONTROLLER_STATUS_TOPIC, qos=1)
         self._announce()
+        if summaries := self.digests.summaries():  # a broker restarted without persistence forgot them
+            self._publish_digests(summaries)
 
     def _announce(self) -> None:
         self.link.publish(self.topics["status"], encode(self._status("online")), qos=1, retain=True)
@@ -211,7 +254,7 @@ class AgentApp:
         return NodeStatus(node=self.node_id, state=state,
                           session=self.session, version=__version__,
                           units=[unit.name for unit in self.config.agent.units],
-                          labels=dict(self.config.agent.labels), http="",
+                          labels=dict(self.config.agent.labels), http=self.http_address,
                           ts=self.clock.wall())
 
     def _drop(self, reason: str, detail: str, topic: str) -> None:
@@ -220,9 +263,17 @@ class AgentApp:
             self.log.warning("agent.message_dropped", reason=reason, detail=detail[:300], topic=topic,
                              suppressed_so_far=self.limiter.suppressed)
 
+    def _publish_digests(self, summaries: list[DatasetSummary]) -> None:
+        """The node's dataset digests, retained: a (new) controller learns them on subscribing."""
+        digest = DatasetDigest(node=self.node_id, session=self.session, ts=self.clock.wall(), datasets=summaries)
+        self.link.publish(self.topics["digests"], encode(digest), qos=1, retain=True)
+        self.counts["digests"] += 1
+
     async def _signal_ready(self, units_started: asyncio.Event, ready: asyncio.Event | None) -> None:
         await units_started.wait()
         await self.link.connected.wait()
+        while not self.http.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
+            await asyncio.sleep(0.02)
         self.log.info("agent.ready", session=self.session)
         if ready is not None:
             ready.set()
@@ -282,4 +333,4 @@ async def run_agent(config: Config, *, stop: asyncio.Event, ready: asyncio.Event
     try:
         await app.run(stop=stop, ready=ready)
     finally:
-        await asyncio.to_thread(app.ledger.close)
+        await asyncio.to_thread(app.close)

@@ -27,7 +27,7 @@ from agent.ledger import RUNNING, Ledger
 from selfheal.clocks import Clock
 from selfheal.errors import StoreError, UnitError
 from selfheal.logs import RateLimiter, get_logger
-from selfheal.wire import Command, CommandResult, RestartUnit, StartUnit, StopUnit, verify_command
+from selfheal.wire import Command, CommandResult, RestartUnit, ResyncDataset, StartUnit, StopUnit, verify_command
 
 Status = Literal["done", "failed", "rejected", "duplicate"]
 
@@ -38,6 +38,12 @@ class UnitControl(Protocol):
     async def restart(self, name: str) -> object: ...
     async def stop(self, name: str) -> object: ...
     async def start(self, name: str) -> object: ...
+
+
+class DatasetRepair(Protocol):
+    """What the executor needs from the resync puller (``agent.resync``)."""
+
+    async def resync(self, step: ResyncDataset) -> tuple[Literal["done", "failed"], str]: ...
 
 
 class Rejection(NamedTuple):
@@ -74,11 +80,12 @@ class CommandExecutor:
     """Executes commands addressed to this node; see the module docstring."""
 
     def __init__(self, *, node_id: str, key: bytes | None, ledger: Ledger, units: UnitControl,
-                 clock: Clock, limiter: RateLimiter | None = None) -> None:
+                 clock: Clock, limiter: RateLimiter | None = None, datasets: DatasetRepair | None = None) -> None:
         self.node_id = node_id
         self.key = key
         self.ledger = ledger
         self.units = units
+        self.datasets = datasets
         self.clock = clock
         self.highest_epoch = 0
         self.counts: Counter[str] = Counter()
@@ -126,6 +133,10 @@ class CommandExecutor:
             elif isinstance(step, StartUnit):
                 unit = await self.units.start(step.unit)
                 verb = "started"
+            elif isinstance(step, ResyncDataset):
+                if self.datasets is None:
+                    return "failed", "this agent holds no datasets"
+                return await self.datasets.resync(step)
             else:
                 return "failed", f"step {type(step).__name__} is not supported by this agent"
         except UnitError as exc:

@@ -6,6 +6,11 @@ probe in its task group, and on stop stops every unit (SIGTERM, then SIGKILL
 after the unit's grace) before returning. Unit kinds come from an explicit
 registry ``kind -> factory`` passed in by the composition root.
 
+A unit with ``every`` is wrapped in a ``ScheduledUnit`` (``agent.units.schedule``)
+whatever its kind. A unit with a ``progress_file`` gets a ``ProgressWatcher``
+task; its progress, the time it last moved and ``stall_after`` go into the
+unit's report, for the controller's stall detector (``agent.progress``).
+
 The supervisor never restarts a crashed unit on its own: the controller
 decides, and asks through ``restart`` (a ``restart_unit`` command).
 """
@@ -13,21 +18,24 @@ decides, and asks through ``restart`` (a ``restart_unit`` command).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 
 import msgspec
 
 from agent.probes import ProbeRunner
+from agent.progress import ProgressTracker, ProgressWatcher, progress_path
 from agent.units.base import Unit, UnitContext, UnitFactory
 from agent.units.process import ProcessUnit
+from agent.units.schedule import ScheduledUnit
+from agent.units.spark import SparkUnit
 from selfheal.config import UnitConfig
 from selfheal.errors import UnitError
 from selfheal.logs import get_logger
 from selfheal.wire import ProbeState, UnitReport
 
-DEFAULT_KINDS: Mapping[str, UnitFactory] = {"process": ProcessUnit}
+DEFAULT_KINDS: Mapping[str, UnitFactory] = {"process": ProcessUnit, "spark": SparkUnit}
 
 
 @dataclass(slots=True)
@@ -35,6 +43,10 @@ class Supervised:
     unit: Unit
     probe: ProbeRunner | None
     config: UnitConfig
+    progress: ProgressWatcher | None = None
+    """Reads the unit's progress file, when it has one."""
+    tracker: ProgressTracker | None = None
+    """Progress the unit kind reports itself (Spark's task counts) when there is no progress file."""
 
 
 class Supervisor:
@@ -53,7 +65,14 @@ class Supervisor:
             if config.probe is not None:
                 probe = ProbeRunner(config.name, config.probe, emit=ctx.emit, clock=ctx.clock,
                                     node_id=ctx.node_id)
-            self.entries[config.name] = Supervised(factory(config, ctx), probe, config)
+            unit = ScheduledUnit(factory, config, ctx) if config.every is not None else factory(config, ctx)
+            entry = Supervised(unit, probe, config)
+            path = progress_path(config, ctx.state_dir)
+            if path is not None:
+                entry.progress = ProgressWatcher(path, run_started=_run_started(unit), clock=ctx.clock)
+            else:
+                entry.tracker = ProgressTracker()
+            self.entries[config.name] = entry
         self.stopping = False
         self.log = get_logger("agent.supervisor", node=ctx.node_id)
 
@@ -69,6 +88,8 @@ class Supervisor:
                     tg.create_task(entry.unit.watch(), name=f"unit-watch-{name}")
                     if entry.probe is not None:
                         tg.create_task(entry.probe.run(stop=probes_stop), name=f"probe-{name}")
+                    if entry.progress is not None:
+                        tg.create_task(entry.progress.run(stop=probes_stop), name=f"progress-{name}")
                 await self.start_all()
                 if started is not None:
                     started.set()
@@ -130,8 +151,20 @@ class Supervisor:
             probe: ProbeState | None = entry.probe.state if entry.probe is not None else None
             if probe is not None:
                 report = msgspec.structs.replace(report, probe=probe)
-            out.append(report)
+            out.append(self._with_progress(entry, report))
         return out
+
+    def _with_progress(self, entry: Supervised, report: UnitReport) -> UnitReport:
+        """The report with the unit's progress, when it last moved, and its stall limit."""
+        tracker = entry.progress.tracker if entry.progress is not None else entry.tracker
+        if tracker is None:
+            return report
+        if entry.progress is None:
+            tracker.observe(report.progress, run_started=report.started_at, now=self.ctx.clock.wall())
+        if tracker.current is None and entry.config.stall_after is None:
+            return report
+        return msgspec.structs.replace(report, progress=tracker.current, progress_at=tracker.moved_at,
+                                       stall_after=entry.config.stall_after)
 
     async def _start(self, name: str) -> None:
         entry = self._entry(name)
@@ -147,3 +180,6 @@ class Supervisor:
         return entry
 
 
+def _run_started(unit: Unit) -> Callable[[], float]:
+    """When the unit's current (or last) run started, wall time: a new value means a new run."""
+    return lambda: unit.report().started_at

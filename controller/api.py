@@ -21,10 +21,13 @@ from starlette.exceptions import HTTPException
 
 import selfheal
 from controller.api_actions import create_actions
+from controller.datasets import describe_datasets
 from controller.engine import Engine
 from controller.fleet import Fleet
 from controller.metrics import ControllerMetrics
-from controller.page import render_status_page
+from controller.page import render_incident_page, render_status_page
+from controller.sources.alertmanager import create_alerts_router
+from controller.sources.alerts import ExternalAlerts
 from controller.store import Incident, PlanRecord, SqliteStore
 from detectors.presence import is_offline
 from selfheal.clocks import Clock, iso
@@ -44,6 +47,9 @@ class ApiContext:
     """An object with ``is_set()``: the controller's MQTT connection is up."""
     api_token: str | None = None
     """Bearer token for mutating endpoints; None disables them (503)."""
+    alerts: ExternalAlerts | None = None
+    """Where ``POST /api/v1/alerts`` puts Alertmanager's alerts; None: the endpoint is not served."""
+    alerts_ttl: float = 28800.0
 
 
 class NodeOut(BaseModel):
@@ -107,6 +113,47 @@ class IncidentDetailOut(IncidentOut):
     plans: list[PlanOut]
 
 
+class ReplicaOut(BaseModel):
+    node: str
+    root: str
+    state: str
+    files: int
+    bytes: int
+    generation: int
+    online: bool
+    scanned_at: float
+    error: str
+
+
+class AuthorityOut(BaseModel):
+    kind: Literal["manifest", "majority", "none"]
+    root: str | None
+    reason: str
+    matching: list[str]
+
+
+class AgreementOut(BaseModel):
+    replicas: float | None
+    """Share of the replicas whose root is the authority's."""
+    files: float | None
+    """Share of (replica, file) pairs matching the authority; null until every divergent replica was localised."""
+
+
+class DivergentOut(BaseModel):
+    node: str
+    files: list[str] | None
+    """The paths that differ, once localised."""
+
+
+class DatasetOut(BaseModel):
+    name: str
+    replicas: list[ReplicaOut]
+    authority: AuthorityOut
+    agreement: AgreementOut
+    divergent: list[DivergentOut]
+    unknown: list[str]
+
+
 class Items(BaseModel, Generic[T]):
     items: list[T]
 
@@ -125,6 +172,10 @@ def create_api(ctx: ApiContext) -> FastAPI:
         return _problem(422, detail, request.url.path)
 
     app.include_router(create_actions(engine=ctx.engine, store=ctx.store, clock=ctx.clock, token=ctx.api_token))
+    if ctx.alerts is not None:
+        app.include_router(create_alerts_router(
+            alerts=ctx.alerts, clock=ctx.clock, ttl=ctx.alerts_ttl, token=ctx.api_token,
+            count=lambda outcome: ctx.metrics.alerts_received.labels(outcome).inc(), wake=ctx.fleet.notify))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -147,6 +198,10 @@ def create_api(ctx: ApiContext) -> FastAPI:
     @app.get("/api/v1/units")
     async def units() -> Items[UnitOut]:
         return Items(items=_units(ctx))
+
+    @app.get("/api/v1/datasets")
+    async def datasets() -> Items[DatasetOut]:
+        return Items(items=[DatasetOut(**d) for d in datasets_view(ctx)])
 
     @app.get("/api/v1/incidents")
     async def incidents(state: Literal["open", "failed", "resolved"] | None = Query(None),
@@ -172,11 +227,26 @@ def create_api(ctx: ApiContext) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
-        recent = await ctx.store.list_incidents(limit=30)
+        now = ctx.clock.wall()
+        history = await ctx.store.list_incidents(limit=1000)  # newest first: the plots' bounded window
+        plans = await ctx.store.list_plans(limit=20)
         return HTMLResponse(render_status_page(
             nodes=[n.model_dump() for n in _nodes(ctx)], units=[u.model_dump() for u in _units(ctx)],
-            incidents=[_incident(i).model_dump() for i in recent], version=selfheal.__version__,
-            now=iso(ctx.clock.wall()) or ""))
+            incidents=[_incident(i).model_dump() for i in history[:30]], version=selfheal.__version__,
+            now=iso(now) or "", plans=[_plan(p).model_dump() for p in plans], datasets=_page_datasets(ctx),
+            history=[(i.opened_at, i.resolved_at) for i in history], now_ts=now))
+
+    @app.get("/incidents/{incident_id}", response_class=HTMLResponse, responses={404: {}})
+    async def incident_page(incident_id: int) -> HTMLResponse:
+        detail = await ctx.store.get_incident(incident_id)
+        if detail is None:
+            raise HTTPException(404, f"no incident {incident_id}")
+        found = detail.incident
+        return HTMLResponse(render_incident_page(
+            incident=_incident(found).model_dump(), plans=[_plan(p).model_dump() for p in detail.plans],
+            timeline=[{"at": iso(e.at) or "", "kind": e.kind, "data": e.data} for e in detail.timeline],
+            metrics=unit_series(ctx.fleet, found.node, found.unit), opened_ts=found.opened_at,
+            version=selfheal.__version__, now=iso(ctx.clock.wall()) or ""))
 
     return app
 
@@ -204,6 +274,13 @@ def _nodes(ctx: ApiContext) -> list[NodeOut]:
     return out
 
 
+def datasets_view(ctx: ApiContext) -> list[dict[str, Any]]:
+    now = ctx.clock.wall()
+    offline = {n for n in ctx.fleet.nodes if (s := ctx.fleet.snapshot(n)) is None
+               or is_offline(s, now, ctx.offline_after)}
+    return describe_datasets(ctx.fleet, offline, ctx.engine.dispatcher.localisations)
+
+
 def _units(ctx: ApiContext) -> list[UnitOut]:
     return [
         UnitOut(node=node_id, name=unit.name, kind=unit.kind, state=unit.state, pid=unit.pid,
@@ -225,3 +302,28 @@ def _incident(incident: Incident) -> IncidentOut:
                        unit=incident.unit, severity=incident.severity, summary=incident.summary,
                        rule=incident.rule, opened_at=iso(incident.opened_at) or "",
                        resolved_at=iso(incident.resolved_at))
+
+
+def unit_series(fleet: Fleet, node: str, unit: str | None) -> dict[str, list[tuple[float, float]]]:
+    """The unit's (or, without one, the host's) CPU and memory from the node's bounded report history."""
+    snapshot = fleet.snapshot(node)
+    cpu: list[tuple[float, float]] = []
+    mem: list[tuple[float, float]] = []
+    for report in snapshot.reports if snapshot is not None else ():
+        if unit is None:
+            cpu.append((report.ts, report.host.cpu_percent))
+            mem.append((report.ts, (report.host.mem_total_bytes - report.host.mem_available_bytes) / 2**20))
+            continue
+        found = next((u for u in report.units if u.name == unit), None)
+        if found is not None:
+            cpu.append((report.ts, found.cpu_percent))
+            mem.append((report.ts, found.rss_bytes / 2**20))
+    return {"cpu_percent": cpu, "rss_mib": mem}
+
+
+def _page_datasets(ctx: ApiContext) -> list[dict[str, Any]] | None:
+    """The page's dataset section is optional: it says "not available" rather than fail the whole page."""
+    try:
+        return datasets_view(ctx)
+    except Exception:  # noqa: BLE001 - the rest of the page matters more than this section
+        return None

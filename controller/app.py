@@ -1,7 +1,9 @@
 """The controller's composition root: build every part from the config and run them together.
 
 One ``asyncio.TaskGroup`` with named tasks: the MQTT link (ingest), the
-engine, and the HTTP server. SIGTERM (handled by the CLI) sets ``stop``;
+engine, the HTTP server, and the chat notification router when
+``controller.notify`` lists destinations, and the PromQL finding source when
+``controller.promql`` lists queries. SIGTERM (handled by the CLI) sets ``stop``;
 each part winds down on it. The store is opened first and closed last.
 """
 
@@ -11,18 +13,23 @@ import asyncio
 import contextlib
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
 import uvicorn
 
-from controller.api import ApiContext, create_api
+from controller.api import ApiContext, create_api, datasets_view
 from controller.broker import embedded_broker
 from controller.dispatcher import Dispatcher
 from controller.engine import Engine
 from controller.fleet import Fleet
+from controller.instrument import MeteredDispatcher, MeteredWatch
 from controller.metrics import ControllerMetrics
-from controller.notify import LogNotifier
+from controller.notify import FanoutNotifier, LogNotifier, Notifier
+from controller.notify.registry import default_formatters
+from controller.notify.router import Destination, Router
+from controller.sources.alerts import ExternalAlerts
+from controller.sources.promql import PromQLSource
 from controller.store import SqliteStore
 from detectors.anomaly.policy import AlertPolicySpec
 from detectors.anomaly.watch import AnomalyWatch, WatchSpec
@@ -46,8 +53,10 @@ class Controller:
         self.config = config
         self.clock = clock or SystemClock()
         self.rulebook: Rulebook = load_rulebooks(config.controller.rulebooks)
-        self.anomalies = build_watch(self.rulebook)
         self.metrics = ControllerMetrics()
+        self.anomalies = build_watch(self.rulebook, self.metrics)
+        self.alerts = ExternalAlerts(max_alerts=config.controller.alerts.max_alerts)
+        """External alerts (POST /api/v1/alerts, PromQL queries) the engine sees as findings."""
         self.fleet = Fleet(history=config.controller.history, max_nodes=config.controller.max_nodes)
         self.session = uuid.uuid4().hex[:12]
         self.rate_limit = RateLimiter(period=60.0)
@@ -59,6 +68,8 @@ class Controller:
                              name="controller.mqtt")
         self.api_port: int | None = None
         self.notifier = LogNotifier()
+        self.router: Router | None = None
+        """Chat destinations (``controller.notify``); None when none are configured."""
         self.engine: Engine | None = None
 
     def settings(self) -> DetectorSettings:
@@ -78,25 +89,33 @@ class Controller:
             store = await SqliteStore.open(Path(self.config.controller.state_dir) / "selfheal.sqlite3")
             stack.push_async_callback(store.close)
             epoch = await store.next_epoch()
-            dispatcher = Dispatcher(fleet=self.fleet, store=store, link=self.link, keys=self.key_for,
-                                    clock=self.clock, notifier=self.notifier, epoch=epoch,
+            link_base = self.config.controller.public_url or f"http://{self.config.controller.listen}"
+            self.router = self._router(link_base)
+            notifier: Notifier = FanoutNotifier(self.notifier, self.router) if self.router else self.notifier
+            dispatcher = MeteredDispatcher(metrics=self.metrics, fleet=self.fleet, store=store, link=self.link,
+                                    keys=self.key_for,
+                                    clock=self.clock, notifier=notifier, epoch=epoch,
                                     command_ttl=self.config.controller.command_ttl,
                                     ack_timeout=self.config.controller.ack_timeout)
             budget = self.config.controller.budget
             engine = Engine(fleet=self.fleet, store=store, rulebook=self.rulebook, dispatcher=dispatcher,
-                            clock=self.clock, settings=self.settings(), metrics=self.metrics, notifier=self.notifier,
+                            clock=self.clock, settings=self.settings(), metrics=self.metrics, notifier=notifier,
                             budget=Budget(max_concurrent=budget.max_concurrent, max_node_share=budget.max_node_share,
                                           max_replica_share=budget.max_replica_share, group_label=budget.group_label),
                             command_ttl=self.config.controller.command_ttl,
-                            link_base=self.config.controller.public_url or f"http://{self.config.controller.listen}",
-                            anomalies=self.anomalies)
+                            link_base=link_base,
+                            anomalies=self.anomalies, external=self.alerts.findings)
             self.engine = engine
             await engine.recover()
             self.metrics.add_fleet_collector(lambda: self._fleet_gauges(engine))
             self.metrics.add_stats_collector(engine.stats)
-            api = create_api(ApiContext(fleet=self.fleet, store=store, engine=engine, metrics=self.metrics,
-                                        clock=self.clock, offline_after=self.config.controller.offline_after,
-                                        broker_connected=self.link.connected, api_token=self._api_token()))
+            self.metrics.add_state_collector(lambda: self._state_gauges(engine))
+            api_ctx = ApiContext(fleet=self.fleet, store=store, engine=engine, metrics=self.metrics,
+                                 clock=self.clock, offline_after=self.config.controller.offline_after,
+                                 broker_connected=self.link.connected, api_token=self._api_token(),
+                                 alerts=self.alerts, alerts_ttl=self.config.controller.alerts.ttl)
+            self.metrics.add_dataset_collector(lambda: datasets_view(api_ctx))
+            api = create_api(api_ctx)
             server, sock = self._http_server(api)
             stack.callback(sock.close)
             log.info("controller.starting", epoch=epoch, session=self.session, api=f"http://{self.api_address}/",
@@ -110,10 +129,34 @@ class Controller:
                 tg.create_task(engine.run(stop=stop), name="engine")
                 tg.create_task(server.serve(sockets=[sock]), name="http")
                 tg.create_task(self._announce_ready(server, ready), name="ready")
+                if self.router is not None:
+                    tg.create_task(self.router.run(stop=stop), name="notify")
+                if self.config.controller.promql:
+                    promql = PromQLSource(self.config.controller.promql, alerts=self.alerts, clock=self.clock,
+                                          metrics=self.metrics, wake=self.fleet.notify)
+                    tg.create_task(promql.run(stop=stop), name="promql")
                 await stop.wait()
                 sdnotify.notify("STOPPING=1")
                 server.should_exit = True
                 await self.fleet.notify()
+
+    def _router(self, external_url: str) -> Router | None:
+        """Chat notifications: grouped, rate-limited, retried; deliveries go into the incidents' audit trails."""
+        destinations = [Destination.from_config(c, i) for i, c in enumerate(self.config.controller.notify)]
+        if not destinations:
+            return None
+
+        async def record(incident_id: int, kind: str, data: dict[str, object]) -> None:
+            if self.engine is not None:
+                await self.engine._audit(incident_id, kind, data)
+
+        def silenced(labels: Mapping[str, str]) -> bool:
+            now = self.clock.wall()
+            return self.engine is not None and any(
+                s.active(now) and s.matches(dict(labels)) for s in self.engine.reconciler.silences)
+
+        return Router(destinations, formatters=default_formatters(), metrics=self.metrics, clock=self.clock,
+                      record=record, silenced=silenced, external_url=external_url)
 
     def _api_token(self) -> str | None:
         path = Path(self.config.security.api_token_file)
@@ -175,6 +218,17 @@ class Controller:
             counts["online" if node.online else "offline"] += 1
         return counts, engine.open_count()
 
+    def _state_gauges(self, engine: Engine) -> tuple[dict[str, int], dict[str, int], int]:
+        units: dict[str, int] = {}
+        for node in self.fleet.nodes.values():
+            for unit in node.units.values():
+                units[unit.state] = units.get(unit.state, 0) + 1
+        findings: dict[str, int] = {}
+        for state in engine.reconciler.incidents.values():
+            if state.cleared_since is None:  # the finding holds now (cleared ones await resolve_after)
+                findings[state.symptom.kind] = findings.get(state.symptom.kind, 0) + 1
+        return units, findings, len(self.alerts)
+
 
 class _Server(uvicorn.Server):
     """uvicorn inside our task group: signals belong to the process, not to the HTTP server."""
@@ -184,7 +238,7 @@ class _Server(uvicorn.Server):
         yield
 
 
-def build_watch(rulebook: Rulebook) -> AnomalyWatch | None:
+def build_watch(rulebook: Rulebook, metrics: ControllerMetrics | None = None) -> AnomalyWatch | None:
     """The rulebook's anomaly watches as one live watcher; a bad detector spec is a rulebook error."""
     if not rulebook.anomalies:
         return None
@@ -192,7 +246,7 @@ def build_watch(rulebook: Rulebook) -> AnomalyWatch | None:
                        policy=AlertPolicySpec(threshold=a.threshold, persistence=a.persistence, window=a.window,
                                               hold=a.hold)) for a in rulebook.anomalies]
     try:
-        return AnomalyWatch(specs)
+        return MeteredWatch(specs, metrics=metrics) if metrics is not None else AnomalyWatch(specs)
     except ValueError as exc:
         raise RulebookError(str(exc)) from None
 

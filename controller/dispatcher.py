@@ -19,8 +19,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from controller.datasets import Localisations
 from controller.fleet import Fleet, unit_is_healthy
-from controller.notify import Notification, Notifier
+from controller.notify import Notification, Notifier, incident_labels
+from controller.resync import ResyncPlanner
 from controller.store import Incident, SqliteStore
 from remediations.plans import (
     DISRUPTIVE,
@@ -46,6 +48,8 @@ Outcome = Literal["succeeded", "failed", "escalated", "cancelled"]
 KeyLookup = Callable[[str], bytes | None]
 Recheck = Callable[[], bool]
 Audit = Callable[[str, dict[str, object]], Awaitable[None]]
+RESYNC_ACK_TIMEOUT = 600.0
+"""Seconds to wait for an agent to finish one resync command (it acks when the repair is done)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +60,8 @@ class PlanOutcome:
 
 class Dispatcher:
     def __init__(self, *, fleet: Fleet, store: SqliteStore, link: MqttLink, keys: KeyLookup, clock: Clock,
-                 notifier: Notifier, epoch: int, command_ttl: float, ack_timeout: float) -> None:
+                 notifier: Notifier, epoch: int, command_ttl: float, ack_timeout: float,
+                 localisations: Localisations | None = None, resync: ResyncPlanner | None = None) -> None:
         self.fleet = fleet
         self.store = store
         self.link = link
@@ -67,6 +72,8 @@ class Dispatcher:
         self.command_ttl = command_ttl
         self.ack_timeout = ack_timeout
         self._pending: dict[str, asyncio.Future[wire.CommandResult]] = {}
+        self.localisations = localisations or Localisations()
+        self.resync = resync or ResyncPlanner(fleet=fleet, keys=keys, clock=clock, localisations=self.localisations)
         self.log = get_logger("dispatcher")
 
     def on_result(self, node: str, result: wire.CommandResult) -> None:
@@ -114,17 +121,25 @@ class Dispatcher:
                                              step.within):
                 raise RemediationError(f"{step.node}/{step.unit} not healthy within {step.within:g}s")
         elif isinstance(step, Notify):
+            node = self.fleet.nodes.get(incident.node)
             deliveries = await self.notifier.notify(Notification(
                 incident_id=incident.id, event="escalated", severity=step.severity,
                 title=f"selfheal gave up on {incident.node}/{incident.unit or '-'}: a human is needed",
-                text=step.message, node=incident.node, unit=incident.unit))
+                text=step.message, node=incident.node, unit=incident.unit, kind=incident.kind,
+                summary=incident.summary, at=self.clock.wall(),
+                labels=incident_labels(kind=incident.kind, node=incident.node, unit=incident.unit,
+                                       severity=incident.severity, rule=incident.rule,
+                                       node_labels=node.labels if node else {})))
             await audit("notification", {"event": "escalated", "deliveries": [
                 {"destination": d.destination, "outcome": d.outcome, "detail": d.detail} for d in deliveries]})
         elif isinstance(step, ResyncDataset):
-            raise PermanentRemediationError("resync_dataset needs dataset digests, which are not configured")
+            prepared = await self.resync.prepare(step, audit)
+            for n, command in enumerate(prepared.commands):
+                await self._command(plan, incident, index + 1000 * (n + 1), step.node, command, audit=audit,
+                                    timeout=max(self.ack_timeout, RESYNC_ACK_TIMEOUT))
 
     async def _command(self, plan: Plan, incident: Incident, index: int, node: str, step: wire.CommandStep, *,
-                       audit: Audit) -> None:
+                       audit: Audit, timeout: float | None = None) -> None:
         key_bytes = self.keys(node)
         if key_bytes is None:
             raise PermanentRemediationError(f"no signing key for node {node}: sent nothing "
@@ -142,14 +157,17 @@ class Dispatcher:
         self._pending[command.id] = future
         try:
             self.link.publish(wire.node_topic(node, "commands"), payload, qos=1)
-            await audit("command_sent", {"node": node, "step": type(step).__name__, "unit": step.unit,
+            target = ({"dataset": step.dataset, "files": [f.path for f in step.files]}
+                      if isinstance(step, wire.ResyncDataset) else {"unit": step.unit})
+            await audit("command_sent", {"node": node, "step": type(step).__name__, **target,
                                          "command": command.id, "key": key, "epoch": self.epoch,
                                          "expires_at": command.expires_at})
+            wait = timeout or self.ack_timeout
             try:
-                result = await asyncio.wait_for(future, self.ack_timeout)
+                result = await asyncio.wait_for(future, wait)
             except TimeoutError:
                 await audit("command_timeout", {"command": command.id})
-                raise RemediationError(f"no ack from {node} within {self.ack_timeout:g}s") from None
+                raise RemediationError(f"no ack from {node} within {wait:g}s") from None
         finally:
             self._pending.pop(command.id, None)
         await audit("command_result", {"node": node, "command": command.id, "status": result.status,

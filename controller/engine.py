@@ -21,18 +21,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
+from controller.datasets import observe_datasets
 from controller.dispatcher import Dispatcher, PlanOutcome
 from controller.fleet import Fleet
 from controller.metrics import ControllerMetrics
-from controller.notify import Notification, Notifier
+from controller.notify import ALERT_EVENTS, Notification, Notifier, incident_labels
 from controller.store import Incident, PlanRecord, SilenceRecord, SqliteStore
 from detectors.anomaly.watch import AnomalyWatch
 from detectors.model import DetectorSettings, Finding
 from detectors.presence import is_offline
 from detectors.registry import detect_node
-from remediations.plans import Plan, can_transition
+from remediations.plans import (
+    MigrateUnit,
+    Notify,
+    Plan,
+    RestartUnit,
+    ResyncDataset,
+    StartUnit,
+    Step,
+    StopUnit,
+    Verification,
+    WaitHealthy,
+    can_transition,
+)
 from remediations.reconciler import (
     Effect,
     Failed,
@@ -47,7 +61,7 @@ from remediations.reconciler import (
     Started,
     Symptom,
 )
-from remediations.state import Attempt, Budget, Matcher, Silence
+from remediations.state import Attempt, Budget, Matcher, Running, Silence
 from rules.model import Rulebook
 from selfheal.clocks import Clock
 from selfheal.errors import SelfhealError
@@ -65,8 +79,11 @@ class Engine:
     def __init__(self, *, fleet: Fleet, store: SqliteStore, rulebook: Rulebook, dispatcher: Dispatcher,
                  clock: Clock, settings: DetectorSettings, metrics: ControllerMetrics, notifier: Notifier,
                  budget: Budget | None = None, command_ttl: float = 15.0, tick: float = 0.25,
-                 link_base: str = "", anomalies: AnomalyWatch | None = None) -> None:
+                 link_base: str = "", anomalies: AnomalyWatch | None = None,
+                 external: Callable[[float], list[Finding]] | None = None) -> None:
         self.fleet = fleet
+        self.external = external
+        """External findings that hold at ``now`` (controller/sources: Alertmanager, PromQL)."""
         self.store = store
         self.rulebook = rulebook
         self.dispatcher = dispatcher
@@ -111,6 +128,8 @@ class Engine:
                                   plans=len(plans))
             self.reconciler.restore_incident(state)
             for plan in plans:
+                if plan.state == "awaiting_approval":
+                    self._resume_approval(plan, state)
                 if plan.state in ("running", "verifying", "proposed"):
                     await self._set_plan_state(plan, "expired", "controller restarted while the plan ran")
                     if plan.id in live:  # its command may still run: no new plan before it expired
@@ -121,6 +140,16 @@ class Engine:
         if self.reconciler.incidents:
             self.log.info("engine.recovered", unresolved=len(self.reconciler.incidents),
                           paused=self.reconciler.paused)
+
+    def _resume_approval(self, record: PlanRecord, state: IncidentState) -> None:
+        plan = _plan_from_record(record)
+        expires = float(record.detail.get("approval_expires", record.deadline))
+        self.awaiting[plan.id] = (plan, expires)
+        group = self.fleet.nodes[state.symptom.node].labels.get(self.reconciler.budget.group_label, "") \
+            if state.symptom.node in self.fleet.nodes else ""
+        self.reconciler.restore_running(state.key, Running(
+            plan.id, plan.rule, state.symptom.node, state.symptom.unit, group,
+            disruptive=record.action not in ("notify", "wait_healthy")))
 
     async def run(self, *, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as plans:
@@ -170,8 +199,14 @@ class Engine:
                 findings += self.anomalies.findings(node_id)
             for finding in findings:
                 symptoms[finding.key] = _from_finding(finding, node.labels)
+        for finding in self.external(now) if self.external is not None else ():
+            known = self.fleet.nodes.get(finding.node)
+            symptoms[finding.key] = _from_finding(finding, {**(known.labels if known else {}), **finding.labels})
+        dataset_findings, datasets = observe_datasets(self.fleet, offline)
+        for finding in dataset_findings:
+            symptoms[finding.key] = _from_finding(finding, self.fleet.nodes[finding.node].labels)
         return symptoms, FleetView(offline=frozenset(offline), groups=groups, replicas=dict(replicas),
-                                   standby={u: tuple(sorted(n)) for u, n in standby.items()})
+                                   standby={u: tuple(sorted(n)) for u, n in standby.items()}, datasets=datasets)
 
     def _feed_anomalies(self, node: str, reports: tuple[Report, ...]) -> None:
         """Each report once, in order (reports are kept in arrival order per node)."""
@@ -185,9 +220,16 @@ class Engine:
 
     def symptom_holds(self, key: str, node: str) -> bool:
         """Re-run the detectors on the node's current state: does the finding still hold?"""
+        if key.startswith("external_alert/"):  # its node may be unknown to the fleet: ask the source
+            return self.external is not None and any(f.key == key for f in self.external(self.clock.wall()))
         snapshot = self.fleet.snapshot(node)
         if snapshot is None:
             return False
+        if key.startswith("dataset_"):
+            now = self.clock.wall()
+            offline = {n for n in self.fleet.nodes if (s := self.fleet.snapshot(n)) is not None
+                       and is_offline(s, now, self.settings.offline_after)}
+            return any(f.key == key for f in observe_datasets(self.fleet, offline)[0])
         findings = detect_node(snapshot, self.clock.wall(), self.settings)
         if self.anomalies is not None:
             findings += self.anomalies.findings(node)
@@ -233,6 +275,7 @@ class Engine:
         self.metrics.incidents.labels(symptom.kind).inc()
         self.log.warning("incident.opened", incident=incident.id, kind=symptom.kind, node=symptom.node,
                          unit=symptom.unit, summary=symptom.summary, rule=effect.rule)
+        await self._notify(incident, "opened", symptom.summary)
 
     async def _resolve(self, effect: Resolved, now: float) -> None:
         incident = self.incidents.pop(effect.incident_id, None)
@@ -244,6 +287,7 @@ class Engine:
         self.log.info("incident.resolved", incident=incident.id, kind=incident.kind, node=incident.node,
                       unit=incident.unit, open_for_s=round(now - incident.opened_at, 3),
                       audit_head=detail.timeline[-1].hash if detail and detail.timeline else None)
+        await self._notify(incident, "resolved", effect.reason)
 
     async def _fail(self, incident_id: int, reason: str, now: float, *, checks: list[dict[str, object]] | None = None,
                     event: str = "failed", notify: bool = True) -> None:
@@ -255,13 +299,22 @@ class Engine:
         if incident is not None and notify:
             await self._notify(incident, "quarantined" if event == "quarantined" else "failed", reason)
 
-    async def _notify(self, incident: Incident, event: Any, text: str) -> None:
+    async def _notify(self, incident: Incident, event: Any, text: str, *, action: str = "", outcome: str = "") -> None:
+        """Alerts (a human should look) are audited as ``notification``; progress (opened, action, outcome,
+        resolved) as ``notice`` — the chat router writes each delivery's attempts and outcome itself."""
+        alert = event in ALERT_EVENTS
+        node = self.fleet.nodes.get(incident.node)
+        severity: Any = incident.severity if incident.severity in ("info", "warning", "critical") else "warning"
         deliveries = await self.notifier.notify(Notification(
-            incident_id=incident.id, event=event, severity="critical",
+            incident_id=incident.id, event=event, severity="critical" if alert else severity,
             title=f"{incident.kind} on {incident.node}/{incident.unit or '-'}: {event.replace('_', ' ')}",
             text=text, node=incident.node, unit=incident.unit,
-            link=f"{self.link_base}/api/v1/incidents/{incident.id}" if self.link_base else ""))
-        await self._audit(incident.id, "notification", {"event": event, "deliveries": [
+            link=f"{self.link_base}/incidents/{incident.id}" if self.link_base else "",
+            kind=incident.kind, summary=incident.summary, action=action, outcome=outcome, at=self.clock.wall(),
+            labels=incident_labels(kind=incident.kind, node=incident.node, unit=incident.unit,
+                                   severity=incident.severity, rule=incident.rule,
+                                   node_labels=node.labels if node else {})))
+        await self._audit(incident.id, "notification" if alert else "notice", {"event": event, "deliveries": [
             {"destination": d.destination, "outcome": d.outcome, "detail": d.detail} for d in deliveries]})
 
     async def _start(self, effect: Started, now: float) -> None:
@@ -281,6 +334,7 @@ class Engine:
             self.reconciler.finish(plan.id, "cancelled", now, ran=False)
         elif plan.mode == "approve":
             expires = now + (rule.approval_timeout if (rule := self.rulebook.by_name(plan.rule)) else 900.0)
+            record = PlanRecord(**{**_fields(record), "detail": {**record.detail, "approval_expires": expires}})
             await self._set_plan_state(record, "awaiting_approval", f"waiting for a human until {expires:.0f}")
             self.awaiting[plan.id] = (plan, expires)
             await self._notify(incident, "approval_needed", f"plan {plan.id} ({plan.action}) awaits approval: "
@@ -300,7 +354,11 @@ class Engine:
         async def verifying() -> None:
             await self._set_plan_state(_record(plan, "running", self.clock.wall()), "verifying", "")
 
+        paging = plan.action == "notify"  # a notify plan's own message says it all
         try:
+            if not paging:
+                await self._notify(incident, "action", f"{plan.action} (rule {plan.rule}, attempt {plan.attempt})",
+                                   action=plan.action)
             outcome = await self.dispatcher.execute(
                 plan, incident, recheck=lambda: self.symptom_holds(incident.key, incident.node), audit=audit,
                 on_verifying=verifying)
@@ -317,6 +375,8 @@ class Engine:
         self.metrics.remediations.labels(plan.action, outcome.outcome).inc()
         self.log.info("plan.finished", plan=plan.id, incident=incident.id, outcome=outcome.outcome,
                       detail=outcome.detail)
+        if not paging:
+            await self._notify(incident, "outcome", outcome.detail, action=plan.action, outcome=outcome.outcome)
         await self.fleet.notify()
 
     # --- humans: approvals, cancellations, pause, silences --------------------------------------
@@ -423,6 +483,10 @@ class Engine:
                 for (kind, action), stats in sorted(self.reconciler.stats.items())]
 
 
+def _fields(record: PlanRecord) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in record.__slots__}
+
+
 def _from_finding(finding: Finding, node_labels: dict[str, str]) -> Symptom:
     return Symptom(key=finding.key, kind=finding.kind, node=finding.node, unit=finding.unit,
                    severity=finding.severity, summary=finding.summary, evidence=finding.evidence,
@@ -441,5 +505,23 @@ def _step(step: object) -> dict[str, object]:
 def _record(plan: Plan, state: str, now: float) -> PlanRecord:
     return PlanRecord(id=plan.id, incident_id=plan.incident_id, rule=plan.rule, attempt=plan.attempt, state=state,
                       created_at=plan.created_at, updated_at=now,
-                      detail={"steps": [_step(s) for s in plan.steps], "mode": plan.mode},
+                      detail={"steps": [_step(s) for s in plan.steps], "mode": plan.mode,
+                              "verification": _step(plan.verification) if plan.verification else None,
+                              "cooldown_key": plan.cooldown_key, "rule_digest": plan.rule_digest},
                       rung=plan.rung, action=plan.action, mode=plan.mode, deadline=plan.deadline)
+
+
+STEP_TYPES: dict[str, type[Step]] = {t.__dataclass_fields__["kind"].default: t  # type: ignore[misc]
+                                     for t in (RestartUnit, StopUnit, StartUnit, MigrateUnit, ResyncDataset,
+                                               WaitHealthy, Notify)}
+
+
+def _plan_from_record(record: PlanRecord) -> Plan:
+    """Rebuild a plan from its stored record (a plan awaiting approval survives a controller restart)."""
+    steps = tuple(STEP_TYPES[s["kind"]](**s) for s in record.detail["steps"])
+    verification = record.detail.get("verification")
+    return Plan(id=record.id, incident_id=record.incident_id, rule=record.rule,
+                rule_digest=record.detail.get("rule_digest", ""), rung=record.rung, attempt=record.attempt,
+                steps=steps, verification=Verification(**verification) if verification else None,
+                cooldown_key=record.detail.get("cooldown_key", ""), mode="approve",
+                created_at=record.created_at, deadline=record.deadline)

@@ -20,6 +20,8 @@ import msgspec
 from detectors.model import NodeSnapshot
 from selfheal.wire import (
     CommandResult,
+    DatasetDigest,
+    DatasetSummary,
     Event,
     NodeMessage,
     NodeStatus,
@@ -32,6 +34,8 @@ from selfheal.wire import (
 )
 
 MAX_UNITS_PER_NODE = 1000
+MAX_DATASETS_PER_NODE = 200
+"""Datasets kept per node (the agent's config allows no more); beyond, the rest of a digest is ignored."""
 
 
 @dataclass
@@ -48,6 +52,10 @@ class NodeState:
     last_seq: int = -1
     event_ts: dict[str, float] = field(default_factory=dict)
     """Agent time of the last event per unit: an older report does not undo it."""
+    datasets: dict[str, DatasetSummary] = field(default_factory=dict)
+    """The latest ``DatasetDigest``: each dataset replica this node holds, by name (bounded)."""
+    digests_ts: float = 0.0
+    """Agent time of that digest: an older one (a redelivered retained message) does not undo it."""
 
 
 class Fleet:
@@ -66,6 +74,9 @@ class Fleet:
             self._apply_status(message, now)
             return None
         node = self._node(message.node)
+        if isinstance(message, DatasetDigest):
+            self._apply_digest(node, message)
+            return None
         if isinstance(message, Report):
             if message.session < node.session:
                 self.stale += 1
@@ -114,6 +125,23 @@ class Fleet:
         for name in status.units:
             node.units.setdefault(name, UnitReport(name=name, kind="process", state="starting"))
         self._touch(node.id)
+
+    def _apply_digest(self, node: NodeState, digest: DatasetDigest) -> None:
+        if digest.session < node.session or (digest.session == node.session and digest.ts < node.digests_ts):
+            self.stale += 1
+            return
+        self._enter_session(node, digest.session)
+        node.digests_ts = digest.ts
+        node.datasets = {d.name: d for d in digest.datasets[:MAX_DATASETS_PER_NODE]}
+        self._touch(node.id)
+
+    def replicas(self) -> dict[str, list[tuple[NodeState, DatasetSummary]]]:
+        """Every dataset known from digests → the nodes holding a replica and their latest summary."""
+        out: dict[str, list[tuple[NodeState, DatasetSummary]]] = {}
+        for node in self.nodes.values():
+            for name, summary in node.datasets.items():
+                out.setdefault(name, []).append((node, summary))
+        return out
 
     @staticmethod
     def _enter_session(node: NodeState, session: int) -> None:

@@ -8,6 +8,7 @@ a collector over the live state, so they can never drift from it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -34,11 +35,49 @@ class ControllerMetrics:
         self.commands_unsent = Counter("selfheal_commands_unsent_total",
                                        "Commands not sent, by reason (e.g. no signing key)", ["reason"],
                                        registry=self.registry)
+        self.webhook_deliveries = Counter(
+            "selfheal_webhook_deliveries_total",
+            "Chat webhook messages by destination kind and final outcome (sent, rejected, failed)",
+            ["destination_kind", "outcome"], registry=self.registry)
+        self.notifications_dropped = Counter(
+            "selfheal_notifications_dropped_total",
+            "Notifications dropped because the notification queue was full (the engine never waits for chat)",
+            registry=self.registry)
+        self.remediation_duration = Histogram(
+            "selfheal_remediation_duration_seconds", "Plan execution time (commands, acks, verification), "
+            "by action and outcome", ["action", "outcome"],
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600), registry=self.registry)
+        self.detector_samples = Counter("selfheal_detector_samples_total",
+                                        "Reports fed to a detector family (anomaly watch)", ["detector"],
+                                        registry=self.registry)
+        self.detector_seconds = Counter("selfheal_detector_seconds_total",
+                                        "CPU-bound time spent in a detector family", ["detector"],
+                                        registry=self.registry)
+        self.alerts_received = Counter(
+            "selfheal_alerts_received_total",
+            "Alertmanager webhook payloads on POST /api/v1/alerts, by outcome (accepted, malformed, unauthorized)",
+            ["outcome"], registry=self.registry)
+        self.promql_evaluations = Counter("selfheal_promql_evaluations_total",
+                                          "PromQL finding-source evaluations, by entry and outcome (ok, error)",
+                                          ["query", "outcome"], registry=self.registry)
+        self.promql_seconds = Histogram("selfheal_promql_evaluation_seconds", "PromQL query time, by entry",
+                                        ["query"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+                                        registry=self.registry)
+        for outcome in ("accepted", "malformed", "unauthorized"):
+            self.alerts_received.labels(outcome)  # exported at 0 from the start, so rate() sees the first one
+
+    def add_state_collector(self, read: Callable[[], tuple[dict[str, int], dict[str, int], int]]) -> None:
+        """``read`` returns ({unit state: count}, {finding kind: current findings}, external alerts held)."""
+        self.registry.register(_StateCollector(read))
 
     def add_fleet_collector(self, read: Callable[[], tuple[dict[str, int], int]]) -> None:
         """``read`` returns ({node state: count}, open incidents)."""
         self.registry.register(_FleetCollector(read))
 
+
+    def add_dataset_collector(self, read: Callable[[], list[dict[str, Any]]]) -> None:
+        """``read`` returns ``controller.datasets.describe_datasets``' view."""
+        self.registry.register(_DatasetCollector(read))
 
     def add_stats_collector(self, read: Callable[[], list[dict[str, object]]]) -> None:
         """``read`` returns the engine's outcome statistics per (finding kind, action)."""
@@ -66,6 +105,27 @@ class _StatsCollector(Collector):
         yield median
 
 
+class _DatasetCollector(Collector):
+    def __init__(self, read: Callable[[], list[dict[str, Any]]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        replicas = GaugeMetricFamily("selfheal_dataset_agreement_ratio",
+                                     "Share of a dataset's replicas whose root matches the authority",
+                                     labels=["dataset"])
+        files = GaugeMetricFamily("selfheal_dataset_files_agreement_ratio",
+                                  "Share of a dataset's (replica, file) pairs matching the authority",
+                                  labels=["dataset"])
+        for dataset in self._read():
+            agreement = dataset["agreement"]
+            if agreement["replicas"] is not None:
+                replicas.add_metric([dataset["name"]], float(agreement["replicas"]))
+            if agreement["files"] is not None:
+                files.add_metric([dataset["name"]], float(agreement["files"]))
+        yield replicas
+        yield files
+
+
 class _FleetCollector(Collector):
     def __init__(self, read: Callable[[], tuple[dict[str, int], int]]) -> None:
         self._read = read
@@ -77,3 +137,23 @@ class _FleetCollector(Collector):
             family.add_metric([state], nodes.get(state, 0))
         yield family
         yield GaugeMetricFamily("selfheal_incidents_open", "Incidents not yet resolved", value=open_incidents)
+
+
+class _StateCollector(Collector):
+    UNIT_STATES = ("running", "starting", "stopped", "exited")
+
+    def __init__(self, read: Callable[[], tuple[dict[str, int], dict[str, int], int]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        units, findings, external = self._read()
+        family = GaugeMetricFamily("selfheal_units", "Known units by state", labels=["state"])
+        for state in sorted({*self.UNIT_STATES, *units}):
+            family.add_metric([state], units.get(state, 0))
+        yield family
+        kinds = GaugeMetricFamily("selfheal_findings", "Findings that hold now, by kind", labels=["kind"])
+        for kind, count in sorted(findings.items()):
+            kinds.add_metric([kind], count)
+        yield kinds
+        yield GaugeMetricFamily("selfheal_external_alerts", "External alerts held (Alertmanager, PromQL)",
+                                value=external)

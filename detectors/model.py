@@ -35,10 +35,15 @@ class Finding:
     severity: Severity
     summary: str
     evidence: dict[str, Any] = field(default_factory=dict)
+    scope: str | None = None
+    """What else tells two findings of one node apart when there is no unit (a dataset's name)."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """Labels of the finding itself (an external alert's), added to the node's labels for rule matching."""
 
     @property
     def key(self) -> str:
-        return f"{self.kind}/{self.node}/{self.unit or '-'}"
+        base = f"{self.kind}/{self.node}/{self.unit or '-'}"
+        return f"{base}/{self.scope}" if self.scope else base
 
 
 @dataclass(frozen=True, slots=True)

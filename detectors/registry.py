@@ -16,4 +16,4 @@ def detect_node(snapshot: NodeSnapshot, now: float, settings: DetectorSettings) 
     offline = detect_node_offline(snapshot, now, settings.offline_after)
     if offline is not None:
         return [offline]
-    return [*detect_units(snapshot), *detect_thresholds(snapshot, settings.thresholds)]
+    return [*detect_units(snapshot, now), *detect_thresholds(snapshot, settings.thresholds)]

@@ -1,4 +1,12 @@
-"""Unit detectors: a unit that exited (or could not start), and a probe failing N times in a row."""
+"""Unit detectors: a unit that exited (or could not start), a probe failing N times in a row, and a
+job whose progress stopped moving while its process lives on (stalled).
+
+A scheduled batch job (``every``) that finished its run with exit code 0 is
+``completed``, not exited: nothing to heal. Until its next report says so,
+the controller may know it only from the exit event; an exit 0 of a unit
+known to be scheduled is therefore not a crash either. Services keep the old
+rule: any exit nobody asked for is one.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +20,8 @@ def detect_unit_exited(node: str, unit: UnitReport) -> Finding | None:
     """A unit that is not running and that nobody stopped on purpose."""
     if unit.state not in ("exited", "failed"):
         return None
+    if unit.state == "exited" and unit.every is not None and unit.exit_code == 0 and unit.exit_signal is None:
+        return None  # a scheduled run that finished: completed, not crashed
     if unit.exit_signal is not None:
         try:
             how = f"killed by {signal.Signals(unit.exit_signal).name}"
@@ -20,12 +30,12 @@ def detect_unit_exited(node: str, unit: UnitReport) -> Finding | None:
     elif unit.exit_code is not None:
         how = f"exited with code {unit.exit_code}"
     else:
-        how = "could not be started"
+        how = f"could not be started: {unit.error}" if unit.error else "could not be started"
     return Finding(
         kind="unit_exited", node=node, unit=unit.name, severity="critical",
         summary=f"unit {unit.name} on {node} {how}",
         evidence={"state": unit.state, "exit_code": unit.exit_code, "exit_signal": unit.exit_signal,
-                  "pid": unit.pid, "restarts": unit.restarts},
+                  "pid": unit.pid, "restarts": unit.restarts, **({"error": unit.error} if unit.error else {})},
     )
 
 
@@ -46,10 +56,51 @@ def detect_probe_failing(node: str, unit: UnitReport) -> Finding | None:
     )
 
 
-def detect_units(snapshot: NodeSnapshot) -> list[Finding]:
+def detect_unit_stalled(node: str, unit: UnitReport, node_now: float) -> Finding | None:
+    """A running unit with ``stall_after`` whose progress has not moved for longer than that.
+
+    ``node_now`` is the node's own clock now (see ``node_clock``): ``progress_at`` comes from the
+    agent's clock, so comparing it with the node's clock keeps clock skew out of the verdict.
+    """
+    if unit.state != "running" or unit.stall_after is None or unit.pid is None:
+        return None
+    if unit.proc_status == "zombie":
+        return None  # it is exiting: the exit is the finding that follows
+    moved_at = max(unit.progress_at or 0.0, unit.started_at)
+    if moved_at <= 0:
+        return None  # never started as far as we know: nothing to measure from
+    still = node_now - moved_at
+    if still <= unit.stall_after:
+        return None
+    progress = unit.progress
+    where = "no progress reported"
+    if progress is not None:
+        total = f"/{progress.total:g}" if progress.total is not None else ""
+        where = f"at {progress.done:g}{total}" + (f" ({progress.stage})" if progress.stage else "")
+    return Finding(
+        kind="unit_stalled", node=node, unit=unit.name, severity="critical",
+        summary=(f"unit {unit.name} on {node} made no progress for {still:.0f}s "
+                 f"(stall_after {unit.stall_after:g}s), {where}"),
+        evidence={"stalled_for_s": round(still, 1), "stall_after_s": unit.stall_after, "pid": unit.pid,
+                  "proc_status": unit.proc_status, "restarts": unit.restarts,
+                  "done": progress.done if progress else None, "total": progress.total if progress else None,
+                  "stage": progress.stage if progress else None},
+    )
+
+
+def node_clock(snapshot: NodeSnapshot, now: float) -> float:
+    """The node's clock at ``now``: its last report's timestamp plus the time since it was last heard."""
+    if not snapshot.reports:
+        return now
+    return snapshot.reports[-1].ts + max(0.0, now - snapshot.last_seen)
+
+
+def detect_units(snapshot: NodeSnapshot, now: float) -> list[Finding]:
     findings: list[Finding] = []
+    node_now = node_clock(snapshot, now)
     for unit in snapshot.units:
-        finding = detect_unit_exited(snapshot.node, unit) or detect_probe_failing(snapshot.node, unit)
+        finding = (detect_unit_exited(snapshot.node, unit) or detect_probe_failing(snapshot.node, unit)
+                   or detect_unit_stalled(snapshot.node, unit, node_now))
         if finding is not None:
             findings.append(finding)
     return findings

@@ -38,6 +38,7 @@ from remediations.plans import (
     Notify,
     Plan,
     RestartUnit,
+    ResyncDataset,
     StartUnit,
     Step,
     StopUnit,
@@ -64,6 +65,36 @@ class Target:
 
 
 @dataclass(frozen=True, slots=True)
+class Replica:
+    """A replica of a dataset as the planner weighs it as a repair source."""
+
+    node: str
+    root: str
+    state: str = "ok"
+    online: bool = True
+    in_incident: bool = False
+    """Its node has an open incident of its own: not a source."""
+
+
+def choose_source(replicas: Sequence[Replica], *, target: str, authority_root: str) -> tuple[str | None, str]:
+    """The node to repair ``target`` from — a replica that verifies against the authority, online and
+    trouble-free — or (None, why not). Never a replica whose root is not the authority's."""
+    if not authority_root:
+        return None, "the finding names no authority root"
+    rejected = []
+    for replica in sorted(replicas, key=lambda r: r.node):
+        if replica.node == target:
+            continue
+        why = ("its root is not the authority's" if replica.root != authority_root or replica.state != "ok"
+               else "offline" if not replica.online else "it has an open incident" if replica.in_incident else "")
+        if not why:
+            return replica.node, ""
+        rejected.append(f"{replica.node}: {why}")
+    return None, "no replica verifies against the authority and is fit to serve" + (
+        f" ({'; '.join(rejected)})" if rejected else "")
+
+
+@dataclass(frozen=True, slots=True)
 class Context:
     """The fleet as the planner needs to see it, at one moment."""
 
@@ -82,6 +113,12 @@ class Context:
     stats: Mapping[tuple[str, str], OutcomeStats] = field(default_factory=dict)
     unit_history: TargetState | None = None
     """Attempts on this node/unit by every rule: cooldown and max_attempts count them all."""
+    dataset: str = ""
+    """Dataset findings: the dataset's name (from the evidence)."""
+    authority_root: str = ""
+    """Dataset findings: the root the replica should have."""
+    dataset_replicas: Sequence[Replica] = ()
+    """Dataset findings: every replica of the dataset (the resync source candidates)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +186,11 @@ def _cannot_apply(rung: RungPolicy, target: Target, ctx: Context) -> str:
     if rung.action == "migrate" and not ctx.standby:
         return "no healthy online node holds a standby copy of the unit"
     if rung.action == "resync":
-        return "no dataset replicas are known for this finding (dataset digests are not configured)"
+        if target.kind != "dataset_divergent" or not ctx.dataset:
+            return f"resync repairs dataset replicas; a {target.kind} finding names none"
+        source, why = choose_source(ctx.dataset_replicas, target=target.node, authority_root=ctx.authority_root)
+        if source is None:
+            return f"no resync source for {ctx.dataset}: {why}"
     stats = ctx.stats.get((target.kind, rung.action))
     if rung.min_success_rate > 0 and stats is not None:
         rate = stats.recent_rate(rung.min_tries)
@@ -214,6 +255,11 @@ def _steps(action: str, target: Target, rule: Policy,
     verify = Verification(kind, node, unit, rule.verify_within, rule.stable_for)
     if action == "notify":
         return (Notify(node=node, message=target.summary, severity=_severity(target.severity)),), None
+    if action == "resync":
+        source, _ = choose_source(ctx.dataset_replicas, target=node, authority_root=ctx.authority_root)
+        assert source is not None  # noqa: S101 - _cannot_apply skipped the rung otherwise
+        return (ResyncDataset(node, ctx.dataset, source),), Verification("cleared", node, None, rule.verify_within,
+                                                                         rule.stable_for)
     assert unit is not None  # noqa: S101 - _cannot_apply skipped unit-less rungs
     if action == "restart":
         return (RestartUnit(node, unit),), verify

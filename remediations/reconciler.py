@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 from remediations.guards import Check
 from remediations.planner import (
@@ -29,6 +29,7 @@ from remediations.planner import (
     Hold,
     Propose,
     Refuse,
+    Replica,
     Target,
     plan_remediation,
 )
@@ -65,6 +66,8 @@ class FleetView:
     """unit name → nodes that run a copy."""
     standby: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """unit name → online nodes holding a stopped copy (migration candidates)."""
+    datasets: Mapping[str, tuple[Replica, ...]] = field(default_factory=dict)
+    """dataset name → every replica (``in_incident`` is filled in here, from the open incidents)."""
 
 
 @dataclass
@@ -226,6 +229,13 @@ class Reconciler:
             self.unit_rules.setdefault(target, set()).add(rule)
         state.quarantined_until = max(state.quarantined_until, until)
 
+    def restore_running(self, key: str, running: Running) -> None:
+        """Re-register a plan that survives a controller restart (one awaiting approval)."""
+        self.running[running.plan_id] = running
+        self.plan_incident[running.plan_id] = key
+        if key in self.incidents:
+            self.incidents[key].running_plan = running.plan_id
+
     def restore_incident(self, incident: IncidentState) -> None:
         self.incidents[incident.key] = incident
 
@@ -323,6 +333,8 @@ class Reconciler:
             rule_starts=tuple(self.rule_starts.get(rule.name, ())), paused=self.paused,
             pause_reason=self.pause_reason, silences=tuple(self.silences), stats=self.stats,
             unit_history=self._unit_history(target_key))
+        if isinstance(dataset := symptom.evidence.get("dataset"), str):
+            ctx = replace(ctx, **_dataset_context(dataset, symptom, fleet, unhealthy))
         labels = {"kind": symptom.kind, "node": symptom.node, "unit": symptom.unit or "",
                   "severity": symptom.severity, "group": group, **symptom.labels}
         decision = plan_remediation(
@@ -355,3 +367,12 @@ class Reconciler:
                                         disruptive=action in DISRUPTIVE_ACTIONS)
         self.plan_incident[plan.id] = incident.key
         return [Started(incident.id, plan, decision.checks, decision.skipped)]
+
+
+def _dataset_context(dataset: str, symptom: Symptom, fleet: FleetView, unhealthy: set[str]) -> dict[str, Any]:
+    """Dataset findings: the dataset, the authority's root and the replicas that could serve a resync."""
+    root = symptom.evidence.get("authority_root")
+    replicas = tuple(Replica(r.node, r.root, r.state, r.online and r.node not in fleet.offline,
+                             r.node in unhealthy) for r in fleet.datasets.get(dataset, ()))
+    return {"dataset": dataset, "authority_root": root if isinstance(root, str) else "",
+            "dataset_replicas": replicas}

@@ -22,12 +22,14 @@ from rules.model import AnomalyWatchSpec, Backoff, LoopBreaker, Rule, Rulebook, 
 from selfheal.errors import RulebookError
 from selfheal.wire import HostMetrics, UnitReport
 
-FINDING_KINDS = ["unit_exited", "probe_failing", "node_offline", "metric_threshold", "metric_anomaly"]
+FINDING_KINDS = ["unit_exited", "probe_failing", "unit_stalled", "node_offline", "metric_threshold",
+                 "metric_anomaly", "dataset_divergent", "dataset_no_authority", "external_alert"]
 
 
 def _numeric_fields(struct: type[msgspec.Struct]) -> list[str]:
     return [f.name for f in msgspec.structs.fields(struct) if f.type in (int, float, int | None, float | None)
-            and f.name not in ("pid", "exit_code", "exit_signal", "v")]
+            and f.name not in ("pid", "exit_code", "exit_signal", "v", "every", "next_run_at", "progress_at",
+                               "stall_after")]
 
 
 METRICS = sorted([*(f"host.{name}" for name in [*_numeric_fields(HostMetrics), "disk_max_percent"]),

@@ -1,4 +1,4 @@
-"""The CLI's API-client commands: status, plans, approve, cancel, pause, resume, silence.
+"""The CLI's API-client commands: status, datasets, plans, approve, cancel, pause, resume, silence.
 
 They talk to a running controller over HTTP. The address comes from
 ``--url``, else ``controller.listen`` in ``--config``, else
@@ -40,6 +40,8 @@ def add_client_commands(sub: Any) -> None:
         return p
 
     p = command("status", cmd_status, "show nodes, units and open incidents; exit 0 healthy, 1 degraded, 3 unreachable")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = command("datasets", cmd_datasets, "show each dataset's replicas, authority and agreement")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p = command("plans", cmd_plans, "list recent remediation plans and their state")
     p.add_argument("--json", action="store_true")
@@ -164,6 +166,32 @@ def cmd_plans(args: argparse.Namespace) -> int:
         print(f"{p['id']:<10} {p['state']:<18} #{p['incident_id']:<8} {p['action']:<14} {p['rule']:<28} "
               f"{p['created_at']}")
     return EXIT_OK
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    code, data = _call(args, "GET", "/api/v1/datasets")
+    if code != EXIT_OK:
+        return code
+    if args.json:
+        print(json.dumps(data))
+        return EXIT_OK
+    if not data["items"]:
+        print("no datasets reported (configure [[agent.datasets]] on the agents)")
+    for d in data["items"]:
+        agreement = d["agreement"]
+        print(f"{d['name']}: authority {d['authority']['kind']} ({d['authority']['reason']}); "
+              f"replicas agreeing {_share(agreement['replicas'])}, files agreeing {_share(agreement['files'])}")
+        divergent = {v["node"]: v["files"] for v in d["divergent"]}
+        for r in d["replicas"]:
+            mark = "DIVERGENT" if r["node"] in divergent else ("unknown" if r["node"] in d["unknown"] else "ok")
+            files = divergent.get(r["node"])
+            print(f"  {r['node']:<20} {r['state']:<9} {mark:<9} {r['root'][:23] or '-':<23} files {r['files']} "
+                  f"bytes {r['bytes']} gen {r['generation']}" + (f" differs: {', '.join(files[:5])}" if files else ""))
+    return EXIT_OK
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def cmd_approve(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,13 +64,34 @@ class ProbeConfig(_Section, frozen=True, kw_only=True):
     """Seconds after a (re)start during which failures are not counted."""
 
 
+class SparkConfig(_Section, frozen=True, kw_only=True):
+    """How a ``spark`` unit runs its application (``[agent.units.spark]``)."""
+
+    master: str = "local[*]"
+    """Spark master URL: ``local[*]``, ``local[N,F]`` (F task attempts), ``spark://host:port``, ``yarn``,
+    ``k8s://...``; the driver runs on this node (client deploy mode)."""
+    application: str | None = None
+    """A ``.py`` or ``.jar`` file submitted with ``spark-submit``. Unset: ``command`` is the driver
+    program itself (e.g. ``python -m workloads.etl``), given the master through ``PYSPARK_SUBMIT_ARGS``."""
+    args: list[str] = msgspec.field(default_factory=list)
+    """Arguments of ``application``."""
+    conf: dict[str, str] = msgspec.field(default_factory=dict)
+    """Spark properties (``--conf k=v``), e.g. ``spark.task.maxFailures``; Spark's own retries are its own."""
+    home: str | None = None
+    """SPARK_HOME holding ``bin/spark-submit``; default: the pyspark package of the agent's environment."""
+    ui_port: int = 0
+    """Port of the driver's UI, whose REST API (``/api/v1``) the agent reads for the application's jobs and
+    task failures; 0 picks a free port at each start. ``spark.ui.enabled = "false"`` in ``conf`` turns the
+    tracking off (the process and its progress file remain)."""
+
+
 class UnitConfig(_Section, frozen=True, kw_only=True):
     name: str
     """Unit name, unique on the node."""
     kind: Literal["process", "systemd", "docker", "spark"] = "process"
-    """How the unit is started and watched; this release implements ``process``."""
+    """How the unit is started and watched; this release implements ``process`` and ``spark``."""
     command: list[str] = msgspec.field(default_factory=list)
-    """argv of the process (kind ``process``)."""
+    """argv of the process (kind ``process``; kind ``spark`` without ``spark.application``: the driver)."""
     env: dict[str, str] = msgspec.field(default_factory=dict)
     """Extra environment variables for the unit."""
     cwd: str | None = None
@@ -81,11 +102,44 @@ class UnitConfig(_Section, frozen=True, kw_only=True):
     """Start with the agent. ``false`` keeps a standby copy: stopped until a migration starts it here."""
     probe: ProbeConfig | None = None
     """Health probe; without one, "running" is healthy."""
+    every: float | None = None
+    """Seconds between runs of a batch job (unset: a long-running service). A run that exits 0 is
+    ``completed`` and the next one starts ``every`` seconds after the previous run started (a run still
+    going then is never doubled); a run that fails waits for the controller, like a crashed service."""
+    progress_file: str | None = None
+    """JSON file the workload keeps its progress in (``{"done", "total", "stage", "updated_at"}``);
+    relative to ``cwd``. Passed to the unit as ``$SELFHEAL_PROGRESS_FILE``; reported as ``progress``."""
+    stall_after: float | None = None
+    """Seconds without progress while the process is alive before the unit is ``unit_stalled``; needs
+    ``progress_file`` (or kind ``spark``, whose completed tasks count as progress)."""
+    spark: SparkConfig | None = None
+    """Kind ``spark`` only: master, application, Spark properties."""
 
 
 class DatasetConfig(_Section, frozen=True, kw_only=True):
+    """A dataset this node holds a replica of (``[[agent.datasets]]``); at most 200 per agent."""
+
     name: str
+    """Dataset name, ``[a-z0-9][a-z0-9-]{0,62}``: the same on every node holding a replica."""
     path: str
+    """Absolute path of this node's replica (a directory)."""
+    include: list[str] = msgspec.field(default_factory=list)
+    """Globs of files to digest, relative to ``path`` (``*`` stays within a directory, ``**`` spans
+    directories; a pattern without ``/`` matches a file's name at any depth); empty: every file."""
+    exclude: list[str] = msgspec.field(default_factory=list)
+    """Globs of files and directories to leave out (same syntax); an excluded directory is not entered."""
+    scan_interval: float = 60.0
+    """Seconds between incremental scans (unchanged files, by size, mtime and inode, are not re-read)."""
+    deep_scan_interval: float = 86400.0
+    """Seconds between deep scans, which re-read every file to catch bit rot."""
+    read_bandwidth: int = 0
+    """Bytes per second the digester (and chunk serving) may read from this dataset; 0: unlimited."""
+    chunk_size: int = 4 * 1024 * 1024
+    """Bytes per chunk: the unit of hashing, localisation and transfer (4 KiB .. 64 MiB); equal on all
+    replicas, or their digests never match."""
+    manifest: str | None = None
+    """Path of a manifest file holding the published root digest (``blake3:<hex>``): the authority
+    when present. Relative paths are taken from ``path``; a manifest inside the dataset is not digested."""
 
 
 class AgentConfig(_Section, frozen=True, kw_only=True):
@@ -104,9 +158,36 @@ class AgentConfig(_Section, frozen=True, kw_only=True):
 
 
 class NotifyConfig(_Section, frozen=True, kw_only=True):
+    """One chat destination (``[[controller.notify]]``); grouping and timing follow Alertmanager."""
+
     kind: Literal["slack", "mattermost", "teams", "discord", "googlechat", "alertmanager"]
+    """Payload format: Slack blocks, Mattermost attachments, a Teams Workflows Adaptive Card, Discord
+    embeds, Google Chat cardsV2, or Alertmanager's webhook JSON (version 4) for any existing receiver."""
     url: str
-    """Webhook URL: a secret, never logged or returned by the API."""
+    """Webhook URL: a secret, never logged or returned by the API (logs show ``https://host/…``)."""
+    name: str = ""
+    """Name in logs, audit trail and the Alertmanager ``receiver`` field; default ``<kind>-<index>``."""
+    matchers: dict[str, str] = msgspec.field(default_factory=dict)
+    """Label → glob; all must match for an incident to be sent here. Labels: ``kind``, ``node``,
+    ``unit``, ``severity``, ``rule`` and the node's own labels (``group``...). Empty: everything."""
+    group_by: list[str] = msgspec.field(default_factory=lambda: ["kind", "node"])
+    """Labels whose values make a group: one message covers every incident of a group."""
+    group_wait: float = 5.0
+    """Seconds a new group waits for more incidents before its first message."""
+    group_interval: float = 60.0
+    """Seconds between messages about changes to the same group."""
+    repeat_interval: float = 14400.0
+    """Seconds before a group with unresolved incidents and no change is sent again (4 h)."""
+    rate: float = 20.0
+    """Messages per minute to this destination (token bucket refill)."""
+    burst: int = 5
+    """Messages that may go out at once before ``rate`` applies."""
+    timeout: float = 10.0
+    """Seconds per HTTP attempt; a timeout is retried."""
+
+    def __repr__(self) -> str:  # the URL is a secret: never in a repr, a log line or an error
+        scheme, _, rest = self.url.partition("://")
+        return f"NotifyConfig(kind={self.kind!r}, name={self.name!r}, url='{scheme}://{rest.split('/')[0]}/…')"
 
 
 class BudgetConfig(_Section, frozen=True, kw_only=True):
@@ -118,6 +199,37 @@ class BudgetConfig(_Section, frozen=True, kw_only=True):
     """Share of a unit's replicas (same unit name on several nodes) under remediation at once; at least one."""
     group_label: str = "group"
     """Node label (``agent.labels``) that groups nodes for ``max_node_share``."""
+
+
+class PromQLConfig(_Section, frozen=True, kw_only=True):
+    """A PromQL finding source (``[[controller.promql]]``; needs the ``promquery`` extra)."""
+
+    name: str
+    """Names the finding's ``alertname`` label and the entry in metrics and logs."""
+    url: str
+    """The Prometheus server, e.g. ``http://prometheus:9090``."""
+    query: str
+    """An instant PromQL query; each result series is checked against ``above``."""
+    interval: float = 30.0
+    """Seconds between evaluations; results older than 3 intervals (Prometheus unreachable) expire."""
+    timeout: float = 10.0
+    """Seconds one query may take."""
+    for_node: str = "instance"
+    """Series label naming the node (an ``instance`` label's ``:port`` is stripped)."""
+    for_unit: str = ""
+    """Series label naming the unit; empty: node-level findings."""
+    severity: Literal["info", "warning", "critical"] = "warning"
+    above: float = 0.0
+    """A series is a finding while its value is above this."""
+
+
+class AlertsInConfig(_Section, frozen=True, kw_only=True):
+    """Inbound alerts (``POST /api/v1/alerts``, Alertmanager's webhook format)."""
+
+    ttl: float = 28800.0
+    """Seconds a firing alert holds without being re-sent (default: twice Alertmanager's 4 h repeat_interval)."""
+    max_alerts: int = 10000
+    """External alerts held at most; the ones closest to expiry are dropped first."""
 
 
 class ControllerConfig(_Section, frozen=True, kw_only=True):
@@ -142,6 +254,9 @@ class ControllerConfig(_Section, frozen=True, kw_only=True):
     """The fleet disruption budget."""
     public_url: str = ""
     """Base URL of the status page as people reach it, for links in notifications (default: the listen address)."""
+    promql: list[PromQLConfig] = msgspec.field(default_factory=list)
+    """PromQL finding sources."""
+    alerts: AlertsInConfig = msgspec.field(default_factory=AlertsInConfig)
 
 
 class SecurityConfig(_Section, frozen=True, kw_only=True):
@@ -199,6 +314,8 @@ def load_config(path: Path | str | None = None, *, env: Mapping[str, str] | None
         raise ConfigError(message, source=source, path=path) from None
     try:
         _check(config, source, role)
+        _check_notify(config.controller.notify, source)
+        _check_promql(config.controller, source)
     except ConfigError as exc:
         if exc.source:
             raise
@@ -262,12 +379,7 @@ def _check(config: Config, source: str, role: str) -> None:
         if unit.name in seen:
             fail(f"duplicate unit name {unit.name!r}", f"{at}.name")
         seen.add(unit.name)
-        if unit.kind != "process":
-            fail(f"unit kind {unit.kind!r} is not available in this release (only 'process')", f"{at}.kind")
-        if not unit.command:
-            fail("a process unit needs a non-empty command", f"{at}.command")
-        if unit.stop_grace < 0:
-            fail("must be >= 0", f"{at}.stop_grace")
+        _check_unit(unit, at, fail)
         probe = unit.probe
         if probe is None:
             continue
@@ -281,6 +393,140 @@ def _check(config: Config, source: str, role: str) -> None:
             fail("an http probe's target is an http:// or https:// URL", f"{at}.probe.target")
         if probe.kind == "tcp":
             split_host_port(str(probe.target), what=f"{at}.probe.target")
+    _check_datasets(agent, fail)
+
+
+UNIT_KINDS = ("process", "spark")
+"""Unit kinds this release implements (``systemd`` and ``docker`` are reserved)."""
+
+
+def _check_unit(unit: UnitConfig, at: str, fail: Callable[[str, str], None]) -> None:
+    """One unit's kind-specific keys, schedule and progress (the probe is checked by ``_check``)."""
+    if unit.kind not in UNIT_KINDS:
+        fail(f"unit kind {unit.kind!r} is not available in this release (only {', '.join(map(repr, UNIT_KINDS))})",
+             f"{at}.kind")
+    spark = unit.spark
+    if unit.kind == "process" and not unit.command:
+        fail("a process unit needs a non-empty command", f"{at}.command")
+    if unit.kind != "spark" and spark is not None:
+        fail("only a spark unit has a [spark] table", f"{at}.spark")
+    if unit.kind == "spark":
+        application = spark.application if spark is not None else None
+        if bool(application) == bool(unit.command):
+            fail("a spark unit needs either spark.application (spark-submit) or command (the driver), "
+                 "not both", f"{at}.command")
+        if spark is not None:
+            if not spark.master.strip():
+                fail("must be a Spark master URL such as local[*] or spark://host:7077", f"{at}.spark.master")
+            if not 0 <= spark.ui_port <= 65535:
+                fail("must be a port, 0 picks a free one", f"{at}.spark.ui_port")
+    if unit.stop_grace < 0:
+        fail("must be >= 0", f"{at}.stop_grace")
+    if unit.every is not None and unit.every <= 0:
+        fail("must be > 0 seconds (leave it out for a long-running service)", f"{at}.every")
+    if unit.progress_file is not None and not unit.progress_file.strip():
+        fail("must be a path (or left out)", f"{at}.progress_file")
+    if unit.stall_after is not None:
+        if unit.stall_after <= 0:
+            fail("must be > 0 seconds", f"{at}.stall_after")
+        if unit.progress_file is None and unit.kind != "spark":
+            fail("needs progress_file: without progress there is nothing to stall", f"{at}.stall_after")
+        ui_off = spark is not None and spark.conf.get("spark.ui.enabled", "").strip().lower() == "false"
+        if unit.progress_file is None and ui_off:
+            fail("needs progress_file: with spark.ui.enabled = false Spark's task counts are not read",
+                 f"{at}.stall_after")
+
+
+def _check_datasets(agent: AgentConfig, fail: Callable[[str, str], None]) -> None:
+    """The ``agent.datasets`` part of ``_check``."""
+    if len(agent.datasets) > 200:
+        fail("at most 200 datasets per agent (their digests share one message)", "agent.datasets")
+    datasets: set[str] = set()
+    for i, dataset in enumerate(agent.datasets):
+        at = f"agent.datasets[{i}]"
+        if not NODE_ID_RE.match(dataset.name):
+            fail(f"{dataset.name!r} must match [a-z0-9][a-z0-9-]{{0,62}}", f"{at}.name")
+        if dataset.name in datasets:
+            fail(f"duplicate dataset name {dataset.name!r}", f"{at}.name")
+        datasets.add(dataset.name)
+        if not Path(dataset.path).is_absolute():
+            fail(f"{dataset.path!r} is not an absolute path", f"{at}.path")
+        for key in ("include", "exclude"):
+            for pattern in getattr(dataset, key):
+                if not pattern or pattern.startswith("/") or "\\" in pattern or ".." in pattern.split("/"):
+                    fail(f"{pattern!r} must be a non-empty relative glob without '..' or '\\'", f"{at}.{key}")
+        for key in ("scan_interval", "deep_scan_interval"):
+            if getattr(dataset, key) <= 0:
+                fail("must be > 0", f"{at}.{key}")
+        if dataset.read_bandwidth < 0:
+            fail("must be >= 0 (0: unlimited)", f"{at}.read_bandwidth")
+        if not 4096 <= dataset.chunk_size <= 64 * 1024 * 1024:
+            fail("must be between 4096 and 67108864 bytes", f"{at}.chunk_size")
+        if dataset.manifest is not None and not dataset.manifest.strip():
+            fail("must be a path (or left out)", f"{at}.manifest")
+
+
+NOTIFY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def _check_notify(destinations: list[NotifyConfig], source: str) -> None:
+    """Chat destinations; messages never quote a URL (it is a secret)."""
+    def fail(message: str, path: str) -> None:
+        raise ConfigError(message, source=source, path=path)
+
+    names: set[str] = set()
+    for i, notify in enumerate(destinations):
+        at = f"controller.notify[{i}]"
+        scheme, sep, rest = notify.url.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest.split("/")[0]:
+            fail("must be an http:// or https:// URL (the value is a secret and is not shown)", f"{at}.url")
+        name = notify.name or f"{notify.kind}-{i}"
+        if not NOTIFY_NAME_RE.match(name):
+            fail(f"{name!r} must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,62}}", f"{at}.name")
+        if name in names:
+            fail(f"duplicate destination name {name!r}", f"{at}.name")
+        names.add(name)
+        for label, glob in notify.matchers.items():
+            if not label or not glob:
+                fail("label names and globs must be non-empty", f"{at}.matchers")
+        if not notify.group_by or not all(notify.group_by):
+            fail("needs at least one label name, none empty", f"{at}.group_by")
+        if notify.group_wait < 0:
+            fail("must be >= 0", f"{at}.group_wait")
+        for key in ("group_interval", "repeat_interval", "rate", "timeout"):
+            if getattr(notify, key) <= 0:
+                fail("must be > 0", f"{at}.{key}")
+        if notify.burst < 1:
+            fail("must be >= 1", f"{at}.burst")
+
+
+def _check_promql(controller: ControllerConfig, source: str) -> None:
+    """PromQL sources and inbound alerts."""
+    def fail(message: str, path: str) -> None:
+        raise ConfigError(message, source=source, path=path)
+
+    names: set[str] = set()
+    for i, entry in enumerate(controller.promql):
+        at = f"controller.promql[{i}]"
+        if not NOTIFY_NAME_RE.match(entry.name):
+            fail(f"{entry.name!r} must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,62}}", f"{at}.name")
+        if entry.name in names:
+            fail(f"duplicate promql name {entry.name!r}", f"{at}.name")
+        names.add(entry.name)
+        scheme, sep, rest = entry.url.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest.split("/")[0]:
+            fail("must be an http:// or https:// URL", f"{at}.url")
+        if not entry.query.strip():
+            fail("must not be empty", f"{at}.query")
+        if not entry.for_node:
+            fail("must name a label", f"{at}.for_node")
+        for key in ("interval", "timeout"):
+            if not getattr(entry, key) > 0:
+                fail("must be > 0", f"{at}.{key}")
+    if not controller.alerts.ttl > 0:
+        fail("must be > 0", "controller.alerts.ttl")
+    if controller.alerts.max_alerts < 1:
+        fail("must be >= 1", "controller.alerts.max_alerts")
 
 
 def render_defaults() -> str:

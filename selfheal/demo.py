@@ -2,8 +2,10 @@
 
 Starts a controller with the embedded broker and two agents as separate
 ``selfheal`` processes, each supervising a small HTTP service with an HTTP
-probe; then SIGKILLs one service (a crash) and SIGSTOPs the other (a hang),
-and narrates the healing from the controller's API. Everything lives in a
+probe, plus a third agent that only holds a replica of a small dataset (all
+three do); then SIGKILLs one service (a crash), SIGSTOPs the other (a hang)
+and flips a byte in one dataset replica (corruption, repaired from the
+majority), and narrates the healing from the controller's API. Everything lives in a
 temp dir; free ports are picked automatically. The API stays up until Ctrl-C
 or ``--duration``.
 """
@@ -30,6 +32,9 @@ import httpx
 from selfheal.keys import write_key
 
 NODES = ("node-a", "node-b")
+DATA_NODES = (*NODES, "node-c")
+"""Every agent holds a replica of the demo dataset; node-c holds only that."""
+CORRUPTED = "shards/part-1.bin"
 
 
 def _free_port() -> int:
@@ -55,8 +60,9 @@ def write_configs(root: Path, *, broker_url: str | None = None, rulebook: Path |
     """Controller and agent configs: embedded broker unless ``broker_url``; built-in rules unless ``rulebook``."""
     broker, api = _free_port(), _free_port()
     keys = root / "keys"
-    for node in NODES:
+    for node in DATA_NODES:
         write_key(keys, node)
+        _write_dataset(root / f"data-{node}")
     token = root / "api.token"
     token.write_text(secrets.token_hex(24) + "\n", encoding="ascii")
     token.chmod(0o600)
@@ -69,21 +75,37 @@ def write_configs(root: Path, *, broker_url: str | None = None, rulebook: Path |
         f'[controller]\nlisten = "127.0.0.1:{api}"\nstate_dir = {_q(str(root / "controller"))}\n'
         f"offline_after = 5.0\n{rules}\n{common}")
     agents, ports = {}, {}
-    for node in NODES:
+    for node in DATA_NODES:
         port = _free_port()
         path = root / f"{node}.toml"
+        unit = (f'[[agent.units]]\nname = "web"\nkind = "process"\n'
+                f'command = [{_q(sys.executable)}, "-m", "http.server", "{port}", "--bind", "127.0.0.1"]\n'
+                f"stop_grace = 2.0\n\n"
+                f'[agent.units.probe]\nkind = "http"\ntarget = "http://127.0.0.1:{port}/"\n'
+                f"interval = 0.5\ntimeout = 0.5\nfailures = 3\nstart_period = 1.0\n\n") if node in NODES else ""
         path.write_text(
             f'[mqtt]\nurl = {_q(broker_url or f"mqtt://127.0.0.1:{broker}")}\nkeepalive = 5.0\n\n'
             f'[agent]\nnode_id = "{node}"\ninterval = 1.0\nstate_dir = {_q(str(root / node))}\n'
-            f'listen = "127.0.0.1:0"\n\n'
-            f'[[agent.units]]\nname = "web"\nkind = "process"\n'
-            f'command = [{_q(sys.executable)}, "-m", "http.server", "{port}", "--bind", "127.0.0.1"]\n'
-            f"stop_grace = 2.0\n\n"
-            f'[agent.units.probe]\nkind = "http"\ntarget = "http://127.0.0.1:{port}/"\n'
-            f"interval = 0.5\ntimeout = 0.5\nfailures = 3\nstart_period = 1.0\n\n{common}")
+            f'listen = "127.0.0.1:0"\n\n{unit}'
+            f'[[agent.datasets]]\nname = "features"\npath = {_q(str(root / f"data-{node}"))}\n'
+            f"chunk_size = 65536\nscan_interval = 1.0\n\n{common}")
         agents[node] = path
-        ports[node] = port
+        if node in NODES:
+            ports[node] = port
     return Layout(controller, agents, api, ports)
+
+
+def _write_dataset(folder: Path) -> None:
+    """The same small dataset on every node (a deterministic byte pattern, 4 files)."""
+    (folder / "shards").mkdir(parents=True)
+    for i in range(3):
+        (folder / "shards" / f"part-{i}.bin").write_bytes(bytes((i * 7 + n) % 251 for n in range(200_000)))
+    (folder / "README").write_text("features for the demo model\n")
+
+
+def _dataset_agrees(client: httpx.Client) -> bool:
+    items = client.get("/api/v1/datasets").json()["items"]
+    return bool(items) and len(items[0]["replicas"]) == len(DATA_NODES) and items[0]["agreement"]["replicas"] == 1.0
 
 
 class Narrator:
@@ -175,7 +197,8 @@ def run_demo(  # noqa: PLR0915 - one narrated script, read top to bottom
             out(f"status: {base}/")
             for node, config in layout.agents.items():
                 spawn("agent", config, f"{node}.log")
-            out("started 2 agents (node-a, node-b), each supervising an HTTP service 'web' probed every 0.5 s")
+            out("started 3 agents: node-a and node-b each supervise an HTTP service 'web' probed every 0.5 s; "
+                "all three hold a replica of the dataset 'features'")
 
             def all_healthy() -> bool:
                 units = narrator.units()
@@ -198,6 +221,23 @@ def run_demo(  # noqa: PLR0915 - one narrated script, read top to bottom
                     out(f"healed: {node}/web is serving again {time.monotonic() - t0:.1f}s after the {what}\n")
             narrator.wait("incidents to resolve", lambda: not client.get(
                 "/api/v1/incidents", params={"state": "open"}).json()["items"], 15)
+            if narrator.wait("the three dataset replicas to agree", lambda: _dataset_agrees(client), 30):
+                victim = Path(layout.agents["node-b"]).parent / "data-node-b" / CORRUPTED
+                data = bytearray(victim.read_bytes())
+                data[70_000] ^= 0xFF
+                victim.write_bytes(bytes(data))
+                out(f"fault: corruption — flipped one byte of node-b's replica of 'features' ({CORRUPTED})")
+                t0 = time.monotonic()
+
+                def repaired() -> bool:
+                    divergent = [i for i in client.get("/api/v1/incidents").json()["items"]
+                                 if i["kind"] == "dataset_divergent"]
+                    return bool(divergent) and all(i["state"] == "resolved" for i in divergent) \
+                        and _dataset_agrees(client)
+
+                if narrator.wait("node-b's replica to be repaired", repaired, 60):
+                    out(f"healed: node-b's replica was localised to {CORRUPTED}, its differing chunk pulled from a "
+                        f"replica of the majority and verified, {time.monotonic() - t0:.1f}s after the corruption\n")
             out(f"all healed. The API stays up at {base}/ — "
                 + ("Ctrl-C to stop." if duration is None else f"stopping after {duration:g}s."))
             while duration is None or time.monotonic() - started < duration:

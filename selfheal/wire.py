@@ -104,10 +104,39 @@ class ProbeState(_Msg, frozen=True, kw_only=True):
     checked_at: float = 0.0
 
 
+class UnitProgress(_Msg, frozen=True, kw_only=True):
+    """How far a unit's job has come, as the job itself says (its progress file) or Spark counts it."""
+
+    done: float = 0.0
+    total: float | None = None
+    stage: str = ""
+    updated_at: float = 0.0
+    """Wall time the job last wrote it (its own clock); 0 when unknown."""
+
+
+class SparkStatus(_Msg, frozen=True, kw_only=True):
+    """A Spark application as its driver's REST API (``/api/v1``) describes it."""
+
+    app_id: str = ""
+    jobs_running: int = 0
+    jobs_succeeded: int = 0
+    jobs_failed: int = 0
+    tasks_total: int = 0
+    tasks_completed: int = 0
+    tasks_failed: int = 0
+    """Failed task attempts: Spark retries them itself (``spark.task.maxFailures``); reported, not acted on."""
+    checked_at: float = 0.0
+
+
+UnitStateName = Literal["starting", "running", "exited", "stopped", "failed", "completed"]
+"""``completed``: a scheduled batch job (``every``) whose last run exited 0 and that waits for its next
+run — not a crash. ``exited``: ended on its own otherwise; ``stopped``: stopped on purpose."""
+
+
 class UnitReport(_Msg, frozen=True, kw_only=True):
     name: str
     kind: str
-    state: Literal["starting", "running", "exited", "stopped", "failed"]
+    state: UnitStateName
     pid: int | None = None
     restarts: int = 0
     started_at: float = 0.0
@@ -120,6 +149,20 @@ class UnitReport(_Msg, frozen=True, kw_only=True):
     proc_status: str = ""
     """psutil status: running, sleeping, stopped (SIGSTOP), zombie..."""
     probe: ProbeState | None = None
+    error: str = ""
+    """Why the last start failed (state ``failed``), e.g. ``Java 17+ not found``."""
+    every: float | None = None
+    """A scheduled batch job: seconds between runs (None: a long-running service)."""
+    next_run_at: float | None = None
+    """Scheduled jobs: wall time of the next run, while one is due."""
+    runs: int = 0
+    """Scheduled jobs: runs that completed (exit 0) since the agent started."""
+    progress: UnitProgress | None = None
+    progress_at: float | None = None
+    """Wall time (agent clock) the progress last moved, or the current run started if later."""
+    stall_after: float | None = None
+    """Seconds without progress while alive before the unit counts as stalled (from its config)."""
+    spark: SparkStatus | None = None
 
 
 class Report(_Msg, frozen=True, kw_only=True):
@@ -130,6 +173,40 @@ class Report(_Msg, frozen=True, kw_only=True):
     ts: float
     host: HostMetrics
     units: list[UnitReport] = msgspec.field(default_factory=list)
+
+
+# --- digests ------------------------------------------------------------------------------------
+
+
+class DatasetSummary(_Msg, frozen=True, kw_only=True):
+    """One dataset replica as its agent last scanned it."""
+
+    name: str
+    root: str = ""
+    """``blake3:<hex>`` (or ``sha256:<hex>``) Merkle root; empty unless ``state`` is ``ok``."""
+    files: int = 0
+    bytes: int = 0
+    generation: int = 0
+    """Grows by one whenever the root changes (kept across agent restarts)."""
+    state: Literal["ok", "settling", "error"]
+    """``settling``: the tree changed while it was being read (no digest this round); ``error``: unreadable."""
+    error: str = ""
+    scanned_at: float = 0.0
+    """Wall time the scan ended."""
+    deep_scanned_at: float = 0.0
+    """Wall time the last deep scan (every file re-read) ended."""
+    chunk_size: int = 0
+    """Bytes per chunk: replicas with different chunk sizes never match."""
+    manifest_root: str | None = None
+    """The published root from the dataset's manifest file, when it has one: the authority."""
+
+
+class DatasetDigest(_Msg, frozen=True, kw_only=True):
+    v: int = VERSION
+    node: str
+    session: int
+    ts: float = 0.0
+    datasets: list[DatasetSummary] = msgspec.field(default_factory=list)
 
 
 # --- events -------------------------------------------------------------------------------------
@@ -188,7 +265,43 @@ class StartUnit(_Msg, tag="start_unit", frozen=True, kw_only=True):
     unit: str
 
 
-CommandStep = RestartUnit | StopUnit | StartUnit
+class ResyncFile(_Msg, frozen=True, kw_only=True):
+    """One path of a dataset replica to repair, relative to the dataset root.
+
+    ``fetch``: rebuild the file from the source — pull ``chunks`` (indexes), reuse the other chunks
+    from the local copy, check every chunk against ``chunk_hashes`` (the authority's whole list, in
+    order) and the whole file against ``size`` and those hashes before it replaces the old one;
+    ``delete``: move the path (file, link or directory) to quarantine; ``mkdir``: create a directory;
+    ``chmod``: set ``mode`` only."""
+
+    path: str
+    action: Literal["fetch", "delete", "mkdir", "chmod"]
+    mode: int = 0o644
+    size: int = 0
+    chunks: list[int] = msgspec.field(default_factory=list)
+    chunk_hashes: list[str] = msgspec.field(default_factory=list)
+
+
+MAX_RESYNC_FILES = 64
+"""Paths per ``ResyncDataset`` command: with 4 MiB chunks a 16 GiB file lists 4096 hashes (~300 KiB),
+so the controller also splits by encoded size to stay under ``MAX_PAYLOAD``; more paths, more commands."""
+
+
+class ResyncDataset(_Msg, tag="resync_dataset", frozen=True, kw_only=True):
+    """Repair a dataset replica from a peer: pull only the listed chunks over its HTTP, verify, swap in."""
+
+    dataset: str
+    source_url: str
+    """``http://host:port`` of the serving peer agent."""
+    token: str
+    """Transfer token (``selfheal.transfer_tokens``) signed with the serving node's key."""
+    expected_root: str
+    """The authority's root: what the replica should digest to once every command of the plan ran."""
+    chunk_size: int
+    files: list[ResyncFile] = msgspec.field(default_factory=list)
+
+
+CommandStep = RestartUnit | StopUnit | StartUnit | ResyncDataset
 
 
 class Command(_Msg, frozen=True, kw_only=True):
@@ -207,10 +320,11 @@ class Command(_Msg, frozen=True, kw_only=True):
 # --- encode / decode ----------------------------------------------------------------------------
 
 _encoder = msgspec.json.Encoder(order="sorted")
-NodeMessage = NodeStatus | Report | Event | Command
+NodeMessage = NodeStatus | Report | DatasetDigest | Event | Command
 _decoders: dict[str, msgspec.json.Decoder[NodeMessage]] = {
     "status": msgspec.json.Decoder(NodeStatus),
     "report": msgspec.json.Decoder(Report),
+    "digests": msgspec.json.Decoder(DatasetDigest),
     "events": msgspec.json.Decoder(Event),
     "commands": msgspec.json.Decoder(Command),
 }

@@ -1,6 +1,6 @@
 """The small protocol every unit kind satisfies, and what a kind is built from.
 
-A unit kind (``process`` today; ``systemd``, ``docker``, ``spark`` later) knows
+A unit kind (``process``, ``spark``; ``systemd`` and ``docker`` later) knows
 how to start, watch and stop one managed workload. The supervisor holds an
 explicit registry ``kind -> UnitFactory`` that is passed in, so adding a kind is
 one module plus one registry entry, never import-time registration.
@@ -16,13 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 from selfheal.clocks import Clock
 from selfheal.config import UnitConfig
-from selfheal.wire import EventBody, UnitReport
+from selfheal.wire import EventBody, UnitReport, UnitStateName
 
-UnitState = Literal["starting", "running", "exited", "stopped", "failed"]
+UnitState = UnitStateName
 Emit = Callable[[EventBody], None]
 
 

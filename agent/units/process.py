@@ -28,6 +28,7 @@ from typing import IO
 
 import psutil
 
+from agent.progress import progress_path
 from agent.units import leftovers
 from agent.units.base import UnitContext, UnitState
 from agent.units.leftovers import signal_group
@@ -35,6 +36,7 @@ from selfheal.clocks import iso
 from selfheal.config import UnitConfig
 from selfheal.errors import UnitError
 from selfheal.logs import get_logger
+from selfheal.progress import ENV_VAR as PROGRESS_ENV
 from selfheal.wire import UnitExited, UnitReport, UnitStarted
 
 LOG_ROTATE_BYTES = 16 * 1024 * 1024
@@ -55,8 +57,7 @@ class ProcessUnit:
     kind = "process"
 
     def __init__(self, config: UnitConfig, ctx: UnitContext) -> None:
-        if not config.command:
-            raise UnitError(f"unit {config.name!r}: a process unit needs a command")
+        self.check_config(config)
         self.config = config
         self.ctx = ctx
         self.restarts = 0
@@ -69,6 +70,12 @@ class ProcessUnit:
         self._runs: asyncio.Queue[_Run | None] = asyncio.Queue()
         self._lock = asyncio.Lock()
         self.log = get_logger("agent.unit", node=ctx.node_id, unit=config.name)
+
+    @staticmethod
+    def check_config(config: UnitConfig) -> None:
+        """Refuse a config this kind cannot run (``UnitError``); kinds built on this one override it."""
+        if not config.command:
+            raise UnitError(f"unit {config.name!r}: a process unit needs a command")
 
     @property
     def name(self) -> str:
@@ -122,7 +129,19 @@ class ProcessUnit:
         return UnitReport(
             name=self.name, kind=self.kind, state=self._state, pid=self.pid, restarts=self.restarts,
             started_at=self.started_at, exit_code=self.exit_code, exit_signal=self.exit_signal,
+            error=self.error,
         )
+
+    async def prepare(self) -> tuple[list[str], dict[str, str]]:
+        """The argv and environment of the next run; raises ``UnitError`` (a detail) when it cannot run.
+
+        Kinds built on this one (``spark``) override it to check prerequisites and build their command.
+        """
+        env = {**os.environ, **self.config.env}
+        progress = progress_path(self.config, self.ctx.state_dir)
+        if progress is not None:
+            env[PROGRESS_ENV] = str(progress)
+        return list(self.config.command), env
 
     async def _start(self) -> None:
         if self._run is not None and not self._run.done.is_set():
@@ -133,7 +152,10 @@ class ProcessUnit:
                                  kill_wait=KILL_WAIT, log=self.log)
         except UnitError as exc:
             raise self._failed(str(exc)) from None
-        argv = self.config.command
+        try:
+            argv, env = await self.prepare()
+        except UnitError as exc:
+            raise self._failed(str(exc)) from None
         cwd = self.config.cwd or str(self.ctx.state_dir)
         try:
             log_file = await asyncio.to_thread(_open_log, self.ctx.state_dir, self.name, argv,
@@ -143,7 +165,7 @@ class ProcessUnit:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                cwd=cwd, env={**os.environ, **self.config.env}, start_new_session=True,
+                cwd=cwd, env=env, start_new_session=True,
             )
         except OSError as exc:
             raise self._failed(f"cannot start {argv[0]!r} in {cwd!r}: {exc.strerror or exc}") from None

@@ -97,6 +97,11 @@ class Cluster:
         response.raise_for_status()
         return response.json()
 
+    def get_text(self, path: str) -> str:
+        response = httpx.get(self.api + path, timeout=5)
+        response.raise_for_status()
+        return response.text
+
     def wait_ready(self, timeout: float = 30) -> None:
         def ready() -> bool:
             try:

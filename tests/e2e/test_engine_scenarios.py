@@ -223,3 +223,36 @@ def test_a_controller_killed_mid_plan_never_restarts_twice(cluster: Cluster, tmp
     audit = cluster.audit(incident["id"])
     assert sum(1 for e in audit if e["kind"] == "command_sent") == 1
     assert any(e["kind"] == "plan_expired" for e in audit)
+
+
+def test_a_plan_awaiting_approval_survives_a_controller_restart(cluster: Cluster) -> None:
+    config = cluster.write_controller(_rules(cluster, """\
+  - name: ask-first
+    match: {kind: unit_exited}
+    mode: approve
+    ladder: [{action: restart, attempts: 3}]
+    approval_timeout: 300
+"""))
+    controller = cluster.start("controller", "controller", config)
+    cluster.wait_ready()
+    cluster.start("node-r", "agent", cluster.write_agent("node-r", _sleeper("patient")))
+    eventually_sync(lambda: (cluster.unit("node-r", "patient") or {}).get("state") == "running", what="running")
+    unit = cluster.unit("node-r", "patient")
+    assert unit is not None
+    os.kill(unit["pid"], signal.SIGKILL)
+    incident = _wait_incident(cluster, "node-r", "unit_exited")
+    eventually_sync(lambda: [p["state"] for p in cluster.plans(incident["id"])] == ["awaiting_approval"],
+                    timeout=30, what="a plan awaiting approval")
+    plan_id = cluster.plans(incident["id"])[0]["id"]
+
+    controller.send_signal(signal.SIGTERM)
+    controller.wait(30)
+    cluster.start("controller", "controller", config)
+    cluster.wait_ready()
+    time.sleep(2)  # the restarted engine has evaluated the still-open incident several times by now
+    assert [p["state"] for p in cluster.plans(incident["id"])] == ["awaiting_approval"]  # no second plan
+
+    approved = cluster.cli("approve", plan_id)
+    assert approved.returncode == 0, approved.stderr
+    cluster.wait_healthy("node-r", "patient", restarts_above=unit["restarts"])
+    eventually_sync(lambda: cluster.plans(incident["id"])[0]["state"] == "succeeded", what="plan succeeded")

@@ -118,7 +118,7 @@ async def running_agent(config: Config) -> AsyncIterator[AgentApp]:
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
-        app.ledger.close()
+        app.close()
 
 
 def command(node: str, key: bytes | None, *, cid: str, unit: str = "web", ttl: float = 15.0,
@@ -142,7 +142,8 @@ async def test_online_status_reports_and_a_clean_offline(mosquitto: Broker, tmp_
         async with running_agent(config) as app:
             await eventually(lambda: any(s.state == "online" for s, _ in obs.statuses(node)), what="birth")
             birth = next(s for s, _ in obs.statuses(node) if s.state == "online")
-            assert (birth.session, birth.units, birth.http) == (1, ["web"], "")
+            assert (birth.session, birth.units, birth.http) == (1, ["web"], app.http_address)
+            assert birth.http.startswith("127.0.0.1:")
             assert birth.version
 
             def healthy_report() -> bool:

@@ -122,7 +122,7 @@ def test_a_unit_without_a_probe_has_no_probe_finding() -> None:
 def test_detect_units_gives_one_finding_per_unhealthy_unit() -> None:
     units = (unit("a", state="exited", exit_code=1), unit("b", probe=probe(3)), unit("c", probe=probe(1)),
              unit("d", state="stopped"))
-    findings = detect_units(snapshot(units=units))
+    findings = detect_units(snapshot(units=units), NOW)
     assert [(f.kind, f.unit) for f in findings] == [("unit_exited", "a"), ("probe_failing", "b")]
 
 

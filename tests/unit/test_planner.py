@@ -151,10 +151,10 @@ def test_a_migrate_rung_without_a_standby_node_is_skipped_and_recorded() -> None
     assert choose_rung(rule, target(), state, Context(standby=("node-2",))) == (1, 1, ())
 
 
-def test_a_resync_rung_is_skipped() -> None:
+def test_a_resync_rung_is_skipped_for_a_finding_that_is_not_a_divergent_replica() -> None:
     rule = make_rule(rung("resync"), rung("notify"))
     assert choose_rung(rule, target(), TargetState(), Context()) == (
-        1, 1, ((0, "no dataset replicas are known for this finding (dataset digests are not configured)"),))
+        1, 1, ((0, "resync repairs dataset replicas; a unit_exited finding names none"),))
 
 
 def test_a_unit_rung_is_skipped_for_a_finding_without_a_unit() -> None:
