@@ -212,7 +212,9 @@ def _pending(probe: ProbeState | None) -> ProbeState | None:
 
 
 def unit_is_healthy(unit: UnitReport | None) -> bool:
-    """Running, and its probe (if it has one) says healthy."""
+    """Running, and its probe (if it has one) says healthy; a scheduled job whose run completed is healthy too."""
+    if unit is not None and unit.state == "completed":
+        return True
     if unit is None or unit.state != "running":
         return False
     return unit.probe is None or unit.probe.healthy

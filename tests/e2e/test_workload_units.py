@@ -57,6 +57,7 @@ def wait_state(cluster: Cluster, node: str, unit: str, state: str, *, timeout: f
     return found
 
 
+@pytest.mark.timeout(480)  # two Spark runs and a 20 s stall on a shared 2-core machine
 def test_a_stalled_etl_job_is_restarted_and_completes_without_duplicating_output(cluster: Cluster) -> None:
     require_spark()
     landing, output, hold = cluster.root / "landing", cluster.root / "output", cluster.root / "hold"

@@ -33,6 +33,7 @@ def job(name: str, *args: str, timeout: float = 240) -> subprocess.CompletedProc
     return done
 
 
+@pytest.mark.timeout(420)  # two Spark runs
 def test_generated_data_becomes_a_model_that_answers_predictions(tmp_path: Path) -> None:
     require_spark()
     landing, features, models = tmp_path / "landing", tmp_path / "features", tmp_path / "models"

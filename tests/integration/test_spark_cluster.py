@@ -37,6 +37,7 @@ def cluster(tmp_path: Path) -> Iterator[StandaloneCluster]:
         cluster.stop()
 
 
+@pytest.mark.timeout(420)  # three JVMs: master, worker, driver (+ an executor)
 async def test_the_etl_job_runs_unchanged_on_a_standalone_cluster(cluster: StandaloneCluster, tmp_path: Path) -> None:
     landing, output = tmp_path / "landing", tmp_path / "output"
     assert generate.main(["--landing", str(landing), "--batches", "3", "--rows", "200", "--devices", "10"]) == 0
@@ -63,6 +64,9 @@ async def test_the_etl_job_runs_unchanged_on_a_standalone_cluster(cluster: Stand
         assert any(a["name"] == "etl" for a in [*apps["activeapps"], *apps["completedapps"]])  # type: ignore[misc]
         await eventually(lambda: spark_unit.state in ("completed", "exited"), timeout=240, interval=0.5,
                          what="the application to finish")
+        # The progress file is polled: its last word ("done") reaches the report within one poll.
+        await eventually(lambda: (p := sup.reports()[0].progress) is not None and p.stage == "done", timeout=30,
+                         interval=0.2, what="the job's final progress")
         report = sup.reports()[0]
         log = (tmp_path / "logs" / "etl.log").read_text(errors="replace")
         assert report.state == "completed", log[-4000:]
