@@ -33,7 +33,7 @@ max-width:60rem;overflow-wrap:anywhere}
 
 _CLASS = {"online": "ok", "running": "ok", "resolved": "ok", "succeeded": "ok", "completed": "ok",
           "offline": "bad", "exited": "bad", "failed": "bad", "crashed": "bad",
-          "open": "warn", "starting": "warn", "stopped": "warn", "completed": "ok", "escalated": "warn", "verifying": "warn",
+          "open": "warn", "starting": "warn", "stopped": "warn", "escalated": "warn", "verifying": "warn",
           "awaiting_approval": "warn", "cancelled": "muted", "expired": "muted"}
 
 
