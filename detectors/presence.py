@@ -6,6 +6,8 @@ from detectors.model import Finding, NodeSnapshot
 
 
 def detect_node_offline(snapshot: NodeSnapshot, now: float, offline_after: float) -> Finding | None:
+    if snapshot.last_seen == 0.0 and not snapshot.online:
+        return None  # known only from a retained digest so far: its presence message is on its way
     silent_for = now - snapshot.last_seen
     if snapshot.online and silent_for <= offline_after:
         return None

@@ -151,17 +151,23 @@ QUIET = frozenset({"plan_running", "plan_verifying"})
 def _describe(entry: dict[str, Any]) -> str:
     """One line of narration for an audit entry ("" to skip it)."""
     data, kind = entry["data"], entry["kind"]
-    if kind in QUIET and not data.get("detail"):
+    if (kind in QUIET and not data.get("detail")) or kind == "notice":  # notices: chat messages, logged
         return ""
     if kind == "plan_proposed":
-        steps = ", ".join(f"{s['kind']} {s.get('node', '')}/{s.get('unit', '')}" for s in data["steps"])
+        steps = ", ".join(
+            f"{s['kind']} {s.get('node', '')}/{s.get('dataset') or s.get('unit', '')}" for s in data["steps"])
         return f"rule {data['rule']} rung {data['rung']}: {steps} ({len(data['checks'])} guards passed)"
+    if kind == "localised":
+        files = ", ".join(f"{d['path']} (chunks {d.get('chunks') or 'all'})" for d in data["differences"])
+        return (f"{data['replica']} differs from the authority in {files}; {data['fetch_bytes']} bytes to pull "
+                f"from {data['source']} ({data['rounds']} round trips)")
     if kind == "rechecked":
         return f"symptom {data['symptom']} just before {data['step']}"
     if kind == "command_sent":
         return f"{data['step']} signed and sent to {data['node']} (idempotency key {data['key'][:12]}…)"
     if kind == "verifying":
-        return f"waiting up to {data['within_s']:g}s for {data['unit']} to be healthy again"
+        goal = f"{data['unit']} to be healthy again" if data.get("unit") else "the finding to clear"
+        return f"waiting up to {data['within_s']:g}s for {goal}"
     if kind == "held":
         return f"held by {data['blocking']['guard']}: {data['blocking']['reason']}"
     for key in ("summary", "detail", "reason"):

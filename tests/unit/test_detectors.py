@@ -267,3 +267,11 @@ def test_findings_are_frozen_values() -> None:
     with pytest.raises(AttributeError):
         finding.kind = "other"  # type: ignore[misc]
     assert finding == Finding(kind="unit_exited", node=NODE, unit="a", severity="critical", summary="s")
+
+
+def test_a_node_known_only_from_a_retained_digest_is_not_offline_yet() -> None:
+    from detectors.model import NodeSnapshot  # noqa: PLC0415 - local to this regression test
+    from detectors.presence import detect_node_offline  # noqa: PLC0415
+
+    assert detect_node_offline(NodeSnapshot(node="n", online=False, last_seen=0.0), 100.0, 5.0) is None
+    assert detect_node_offline(NodeSnapshot(node="n", online=False, last_seen=99.0), 100.0, 5.0) is not None
