@@ -59,6 +59,7 @@ from selfheal.mqtt import MqttLink, Outgoing
 from selfheal.wire import (
     CONTROLLER_STATUS_TOPIC,
     Command,
+    CommandResult,
     DatasetDigest,
     DatasetSummary,
     Event,
@@ -281,7 +282,13 @@ class AgentApp:
 
     async def _command_loop(self) -> None:
         while (command := await self._commands.get()) is not None:
-            result = await self.executor.execute(command)
+            try:
+                result = await self.executor.execute(command)
+            except Exception as exc:  # one bad command must never take the agent (and its units) down
+                self.counts["command_errors"] += 1
+                self.log.exception("command.crashed", command_id=command.id[:64])
+                result = CommandResult(command_id=command.id, key=command.key, status="failed",
+                                       detail=f"internal error in the agent: {type(exc).__name__}: {exc}"[:500])
             self.emit(result)
 
     def _end_commands(self) -> None:

@@ -21,6 +21,7 @@ import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 
@@ -105,8 +106,11 @@ class Supervisor:
 
     async def start_all(self) -> None:
         for name, entry in self.entries.items():
-            if not entry.config.autostart:
-                continue  # a standby copy: stopped until a migration starts it here
+            wanted = await asyncio.to_thread(self._read_desired, name)
+            if wanted == "stopped" or (wanted is None and not entry.config.autostart):
+                # Stopped by the controller (e.g. migrated away), or a standby copy: starting it here
+                # could run a second copy of a singleton; it waits for a start_unit command.
+                continue
             # A unit that cannot start is reported as failed; the controller sees it and decides.
             with suppress(UnitError):
                 await self._start(name)
@@ -125,14 +129,19 @@ class Supervisor:
         entry = self._entry(name)
         if self.stopping:
             raise UnitError(f"unit {name!r}: the agent is stopping")
+        await asyncio.to_thread(self._write_desired, name, "started")
         await entry.unit.restart()
         if entry.probe is not None:
             entry.probe.unit_started()
         return entry.unit
 
     async def stop(self, name: str) -> Unit:
-        """Stop one unit on the controller's command (an expected exit: nobody heals it)."""
+        """Stop one unit on the controller's command (an expected exit: nobody heals it).
+
+        The decision outlives this agent: after a restart the unit stays stopped until a start_unit
+        command, whatever ``autostart`` says — so a unit migrated away never comes back as a second copy."""
         entry = self._entry(name)
+        await asyncio.to_thread(self._write_desired, name, "stopped")
         await entry.unit.stop()
         return entry.unit
 
@@ -140,8 +149,28 @@ class Supervisor:
         """Start one unit on the controller's command (e.g. the standby copy of a migration)."""
         if self.stopping:
             raise UnitError(f"unit {name!r}: the agent is stopping")
+        entry = self._entry(name)
+        await asyncio.to_thread(self._write_desired, name, "started")
         await self._start(name)
-        return self._entry(name).unit
+        return entry.unit
+
+    def _desired_path(self, name: str) -> Path:
+        return self.ctx.state_dir / "units" / f"{name}.desired"
+
+    def _read_desired(self, name: str) -> str | None:
+        """The controller's last word on this unit (``started``/``stopped``), or None."""
+        try:
+            text = self._desired_path(name).read_text(encoding="ascii").strip()
+        except OSError:
+            return None
+        return text if text in ("started", "stopped") else None
+
+    def _write_desired(self, name: str, state: str) -> None:
+        path = self._desired_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(state + "\n", encoding="ascii")
+        tmp.replace(path)
 
     def reports(self) -> list[UnitReport]:
         """Each unit's state with its probe state (process metrics are the caller's to add)."""

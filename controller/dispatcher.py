@@ -71,16 +71,27 @@ class Dispatcher:
         self.epoch = epoch
         self.command_ttl = command_ttl
         self.ack_timeout = ack_timeout
-        self._pending: dict[str, asyncio.Future[wire.CommandResult]] = {}
+        self._pending: dict[str, tuple[str, asyncio.Future[wire.CommandResult]]] = {}
+        self._unacked: dict[int, float] = {}
         self.localisations = localisations or Localisations()
         self.resync = resync or ResyncPlanner(fleet=fleet, keys=keys, clock=clock, localisations=self.localisations)
         self.log = get_logger("dispatcher")
 
     def on_result(self, node: str, result: wire.CommandResult) -> None:
-        """An agent's ack; unknown ids (e.g. for a command of a previous controller run) are ignored."""
-        future = self._pending.get(result.command_id)
-        if future is not None and not future.done():
-            future.set_result(result)
+        """An agent's ack; unknown ids (e.g. for a command of a previous controller run) and acks from any
+        node but the one the command went to are ignored."""
+        pending = self._pending.get(result.command_id)
+        if pending is None or pending[0] != node:
+            return
+        if not pending[1].done():
+            pending[1].set_result(result)
+
+    def take_unacked(self, incident_id: int) -> float:
+        """The latest expiry of this incident's commands that were sent but never acked (0 if none).
+
+        An agent may still execute such a command until it expires, so the engine must not start another
+        plan on the target before then — or a timed-out restart and the next one would both run."""
+        return self._unacked.pop(incident_id, 0.0)
 
     async def execute(self, plan: Plan, incident: Incident, *, recheck: Recheck, audit: Audit,
                       on_verifying: Callable[[], Awaitable[None]]) -> PlanOutcome:
@@ -154,7 +165,8 @@ class Dispatcher:
                                                epoch=self.epoch, issued_at=now, payload=payload):
             raise PermanentRemediationError(f"command {key} was already issued; not sending it twice")
         future: asyncio.Future[wire.CommandResult] = asyncio.get_running_loop().create_future()
-        self._pending[command.id] = future
+        self._pending[command.id] = (node, future)
+        self._unacked[incident.id] = max(self._unacked.get(incident.id, 0.0), command.expires_at)
         try:
             self.link.publish(wire.node_topic(node, "commands"), payload, qos=1)
             target = ({"dataset": step.dataset, "files": [f.path for f in step.files]}
@@ -170,6 +182,7 @@ class Dispatcher:
                 raise RemediationError(f"no ack from {node} within {wait:g}s") from None
         finally:
             self._pending.pop(command.id, None)
+        self._unacked.pop(incident.id, None)
         await audit("command_result", {"node": node, "command": command.id, "status": result.status,
                                        "detail": result.detail})
         if result.status != "done":

@@ -104,6 +104,8 @@ class Engine:
         """Plans waiting for a human: plan id → (plan, expires at)."""
         self._plans: asyncio.TaskGroup | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.errors = 0
+        """Evaluations that failed (and were retried on the next tick)."""
         self._silences: list[SilenceRecord] = []
         self._silence_reported: set[str] = set()
         self.log = get_logger("engine")
@@ -155,7 +157,11 @@ class Engine:
         async with asyncio.TaskGroup() as plans:
             self._plans = plans
             while not stop.is_set():
-                await self.evaluate()
+                try:
+                    await self.evaluate()
+                except SelfhealError as exc:  # e.g. the store is locked or the disk full: retry next tick
+                    self.errors += 1
+                    self.log.error("engine.evaluate_failed", error=str(exc))  # noqa: TRY400 - the message is it
                 with contextlib.suppress(TimeoutError):
                     async with self.fleet.changed:
                         await asyncio.wait_for(self.fleet.changed.wait(), self.tick)
@@ -372,6 +378,7 @@ class Engine:
         if current is not None:
             await self._set_plan_state(current, outcome.outcome, outcome.detail)
         self.reconciler.finish(plan.id, outcome.outcome, now, recover_s=now - incident.opened_at)
+        self._hold_for_unacked(incident, now)
         self.metrics.remediations.labels(plan.action, outcome.outcome).inc()
         self.log.info("plan.finished", plan=plan.id, incident=incident.id, outcome=outcome.outcome,
                       detail=outcome.detail)
@@ -400,7 +407,18 @@ class Engine:
         await self._audit(record.incident_id, "cancelled_by_human", {"plan": plan_id, "by": who})
         await self._set_plan_state(record, "cancelled", f"cancelled by {who}")
         self.reconciler.finish(plan_id, "cancelled", self.clock.wall())
+        incident = self.incidents.get(record.incident_id)
+        if incident is not None:
+            self._hold_for_unacked(incident, self.clock.wall())
         return await self._plan(plan_id)
+
+    def _hold_for_unacked(self, incident: Incident, now: float) -> None:
+        """A command sent but never acked may still run until it expires: no new plan before then."""
+        until = self.dispatcher.take_unacked(incident.id)
+        if until > now:
+            self.reconciler.hold_until(incident.key, until)
+            self.log.warning("incident.waiting_for_command_expiry", incident=incident.id,
+                             seconds=round(until - now, 1))
 
     async def _plan_for_human(self, plan_id: str, new: str) -> PlanRecord:
         record = await self._plan(plan_id)

@@ -221,6 +221,12 @@ class Reconciler:
         self._target(rule, symptom).attempts.append(attempt)
         self.rule_starts.setdefault(rule, deque(maxlen=10_000)).append(attempt.at)
 
+    def hold_until(self, key: str, until: float) -> None:
+        """Leave an incident alone until ``until`` (a command of its last plan may still be executed)."""
+        incident = self.incidents.get(key)
+        if incident is not None:
+            incident.busy_until = max(incident.busy_until, until)
+
     def quarantine(self, rule: str, target: str, until: float) -> None:
         """Restore a loop-breaker quarantine (``target`` is ``node/unit``)."""
         state = self.targets.get((rule, target))

@@ -227,3 +227,21 @@ async def test_probe_kinds(kind: str, target: str | list[str], healthy: bool, er
     assert (ok, error in detail) == (healthy, True)
     assert time.monotonic() - began < 2
     assert latency >= 0
+
+
+async def test_a_unit_the_controller_stopped_stays_stopped_across_an_agent_restart(tmp_path: Path) -> None:
+    """A unit migrated away (stopped by command) must not come back as a second copy when its agent
+    restarts; a standby started by command must come back even though autostart is false."""
+    service = UnitConfig(name="service", command=SLEEPER)
+    standby = UnitConfig(name="standby", command=SLEEPER, autostart=False)
+    async with supervising(tmp_path, service, standby) as (sup, _):
+        assert sup.entries["service"].unit.pid is not None
+        assert sup.entries["standby"].unit.pid is None
+        await sup.stop("service")
+        await sup.start("standby")
+    async with supervising(tmp_path, service, standby) as (sup, _):
+        assert sup.entries["service"].unit.pid is None  # stays stopped: the controller's last word
+        assert sup.entries["standby"].unit.pid is not None  # started by command, so it comes back
+        await sup.restart("service")  # a restart command is a start too
+    async with supervising(tmp_path, service, standby) as (sup, _):
+        assert sup.entries["service"].unit.pid is not None
