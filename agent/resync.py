@@ -151,7 +151,7 @@ class DatasetResyncer:
                 data = None
                 if index not in pulled and old >= 0:
                     data = await asyncio.to_thread(read_chunk, old, index, step.chunk_size)
-                    if len(data) != length or hash_chunk(alg, data) != digest:
+                    if len(data) != length or await asyncio.to_thread(hash_chunk, alg, data) != digest:
                         data = None  # the local chunk is bad too: pull it after all
                     else:
                         tally.reused_bytes += length
@@ -182,7 +182,7 @@ class DatasetResyncer:
             raise ResyncRefused(f"{path} chunk {index}: the source serves root {served_root or '?'}, not the "
                                 f"authority's {step.expected_root}: it changed, not used")
         data = response.content
-        if len(data) != length or hash_chunk(alg, data) != digest:
+        if len(data) != length or await asyncio.to_thread(hash_chunk, alg, data) != digest:  # off the loop
             raise ResyncRefused(f"{path} chunk {index} from the source does not verify against the authority: "
                                 "refused")
         return data
