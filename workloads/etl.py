@@ -36,7 +36,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workloads.jobs import JobParser, Progress, fail, hold, run, setup
+from workloads.jobs import EX_TEMPFAIL, JobParser, Progress, fail, hold, hold_exclusive, run, setup
 from workloads.manifests import (
     ETL_MANIFEST,
     BatchInput,
@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     output: Path = args.output
     output.mkdir(parents=True, exist_ok=True)
     args.landing.mkdir(parents=True, exist_ok=True)
+    if not hold_exclusive(output):
+        return fail(f"another etl run holds {output}; not running a second copy", EX_TEMPFAIL)
     manifest = read_etl_manifest(output)
     discard_uncommitted(output, manifest, log)
     pending = pending_batches(args.landing, manifest)

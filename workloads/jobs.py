@@ -10,6 +10,7 @@ as ``SELFHEAL_ETL_SOME_FLAG`` (the flag wins); ``--progress`` defaults to
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import signal
@@ -102,6 +103,32 @@ def hold(path: Path | None, progress: Progress, log: Any) -> None:
     while path.exists():
         time.sleep(HOLD_POLL)
     log.info("job.released", hold_file=str(path))
+
+
+EX_TEMPFAIL = 75
+_LOCKS: dict[Path, int] = {}
+"""Lock files held for the life of the process (closing one would release its lock), by directory."""
+
+
+def hold_exclusive(directory: Path) -> bool:
+    """Take ``.<name>.lock`` beside ``directory`` for the rest of this process; False if another run holds it.
+
+    Beside, not inside: the output may be a replicated dataset, whose digest must not see the lock.
+
+    Two copies of a job on one output (a leftover, or a migrated job's old copy) would discard each
+    other's uncommitted work and race on the manifest: the second one refuses to start instead.
+    A process that already holds the lock (a job run twice in one interpreter) may go on."""
+    key = directory.resolve()
+    if key in _LOCKS:
+        return True
+    fd = os.open(key.parent / f".{key.name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    _LOCKS[key] = fd
+    return True
 
 
 def fail(message: str, code: int = EX_CONFIG) -> int:

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from workloads.jobs import JobParser, Progress, fail, hold, run, setup
+from workloads.jobs import EX_TEMPFAIL, JobParser, Progress, fail, hold, hold_exclusive, run, setup
 from workloads.manifests import (
     CURRENT_POINTER,
     CurrentPointer,
@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one job, read
 
     models: Path = args.models
     models.mkdir(parents=True, exist_ok=True)
+    if not hold_exclusive(models):
+        return fail(f"another training run holds {models}; not running a second copy", EX_TEMPFAIL)
     try:
         x, y, data_root = load_features(args.features)
     except ValueError as exc:
