@@ -96,7 +96,8 @@ class Controller:
                                     keys=self.key_for,
                                     clock=self.clock, notifier=notifier, epoch=epoch,
                                     command_ttl=self.config.controller.command_ttl,
-                                    ack_timeout=self.config.controller.ack_timeout)
+                                    ack_timeout=self.config.controller.ack_timeout,
+                                    offline_after=self.config.controller.offline_after)
             budget = self.config.controller.budget
             engine = Engine(fleet=self.fleet, store=store, rulebook=self.rulebook, dispatcher=dispatcher,
                             clock=self.clock, settings=self.settings(), metrics=self.metrics, notifier=notifier,

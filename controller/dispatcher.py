@@ -24,6 +24,7 @@ from controller.fleet import Fleet, unit_is_healthy
 from controller.notify import Notification, Notifier, incident_labels
 from controller.resync import ResyncPlanner
 from controller.store import Incident, SqliteStore
+from detectors.presence import is_offline
 from remediations.plans import (
     DISRUPTIVE,
     MigrateUnit,
@@ -61,8 +62,10 @@ class PlanOutcome:
 class Dispatcher:
     def __init__(self, *, fleet: Fleet, store: SqliteStore, link: MqttLink, keys: KeyLookup, clock: Clock,
                  notifier: Notifier, epoch: int, command_ttl: float, ack_timeout: float,
-                 localisations: Localisations | None = None, resync: ResyncPlanner | None = None) -> None:
+                 localisations: Localisations | None = None, resync: ResyncPlanner | None = None,
+                 offline_after: float = 5.0) -> None:
         self.fleet = fleet
+        self.offline_after = offline_after
         self.store = store
         self.link = link
         self.keys = keys
@@ -120,8 +123,8 @@ class Dispatcher:
         if isinstance(step, RestartUnit | StopUnit | StartUnit):
             await self._command(plan, incident, index, step.node, _wire_step(step), audit=audit)
         elif isinstance(step, MigrateUnit):
-            source = self.fleet.nodes.get(step.source)
-            if source is None or not source.online:
+            source = self.fleet.snapshot(step.source)
+            if source is None or is_offline(source, self.clock.wall(), self.offline_after):
                 raise PermanentRemediationError(
                     f"cannot migrate {step.unit}: its node {step.source} is unreachable, so a second copy "
                     "could run; fencing an unreachable node is not automated")

@@ -6,14 +6,16 @@ engine runs the detectors over every node, hands the findings that hold to
 opened, relapsed, resolved or failed in the store; plans recorded and run
 (auto), parked for a human (approve) or recorded only (shadow); holds and
 every guard consulted written to the incident's hash-chained audit trail;
-one notification when an incident is escalated, fails or is quarantined.
+notices (opened, action, outcome, resolved) and alerts (escalated, failed,
+quarantined, approval needed, silence expired) to the notifier.
 
 On start it rebuilds the reconciler's memory from the store: unresolved
 incidents, recent attempts per target, quarantines, silences, the pause flag.
 Plans a previous run left running are expired — their commands carry an
-expiry, and the incident stays busy until the last of them has expired, so
-an in-flight command and a new plan can never both restart the target.
-Plans awaiting approval keep waiting.
+expiry, and the incident stays busy until the last of them has expired.
+The same hold applies when a plan ends with a command sent but never acked
+(ack timeout, cancellation), so an in-flight command and a new plan can never
+both act on the target. Plans awaiting approval keep waiting.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class Engine:
         """Base URL of the API as people reach it, for links in notifications."""
         self.reconciler = Reconciler(rulebook, budget)
         self.anomalies = anomalies
+        fleet.on_evict = self._forget_node
         self._fed: dict[str, tuple[int, int]] = {}
         """node → (session, seq) of the last report fed to the anomaly watch."""
         self.incidents: dict[int, Incident] = {}
@@ -213,6 +216,11 @@ class Engine:
             symptoms[finding.key] = _from_finding(finding, self.fleet.nodes[finding.node].labels)
         return symptoms, FleetView(offline=frozenset(offline), groups=groups, replicas=dict(replicas),
                                    standby={u: tuple(sorted(n)) for u, n in standby.items()}, datasets=datasets)
+
+    def _forget_node(self, node: str) -> None:
+        self._fed.pop(node, None)
+        if self.anomalies is not None:
+            self.anomalies.forget(node)
 
     def _feed_anomalies(self, node: str, reports: tuple[Report, ...]) -> None:
         """Each report once, in order (reports are kept in arrival order per node)."""
@@ -444,7 +452,10 @@ class Engine:
         await self.fleet.notify()
 
     async def _load_silences(self) -> None:
-        self._silences = await self.store.list_silences()
+        # Silences that ended over an hour ago can no longer mute or be reported: keep memory bounded.
+        horizon = self.clock.wall() - 3600.0
+        self._silences = [s for s in await self.store.list_silences() if s.ends_at > horizon]
+        self._silence_reported &= {s.id for s in self._silences}
         self.reconciler.silences = [
             Silence(s.id, tuple(Matcher(m["name"], m["value"]) for m in s.matchers), s.starts_at, s.ends_at,
                     s.comment, s.author) for s in self._silences]

@@ -66,6 +66,8 @@ class Fleet:
         self.changed = asyncio.Condition()
         self.dirty: set[str] = set()
         self.evicted = 0
+        self.on_evict: Callable[[str], None] | None = None
+        """Told the id of each node evicted, so per-node state elsewhere is dropped with it."""
         self.stale = 0
 
     def apply(self, message: NodeMessage, now: float) -> CommandResult | None:
@@ -172,6 +174,8 @@ class Fleet:
                 victim = min(self.nodes.values(), key=lambda n: (n.online, n.last_seen))
                 del self.nodes[victim.id]
                 self.evicted += 1
+                if self.on_evict is not None:
+                    self.on_evict(victim.id)
             node = self.nodes[node_id] = NodeState(id=node_id, reports=deque())
         return node
 

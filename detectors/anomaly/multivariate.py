@@ -5,9 +5,10 @@ much memory at this little CPU never happened before. An IsolationForest
 (scikit-learn) isolates such points with few random splits. The work is split
 so the caller chooses the thread:
 
-- ``fit_host_model(samples)`` — CPU work (tens of milliseconds); the
-  controller runs it off the event loop (``asyncio.to_thread``) when
-  ``HostVectorDetector.refit_due(now)`` says so, then calls ``install``.
+- ``fit_host_model(samples)`` — CPU work (tens of milliseconds), to run off
+  the event loop (``asyncio.to_thread``) when ``HostVectorDetector.refit_due(now)``
+  says so, then ``install``. (Measured by ``bench/nab.py``; not yet fed by the
+  controller's anomaly watches, which run the univariate kinds.)
 - ``score_host_vector(model, vector)`` — cheap; the score is calibrated as the
   fraction of the training vectors that were less anomalous, so 0.99 means
   "stranger than 99 % of what this host did in the training window".

@@ -63,6 +63,8 @@ class AnomalyWatch:
         self.host_budget = host_budget
         self._streams: OrderedDict[tuple[str, str, str], _Stream] = OrderedDict()
         self._budgets: dict[str, HostAlertBudget] = {}
+        self._by_node: dict[str, set[tuple[str, str, str]]] = {}
+        """node → its stream keys, so a node's findings do not scan every stream of the fleet."""
         self.samples = 0
 
     def observe(self, report: Report) -> None:
@@ -85,8 +87,10 @@ class AnomalyWatch:
         stream = self._streams.get(key)
         if stream is None:
             while len(self._streams) >= self.max_streams:
-                self._streams.popitem(last=False)
+                evicted, _ = self._streams.popitem(last=False)
+                self._by_node.get(evicted[1], set()).discard(evicted)
             stream = self._streams[key] = _Stream(build_detector(spec.detector), AlertPolicy(spec.policy))
+            self._by_node.setdefault(node, set()).add(key)
         self._streams.move_to_end(key)
         score = stream.detector.update(ts, value)
         self.samples += 1
@@ -101,8 +105,10 @@ class AnomalyWatch:
 
     def findings(self, node: str) -> list[Finding]:
         out = []
-        for (name, stream_node, unit), stream in self._streams.items():
-            if stream_node != node or not stream.raised:
+        for key in sorted(self._by_node.get(node, ())):
+            name, _, unit = key
+            stream = self._streams[key]
+            if not stream.raised:
                 continue
             spec = next(s for s in self.specs if s.name == name)
             what = f"unit {unit} on {node}" if unit else f"node {node}"
@@ -116,6 +122,6 @@ class AnomalyWatch:
 
     def forget(self, node: str) -> None:
         """Drop a node's streams (it left the fleet)."""
-        for key in [k for k in self._streams if k[1] == node]:
-            del self._streams[key]
+        for key in self._by_node.pop(node, set()):
+            self._streams.pop(key, None)
         self._budgets.pop(node, None)
