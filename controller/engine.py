@@ -31,22 +31,14 @@ from controller.dispatcher import Dispatcher, PlanOutcome
 from controller.fleet import Fleet
 from controller.metrics import ControllerMetrics
 from controller.notify import ALERT_EVENTS, Notification, Notifier, incident_labels
+from controller.plan_records import plan_from_record, plan_record, record_fields, step_fields
 from controller.store import Incident, PlanRecord, SilenceRecord, SqliteStore
 from detectors.anomaly.watch import AnomalyWatch
 from detectors.model import DetectorSettings, Finding
 from detectors.presence import is_offline
 from detectors.registry import detect_node
 from remediations.plans import (
-    MigrateUnit,
-    Notify,
     Plan,
-    RestartUnit,
-    ResyncDataset,
-    StartUnit,
-    Step,
-    StopUnit,
-    Verification,
-    WaitHealthy,
     can_transition,
 )
 from remediations.reconciler import (
@@ -147,7 +139,7 @@ class Engine:
                           paused=self.reconciler.paused)
 
     def _resume_approval(self, record: PlanRecord, state: IncidentState) -> None:
-        plan = _plan_from_record(record)
+        plan = plan_from_record(record)
         expires = float(record.detail.get("approval_expires", record.deadline))
         self.awaiting[plan.id] = (plan, expires)
         group = self.fleet.nodes[state.symptom.node].labels.get(self.reconciler.budget.group_label, "") \
@@ -336,10 +328,10 @@ class Engine:
         incident = self.incidents.get(effect.incident_id)
         await self._audit(effect.incident_id, "plan_proposed", {
             "plan": plan.id, "rule": plan.rule, "rule_digest": plan.rule_digest, "rung": plan.rung,
-            "attempt": plan.attempt, "mode": plan.mode, "steps": [_step(s) for s in plan.steps],
+            "attempt": plan.attempt, "mode": plan.mode, "steps": [step_fields(s) for s in plan.steps],
             "checks": [c.as_dict() for c in effect.checks],
             "skipped_rungs": [{"rung": i, "reason": why} for i, why in effect.skipped]})
-        record = _record(plan, "proposed", now)
+        record = plan_record(plan, "proposed", now)
         await self.store.save_plan(record)
         if incident is None:
             return
@@ -348,7 +340,7 @@ class Engine:
             self.reconciler.finish(plan.id, "cancelled", now, ran=False)
         elif plan.mode == "approve":
             expires = now + (rule.approval_timeout if (rule := self.rulebook.by_name(plan.rule)) else 900.0)
-            record = PlanRecord(**{**_fields(record), "detail": {**record.detail, "approval_expires": expires}})
+            record = PlanRecord(**{**record_fields(record), "detail": {**record.detail, "approval_expires": expires}})
             await self._set_plan_state(record, "awaiting_approval", f"waiting for a human until {expires:.0f}")
             self.awaiting[plan.id] = (plan, expires)
             await self._notify(incident, "approval_needed", f"plan {plan.id} ({plan.action}) awaits approval: "
@@ -366,7 +358,7 @@ class Engine:
             await self._audit(incident.id, kind, {"plan": plan.id, **data})
 
         async def verifying() -> None:
-            await self._set_plan_state(_record(plan, "running", self.clock.wall()), "verifying", "")
+            await self._set_plan_state(plan_record(plan, "running", self.clock.wall()), "verifying", "")
 
         paging = plan.action == "notify"  # a notify plan's own message says it all
         try:
@@ -512,10 +504,6 @@ class Engine:
                 for (kind, action), stats in sorted(self.reconciler.stats.items())]
 
 
-def _fields(record: PlanRecord) -> dict[str, Any]:
-    return {name: getattr(record, name) for name in record.__slots__}
-
-
 def _from_finding(finding: Finding, node_labels: dict[str, str]) -> Symptom:
     return Symptom(key=finding.key, kind=finding.kind, node=finding.node, unit=finding.unit,
                    severity=finding.severity, summary=finding.summary, evidence=finding.evidence,
@@ -525,32 +513,3 @@ def _from_finding(finding: Finding, node_labels: dict[str, str]) -> Symptom:
 def _symptom(incident: Incident) -> Symptom:
     return Symptom(key=incident.key, kind=incident.kind, node=incident.node, unit=incident.unit,
                    severity=incident.severity, summary=incident.summary)
-
-
-def _step(step: object) -> dict[str, object]:
-    return {name: getattr(step, name) for name in getattr(step, "__slots__", ())}
-
-
-def _record(plan: Plan, state: str, now: float) -> PlanRecord:
-    return PlanRecord(id=plan.id, incident_id=plan.incident_id, rule=plan.rule, attempt=plan.attempt, state=state,
-                      created_at=plan.created_at, updated_at=now,
-                      detail={"steps": [_step(s) for s in plan.steps], "mode": plan.mode,
-                              "verification": _step(plan.verification) if plan.verification else None,
-                              "cooldown_key": plan.cooldown_key, "rule_digest": plan.rule_digest},
-                      rung=plan.rung, action=plan.action, mode=plan.mode, deadline=plan.deadline)
-
-
-STEP_TYPES: dict[str, type[Step]] = {t.__dataclass_fields__["kind"].default: t  # type: ignore[misc]
-                                     for t in (RestartUnit, StopUnit, StartUnit, MigrateUnit, ResyncDataset,
-                                               WaitHealthy, Notify)}
-
-
-def _plan_from_record(record: PlanRecord) -> Plan:
-    """Rebuild a plan from its stored record (a plan awaiting approval survives a controller restart)."""
-    steps = tuple(STEP_TYPES[s["kind"]](**s) for s in record.detail["steps"])
-    verification = record.detail.get("verification")
-    return Plan(id=record.id, incident_id=record.incident_id, rule=record.rule,
-                rule_digest=record.detail.get("rule_digest", ""), rung=record.rung, attempt=record.attempt,
-                steps=steps, verification=Verification(**verification) if verification else None,
-                cooldown_key=record.detail.get("cooldown_key", ""), mode="approve",
-                created_at=record.created_at, deadline=record.deadline)
