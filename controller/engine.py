@@ -62,8 +62,6 @@ from selfheal.errors import SelfhealError
 from selfheal.logs import get_logger
 from selfheal.wire import Report
 
-ACTIVE = ("running", "verifying", "awaiting_approval", "proposed")
-
 
 class PlanConflict(SelfhealError):
     """An approve or cancel that the plan's state does not allow."""
@@ -101,7 +99,6 @@ class Engine:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.errors = 0
         """Evaluations that failed (and were retried on the next tick)."""
-        self._silences: list[SilenceRecord] = []
         self._silence_reported: set[str] = set()
         self.log = get_logger("engine")
 
@@ -446,11 +443,11 @@ class Engine:
     async def _load_silences(self) -> None:
         # Silences that ended over an hour ago can no longer mute or be reported: keep memory bounded.
         horizon = self.clock.wall() - 3600.0
-        self._silences = [s for s in await self.store.list_silences() if s.ends_at > horizon]
-        self._silence_reported &= {s.id for s in self._silences}
+        silences = [s for s in await self.store.list_silences() if s.ends_at > horizon]
+        self._silence_reported &= {s.id for s in silences}
         self.reconciler.silences = [
             Silence(s.id, tuple(Matcher(m["name"], m["value"]) for m in s.matchers), s.starts_at, s.ends_at,
-                    s.comment, s.author) for s in self._silences]
+                    s.comment, s.author) for s in silences]
 
     async def _report_expired_silences(self, now: float) -> None:
         """A silence that ends while a problem it muted is still open is reported, once."""

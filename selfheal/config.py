@@ -527,8 +527,3 @@ def _check_promql(controller: ControllerConfig, source: str) -> None:
         fail("must be > 0", "controller.alerts.ttl")
     if controller.alerts.max_alerts < 1:
         fail("must be >= 1", "controller.alerts.max_alerts")
-
-
-def render_defaults() -> str:
-    """The defaults as TOML-ish text, for ``selfheal config check --defaults``."""
-    return msgspec.json.format(msgspec.json.encode(Config()).decode(), indent=2)

@@ -28,7 +28,6 @@ PREFIX = "selfheal/v1"
 BUCKETS = 64
 MAX_PAYLOAD = 256 * 1024
 CONTROLLER_STATUS_TOPIC = f"{PREFIX}/controller/status"
-NODE_FILTER = f"{PREFIX}/p/+/nodes/+/+"
 NodeChannel = Literal["status", "report", "digests", "events", "commands"]
 
 
