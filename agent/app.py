@@ -32,7 +32,7 @@ import asyncio
 import os
 import socket
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from pathlib import Path
 from typing import Literal
@@ -45,11 +45,12 @@ from agent.digests.scanner import DatasetScanner
 from agent.executor import CommandExecutor
 from agent.http_server import HttpServer, bind_listen
 from agent.ledger import Ledger
+from agent.lifecycle import agent_service
 from agent.peer_api import PeerApiContext, create_peer_api
 from agent.resync import DatasetResyncer
 from agent.supervisor import DEFAULT_KINDS, Supervisor
 from agent.units.base import UnitContext, UnitFactory
-from selfheal import __version__, sdnotify
+from selfheal import __version__
 from selfheal.clocks import Clock, SystemClock
 from selfheal.config import Config
 from selfheal.errors import SelfhealError, WireError
@@ -145,6 +146,7 @@ class AgentApp:
         self._commands: asyncio.Queue[Command | None] = asyncio.Queue(maxsize=COMMAND_QUEUE)
         self._controller_session: str | None = None
         self._host: HostMetrics | None = None
+        self._report_round: float | None = None
 
     @classmethod
     async def open(cls, config: Config, *, clock: Clock | None = None,
@@ -170,12 +172,17 @@ class AgentApp:
                             consequence="every command will be rejected")
         return app
 
-    async def run(self, *, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+    async def run(self, *, stop: asyncio.Event, ready: asyncio.Event | None = None,
+                  source: Path | None = None) -> None:
+        """``source``: the config file, re-read on SIGHUP (``agent.lifecycle``)."""
         units_stop, units_started, link_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        service = agent_service(self.config, source=source, units=self.supervisor.reports,
+                                connected=self.link.connected.is_set, report_round=lambda: self._report_round)
         self.log.info("agent.starting", session=self.session, units=self.supervisor.names,
                       datasets=list(self.digests.views), http=self.http_address,
                       broker=f"{self.link.host}:{self.link.port}")
         async with asyncio.TaskGroup() as tg:
+            tg.create_task(service.run(stop=stop), name="agent-service")
             tg.create_task(self.link.run(stop=link_stop, handle=self.handle, on_connect=self._on_connect),
                            name="agent-mqtt")
             units = tg.create_task(self.supervisor.run(stop=units_stop, started=units_started),
@@ -184,9 +191,9 @@ class AgentApp:
             digests = tg.create_task(self.digests.run(stop=stop), name="agent-digests")
             http = tg.create_task(self.http.run(stop=stop), name="agent-http")
             commands = tg.create_task(self._command_loop(), name="agent-commands")
-            readiness = tg.create_task(self._signal_ready(units_started, ready), name="agent-ready")
+            readiness = tg.create_task(self._signal_ready(units_started, ready, service.ready), name="agent-ready")
             await stop.wait()
-            sdnotify.notify("STOPPING=1")
+            service.stopping()
             self.log.info("agent.stopping")
             readiness.cancel()
             self._end_commands()
@@ -270,7 +277,8 @@ class AgentApp:
         self.link.publish(self.topics["digests"], encode(digest), qos=1, retain=True)
         self.counts["digests"] += 1
 
-    async def _signal_ready(self, units_started: asyncio.Event, ready: asyncio.Event | None) -> None:
+    async def _signal_ready(self, units_started: asyncio.Event, ready: asyncio.Event | None,
+                            notify_ready: Callable[[], None]) -> None:
         await units_started.wait()
         await self.link.connected.wait()
         while not self.http.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
@@ -278,7 +286,7 @@ class AgentApp:
         self.log.info("agent.ready", session=self.session)
         if ready is not None:
             ready.set()
-        sdnotify.notify("READY=1")
+        notify_ready()
 
     async def _command_loop(self) -> None:
         while (command := await self._commands.get()) is not None:
@@ -304,6 +312,7 @@ class AgentApp:
         self._host = await asyncio.to_thread(collect_host)  # primes cpu_percent's first delta
         next_at = loop.time() + interval
         while not stop.is_set():
+            self._report_round = loop.time()  # the watchdog's health check: this loop goes round
             with suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(0.0, next_at - loop.time()))
             if stop.is_set():
@@ -334,10 +343,10 @@ def _with_sample(unit: UnitReport, samples: Mapping[int, tuple[float, int, int, 
 
 
 async def run_agent(config: Config, *, stop: asyncio.Event, ready: asyncio.Event | None = None,
-                    clock: Clock | None = None) -> None:
+                    clock: Clock | None = None, source: Path | None = None) -> None:
     """Run the agent of ``config.agent.node_id`` until ``stop`` is set; ``ready`` once connected with units up."""
     app = await AgentApp.open(config, clock=clock)
     try:
-        await app.run(stop=stop, ready=ready)
+        await app.run(stop=stop, ready=ready, source=source)
     finally:
         await asyncio.to_thread(app.close)

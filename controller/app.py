@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import uvicorn
@@ -24,6 +24,7 @@ from controller.dispatcher import Dispatcher
 from controller.engine import Engine
 from controller.fleet import Fleet
 from controller.instrument import MeteredDispatcher, MeteredWatch
+from controller.lifecycle import Routes, controller_service
 from controller.metrics import ControllerMetrics
 from controller.notify import FanoutNotifier, LogNotifier, Notifier
 from controller.notify.registry import default_formatters
@@ -37,9 +38,9 @@ from detectors.model import DetectorSettings, Threshold
 from remediations.state import Budget
 from rules.loader import load_rulebooks
 from rules.model import Rulebook
-from selfheal import sdnotify, wire
+from selfheal import wire
 from selfheal.clocks import Clock, SystemClock
-from selfheal.config import Config, split_host_port
+from selfheal.config import Config, NotifyConfig, split_host_port
 from selfheal.errors import RulebookError, WireError
 from selfheal.keys import read_key
 from selfheal.logs import RateLimiter, get_logger
@@ -68,8 +69,8 @@ class Controller:
                              name="controller.mqtt")
         self.api_port: int | None = None
         self.notifier = LogNotifier()
-        self.router: Router | None = None
-        """Chat destinations (``controller.notify``); None when none are configured."""
+        self.routes = Routes(None)
+        """Chat destinations (``controller.notify``); a SIGHUP reload may replace them."""
         self.engine: Engine | None = None
 
     def settings(self) -> DetectorSettings:
@@ -81,7 +82,9 @@ class Controller:
     def key_for(self, node: str) -> bytes | None:
         return read_key(self.config.security.key_dir, node)
 
-    async def run(self, *, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+    async def run(self, *, stop: asyncio.Event, ready: asyncio.Event | None = None,
+                  source: Path | None = None) -> None:
+        """``source``: the config file, re-read on SIGHUP (``controller.lifecycle``)."""
         async with contextlib.AsyncExitStack() as stack:
             if self.config.mqtt.url == "embedded":
                 host, port = split_host_port(self.config.mqtt.embedded_listen, what="mqtt.embedded_listen")
@@ -90,8 +93,8 @@ class Controller:
             stack.push_async_callback(store.close)
             epoch = await store.next_epoch()
             link_base = self.config.controller.public_url or f"http://{self.config.controller.listen}"
-            self.router = self._router(link_base)
-            notifier: Notifier = FanoutNotifier(self.notifier, self.router) if self.router else self.notifier
+            self.routes.replace(self._router(link_base, self.config.controller.notify))
+            notifier: Notifier = FanoutNotifier(self.notifier, self.routes)
             dispatcher = MeteredDispatcher(metrics=self.metrics, fleet=self.fleet, store=store, link=self.link,
                                     keys=self.key_for,
                                     clock=self.clock, notifier=notifier, epoch=epoch,
@@ -125,25 +128,29 @@ class Controller:
             async def handle(topic: str, payload: bytes) -> None:
                 await self._ingest(topic, payload, dispatcher)
 
+            tasks: dict[str, asyncio.Task[None]] = {}
+            service = controller_service(self, engine, source=source, routes=self.routes, tasks=tasks,
+                                         build_router=lambda notify: self._router(link_base, notify))
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.link.run(stop=stop, handle=handle, on_connect=self._on_connect), name="mqtt")
-                tg.create_task(engine.run(stop=stop), name="engine")
-                tg.create_task(server.serve(sockets=[sock]), name="http")
-                tg.create_task(self._announce_ready(server, ready), name="ready")
-                if self.router is not None:
-                    tg.create_task(self.router.run(stop=stop), name="notify")
+                tg.create_task(service.run(stop=stop), name="service")
+                tasks["mqtt"] = tg.create_task(self.link.run(stop=stop, handle=handle, on_connect=self._on_connect),
+                                               name="mqtt")
+                tasks["engine"] = tg.create_task(engine.run(stop=stop), name="engine")
+                tasks["http"] = tg.create_task(server.serve(sockets=[sock]), name="http")
+                tg.create_task(self._announce_ready(server, ready, service.ready), name="ready")
+                tasks["notify"] = tg.create_task(self.routes.run(stop=stop), name="notify")
                 if self.config.controller.promql:
                     promql = PromQLSource(self.config.controller.promql, alerts=self.alerts, clock=self.clock,
                                           metrics=self.metrics, wake=self.fleet.notify)
                     tg.create_task(promql.run(stop=stop), name="promql")
                 await stop.wait()
-                sdnotify.notify("STOPPING=1")
+                service.stopping()
                 server.should_exit = True
                 await self.fleet.notify()
 
-    def _router(self, external_url: str) -> Router | None:
+    def _router(self, external_url: str, notify: Sequence[NotifyConfig]) -> Router | None:
         """Chat notifications: grouped, rate-limited, retried; deliveries go into the incidents' audit trails."""
-        destinations = [Destination.from_config(c, i) for i, c in enumerate(self.config.controller.notify)]
+        destinations = [Destination.from_config(c, i) for i, c in enumerate(notify)]
         if not destinations:
             return None
 
@@ -183,12 +190,13 @@ class Controller:
         server = _Server(uvicorn.Config(api, log_level="warning", access_log=False, lifespan="off"))  # type: ignore[arg-type]
         return server, sock
 
-    async def _announce_ready(self, server: uvicorn.Server, ready: asyncio.Event | None) -> None:
+    async def _announce_ready(self, server: uvicorn.Server, ready: asyncio.Event | None,
+                              notify_ready: Callable[[], None]) -> None:
         while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
             await asyncio.sleep(0.02)
         await self.link.connected.wait()
         log.info("controller.ready", api=f"http://{self.api_address}/")
-        sdnotify.notify("READY=1")
+        notify_ready()
         if ready is not None:
             ready.set()
 
@@ -252,8 +260,9 @@ def build_watch(rulebook: Rulebook, metrics: ControllerMetrics | None = None) ->
         raise RulebookError(str(exc)) from None
 
 
-async def run_controller(config: Config, *, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-    await Controller(config).run(stop=stop, ready=ready)
+async def run_controller(config: Config, *, stop: asyncio.Event, ready: asyncio.Event | None = None,
+                         source: Path | None = None) -> None:
+    await Controller(config).run(stop=stop, ready=ready, source=source)
 
 
 @contextlib.asynccontextmanager

@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--role", choices=["agent", "controller", "any"], default="any")
     check.set_defaults(func=_cmd_config_check)
 
+    p = command("install", _cmd_install, "install the systemd units, users, tmpfiles and polkit rule for this venv")
+    p.add_argument("--root", type=Path, default=Path("/"), help="install into this staging tree (default /)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be written, write nothing")
+    p.add_argument("--role", choices=["all", "agent", "controller"], default="all",
+                   help="which services this host runs (default all)")
+
     command("version", lambda _args: print(f"selfheal {selfheal.__version__}") or EXIT_OK, "print the version")
     return parser
 
@@ -93,20 +99,27 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     from agent.app import run_agent  # noqa: PLC0415 - the agent's deps load only when it runs
 
     config = _load(args.config, "agent")
-    return run_until_signalled(lambda stop: run_agent(config, stop=stop), "agent")
+    return run_until_signalled(lambda stop: run_agent(config, stop=stop, source=args.config), "agent")
 
 
 def _cmd_controller(args: argparse.Namespace) -> int:
     from controller.app import run_controller  # noqa: PLC0415 - heavy deps load only when it runs
 
     config = _load(args.config, "controller")
-    return run_until_signalled(lambda stop: run_controller(config, stop=stop), "controller")
+    return run_until_signalled(lambda stop: run_controller(config, stop=stop, source=args.config), "controller")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from selfheal.demo import run_demo  # noqa: PLC0415
 
     return run_demo(duration=args.duration, keep=args.keep)
+
+
+def _cmd_install(args: argparse.Namespace) -> int:
+    from selfheal.install import ROLES, install  # noqa: PLC0415
+
+    roles = ROLES if args.role == "all" else (args.role,)
+    return install(root=args.root, roles=roles, dry_run=args.dry_run, out=sys.stdout)
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
