@@ -9,6 +9,7 @@ says what applied and what needs a restart; SIGTERM sends STOPPING.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import statistics
@@ -75,7 +76,7 @@ def is_ready(m: object) -> bool:
 def check_watchdog(receiver: NotifyReceiver, proc: subprocess.Popen[bytes]) -> None:
     """Pings every 0.5 s; none while the loop is blocked; they come back after."""
     pings = receiver.pings(receiver.collect(3.0))
-    gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
     assert len(gaps) >= 4, pings
     assert 0.4 <= statistics.median(gaps) <= 0.65, gaps
 

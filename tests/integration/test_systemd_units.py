@@ -62,9 +62,12 @@ def test_rendered_for_this_venv(tree: Path) -> None:
         text = unit.read_text()
         assert f"ExecStart={sys.prefix}/bin/selfheal " in text
         assert "/opt/selfheal/venv" not in text.split("[Unit]", 1)[1]
-        assert "RestartPreventExitStatus=78" in text and "Type=notify" in text and "WatchdogSec=" in text
+        assert "RestartPreventExitStatus=78" in text
+        assert "Type=notify" in text
+        assert "WatchdogSec=" in text
     agent = (tree / "etc/systemd/system/selfheal-agent.service").read_text()
-    assert "User=selfheal-agent" in agent and "DynamicUser" not in agent
+    assert "User=selfheal-agent" in agent
+    assert "DynamicUser" not in agent
     assert "DynamicUser=yes" in (tree / "etc/systemd/system/selfheal-controller.service").read_text()
 
 
@@ -104,7 +107,8 @@ def test_install_keeps_configs_and_renders_from_them(tmp_path: Path) -> None:
     config.write_text('[agent]\nnode_id = "keep-me"\n[[agent.datasets]]\nname = "model"\npath = "/srv/models"\n')
     done = install(tmp_path, "--role", "agent")
     assert done.returncode == 0, done.stderr
-    assert "kept" in done.stdout and config.read_text().startswith('[agent]\nnode_id = "keep-me"')
+    assert "kept" in done.stdout
+    assert config.read_text().startswith('[agent]\nnode_id = "keep-me"')
     unit = (tmp_path / "etc/systemd/system/selfheal-agent.service").read_text()
     assert "ReadWritePaths=-/srv/models" in unit
     assert not (tmp_path / "etc/systemd/system/selfheal-controller.service").exists()
@@ -124,5 +128,7 @@ def test_install_refuses_a_bad_agent_config(tmp_path: Path) -> None:
 def test_dry_run_writes_nothing(tmp_path: Path) -> None:
     done = install(tmp_path, "--dry-run")
     assert done.returncode == 0, done.stderr
-    assert "would write" in done.stdout and "[Service]" in done.stdout and "(a new random token)" in done.stdout
+    assert "would write" in done.stdout
+    assert "[Service]" in done.stdout
+    assert "(a new random token)" in done.stdout
     assert list(tmp_path.iterdir()) == []

@@ -39,15 +39,19 @@ def test_render_unit_under_home_binds_only_what_it_needs() -> None:
 
 
 def test_under_home() -> None:
-    assert under_home("/root") and under_home("/home/x") and under_home("/run/user/1000/v")
-    assert not under_home("/rooted") and not under_home("/opt/home")
+    assert under_home("/root")
+    assert under_home("/home/x")
+    assert under_home("/run/user/1000/v")
+    assert not under_home("/rooted")
+    assert not under_home("/opt/home")
 
 
 def test_agent_writable_paths_come_from_the_config() -> None:
     config = Config(agent=AgentConfig(
         node_id="n1", state_dir="/data/agent/",
         datasets=[DatasetConfig(name="model", path="/srv/models/current")],
-        units=[UnitConfig(name="etl", command=["x"], cwd="/srv/etl"), UnitConfig(name="rel", command=["x"], cwd="rel")]))
+        units=[UnitConfig(name="etl", command=["x"], cwd="/srv/etl"),
+               UnitConfig(name="rel", command=["x"], cwd="rel")]))
     assert agent_writable(config) == ["/srv/models/current", "/srv/etl", "/data/agent"]
     assert agent_writable(Config(agent=AgentConfig(node_id="n1"))) == []
 
