@@ -16,6 +16,8 @@ node's command key, then runs in one task group:
   chunk lists and chunks for the controller and peers, behind transfer
   tokens; its address goes out in every status message;
 - the reporter: one ``Report`` per ``agent.interval`` while connected;
+- fencing (``agent.fencing``): movable singletons stop themselves after
+  ``stop_after_disconnect`` seconds without the broker;
 - the command loop: commands are decoded at the edge (malformed ones are
   dropped, counted and logged, rate-limited), queued (bounded) and executed
   one at a time, each acked with a ``CommandResult`` event.
@@ -43,6 +45,7 @@ from agent.collect import ProcessSampler, collect_host
 from agent.digests.cache import DigestCache
 from agent.digests.scanner import DatasetScanner
 from agent.executor import CommandExecutor
+from agent.fencing import Contact, fence_after, run_fencing
 from agent.http_server import HttpServer, bind_listen
 from agent.ledger import Ledger
 from agent.lifecycle import agent_service
@@ -132,7 +135,10 @@ class AgentApp:
             name="agent.mqtt",
         )
         ctx = UnitContext(node_id=self.node_id, state_dir=self.state_dir, emit=self.emit, clock=clock)
-        self.supervisor = Supervisor(agent.units, ctx, kinds=kinds or DEFAULT_KINDS)
+        self.contact = Contact(self.state_dir / "contact", clock)
+        movable = {u.name: after for u in agent.units
+                   if (after := fence_after(u, keepalive=config.mqtt.keepalive, interval=agent.interval)) is not None}
+        self.supervisor = Supervisor(agent.units, ctx, kinds=kinds or DEFAULT_KINDS, fence_after=movable)
         self.sampler = ProcessSampler()
         self.digests = DatasetScanner(agent.datasets, cache=cache, publish=self._publish_digests, clock=clock,
                                       node_id=self.node_id)
@@ -185,8 +191,13 @@ class AgentApp:
             tg.create_task(service.run(stop=stop), name="agent-service")
             tg.create_task(self.link.run(stop=link_stop, handle=self.handle, on_connect=self._on_connect),
                            name="agent-mqtt")
-            units = tg.create_task(self.supervisor.run(stop=units_stop, started=units_started),
+            await asyncio.to_thread(self.contact.load)
+            units = tg.create_task(self.supervisor.run(stop=units_stop, started=units_started,
+                                                       out_of_contact=self.contact.out_of_contact_for()),
                                    name="agent-supervisor")
+            fencing = tg.create_task(run_fencing(
+                self.contact, self.config.agent.units, connected=self.link.connected,
+                is_running=self.supervisor.is_running, fence=self.supervisor.fence, stop=stop), name="agent-fencing")
             reporter = tg.create_task(self._report_loop(stop=stop), name="agent-report")
             digests = tg.create_task(self.digests.run(stop=stop), name="agent-digests")
             http = tg.create_task(self.http.run(stop=stop), name="agent-http")
@@ -199,6 +210,7 @@ class AgentApp:
             self._end_commands()
             await commands
             await reporter
+            await fencing
             await digests
             await http
             self.link.publish(self.topics["status"], encode(self._status("offline")), qos=1, retain=True)
@@ -322,6 +334,7 @@ class AgentApp:
                 report = await self._build_report()
                 self.link.publish(self.topics["report"], encode(report), qos=0)
                 self.counts["reports"] += 1
+                await asyncio.to_thread(self.contact.seen)
 
     async def _build_report(self) -> Report:
         self._host = host = await asyncio.to_thread(collect_host, self._host)

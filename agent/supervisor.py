@@ -54,8 +54,12 @@ class Supervisor:
     """All units of one node; see the module docstring."""
 
     def __init__(self, units: Sequence[UnitConfig], ctx: UnitContext, *,
-                 kinds: Mapping[str, UnitFactory]) -> None:
+                 kinds: Mapping[str, UnitFactory], fence_after: Mapping[str, float] | None = None) -> None:
         self.ctx = ctx
+        self.fence_after = dict(fence_after or {})
+        """Movable singletons: unit → seconds after the node was last heard by which it is surely stopped."""
+        self.fenced: set[str] = set()
+        """Units this agent stopped itself after losing contact (``agent.fencing``); they wait for start_unit."""
         self.entries: dict[str, Supervised] = {}
         for config in units:
             factory = kinds.get(config.kind)
@@ -81,7 +85,8 @@ class Supervisor:
     def names(self) -> list[str]:
         return list(self.entries)
 
-    async def run(self, *, stop: asyncio.Event, started: asyncio.Event | None = None) -> None:
+    async def run(self, *, stop: asyncio.Event, started: asyncio.Event | None = None,
+                  out_of_contact: float = 0.0) -> None:
         probes_stop = asyncio.Event()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -91,7 +96,7 @@ class Supervisor:
                         tg.create_task(entry.probe.run(stop=probes_stop), name=f"probe-{name}")
                     if entry.progress is not None:
                         tg.create_task(entry.progress.run(stop=probes_stop), name=f"progress-{name}")
-                await self.start_all()
+                await self.start_all(out_of_contact)
                 if started is not None:
                     started.set()
                 await stop.wait()
@@ -104,9 +109,18 @@ class Supervisor:
             for entry in self.entries.values():
                 entry.unit.kill()
 
-    async def start_all(self) -> None:
+    async def start_all(self, out_of_contact: float = 0.0) -> None:
+        """Start every unit that should run here; ``out_of_contact``: seconds since the broker was last had."""
         for name, entry in self.entries.items():
             wanted = await asyncio.to_thread(self._read_desired, name)
+            limit = entry.config.stop_after_disconnect
+            if wanted != "stopped" and limit is not None and out_of_contact >= limit:
+                await self.fence(name, f"the agent was out of contact for {out_of_contact:.1f}s "
+                                       f"(stop_after_disconnect = {limit:g}s): another node may run it now")
+                continue
+            if wanted == "fenced":
+                self.fenced.add(name)
+                continue
             if wanted == "stopped" or (wanted is None and not entry.config.autostart):
                 # Stopped by the controller (e.g. migrated away), or a standby copy: starting it here
                 # could run a second copy of a singleton; it waits for a start_unit command.
@@ -130,10 +144,22 @@ class Supervisor:
         if self.stopping:
             raise UnitError(f"unit {name!r}: the agent is stopping")
         await asyncio.to_thread(self._write_desired, name, "started")
+        self.fenced.discard(name)
         await entry.unit.restart()
         if entry.probe is not None:
             entry.probe.unit_started()
         return entry.unit
+
+    async def fence(self, name: str, reason: str) -> None:
+        """Stop a movable singleton on this agent's own decision; it stays stopped until start_unit."""
+        entry = self._entry(name)
+        self.log.warning("unit.fenced", unit=name, reason=reason)
+        await asyncio.to_thread(self._write_desired, name, "fenced")
+        self.fenced.add(name)
+        await entry.unit.stop()
+
+    def is_running(self, name: str) -> bool:
+        return self._entry(name).unit.state in ("starting", "running")
 
     async def stop(self, name: str) -> Unit:
         """Stop one unit on the controller's command (an expected exit: nobody heals it).
@@ -142,6 +168,7 @@ class Supervisor:
         command, whatever ``autostart`` says — so a unit migrated away never comes back as a second copy."""
         entry = self._entry(name)
         await asyncio.to_thread(self._write_desired, name, "stopped")
+        self.fenced.discard(name)
         await entry.unit.stop()
         return entry.unit
 
@@ -151,6 +178,7 @@ class Supervisor:
             raise UnitError(f"unit {name!r}: the agent is stopping")
         entry = self._entry(name)
         await asyncio.to_thread(self._write_desired, name, "started")
+        self.fenced.discard(name)
         await self._start(name)
         return entry.unit
 
@@ -158,12 +186,12 @@ class Supervisor:
         return self.ctx.state_dir / "units" / f"{name}.desired"
 
     def _read_desired(self, name: str) -> str | None:
-        """The controller's last word on this unit (``started``/``stopped``), or None."""
+        """The last word on this unit (``started``/``stopped`` by the controller, ``fenced``), or None."""
         try:
             text = self._desired_path(name).read_text(encoding="ascii").strip()
         except OSError:
             return None
-        return text if text in ("started", "stopped") else None
+        return text if text in ("started", "stopped", "fenced") else None
 
     def _write_desired(self, name: str, state: str) -> None:
         path = self._desired_path(name)
@@ -180,6 +208,9 @@ class Supervisor:
             probe: ProbeState | None = entry.probe.state if entry.probe is not None else None
             if probe is not None:
                 report = msgspec.structs.replace(report, probe=probe)
+            if entry.config.name in self.fence_after:
+                report = msgspec.structs.replace(report, fence_after=self.fence_after[entry.config.name],
+                                                 fenced=entry.config.name in self.fenced)
             out.append(self._with_progress(entry, report))
         return out
 

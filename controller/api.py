@@ -71,6 +71,8 @@ class UnitOut(BaseModel):
     healthy: bool | None
     cpu_percent: float
     rss_bytes: int
+    fenced: bool = False
+    """Stopped by its own agent after losing the broker (a movable singleton); waits for start_unit."""
 
 
 class IncidentOut(BaseModel):
@@ -285,7 +287,7 @@ def _units(ctx: ApiContext) -> list[UnitOut]:
     return [
         UnitOut(node=node_id, name=unit.name, kind=unit.kind, state=unit.state, pid=unit.pid,
                 restarts=unit.restarts, healthy=unit.probe.healthy if unit.probe else None,
-                cpu_percent=unit.cpu_percent, rss_bytes=unit.rss_bytes)
+                cpu_percent=unit.cpu_percent, rss_bytes=unit.rss_bytes, fenced=unit.fenced)
         for node_id in sorted(ctx.fleet.nodes)
         for unit in sorted(ctx.fleet.nodes[node_id].units.values(), key=lambda u: u.name)
     ]

@@ -5,8 +5,12 @@ in the store *before* publishing it (so a restarted controller can never
 issue the same key twice), signs it with the node's key, publishes it on the
 node's ``commands`` topic and waits for the agent's ack. Just before each
 disruptive step it re-checks the symptom: a plan whose symptom cleared is
-cancelled, not executed. Migration is orchestrated here: stop on the source
-(which must be reachable, so two copies never run), start on the target.
+cancelled, not executed. Migration is orchestrated here, never leaving two
+copies running: stop on the source when it is reachable; when it is not, only
+a movable singleton moves, and only once its node has been silent for the
+unit's ``fence_after`` (by then its agent has stopped it, or it died with the
+agent: ``agent.fencing``); then start on the target, unless some other node
+already runs the unit.
 Then it verifies the target (healthy, or the finding cleared) within the
 deadline and for the stable period. Every step lands in the audit trail.
 """
@@ -22,8 +26,10 @@ from typing import Literal
 from controller.datasets import Localisations
 from controller.fleet import Fleet, unit_is_healthy
 from controller.notify import Notification, Notifier, incident_labels
+from controller.placement import Placements
 from controller.resync import ResyncPlanner
 from controller.store import Incident, SqliteStore
+from detectors.placement import runners
 from detectors.presence import is_offline
 from remediations.plans import (
     DISRUPTIVE,
@@ -63,8 +69,10 @@ class Dispatcher:
     def __init__(self, *, fleet: Fleet, store: SqliteStore, link: MqttLink, keys: KeyLookup, clock: Clock,
                  notifier: Notifier, epoch: int, command_ttl: float, ack_timeout: float,
                  localisations: Localisations | None = None, resync: ResyncPlanner | None = None,
-                 offline_after: float = 5.0) -> None:
+                 offline_after: float = 5.0, placements: Placements | None = None) -> None:
         self.fleet = fleet
+        self.placements = placements or Placements()
+        self.started_at = clock.wall()
         self.offline_after = offline_after
         self.store = store
         self.link = link
@@ -123,12 +131,12 @@ class Dispatcher:
         if isinstance(step, RestartUnit | StopUnit | StartUnit):
             await self._command(plan, incident, index, step.node, _wire_step(step), audit=audit)
         elif isinstance(step, MigrateUnit):
-            source = self.fleet.snapshot(step.source)
-            if source is None or is_offline(source, self.clock.wall(), self.offline_after):
-                raise PermanentRemediationError(
-                    f"cannot migrate {step.unit}: its node {step.source} is unreachable, so a second copy "
-                    "could run; fencing an unreachable node is not automated")
-            await self._command(plan, incident, index, step.source, wire.StopUnit(unit=step.unit), audit=audit)
+            self._refuse_second_copy(step)
+            if not self._reachable(step.source):
+                await self._await_fence(step, audit)
+            if self._reachable(step.source):
+                await self._command(plan, incident, index, step.source, wire.StopUnit(unit=step.unit), audit=audit)
+            self._refuse_second_copy(step)
             await self._command(plan, incident, index + 100, step.target, wire.StartUnit(unit=step.unit), audit=audit)
         elif isinstance(step, WaitHealthy):
             if not await self.fleet.wait_for(lambda: unit_is_healthy(self.fleet.unit(step.node, step.unit)),
@@ -151,6 +159,38 @@ class Dispatcher:
             for n, command in enumerate(prepared.commands):
                 await self._command(plan, incident, index + 1000 * (n + 1), step.node, command, audit=audit,
                                     timeout=max(self.ack_timeout, RESYNC_ACK_TIMEOUT))
+
+    def _reachable(self, node: str) -> bool:
+        snapshot = self.fleet.snapshot(node)
+        return snapshot is not None and not is_offline(snapshot, self.clock.wall(), self.offline_after)
+
+    def _refuse_second_copy(self, step: MigrateUnit) -> None:
+        snapshots = [s for n in list(self.fleet.nodes) if (s := self.fleet.snapshot(n)) is not None]
+        offline = {s.node for s in snapshots if is_offline(s, self.clock.wall(), self.offline_after)}
+        others = [n for n in runners(step.unit, snapshots, offline) if n != step.source]
+        if others:
+            raise PermanentRemediationError(f"{step.unit} already runs on {', '.join(others)}: starting it on "
+                                            f"{step.target} would make a second copy")
+
+    async def _await_fence(self, step: MigrateUnit, audit: Audit) -> None:
+        """Wait until the unreachable source's copy is surely stopped, or the source comes back."""
+        fence_after = self.placements.fence_after(step.unit)
+        if fence_after is None:
+            raise PermanentRemediationError(
+                f"cannot migrate {step.unit}: its node {step.source} is unreachable and the unit is not a movable "
+                "singleton (no stop_after_disconnect), so a second copy could run")
+        snapshot = self.fleet.snapshot(step.source)
+        heard = max(snapshot.last_seen if snapshot is not None else 0.0, 0.0) or self.started_at
+        fenced_at = heard + fence_after
+        wait = fenced_at - self.clock.wall()
+        await audit("fence_wait", {"node": step.source, "unit": step.unit, "last_heard": heard,
+                                   "fence_after": fence_after, "fenced_at": fenced_at, "wait": max(0.0, wait)})
+        if wait > 0 and await self.fleet.wait_for(lambda: self._reachable(step.source), wait):
+            await audit("fence_aborted", {"node": step.source, "reason": "the node came back: stopping it there"})
+            return
+        await audit("fenced", {"node": step.source, "unit": step.unit,
+                               "reason": f"silent for {fence_after:g}s: its agent has stopped the unit, or the "
+                                         "unit died with the agent"})
 
     async def _command(self, plan: Plan, incident: Incident, index: int, node: str, step: wire.CommandStep, *,
                        audit: Audit, timeout: float | None = None) -> None:

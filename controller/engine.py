@@ -34,7 +34,8 @@ from controller.notify import ALERT_EVENTS, Notification, Notifier, incident_lab
 from controller.plan_records import plan_from_record, plan_record, record_fields, step_fields
 from controller.store import Incident, PlanRecord, SilenceRecord, SqliteStore
 from detectors.anomaly.watch import AnomalyWatch
-from detectors.model import DetectorSettings, Finding
+from detectors.model import DetectorSettings, Finding, NodeSnapshot
+from detectors.placement import detect_lost_units
 from detectors.presence import is_offline
 from detectors.registry import detect_node
 from remediations.plans import (
@@ -87,6 +88,8 @@ class Engine:
         self.tick = tick
         self.link_base = link_base.rstrip("/")
         """Base URL of the API as people reach it, for links in notifications."""
+        self.placements = dispatcher.placements
+        """Where each movable singleton runs (``controller.placement``), shared with the dispatcher."""
         self.reconciler = Reconciler(rulebook, budget)
         self.anomalies = anomalies
         fleet.on_evict = self._forget_node
@@ -107,6 +110,7 @@ class Engine:
     async def recover(self) -> None:
         now = self.clock.wall()
         self.reconciler.paused, self.reconciler.pause_reason = await self.store.get_pause()
+        await self.placements.load(self.store)
         await self._load_silences()
         window = max((rule.attempt_window for rule in self.rulebook.rules), default=0.0)
         for incident, plan in await self.store.recent_plans(since=now - window):
@@ -166,6 +170,7 @@ class Engine:
             await self._expire_approvals(now)
             await self._report_expired_silences(now)
             symptoms, fleet = self._observe(now)
+            await self.placements.save(self.store)
             effects = self.reconciler.evaluate(symptoms, fleet, now)
             for effect in effects:
                 await self._apply(effect, now)
@@ -179,10 +184,12 @@ class Engine:
         replicas: dict[str, int] = defaultdict(int)
         standby: dict[str, list[str]] = defaultdict(list)
         label = self.reconciler.budget.group_label
+        snapshots: dict[str, NodeSnapshot] = {}
         for node_id, node in list(self.fleet.nodes.items()):
             snapshot = self.fleet.snapshot(node_id)
             if snapshot is None:
                 continue
+            snapshots[node_id] = snapshot
             groups[node_id] = node.labels.get(label, "")
             if is_offline(snapshot, now, self.settings.offline_after):
                 offline.add(node_id)
@@ -200,6 +207,10 @@ class Engine:
         for finding in self.external(now) if self.external is not None else ():
             known = self.fleet.nodes.get(finding.node)
             symptoms[finding.key] = _from_finding(finding, {**(known.labels if known else {}), **finding.labels})
+        self.placements.observe(self.fleet, offline, now)
+        for finding in detect_lost_units(self.placements.placements(), snapshots, offline):
+            known = self.fleet.nodes.get(finding.node)
+            symptoms[finding.key] = _from_finding(finding, known.labels if known else {})
         dataset_findings, datasets = observe_datasets(self.fleet, offline)
         for finding in dataset_findings:
             symptoms[finding.key] = _from_finding(finding, self.fleet.nodes[finding.node].labels)
@@ -228,11 +239,13 @@ class Engine:
         snapshot = self.fleet.snapshot(node)
         if snapshot is None:
             return False
-        if key.startswith("dataset_"):
+        if key.startswith(("dataset_", "unit_lost/")):  # fleet-wide findings
             now = self.clock.wall()
-            offline = {n for n in self.fleet.nodes if (s := self.fleet.snapshot(n)) is not None
-                       and is_offline(s, now, self.settings.offline_after)}
-            return any(f.key == key for f in observe_datasets(self.fleet, offline)[0])
+            snapshots = {n: s for n in list(self.fleet.nodes) if (s := self.fleet.snapshot(n)) is not None}
+            offline = {n for n, s in snapshots.items() if is_offline(s, now, self.settings.offline_after)}
+            findings = (detect_lost_units(self.placements.placements(), snapshots, offline)
+                        if key.startswith("unit_lost/") else observe_datasets(self.fleet, offline)[0])
+            return any(f.key == key for f in findings)
         findings = detect_node(snapshot, self.clock.wall(), self.settings)
         if self.anomalies is not None:
             findings += self.anomalies.findings(node)

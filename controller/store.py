@@ -88,6 +88,12 @@ CREATE TABLE IF NOT EXISTS quarantines (
     reason TEXT NOT NULL,
     PRIMARY KEY (rule, target)
 );
+CREATE TABLE IF NOT EXISTS placements (
+    unit TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    fence_after REAL NOT NULL,
+    since REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS commands (
     key TEXT PRIMARY KEY,
     command_id TEXT NOT NULL,
@@ -98,6 +104,17 @@ CREATE TABLE IF NOT EXISTS commands (
     payload BLOB NOT NULL
 );
 """
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementRecord:
+    """Where a movable singleton last ran (``controller.placement``)."""
+
+    unit: str
+    node: str
+    fence_after: float
+    """Seconds after ``node`` was last heard by which its copy is surely stopped (from its agent)."""
+    since: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,6 +441,22 @@ class SqliteStore:
             rows = self._db.execute("SELECT rule, target, until, reason FROM quarantines ORDER BY until").fetchall()
             return [(r, t, float(u), why) for r, t, u, why in rows]
         result: list[tuple[str, str, float, str]] = await self._run(select)
+        return result
+
+    async def save_placement(self, placement: PlacementRecord) -> None:
+        def write() -> None:
+            with self._db:
+                self._db.execute("INSERT INTO placements(unit, node, fence_after, since) VALUES (?, ?, ?, ?) "
+                                 "ON CONFLICT(unit) DO UPDATE SET node = excluded.node, "
+                                 "fence_after = excluded.fence_after, since = excluded.since",
+                                 (placement.unit, placement.node, placement.fence_after, placement.since))
+        await self._run(write)
+
+    async def list_placements(self) -> list[PlacementRecord]:
+        def select() -> list[PlacementRecord]:
+            rows = self._db.execute("SELECT unit, node, fence_after, since FROM placements ORDER BY unit").fetchall()
+            return [PlacementRecord(u, n, float(f), float(t)) for u, n, f, t in rows]
+        result: list[PlacementRecord] = await self._run(select)
         return result
 
     async def record_command(self, *, key: str, command_id: str, plan_id: str, node: str, epoch: int,

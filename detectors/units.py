@@ -40,9 +40,12 @@ def detect_unit_exited(node: str, unit: UnitReport) -> Finding | None:
 
 
 def detect_probe_failing(node: str, unit: UnitReport) -> Finding | None:
-    """A running unit whose probe failed ``failures_threshold`` times in a row."""
+    """A running unit whose probe failed ``failures_threshold`` times in a row during this run.
+
+    A verdict reached before the current run started (e.g. a standby copy probed while it was stopped)
+    says nothing about this run."""
     probe = unit.probe
-    if unit.state != "running" or probe is None:
+    if unit.state != "running" or probe is None or probe.checked_at < unit.started_at:
         return None
     if probe.consecutive_failures < probe.failures_threshold:
         return None

@@ -45,6 +45,11 @@ class RuleLookup(Protocol):
     def by_name(self, name: str) -> Policy | None: ...
 
 
+ABOUT_OFFLINE_NODES = frozenset({"node_offline", "unit_lost"})
+"""Finding kinds that are about a node being offline, so they can clear while it still is (a lost
+unit clears once another node runs it)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Symptom:
     key: str
@@ -285,7 +290,7 @@ class Reconciler:
 
     def _clear(self, incident: IncidentState, fleet: FleetView, now: float) -> list[Effect]:
         symptom = incident.symptom
-        if symptom.node in fleet.offline and symptom.kind != "node_offline":
+        if symptom.node in fleet.offline and symptom.kind not in ABOUT_OFFLINE_NODES:
             return []  # its node's state is stale: neither healed nor cleared
         if incident.cleared_since is None:
             incident.cleared_since = now

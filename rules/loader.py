@@ -22,7 +22,7 @@ from rules.model import AnomalyWatchSpec, Backoff, LoopBreaker, Rule, Rulebook, 
 from selfheal.errors import RulebookError
 from selfheal.wire import HostMetrics, UnitReport
 
-FINDING_KINDS = ["unit_exited", "probe_failing", "unit_stalled", "node_offline", "metric_threshold",
+FINDING_KINDS = ["unit_exited", "probe_failing", "unit_stalled", "unit_lost", "node_offline", "metric_threshold",
                  "metric_anomaly", "dataset_divergent", "dataset_no_authority", "external_alert"]
 
 

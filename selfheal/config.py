@@ -114,6 +114,10 @@ class UnitConfig(_Section, frozen=True, kw_only=True):
     ``progress_file`` (or kind ``spark``, whose completed tasks count as progress)."""
     spark: SparkConfig | None = None
     """Kind ``spark`` only: master, application, Spark properties."""
+    stop_after_disconnect: float | None = None
+    """Make this a movable singleton (kinds ``process`` and ``spark``): the agent stops it after this many
+    seconds without the broker, and it dies with the agent, so the controller may start its standby copy
+    on another node once this node has been unreachable long enough (docs/MIGRATION.md)."""
 
 
 class DatasetConfig(_Section, frozen=True, kw_only=True):
@@ -422,6 +426,12 @@ def _check_unit(unit: UnitConfig, at: str, fail: Callable[[str, str], None]) -> 
                 fail("must be a port, 0 picks a free one", f"{at}.spark.ui_port")
     if unit.stop_grace < 0:
         fail("must be >= 0", f"{at}.stop_grace")
+    if unit.stop_after_disconnect is not None:
+        if unit.stop_after_disconnect <= 0:
+            fail("must be > 0 seconds (leave it out for a unit that stays put)", f"{at}.stop_after_disconnect")
+        if unit.kind not in ("process", "spark"):
+            fail(f"a {unit.kind} unit outlives its agent, so it cannot be fenced by one; only process and "
+                 "spark units can be movable singletons", f"{at}.stop_after_disconnect")
     if unit.every is not None and unit.every <= 0:
         fail("must be > 0 seconds (leave it out for a long-running service)", f"{at}.every")
     if unit.progress_file is not None and not unit.progress_file.strip():

@@ -162,6 +162,11 @@ class UnitReport(_Msg, frozen=True, kw_only=True):
     stall_after: float | None = None
     """Seconds without progress while alive before the unit counts as stalled (from its config)."""
     spark: SparkStatus | None = None
+    fence_after: float | None = None
+    """A movable singleton: seconds after this node was last heard by which the unit is surely stopped if
+    the node lost contact (its agent stops it, or it died with the agent). None: never moved while unreachable."""
+    fenced: bool = False
+    """Stopped by its own agent after losing contact; it waits for a ``start_unit`` command."""
 
 
 class Report(_Msg, frozen=True, kw_only=True):

@@ -6,7 +6,8 @@ whatever the main process leaves behind when it exits is killed too, so a
 restart never finds the old child still holding the port. While a run is
 alive its pid is recorded in the state dir: if the agent dies hard, the next
 agent stops that leftover before it starts the unit again (see
-``agent.units.leftovers``). Output is
+``agent.units.leftovers``); a movable singleton (``stop_after_disconnect``)
+instead dies with the agent (``PR_SET_PDEATHSIG``). Output is
 appended to ``<state_dir>/logs/<unit>.log`` (rotated once to ``.log.1`` at
 start when it grew past ``LOG_ROTATE_BYTES``).
 
@@ -18,11 +19,14 @@ agent never restarts a crashed unit by itself: the controller decides.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import os
 import signal
 import subprocess
 from contextlib import suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -42,6 +46,19 @@ from selfheal.wire import UnitExited, UnitReport, UnitStarted
 LOG_ROTATE_BYTES = 16 * 1024 * 1024
 KILL_WAIT = 10.0
 """Seconds to wait for a SIGKILLed process to be reaped before giving up on it."""
+
+
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child, before exec: SIGKILL when the agent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    A movable singleton must not outlive its agent: the controller may start it elsewhere once the node is
+    unreachable. If the agent died between fork and here, exit instead of running an orphan."""
+    if _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
+        os._exit(127)
 
 
 @dataclass(slots=True, eq=False)
@@ -166,6 +183,8 @@ class ProcessUnit:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                 cwd=cwd, env=env, start_new_session=True,
+                preexec_fn=(partial(_die_with_parent, os.getpid())
+                            if self.config.stop_after_disconnect is not None else None),
             )
         except OSError as exc:
             raise self._failed(f"cannot start {argv[0]!r} in {cwd!r}: {exc.strerror or exc}") from None

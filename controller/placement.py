@@ -1,0 +1,67 @@
+"""Where each movable singleton runs: recorded as the fleet reports it, kept in the store.
+
+A unit whose agent reports ``fence_after`` (``stop_after_disconnect`` in its
+config) is a movable singleton. Whenever an online node reports it running,
+that node becomes its placement — so a migration's new home is recorded the
+moment the standby copy is up, and a controller restart still knows where a
+unit lived while its node is down. ``detectors.placement`` turns placements
+into ``unit_lost`` findings; the dispatcher reads ``fence_after`` to know how
+long to wait before it may start a copy elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from controller.fleet import Fleet
+from controller.store import PlacementRecord, SqliteStore
+from detectors.placement import RUNNING, Placement
+from selfheal.logs import get_logger
+
+
+class Placements:
+    def __init__(self) -> None:
+        self.current: dict[str, PlacementRecord] = {}
+        self._unsaved: dict[str, PlacementRecord] = {}
+        self.log = get_logger("controller.placement")
+
+    async def load(self, store: SqliteStore) -> None:
+        self.current = {p.unit: p for p in await store.list_placements()}
+
+    def observe(self, fleet: Fleet, offline: Collection[str], now: float) -> None:
+        """Record the node each movable singleton runs on now (one node: the first, sorted, if two do)."""
+        for node_id in sorted(fleet.nodes):
+            if node_id in offline:
+                continue
+            for unit in fleet.nodes[node_id].units.values():
+                if unit.fence_after is None or unit.state not in RUNNING:
+                    continue
+                known = self.current.get(unit.name)
+                if known is not None and known.node == node_id and known.fence_after == unit.fence_after:
+                    continue
+                if known is not None and known.node != node_id and _runs_on(fleet, known.node, unit.name, offline):
+                    self.log.error("placement.two_copies", unit=unit.name, nodes=[known.node, node_id])
+                    continue
+                record = PlacementRecord(unit.name, node_id, unit.fence_after, now)
+                self.current[unit.name] = self._unsaved[unit.name] = record
+                self.log.info("placement.recorded", unit=unit.name, node=node_id,
+                              previous=known.node if known else None)
+
+    async def save(self, store: SqliteStore) -> None:
+        for unit, record in list(self._unsaved.items()):
+            await store.save_placement(record)  # a StoreError leaves it unsaved, for the next pass
+            if self._unsaved.get(unit) is record:
+                del self._unsaved[unit]
+
+    def placements(self) -> list[Placement]:
+        return [Placement(p.unit, p.node, p.fence_after) for p in self.current.values()]
+
+    def fence_after(self, unit: str) -> float | None:
+        record = self.current.get(unit)
+        return record.fence_after if record is not None else None
+
+
+def _runs_on(fleet: Fleet, node: str, unit: str, offline: Collection[str]) -> bool:
+    state = fleet.nodes.get(node)
+    report = state.units.get(unit) if state is not None else None
+    return node not in offline and report is not None and report.state in RUNNING
