@@ -148,3 +148,27 @@ def test_reload_goes_through_sighup_without_a_restart(installed: SystemdHost, mo
     host.wait_show(AGENT, lambda s: "config reload failed" in s["StatusText"], "StatusText", what="reload failure")
     assert host.show(AGENT, "MainPID")["MainPID"] == before["MainPID"]
     host.write("/etc/selfheal/agent.toml", agent_toml(mosquitto), "0640")
+
+
+def test_the_controller_unit_runs_in_its_sandbox(systemd_host: SystemdHost, own_mosquitto: Broker) -> None:
+    """DynamicUser, no capabilities, MemoryDenyWriteExecute, the syscall filter: the controller still starts,
+    reads its API token through the selfheal-keys group, and serves."""
+    host = systemd_host
+    port = free_port()
+    host.write("/etc/selfheal/controller.toml",
+               f'[mqtt]\nurl = "{own_mosquitto.url}"\n[controller]\nlisten = "127.0.0.1:{port}"\n'
+               '[log]\nformat = "json"\n', "0640")
+    host.run(SELFHEAL, "install", "--role", "controller")
+    host.run("systemd-sysusers", "selfheal.conf")
+    host.run("systemd-tmpfiles", "--create", "selfheal.conf")
+    host.run("systemctl", "daemon-reload")
+    host.run("systemctl", "start", "selfheal-controller.service", timeout=120)
+    state = host.show("selfheal-controller.service", "ActiveState", "StatusText", "MainPID")
+    assert state["ActiveState"] == "active", host.journal("selfheal-controller.service")
+    assert state["StatusText"].startswith("online: "), state
+    assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+    journal = host.journal("selfheal-controller.service", 100)
+    assert "api.token_missing" not in journal, journal
+    uid = host.run("stat", "-c", "%u", f"/proc/{state['MainPID']}").stdout.strip()
+    assert int(uid) >= 61184, f"not a dynamic user: {uid}"  # systemd's DynamicUser= range: 61184-65519
+    host.run("systemctl", "stop", "selfheal-controller.service")
