@@ -7,10 +7,11 @@ a symlink anywhere on the way — planted before or swapped in during the
 request — fails with ``ELOOP``/``ENOTDIR`` instead of leading outside the
 root. Peers' requests and the scanner go through the same two functions.
 
-``hash_open_file`` hashes one file in fixed-size chunks into a reused
-buffer, honouring the throttle, and returns ``None`` when the file changed
-while it was read (size or mtime moved, or fewer bytes than its size): such a
-file is *settling*, and its dataset gets no digest this round.
+``hash_span`` hashes a run of chunks of an open file into a reused buffer,
+honouring the throttle (the scan's worker threads each hash a span of a large
+file); ``hash_open_file`` hashes one whole file and returns ``None`` when it
+changed while it was read (size or mtime moved, or fewer bytes than its
+size): such a file is *settling*, and its dataset gets no digest this round.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import errno
 import os
 import stat
 import threading
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from agent.digests.hashing import CHUNK_TAG, Algorithm, hash_file
 from agent.digests.throttle import Throttle
@@ -29,6 +30,13 @@ _ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
 # O_NONBLOCK: opening a FIFO planted in the dataset must not hang the reader (no effect on regular files).
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
 MAX_PATH = 4096
+RESYNC_TEMP_SUFFIX = ".selfheal-resync.tmp"
+"""A file being rebuilt by a resync is ``.<name>.selfheal-resync.tmp`` beside ``<name>``: never digested."""
+
+
+def is_resync_temp(name: str) -> bool:
+    """Whether ``name`` is a resync's temp file (left out of digests, so it is never taken for data)."""
+    return name.endswith(RESYNC_TEMP_SUFFIX) and name.startswith(".")
 
 
 def split_relpath(path: str) -> tuple[str, ...]:
@@ -73,8 +81,9 @@ def _require_kind(mode: int, *, directory: bool) -> None:
         raise OSError(errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL, "not a regular file")
 
 
-@dataclass(frozen=True, slots=True)
-class FileDigest:
+class FileDigest(NamedTuple):
+    """One file as read: its identity then (first three fields, as ``identity`` gives them), its hashes."""
+
     size: int
     mtime_ns: int
     inode: int
@@ -87,42 +96,93 @@ def identity(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino
 
 
+PIECE = 1024 * 1024
+"""Bytes read at a time: a chunk larger than this is read and hashed piece by piece, so a reader's
+buffer stays small (and in the CPU cache) whatever the chunk size."""
+_TAG = len(CHUNK_TAG)
+
+
+def new_buffer(chunk_size: int) -> bytearray:
+    """A read buffer for ``hash_span``: room for the chunk tag and one piece (or one whole smaller chunk)."""
+    return bytearray(_TAG + min(max(chunk_size, 1), PIECE))
+
+
+def hash_span(fd: int, offset: int, length: int, *, alg: Algorithm, chunk_size: int, buffer: bytearray,
+              throttle: Throttle, abort: threading.Event) -> list[bytes] | None:
+    """The hashes of the chunks in ``length`` bytes of ``fd`` from ``offset`` (a multiple of ``chunk_size``).
+
+    None when the file ends early or ``abort`` is set. Reads with ``preadv``, so threads may share ``fd``.
+    The chunk tag is written into ``buffer`` just before the data, so a chunk that fits is hashed by one
+    call on a fresh hasher, with no copy and no per-chunk Python object but its hash; a larger chunk
+    continues in pieces that keep BLAKE3's 1 KiB chunk boundaries (each piece a multiple of 1 KiB).
+    """
+    view = memoryview(buffer)
+    room = len(buffer) - _TAG
+    step = len(buffer) // 1024 * 1024 or len(buffer)
+    new_hasher = alg.new
+    chunks: list[bytes] = []
+    end = offset + length
+    while offset < end:
+        want = min(chunk_size, end - offset)
+        buffer[:_TAG] = CHUNK_TAG
+        first = want if want <= room else step - _TAG
+        if not _pread_exactly(fd, view[_TAG:_TAG + first], offset) or not throttle.consume(first, abort):
+            return None
+        hasher = new_hasher(view[:_TAG + first])
+        done = first
+        while done < want:
+            piece = min(step, want - done)
+            if not _pread_exactly(fd, view[:piece], offset + done) or not throttle.consume(piece, abort):
+                return None
+            hasher.update(view[:piece])
+            done += piece
+        chunks.append(hasher.digest())
+        offset += want
+    return None if abort.is_set() else chunks
+
+
+def _pread_exactly(fd: int, view: memoryview, offset: int) -> bool:
+    """Fill ``view`` from ``offset``; False when the file ends first."""
+    filled, want = 0, len(view)
+    while filled < want:
+        got = os.preadv(fd, [view[filled:]], offset + filled)
+        if not got:
+            return False
+        filled += got
+    return True
+
+
 def hash_open_file(fd: int, *, alg: Algorithm, chunk_size: int, expected: tuple[int, int, int] | None,
                    throttle: Throttle, abort: threading.Event, buffer: bytearray) -> FileDigest | None:
     """Hash the open file ``fd`` chunk by chunk; None when it changed while read (or ``abort`` was set).
 
     ``expected`` is the identity the walk saw: a file replaced or modified between walk and open is
-    settling too. ``buffer`` (at least ``chunk_size`` bytes) is reused across files.
+    settling too. ``buffer`` (from ``new_buffer``) is reused across files.
     """
     before = os.fstat(fd)
-    if expected is not None and identity(before) != expected:
-        return None
-    view = memoryview(buffer)
     size = before.st_size
-    new_hasher = alg.new
-    chunks: list[bytes] = []
-    total = 0
+    seen = (size, before.st_mtime_ns, before.st_ino)
+    if expected is not None and seen != expected:
+        return None
     # Read exactly the size fstat gave: a file that shrinks ends early, one that grows moves size and
     # mtime, which the second fstat sees; no extra read at EOF (one syscall less per small file).
-    while total < size:
-        want = min(chunk_size, size - total)
-        filled = 0
-        while filled < want:
-            got = os.readv(fd, [view[filled:want]])
-            if not got:
-                return None
-            filled += got
-        hasher = new_hasher(CHUNK_TAG)
-        hasher.update(view[:filled])
-        chunks.append(hasher.digest())
-        total += filled
-        if not throttle.consume(filled, abort):
+    chunks: list[bytes] | None
+    if 0 < size <= chunk_size and size <= len(buffer) - _TAG:  # the common small file: one read, one hash
+        view = memoryview(buffer)
+        buffer[:_TAG] = CHUNK_TAG
+        if (os.preadv(fd, [view[_TAG:_TAG + size]], 0) != size
+                and not _pread_exactly(fd, view[_TAG:_TAG + size], 0)) or not throttle.consume(size, abort):
+            return None
+        chunks = [alg.new(view[:_TAG + size]).digest()]
+    else:
+        chunks = hash_span(fd, 0, size, alg=alg, chunk_size=chunk_size, buffer=buffer, throttle=throttle,
+                           abort=abort)
+        if chunks is None:
             return None
     after = os.fstat(fd)
-    if identity(after) != identity(before) or abort.is_set():
+    if (after.st_size, after.st_mtime_ns, after.st_ino) != seen or abort.is_set():
         return None
-    return FileDigest(size=total, mtime_ns=before.st_mtime_ns, inode=before.st_ino, chunks=tuple(chunks),
-                      hash=hash_file(alg, total, chunk_size, chunks))
+    return FileDigest(size, seen[1], seen[2], tuple(chunks), hash_file(alg, size, chunk_size, chunks))
 
 
 def read_chunk(fd: int, index: int, chunk_size: int) -> bytes:

@@ -69,6 +69,11 @@ class Selection:
         return cls(tuple(compile_glob(p) for p in include), tuple(compile_glob(p) for p in exclude))
 
     @property
+    def filtered(self) -> bool:
+        """Whether any glob is set (without one, every file is wanted: the walk skips the check)."""
+        return bool(self.include or self.exclude)
+
+    @property
     def filters(self) -> bool:
         """Whether ``include`` narrows the tree (empty directories are then dropped)."""
         return bool(self.include)

@@ -23,24 +23,28 @@ import os
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from agent.digests.cache import DigestCache, Known, Row
 from agent.digests.hashing import Algorithm, Entry, hash_directory, hash_link, render_digest
-from agent.digests.reading import hash_open_file, identity
+from agent.digests.pool import HASH_WORKERS, INLINE_MAX, FileJob, HashPool
+from agent.digests.reading import FileDigest, hash_open_file, identity, is_resync_temp, new_buffer, open_beneath
 from agent.digests.selection import Selection
 from agent.digests.throttle import Throttle
 
 MAX_DEPTH = 256
+FLUSH_ROWS = 2000
+"""Cache rows written in one transaction (while the pool hashes on)."""
+_PLACEHOLDER = b"\0" * 32  # a settling file's hash: a settling scan publishes no root
 ScanState = Literal["ok", "settling", "error"]
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 
-@dataclass(frozen=True, slots=True)
-class FileRecord:
+class FileRecord(NamedTuple):
     """A file as the scan saw it: enough to serve its chunks and to notice it changed since."""
 
     size: int
@@ -95,8 +99,30 @@ class _Unreadable(Exception):  # internal control flow, never leaves this module
     pass
 
 
+class _Subdir:
+    """A directory's entry until its hash is known (once every file below it is hashed)."""
+
+    __slots__ = ("mode", "name", "path")
+
+    def __init__(self, name: str, mode: int, path: str) -> None:
+        self.name, self.mode, self.path = name, mode, path
+
+
+class _Pending:
+    """A large file's entry while the pool hashes it (or until it is handed over)."""
+
+    __slots__ = ("job", "mode", "name", "st")
+
+    def __init__(self, name: str, mode: int, st: os.stat_result, job: FileJob) -> None:
+        self.name, self.mode, self.st, self.job = name, mode, st, job
+
+
+_Slot = Entry | _Subdir | _Pending
+
+
 @dataclass
 class _Walk:
+    root: str
     name: str
     alg: Algorithm
     chunk_size: int
@@ -108,49 +134,62 @@ class _Walk:
     abort: threading.Event
     wall_ns: Callable[[], int]
     skip: frozenset[str]
+    workers: int
     stats: ScanStats = field(default_factory=ScanStats)
+    listings: list[tuple[str, list[_Slot]]] = field(default_factory=list)
+    """Every directory's entries, children before parents: the order their hashes are computed in."""
     dirs: dict[str, tuple[Entry, ...]] = field(default_factory=dict)
     files: dict[str, FileRecord] = field(default_factory=dict)
-    pending: list[Row] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
     buffer: bytearray = field(default_factory=bytearray)
+    pool: HashPool | None = None
+    later: deque[_Pending] = field(default_factory=deque)
+    """Large files met while the pool had no room: opened again from the root when it has."""
     settling: bool = False
 
-    def directory(self, fd: int, path: str, depth: int) -> tuple[Entry, ...]:
+    def directory(self, fd: int, path: str, depth: int) -> list[_Slot]:
         if depth > MAX_DEPTH:
             raise _Unreadable(f"{path}: deeper than {MAX_DEPTH} directories")
-        entries: list[Entry] = []
+        slots: list[_Slot] = []
         with os.scandir(fd) as listing:
             items = sorted(listing, key=lambda e: e.name)
+        prefix = f"{path}/" if path else ""
         for item in items:
             if self.abort.is_set():
                 raise _Settling("aborted")
-            rel = f"{path}/{item.name}" if path else item.name
+            name = item.name
+            rel = prefix + name
             try:
-                item.name.encode("utf-8")
+                name.encode("utf-8")
             except UnicodeEncodeError:
                 raise _Unreadable(f"{rel!r}: file name is not valid UTF-8") from None
-            if rel in self.skip:
+            if rel in self.skip or is_resync_temp(name):
                 continue
             try:
-                entry = self.entry(fd, item, rel, depth)
+                slot = self.entry(fd, item, rel, depth)
             except FileNotFoundError:
                 self._changed(rel)
                 continue
-            if entry is not None:
-                entries.append(entry)
-        listed = tuple(entries)
-        self.dirs[path] = listed
-        return listed
+            if slot is not None:
+                slots.append(slot)
+            if self.later:
+                self._hand_over_later()
+        self.listings.append((path, slots))
+        return slots
 
-    def entry(self, fd: int, item: os.DirEntry[str], rel: str, depth: int) -> Entry | None:
+    def entry(self, fd: int, item: os.DirEntry[str], rel: str, depth: int) -> _Slot | None:
         st = item.stat(follow_symlinks=False)
-        mode = stat.S_IMODE(st.st_mode)
-        if stat.S_ISLNK(st.st_mode):
-            if not self.selection.wants_file(rel):
+        kind = st.st_mode
+        if stat.S_ISREG(kind):
+            if self.selection.filtered and not self.selection.wants_file(rel):
+                return None
+            return self.file(fd, item.name, rel, st)
+        if stat.S_ISLNK(kind):
+            if self.selection.filtered and not self.selection.wants_file(rel):
                 return None
             target = os.fsencode(os.readlink(item.name, dir_fd=fd))
-            return Entry(item.name, "link", mode, hash_link(self.alg, target), len(target))
-        if stat.S_ISDIR(st.st_mode):
+            return Entry(item.name, "link", stat.S_IMODE(kind), hash_link(self.alg, target), len(target))
+        if stat.S_ISDIR(kind):
             if not self.selection.enters_dir(rel):
                 return None
             child = self._open(item.name, fd, rel, _DIR_FLAGS)
@@ -161,54 +200,154 @@ class _Walk:
             finally:
                 os.close(child)
             if not children and self.selection.filters:
-                del self.dirs[rel]
+                self.listings.pop()  # its own listing, the last one added
                 return None
-            return Entry(item.name, "dir", mode, hash_directory(self.alg, children), sum(c.size for c in children))
-        if stat.S_ISREG(st.st_mode):
-            if not self.selection.wants_file(rel):
-                return None
-            digest = self.file(fd, item.name, rel, st)
-            self.files[rel] = FileRecord(st.st_size, st.st_mtime_ns, st.st_ino, mode, digest)
-            return Entry(item.name, "file", mode, digest, st.st_size)
+            return _Subdir(item.name, stat.S_IMODE(kind), rel)
         self.stats.skipped += 1
         return None
 
-    def file(self, fd: int, name: str, rel: str, st: os.stat_result) -> bytes:
-        seen = identity(st)
+    def file(self, fd: int, name: str, rel: str, st: os.stat_result) -> Entry | _Pending:
+        size, mode = st.st_size, stat.S_IMODE(st.st_mode)
+        seen = (size, st.st_mtime_ns, st.st_ino)
         cached = self.known.get(rel)
-        valid = cached is not None and cached.still_valid(seen, self.alg.name, self.chunk_size)
-        if valid and not self.deep:
+        if cached is not None and not self.deep and cached.still_valid(seen, self.alg.name, self.chunk_size):
             self.stats.files_reused += 1
-            return cached.hash  # type: ignore[union-attr]
+            self.files[rel] = FileRecord(size, st.st_mtime_ns, st.st_ino, mode, cached.hash)
+            return Entry(name, "file", mode, cached.hash, size)
+        if size > INLINE_MAX and self.workers > 0:
+            pending = _Pending(name, mode, st, FileJob(rel, seen, 0))
+            if self.later or not self._pool().has_room():
+                self.later.append(pending)  # handed over once the pool has room: the walk goes on meanwhile
+            else:
+                self._hand_over(pending, self._open(name, fd, rel, _FILE_FLAGS))
+            return pending
         child = self._open(name, fd, rel, _FILE_FLAGS)
+        checked_ns = self.wall_ns()
         try:
-            if len(self.buffer) < self.chunk_size:
-                self.buffer = bytearray(self.chunk_size)
+            if not self.buffer:
+                self.buffer = new_buffer(self.chunk_size)
             digest = hash_open_file(child, alg=self.alg, chunk_size=self.chunk_size, expected=seen,
                                     throttle=self.throttle, abort=self.abort, buffer=self.buffer)
         except OSError as exc:
             raise _Unreadable(f"{rel}: {exc.strerror}") from None
         finally:
             os.close(child)
+        file_hash = self._record(rel, digest, checked_ns)
+        self.files[rel] = FileRecord(size, st.st_mtime_ns, st.st_ino, mode, file_hash)
+        return Entry(name, "file", mode, file_hash, size)
+
+    def _pool(self) -> HashPool:
+        if self.pool is None:
+            self.pool = HashPool(workers=self.workers, alg=self.alg, chunk_size=self.chunk_size,
+                                 throttle=self.throttle, abort=self.abort)
+        return self.pool
+
+    def _hand_over(self, pending: _Pending, child: int) -> None:
+        """Give the open file ``child`` to the pool, unless it is no longer the file the walk saw."""
+        job = pending.job
+        try:
+            opened = os.fstat(child)
+        except OSError as exc:
+            os.close(child)
+            raise _Unreadable(f"{job.rel}: {exc.strerror}") from None
+        if (opened.st_size, opened.st_mtime_ns, opened.st_ino) != job.seen:
+            os.close(child)
+            self._changed(job.rel)
+            return  # never hashed: a settling scan publishes no root
+        job.checked_ns = self.wall_ns()
+        pool = self._pool()
+        pool.add(job, child)
+        if pool.done:
+            self._collect()
+
+    def _hand_over_later(self) -> None:
+        """Hand over kept large files while the pool has room, each opened again beneath the root."""
+        pool = self._pool()
+        while self.later and pool.has_room():
+            pending = self.later.popleft()
+            rel = pending.job.rel
+            try:
+                child = open_beneath(self.root, tuple(rel.split("/")))
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.EINVAL):
+                    raise _Unreadable(f"{rel}: {exc.strerror}") from None
+                self._changed(rel)  # gone, or something else stands on its path now
+                continue
+            self._hand_over(pending, child)
+        if pool.done:
+            self._collect()
+
+    def _collect(self) -> None:
+        """Record the files the pool has finished."""
+        pool = self.pool
+        if pool is None or not pool.done:
+            return
+        done, pool.done = pool.done, []
+        for job in done:
+            if job.error is not None:
+                raise _Unreadable(f"{job.rel}: {job.error.strerror}")
+            self._record(job.rel, job.digest, job.checked_ns)
+
+    def _record(self, rel: str, digest: FileDigest | None, checked_ns: int) -> bytes:
+        """Account a file just read and queue its cache row; its hash (a placeholder when it changed)."""
         if digest is None:
             if self.abort.is_set():
                 raise _Settling("aborted")
             self._changed(rel)
-            return b"\0" * 32  # placeholder: a settling scan publishes no root
+            return _PLACEHOLDER
         self.stats.files_read += 1
         self.stats.bytes_read += digest.size
-        if valid and cached is not None and cached.hash != digest.hash:
-            self.stats.rot.append(rel)
-        self.pending.append(Row(rel, digest.size, digest.mtime_ns, digest.inode, self.alg.name, self.chunk_size,
-                                digest.hash, b"".join(digest.chunks), self.wall_ns()))
-        if len(self.pending) >= 500:
+        if self.deep:
+            cached = self.known.get(rel)
+            if (cached is not None and cached.hash != digest.hash
+                    and cached.still_valid(digest[:3], self.alg.name, self.chunk_size)):
+                self.stats.rot.append(rel)
+        chunks = digest.chunks
+        self.rows.append(Row(rel, digest.size, digest.mtime_ns, digest.inode, self.alg.name, self.chunk_size,
+                             digest.hash, chunks[0] if len(chunks) == 1 else b"".join(chunks), checked_ns))
+        if len(self.rows) >= FLUSH_ROWS:
             self.flush()
         return digest.hash
 
+    def finish(self) -> bytes:
+        """Wait for the pool, then hash every directory, children first; returns the root's hash."""
+        pool = self.pool
+        while pool is not None and (self.later or pool.busy):
+            if self.later:
+                self._hand_over_later()
+            if pool.busy:
+                pool.wait_one()
+            self._collect()
+        sums: dict[str, tuple[bytes, int]] = {}
+        root = b""
+        for path, slots in self.listings:
+            entries: list[Entry] = []
+            for slot in slots:
+                if isinstance(slot, Entry):
+                    entries.append(slot)
+                elif isinstance(slot, _Subdir):
+                    entries.append(Entry(slot.name, "dir", slot.mode, *sums.pop(slot.path)))
+                else:
+                    st, digest = slot.st, slot.job.digest
+                    file_hash = digest.hash if digest is not None else _PLACEHOLDER
+                    self.files[slot.job.rel] = FileRecord(st.st_size, st.st_mtime_ns, st.st_ino, slot.mode,
+                                                          file_hash)
+                    entries.append(Entry(slot.name, "file", slot.mode, file_hash, st.st_size))
+            listed = tuple(entries)
+            self.dirs[path] = listed
+            root = hash_directory(self.alg, listed)
+            sums[path] = (root, sum(e.size for e in listed))
+        return root
+
     def flush(self) -> None:
-        if self.pending:
-            self.cache.store(self.name, self.pending)
-            self.pending = []
+        if self.rows:
+            self.cache.store(self.name, self.rows)
+            self.rows = []
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
     def _open(self, name: str, fd: int, rel: str, flags: int) -> int:
         try:
@@ -229,21 +368,23 @@ class _Walk:
 def scan_dataset(root: str, *, name: str, cache: DigestCache, alg: Algorithm, chunk_size: int,
                  selection: Selection | None = None, deep: bool = False, throttle: Throttle | None = None,
                  abort: threading.Event | None = None, skip: frozenset[str] = frozenset(),
-                 wall_ns: Callable[[], int] = time.time_ns) -> ScanOutcome:
+                 wall_ns: Callable[[], int] = time.time_ns, workers: int = HASH_WORKERS) -> ScanOutcome:
     """Scan ``root`` as dataset ``name`` (blocking); see the module docstring. ``skip``: relative paths
-    left out (the dataset's own manifest)."""
-    walk = _Walk(name=name, alg=alg, chunk_size=chunk_size, selection=selection or Selection(), cache=cache,
+    left out (the dataset's own manifest). ``workers``: threads hashing large files (0: the calling
+    thread hashes everything)."""
+    walk = _Walk(root=root, name=name, alg=alg, chunk_size=chunk_size, selection=selection or Selection(), cache=cache,
                  known=cache.known(name), deep=deep, throttle=throttle or Throttle(0),
-                 abort=abort or threading.Event(), wall_ns=wall_ns, skip=skip)
+                 abort=abort or threading.Event(), wall_ns=wall_ns, skip=skip, workers=workers)
     try:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         return ScanOutcome("error", None, f"cannot open the dataset root {root}: {exc.strerror}", walk.stats)
+    root_hash = b""
     try:
-        entries = walk.directory(fd, "", 0)
+        walk.directory(fd, "", 0)
+        root_hash = walk.finish()
     except _Settling as exc:
         walk._changed(str(exc))
-        entries = ()
     except _Unreadable as exc:
         walk.flush()
         return ScanOutcome("error", None, str(exc), walk.stats)
@@ -251,12 +392,13 @@ def scan_dataset(root: str, *, name: str, cache: DigestCache, alg: Algorithm, ch
         walk.flush()
         return ScanOutcome("error", None, f"{exc.filename or root}: {exc.strerror}", walk.stats)
     finally:
+        walk.close()
         os.close(fd)
     walk.flush()
     if walk.settling:
         return ScanOutcome("settling", None, f"changed while being read: {walk.stats.changed}", walk.stats)
     cache.forget(name, walk.known.keys() - walk.files.keys())
-    tree = DatasetTree(alg=alg.name, chunk_size=chunk_size, root=hash_directory(alg, entries), dirs=walk.dirs,
+    tree = DatasetTree(alg=alg.name, chunk_size=chunk_size, root=root_hash, dirs=walk.dirs,
                        files=walk.files, file_count=len(walk.files),
                        byte_count=sum(f.size for f in walk.files.values()))
     return ScanOutcome("ok", tree, "", walk.stats)
