@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from selfheal.install import data_dir, render_polkit
 from selfheal.keys import read_key, write_key
 from tests.conftest import Broker, eventually_sync, free_port
 from tests.host.conftest import SystemdHost
@@ -172,3 +173,36 @@ def test_the_controller_unit_runs_in_its_sandbox(systemd_host: SystemdHost, own_
     uid = host.run("stat", "-c", "%u", f"/proc/{state['MainPID']}").stdout.strip()
     assert int(uid) >= 61184, f"not a dynamic user: {uid}"  # systemd's DynamicUser= range: 61184-65519
     host.run("systemctl", "stop", "selfheal-controller.service")
+
+
+def test_polkit_lets_the_agents_user_manage_only_its_units(installed: SystemdHost) -> None:
+    """The rule as rendered for one allowed service, under the real polkitd: start/stop/restart of that
+    service as ``selfheal-agent`` succeed; another service, or another user, are refused."""
+    host = installed
+    for name in ("sh-allowed", "sh-other"):
+        host.write(f"/etc/systemd/system/{name}.service", "[Service]\nExecStart=/bin/sleep infinity\n")
+    host.run("systemctl", "daemon-reload")
+    host.run("systemctl", "start", "sh-allowed.service", "sh-other.service")
+    template = (data_dir() / "50-selfheal-agent.rules").read_text()
+    host.write("/etc/polkit-1/rules.d/50-selfheal-agent.rules", render_polkit(template, ["sh-allowed.service"]))
+    host.run("systemctl", "restart", "polkit.service")  # polkitd also notices on its own; no race in a test
+
+    def as_user(user: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return host.run("runuser", "-u", user, "--", "systemctl", "--no-ask-password", *args, check=False)
+
+    pid = host.show("sh-allowed.service", "MainPID")["MainPID"]
+    done = as_user("selfheal-agent", "restart", "sh-allowed.service")
+    assert done.returncode == 0, done.stderr
+    assert host.show("sh-allowed.service", "MainPID")["MainPID"] not in ("0", pid)
+    for verb in ("stop", "start"):
+        done = as_user("selfheal-agent", verb, "sh-allowed.service")
+        assert done.returncode == 0, done.stderr
+
+    for args in (("restart", "sh-other.service"), ("stop", "sh-other.service"), ("stop", "systemd-journald.service")):
+        done = as_user("selfheal-agent", *args)
+        assert done.returncode != 0, args
+        assert "Access denied" in done.stderr, done.stderr
+    done = as_user("nobody", "restart", "sh-allowed.service")
+    assert done.returncode != 0
+    assert "Interactive authentication required" in done.stderr, done.stderr
+    assert host.show("sh-other.service", "ActiveState")["ActiveState"] == "active"

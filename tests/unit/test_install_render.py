@@ -64,8 +64,11 @@ def test_polkit_rule_lists_exactly_the_systemd_units() -> None:
 
 
 def test_systemd_units_are_the_units_of_kind_systemd() -> None:
-    config = Config(agent=AgentConfig(node_id="n1", units=[UnitConfig(name="web", command=["x"])]))
-    assert systemd_units(config) == []
+    config = Config(agent=AgentConfig(node_id="n1", units=[
+        UnitConfig(name="web", command=["x"]), UnitConfig(name="db", kind="systemd"),
+        UnitConfig(name="db-copy", kind="systemd")]))
+    assert systemd_units(config) == ["db-copy.service", "db.service"]
+    assert systemd_units(Config(agent=AgentConfig(node_id="n1", units=[UnitConfig(name="web", command=["x"])]))) == []
 
 
 def test_changed_keys_names_paths_never_values() -> None:
