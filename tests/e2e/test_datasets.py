@@ -172,3 +172,65 @@ def test_a_source_that_changes_mid_transfer_is_not_used(cluster: Cluster) -> Non
     assert "409" in results[0]["detail"] or "not used" in results[0]["detail"]
     assert results[-1]["status"] == "done"
     assert (paths["node-c"] / "shards/big.bin").read_bytes() == original
+
+
+def transfer_progress(pid: int, folder: Path, final: str) -> int:
+    """Bytes the agent ``pid`` has written so far into the file that will replace ``folder/final`` (0: none yet).
+
+    The file being rebuilt is either a named temp file beside the target or, where the filesystem has
+    O_TMPFILE, an unnamed file the process holds open in that folder; either way it is not the target.
+    """
+    written = 0
+    with os.scandir(folder) as listing:
+        for item in listing:
+            if item.name not in (final,) and item.name.startswith(f".{final}"):
+                written = max(written, item.stat(follow_symlinks=False).st_size)
+    fds = Path(f"/proc/{pid}/fd")
+    for fd in fds.iterdir() if fds.exists() else ():
+        try:
+            target = str(fd.readlink())
+            if target.startswith(f"{folder}/") and target != f"{folder}/{final}":
+                written = max(written, fd.stat().st_size)
+        except OSError:
+            continue  # closed meanwhile
+    return written
+
+
+def tree_listing(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_a_puller_killed_mid_transfer_leaves_the_old_file_and_the_next_attempt_repairs_it(cluster: Cluster) -> None:
+    # node-c reads at 64 KiB/s, so pulling the whole 1 MiB file takes about 15 s: long enough to kill it midway.
+    size = 256 * CHUNK
+    paths = start(cluster, ["node-a", "node-b", "node-c"], read_bandwidth={"node-c": 64 * 1024}, big=size)
+    original = (paths["node-a"] / "shards/big.bin").read_bytes()
+    corrupted = os.urandom(size)
+    (paths["node-c"] / "shards/big.bin").write_bytes(corrupted)
+    expected_names = tree_listing(paths["node-a"])
+    assert tree_listing(paths["node-c"]) == expected_names
+    eventually_sync(lambda: incident(cluster, "dataset_divergent", "node-c") is not None, timeout=90,
+                    what="the divergent replica detected")
+    found = incident(cluster, "dataset_divergent", "node-c")
+    assert found is not None
+
+    puller = cluster.procs["node-c"]
+    shards = paths["node-c"] / "shards"
+    eventually_sync(lambda: transfer_progress(puller.pid, shards, "big.bin") >= 4 * CHUNK, timeout=120,
+                    what="node-c halfway through pulling big.bin")
+    puller.kill()  # SIGKILL: no cleanup of any kind runs
+    puller.wait(10)
+    assert transfer_progress(puller.pid, shards, "big.bin") < size, "killed before the transfer could end"
+    assert (shards / "big.bin").read_bytes() == corrupted, "the old file is left exactly as it was"
+    assert tree_listing(paths["node-c"]) == expected_names, "no temp file is left to be taken for data"
+
+    cluster.start("node-c", "agent", cluster.root / "node-c.toml")
+    eventually_sync(lambda: incident(cluster, "dataset_divergent", "node-c", "resolved") is not None, timeout=300,
+                    what="the replica repaired by the next attempt")
+    assert (shards / "big.bin").read_bytes() == original
+    assert tree_listing(paths["node-c"]) == expected_names
+    eventually_sync(lambda: agreement(cluster) == (1.0, 1.0), timeout=30, what="agreement 1.0 again")
+    results = entries(cluster, found["id"], "command_result")
+    assert results
+    assert results[-1]["status"] == "done"
+    assert "matches the authority" in results[-1]["detail"]
