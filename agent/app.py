@@ -351,8 +351,10 @@ def _with_sample(unit: UnitReport, samples: Mapping[int, tuple[float, int, int, 
     if sample is None:
         return unit
     cpu, rss, fds, threads, status = sample
+    if unit.rss_bytes:  # the kind measured the whole unit (a container's or a service's cgroup): keep that
+        cpu, rss = unit.cpu_percent, unit.rss_bytes
     return msgspec.structs.replace(unit, cpu_percent=cpu, rss_bytes=rss, num_fds=fds,
-                                   num_threads=threads, proc_status=status)
+                                   num_threads=threads, proc_status=unit.proc_status or status)
 
 
 async def run_agent(config: Config, *, stop: asyncio.Event, ready: asyncio.Event | None = None,

@@ -3,7 +3,8 @@
 ``Supervisor.run`` starts all units (a unit that cannot start is reported as
 ``failed``, never fatal), runs one watcher per unit and one probe runner per
 probe in its task group, and on stop stops every unit (SIGTERM, then SIGKILL
-after the unit's grace) before returning. Unit kinds come from an explicit
+after the unit's grace) before returning — except units that another manager
+runs (kinds ``docker`` and ``systemd``), which outlive the agent. Unit kinds come from an explicit
 registry ``kind -> factory`` passed in by the composition root.
 
 A unit with ``every`` is wrapped in a ``ScheduledUnit`` (``agent.units.schedule``)
@@ -28,15 +29,21 @@ import msgspec
 from agent.probes import ProbeRunner
 from agent.progress import ProgressTracker, ProgressWatcher, progress_path
 from agent.units.base import Unit, UnitContext, UnitFactory
+from agent.units.docker import DockerUnit
 from agent.units.process import ProcessUnit
 from agent.units.schedule import ScheduledUnit
 from agent.units.spark import SparkUnit
+from agent.units.systemd import SystemdUnit
 from selfheal.config import UnitConfig
 from selfheal.errors import UnitError
 from selfheal.logs import get_logger
 from selfheal.wire import ProbeState, UnitReport
 
-DEFAULT_KINDS: Mapping[str, UnitFactory] = {"process": ProcessUnit, "spark": SparkUnit}
+DEFAULT_KINDS: Mapping[str, UnitFactory] = {"process": ProcessUnit, "spark": SparkUnit, "docker": DockerUnit,
+                                             "systemd": SystemdUnit}
+OUTLIVE_AGENT = frozenset({"docker", "systemd"})
+"""Kinds whose units another manager runs (the container engine, systemd): the agent's own shutdown leaves
+them running — an agent upgrade or a watchdog restart must not take the services down with it."""
 
 
 @dataclass(slots=True)
@@ -130,11 +137,11 @@ class Supervisor:
                 await self._start(name)
 
     async def stop_all(self) -> None:
-        """Stop every unit at once (each within its own grace), never raising."""
+        """Stop every unit the agent runs itself at once (each within its own grace), never raising."""
         self.stopping = True
-        results = await asyncio.gather(*(entry.unit.stop() for entry in self.entries.values()),
-                                       return_exceptions=True)
-        for name, result in zip(self.entries, results, strict=True):
+        own = {name: entry for name, entry in self.entries.items() if entry.config.kind not in OUTLIVE_AGENT}
+        results = await asyncio.gather(*(entry.unit.stop() for entry in own.values()), return_exceptions=True)
+        for name, result in zip(own, results, strict=True):
             if isinstance(result, BaseException):
                 self.log.error("unit.stop_failed", unit=name, error=str(result))
 

@@ -85,19 +85,71 @@ class SparkConfig(_Section, frozen=True, kw_only=True):
     tracking off (the process and its progress file remain)."""
 
 
+class DockerConfig(_Section, frozen=True, kw_only=True):
+    """Which container a ``docker`` unit is (``[agent.units.docker]``), and how to create it if asked to."""
+
+    container: str
+    """Container name. The agent follows the name: a container its orchestrator removed and recreated under
+    the same name (a new id) is the same unit."""
+    image: str | None = None
+    """Unset: the container is someone else's to create (compose, an orchestrator); the agent starts, stops
+    and restarts it. Set: when no container has the name, the agent creates it from this image, with the
+    unit's ``command`` (the image's command when empty), ``env`` and the options below."""
+    url: str | None = None
+    """The engine's API: ``unix:///var/run/docker.sock``, or a socket proxy's ``tcp://127.0.0.1:2375``
+    (recommended: access to the Docker API is root-equivalent). Default: ``$DOCKER_HOST``, else the
+    local socket."""
+    poll: float = 0.5
+    """Seconds between looks at the container (state, health, pid): how soon an exit is noticed."""
+    stats_interval: float = 5.0
+    """Seconds between reads of the container's CPU and memory use (0: not read)."""
+    timeout: float = 30.0
+    """Seconds one API call may take (a stop may take ``stop_grace`` on top)."""
+    network: str | None = None
+    """With ``image``: network mode of a created container (``host``, ``bridge``, a network's name)."""
+    ports: dict[str, str] = msgspec.field(default_factory=dict)
+    """With ``image``: container port (``80/tcp``) → host ``PORT`` or ``IP:PORT``."""
+    volumes: list[str] = msgspec.field(default_factory=list)
+    """With ``image``: bind mounts, ``/host/path:/container/path[:ro]``."""
+    ulimits: dict[str, list[int]] = msgspec.field(default_factory=dict)
+    """With ``image``: resource limits, name → ``[soft, hard]`` (``nofile = [1024, 1024]``)."""
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    """With ``image``: labels of a created container (the agent adds ``selfheal.unit``)."""
+    user: str | None = None
+    """With ``image``: ``user[:group]`` the container runs as."""
+
+
+class SystemdConfig(_Section, frozen=True, kw_only=True):
+    """Which systemd service a ``systemd`` unit is (``[agent.units.systemd]``)."""
+
+    unit: str
+    """The service, e.g. ``predict.service`` (``.service`` is added to a bare name). The agent's polkit
+    rule must let its user start, stop and restart exactly the services listed here."""
+    poll: float = 0.5
+    """Seconds between ``systemctl show`` looks: how soon an exit is noticed."""
+    job_timeout: float = 8.0
+    """Seconds to wait for a start, stop or restart job. A slower job goes on in systemd, the command is
+    answered, and the looks report how it ends (keep it under ``controller.ack_timeout``)."""
+    systemctl: str = "systemctl"
+    """The ``systemctl`` to run (a name on PATH or an absolute path)."""
+
+
 class UnitConfig(_Section, frozen=True, kw_only=True):
     name: str
     """Unit name, unique on the node."""
     kind: Literal["process", "systemd", "docker", "spark"] = "process"
-    """How the unit is started and watched; this release implements ``process`` and ``spark``."""
+    """How the unit is started and watched: a child process of the agent, a systemd service, a container,
+    a Spark application."""
     command: list[str] = msgspec.field(default_factory=list)
-    """argv of the process (kind ``process``; kind ``spark`` without ``spark.application``: the driver)."""
+    """argv of the process (kind ``process``; kind ``spark`` without ``spark.application``: the driver;
+    kind ``docker`` with ``docker.image``: the command of a container the agent creates)."""
     env: dict[str, str] = msgspec.field(default_factory=dict)
-    """Extra environment variables for the unit."""
+    """Extra environment variables for the unit (kind ``docker``: of a container the agent creates)."""
     cwd: str | None = None
-    """Working directory; default the agent's state dir."""
+    """Working directory; default the agent's state dir (kinds ``process`` and ``spark``)."""
     stop_grace: float = 5.0
-    """Seconds between SIGTERM and SIGKILL when stopping."""
+    """Seconds between SIGTERM and SIGKILL when stopping (kind ``systemd``: the service's own
+    ``TimeoutStopSec=`` applies instead)."""
     autostart: bool = True
     """Start with the agent. ``false`` keeps a standby copy: stopped until a migration starts it here."""
     probe: ProbeConfig | None = None
@@ -114,6 +166,10 @@ class UnitConfig(_Section, frozen=True, kw_only=True):
     ``progress_file`` (or kind ``spark``, whose completed tasks count as progress)."""
     spark: SparkConfig | None = None
     """Kind ``spark`` only: master, application, Spark properties."""
+    docker: DockerConfig | None = None
+    """Kind ``docker`` only (required): the container, and how to create it."""
+    systemd: SystemdConfig | None = None
+    """Kind ``systemd`` only (required): the service."""
     stop_after_disconnect: float | None = None
     """Make this a movable singleton (kinds ``process`` and ``spark``): the agent stops it after this many
     seconds without the broker, and it dies with the agent, so the controller may start its standby copy
@@ -400,8 +456,8 @@ def _check(config: Config, source: str, role: str) -> None:
     _check_datasets(agent, fail)
 
 
-UNIT_KINDS = ("process", "spark")
-"""Unit kinds this release implements (``systemd`` and ``docker`` are reserved)."""
+UNIT_KINDS = ("process", "spark", "docker", "systemd")
+"""Unit kinds this release implements."""
 
 
 def _check_unit(unit: UnitConfig, at: str, fail: Callable[[str, str], None]) -> None:
@@ -412,8 +468,7 @@ def _check_unit(unit: UnitConfig, at: str, fail: Callable[[str, str], None]) -> 
     spark = unit.spark
     if unit.kind == "process" and not unit.command:
         fail("a process unit needs a non-empty command", f"{at}.command")
-    if unit.kind != "spark" and spark is not None:
-        fail("only a spark unit has a [spark] table", f"{at}.spark")
+    _check_kind_tables(unit, at, fail)
     if unit.kind == "spark":
         application = spark.application if spark is not None else None
         if bool(application) == bool(unit.command):
@@ -445,6 +500,85 @@ def _check_unit(unit: UnitConfig, at: str, fail: Callable[[str, str], None]) -> 
         if unit.progress_file is None and ui_off:
             fail("needs progress_file: with spark.ui.enabled = false Spark's task counts are not read",
                  f"{at}.stall_after")
+
+
+SYSTEMD_SERVICE_RE = re.compile(r"^(?!-)[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.service$")
+"""A service name as systemd spells it (``name.service``, ``name@instance.service``; never an option)."""
+_SYSTEMD_SUFFIXES = (".service", ".socket", ".target", ".device", ".mount", ".automount", ".swap", ".timer",
+                     ".path", ".slice", ".scope")
+CONTAINER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+"""A container name as Docker accepts it."""
+
+
+def systemd_service(name: str) -> str:
+    """The full service name of ``systemd.unit``: ``.service`` added to a bare name, as systemctl does."""
+    return name if name.endswith(_SYSTEMD_SUFFIXES) else f"{name}.service"
+
+
+def _check_kind_tables(unit: UnitConfig, at: str, fail: Callable[[str, str], None]) -> None:
+    """Each kind's own table is there when the kind needs it, and only for that kind."""
+    for key in ("spark", "docker", "systemd"):
+        if getattr(unit, key) is not None and unit.kind != key:
+            fail(f"only a {key} unit has a [{key}] table", f"{at}.{key}")
+    if unit.kind == "docker":
+        _check_docker(unit, f"{at}.docker", fail)
+        if unit.cwd is not None:
+            fail("a docker unit runs where its image says (WORKDIR); cwd is for process units", f"{at}.cwd")
+    if unit.kind == "systemd":
+        systemd = unit.systemd
+        if systemd is None:
+            fail("a systemd unit needs [systemd] with unit = \"NAME.service\"", f"{at}.systemd")
+            return
+        if not SYSTEMD_SERVICE_RE.match(systemd_service(systemd.unit)):
+            fail(f"{systemd.unit!r} is not a service name such as predict.service", f"{at}.systemd.unit")
+        for key in ("poll", "job_timeout"):
+            if not getattr(systemd, key) > 0:
+                fail("must be > 0 seconds", f"{at}.systemd.{key}")
+        if not systemd.systemctl.strip():
+            fail("must name the systemctl program", f"{at}.systemd.systemctl")
+        for key in ("command", "env", "cwd"):
+            if getattr(unit, key):
+                fail(f"a systemd unit runs as its unit file says; {key} is for process units", f"{at}.{key}")
+
+
+def _check_docker(unit: UnitConfig, at: str, fail: Callable[[str, str], None]) -> None:
+    docker = unit.docker
+    if docker is None:
+        fail("a docker unit needs [docker] with container = \"NAME\"", at)
+        return
+    if not CONTAINER_NAME_RE.match(docker.container):
+        fail(f"{docker.container!r} is not a container name ([a-zA-Z0-9][a-zA-Z0-9_.-]*)", f"{at}.container")
+    if docker.image is not None and not docker.image.strip():
+        fail("must name an image (or be left out)", f"{at}.image")
+    if docker.url is not None and not docker.url.startswith(("unix://", "tcp://", "http://", "https://", "ssh://")):
+        fail("must be unix:///path/docker.sock, tcp://host:port, http(s)://host:port or ssh://host", f"{at}.url")
+    if not docker.poll > 0 or not docker.timeout > 0:
+        fail("poll and timeout must be > 0 seconds", at)
+    if docker.stats_interval < 0:
+        fail("must be >= 0 seconds (0: resource use is not read)", f"{at}.stats_interval")
+    for name, limits in docker.ulimits.items():
+        if len(limits) != 2 or not 0 <= limits[0] <= limits[1]:
+            fail("must be [soft, hard] with 0 <= soft <= hard", f"{at}.ulimits.{name}")
+    for volume in docker.volumes:
+        parts = volume.split(":")
+        if len(parts) not in (2, 3) or not parts[0] or not parts[1].startswith("/") or \
+                (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+            fail(f"{volume!r} is not SOURCE:/container/path[:ro|rw]", f"{at}.volumes")
+    for port, host in docker.ports.items():
+        number, _, proto = port.partition("/")
+        if not number.isdigit() or proto not in ("", "tcp", "udp", "sctp"):
+            fail(f"{port!r} is not a container port such as 80/tcp", f"{at}.ports")
+        if not host.rpartition(":")[2].isdigit():
+            fail(f"{host!r} is not a host PORT or IP:PORT", f"{at}.ports.{port}")
+    if docker.image is None:
+        # Nothing is created, so nothing would take these: say so rather than ignore them.
+        creates = {"command": unit.command, "env": unit.env, "docker.network": docker.network,
+                   "docker.ports": docker.ports, "docker.volumes": docker.volumes,
+                   "docker.ulimits": docker.ulimits, "docker.labels": docker.labels, "docker.user": docker.user}
+        for key, value in creates.items():
+            if value:
+                fail("only applies to a container the agent creates: set docker.image, or configure "
+                     "the container where it is created", f"{at.rpartition('.')[0]}.{key}")
 
 
 def _check_datasets(agent: AgentConfig, fail: Callable[[str, str], None]) -> None:

@@ -223,6 +223,10 @@ class UnitExited(_Msg, tag="unit_exited", frozen=True, kw_only=True):
     exit_signal: int | None = None
     expected: bool = False
     """True when the agent stopped it itself (stop or restart), so no one should heal it."""
+    reason: str = ""
+    """How the run ended in its manager's own words, for kinds another manager runs: systemd's ``Result``
+    (``exit-code``, ``signal``, ``core-dump``, ``watchdog``, ``timeout``, ``oom-kill``...), the container
+    engine's ``oom-killed``; empty for plain processes and when nothing more is known."""
 
 
 class UnitStarted(_Msg, tag="unit_started", frozen=True, kw_only=True):

@@ -167,12 +167,12 @@ def test_duplicate_unit_names_are_rejected(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["systemd", "docker"])
-def test_unit_kinds_not_in_this_release_are_rejected(tmp_path: Path, kind: str) -> None:
-    path = write(tmp_path, UNIT + f'kind = "{kind}"\n')
+def test_systemd_and_docker_units_need_their_own_table(tmp_path: Path, kind: str) -> None:
+    path = write(tmp_path, f'[[agent.units]]\nname = "web"\nkind = "{kind}"\n')
     error = config_error(path)
-    assert error.path == "agent.units[0].kind"
+    assert error.path == f"agent.units[0].{kind}"
     assert str(path) in str(error)
-    assert "only 'process', 'spark'" in str(error)
+    assert f"a {kind} unit needs [{kind}]" in str(error)
 
 
 def test_an_unknown_unit_kind_is_a_type_error(tmp_path: Path) -> None:
