@@ -16,8 +16,12 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.podman_support import PodmanEngine
 
 
 def free_port() -> int:
@@ -87,6 +91,17 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     broker = start_mosquitto(tmp_path_factory.mktemp("mosquitto"))
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def podman_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodmanEngine]:
+    """One Podman Docker-API service for the test session (``tests.podman_support``); tests use unique
+    container names."""
+    from tests.podman_support import start_podman_engine  # noqa: PLC0415 - only tests that use it need docker
+
+    engine = start_podman_engine(tmp_path_factory.mktemp("podman"))
+    yield engine
+    engine.stop()
 
 
 @pytest.fixture
