@@ -29,16 +29,20 @@ import fcntl
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.conftest import require_binary
+from selfheal.keys import read_key, write_key
+from tests.conftest import Broker, eventually_sync, free_port, require_binary
 
 RECIPE = 1
 """Bump when the image recipe changes: the cache key of the root file system and the image tag."""
@@ -170,3 +174,80 @@ def systemd_host() -> Iterator[SystemdHost]:
         yield host
     finally:
         subprocess.run([podman, "rm", "-f", "-t", "0", name], capture_output=True, check=False, timeout=120)
+
+
+# --- the agent installed in the container, a controller on the host ---------------------------------
+
+AGENT = "selfheal-agent.service"
+SELFHEAL = f"{sys.prefix}/bin/selfheal"
+DROP_IN = "[Service]\nWatchdogSec=3\nRestartSec=1\n"
+
+
+def agent_toml(broker: Broker, node: str, *, interval: float = 0.5, level: str = "info") -> str:
+    return (f'[mqtt]\nurl = "{broker.url}"\nkeepalive = 2.0\nreconnect_max = 1.0\n'
+            f'[agent]\nnode_id = "{node}"\ninterval = {interval}\nlisten = "127.0.0.1:0"\n'
+            f'[log]\nlevel = "{level}"\nformat = "json"\n')
+
+
+@pytest.fixture(scope="module")
+def node(request: pytest.FixtureRequest) -> str:
+    """The agent's node id: one per test module (a node's session only grows, and each module's system
+    starts its agent from session 1 again)."""
+    return f"sysd-{os.getpid()}-{zlib.crc32(request.module.__name__.encode()) % 10000}"
+
+
+@dataclass(frozen=True)
+class HostController:
+    api: str
+    key_hex: str
+    """The node's command key, which the agent gets through agent.env."""
+
+
+@pytest.fixture(scope="module")
+def controller(tmp_path_factory: pytest.TempPathFactory, mosquitto: Broker, node: str) -> Iterator[HostController]:
+    """``selfheal controller`` on the host, with the node's key."""
+    root = tmp_path_factory.mktemp("controller")
+    write_key(root / "keys", node)
+    port = free_port()
+    config = root / "controller.toml"
+    config.write_text(f'[mqtt]\nurl = "{mosquitto.url}"\nkeepalive = 2.0\nreconnect_max = 1.0\n'
+                      f'[controller]\nlisten = "127.0.0.1:{port}"\nstate_dir = "{root / "state"}"\n'
+                      f'[security]\nkey_dir = "{root / "keys"}"\napi_token_file = "{root / "token"}"\n')
+    with (root / "controller.log").open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "selfheal", "controller", "--config", str(config)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    api = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{api}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        eventually_sync(ready, timeout=30, what="the controller on the host")
+        key = read_key(root / "keys", node)
+        assert key is not None
+        yield HostController(api=api, key_hex=key.hex())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(25)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def installed(systemd_host: SystemdHost, mosquitto: Broker, controller: HostController, node: str) -> SystemdHost:
+    """The agent's config and key in place, then ``selfheal install`` as an operator runs it."""
+    host = systemd_host
+    host.write("/etc/selfheal/agent.toml", agent_toml(mosquitto, node), "0640")
+    host.write("/etc/selfheal/agent.env", f"SELFHEAL_COMMAND_KEY={controller.key_hex}\n", "0600")
+    out = host.run(SELFHEAL, "install", "--role", "agent").stdout
+    assert "kept     /etc/selfheal/agent.toml" in out, out
+    assert "systemctl enable --now selfheal-agent.service" in out, out
+    host.run("systemd-sysusers", "selfheal.conf")
+    host.run("systemd-tmpfiles", "--create", "selfheal.conf")
+    host.write(f"/etc/systemd/system/{AGENT}.d/50-test.conf", DROP_IN)
+    host.run("systemctl", "daemon-reload")
+    return host

@@ -11,107 +11,33 @@ operator would.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import pytest
 
 from selfheal.install import data_dir, render_polkit
-from selfheal.keys import read_key, write_key
 from tests.conftest import Broker, eventually_sync, free_port
-from tests.host.conftest import SystemdHost
+from tests.host.conftest import AGENT, SELFHEAL, HostController, SystemdHost, agent_toml
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-NODE = f"sysd-{os.getpid()}"
-AGENT = "selfheal-agent.service"
-SELFHEAL = f"{sys.prefix}/bin/selfheal"
-DROP_IN = "[Service]\nWatchdogSec=3\nRestartSec=1\n"
-
-
-def agent_toml(broker: Broker, *, interval: float = 0.5, level: str = "info") -> str:
-    return (f'[mqtt]\nurl = "{broker.url}"\nkeepalive = 2.0\nreconnect_max = 1.0\n'
-            f'[agent]\nnode_id = "{NODE}"\ninterval = {interval}\nlisten = "127.0.0.1:0"\n'
-            f'[log]\nlevel = "{level}"\nformat = "json"\n')
-
-
-@dataclass(frozen=True)
-class HostController:
-    api: str
-    key_hex: str
-    """The node's command key, which the agent gets through agent.env."""
-
-
-@pytest.fixture(scope="module")
-def controller(tmp_path_factory: pytest.TempPathFactory, mosquitto: Broker) -> Iterator[HostController]:
-    """``selfheal controller`` on the host, with the node's key."""
-    root = tmp_path_factory.mktemp("controller")
-    write_key(root / "keys", NODE)
-    port = free_port()
-    config = root / "controller.toml"
-    config.write_text(f'[mqtt]\nurl = "{mosquitto.url}"\nkeepalive = 2.0\nreconnect_max = 1.0\n'
-                      f'[controller]\nlisten = "127.0.0.1:{port}"\nstate_dir = "{root / "state"}"\n'
-                      f'[security]\nkey_dir = "{root / "keys"}"\napi_token_file = "{root / "token"}"\n')
-    with (root / "controller.log").open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "selfheal", "controller", "--config", str(config)],
-                                stdout=log, stderr=subprocess.STDOUT)
-    api = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{api}/readyz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        eventually_sync(ready, timeout=30, what="the controller on the host")
-        key = read_key(root / "keys", NODE)
-        assert key is not None
-        yield HostController(api=api, key_hex=key.hex())
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(25)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-@pytest.fixture(scope="module")
-def installed(systemd_host: SystemdHost, mosquitto: Broker, controller: HostController) -> SystemdHost:
-    """The agent's config and key in place, then ``selfheal install`` as an operator runs it."""
-    host = systemd_host
-    host.write("/etc/selfheal/agent.toml", agent_toml(mosquitto), "0640")
-    host.write("/etc/selfheal/agent.env", f"SELFHEAL_COMMAND_KEY={controller.key_hex}\n", "0600")
-    out = host.run(SELFHEAL, "install", "--role", "agent").stdout
-    assert "kept     /etc/selfheal/agent.toml" in out, out
-    assert "systemctl enable --now selfheal-agent.service" in out, out
-    host.run("systemd-sysusers", "selfheal.conf")
-    host.run("systemd-tmpfiles", "--create", "selfheal.conf")
-    host.write(f"/etc/systemd/system/{AGENT}.d/50-test.conf", DROP_IN)
-    host.run("systemctl", "daemon-reload")
-    return host
-
-
-def test_start_reaches_ready_and_the_node_comes_online(installed: SystemdHost, controller: HostController) -> None:
+def test_start_reaches_ready_and_the_node_comes_online(installed: SystemdHost, controller: HostController,
+                                                      node: str) -> None:
     host = installed
     host.run("systemctl", "start", AGENT, timeout=120)  # Type=notify: returns once READY=1 arrived
     state = host.show(AGENT, "ActiveState", "SubState", "StatusText", "User", "MainPID")
     assert (state["ActiveState"], state["SubState"]) == ("active", "running"), host.journal(AGENT)
-    assert state["StatusText"].startswith(f"online: node {NODE}"), state
+    assert state["StatusText"].startswith(f"online: node {node}"), state
     # It runs as its static user, in its sandbox.
     assert host.run("stat", "-c", "%U", f"/proc/{state['MainPID']}").stdout.strip() == "selfheal-agent"
     assert state["User"] == "selfheal-agent"
 
     def online() -> bool:
         nodes = httpx.get(f"{controller.api}/api/v1/nodes", timeout=5).json()["items"]
-        return any(n["id"] == NODE and n["state"] == "online" for n in nodes)
+        return any(n["id"] == node and n["state"] == "online" for n in nodes)
 
-    eventually_sync(online, timeout=30, what=f"{NODE} online at the controller")
+    eventually_sync(online, timeout=30, what=f"{node} online at the controller")
 
 
 def test_sigstop_makes_the_watchdog_restart_the_agent(installed: SystemdHost) -> None:
@@ -129,10 +55,10 @@ def test_sigstop_makes_the_watchdog_restart_the_agent(installed: SystemdHost) ->
     host.wait_show(AGENT, lambda s: s["StatusText"].startswith("online:"), "StatusText", what="online again")
 
 
-def test_reload_goes_through_sighup_without_a_restart(installed: SystemdHost, mosquitto: Broker) -> None:
+def test_reload_goes_through_sighup_without_a_restart(installed: SystemdHost, mosquitto: Broker, node: str) -> None:
     host = installed
     before = host.show(AGENT, "MainPID", "NRestarts")
-    host.write("/etc/selfheal/agent.toml", agent_toml(mosquitto, interval=0.7, level="debug"), "0640")
+    host.write("/etc/selfheal/agent.toml", agent_toml(mosquitto, node, interval=0.7, level="debug"), "0640")
     host.run("systemctl", "reload", AGENT)
     after = host.wait_show(AGENT, lambda s: "restart needed for agent.interval" in s["StatusText"],
                            "StatusText", "MainPID", "NRestarts", "ActiveState", what="the reload's status line")
@@ -144,11 +70,11 @@ def test_reload_goes_through_sighup_without_a_restart(installed: SystemdHost, mo
     assert '"event": "config.reloaded"' in journal, journal
 
     # A broken file: the agent keeps running on the old config and says so.
-    host.write("/etc/selfheal/agent.toml", agent_toml(mosquitto) + "[agent.bogus]\n", "0640")
+    host.write("/etc/selfheal/agent.toml", agent_toml(mosquitto, node) + "[agent.bogus]\n", "0640")
     host.run("systemctl", "reload", AGENT)
     host.wait_show(AGENT, lambda s: "config reload failed" in s["StatusText"], "StatusText", what="reload failure")
     assert host.show(AGENT, "MainPID")["MainPID"] == before["MainPID"]
-    host.write("/etc/selfheal/agent.toml", agent_toml(mosquitto), "0640")
+    host.write("/etc/selfheal/agent.toml", agent_toml(mosquitto, node), "0640")
 
 
 def test_the_controller_unit_runs_in_its_sandbox(systemd_host: SystemdHost, own_mosquitto: Broker) -> None:
@@ -206,3 +132,4 @@ def test_polkit_lets_the_agents_user_manage_only_its_units(installed: SystemdHos
     assert done.returncode != 0
     assert "Interactive authentication required" in done.stderr, done.stderr
     assert host.show("sh-other.service", "ActiveState")["ActiveState"] == "active"
+
