@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Literal, TextIO
 
 import selfheal
-from selfheal.config import NODE_ID_RE, Config, load_config
+from selfheal.config import NODE_ID_RE, Config, load_config, systemd_service
 from selfheal.errors import SelfhealError
 
 Role = Literal["agent", "controller"]
@@ -47,8 +47,6 @@ CONFIG_DIR = Path("/etc/selfheal")
 HOME_PREFIXES = ("/home", "/root", "/run/user")
 AGENT_USER = "selfheal-agent"
 DEFAULT_AGENT_STATE = "/var/lib/selfheal-agent"
-UNIT_SUFFIXES = (".service", ".socket", ".target", ".device", ".mount", ".automount", ".swap", ".timer", ".path",
-                 ".slice", ".scope")
 
 
 @dataclass(frozen=True)
@@ -140,17 +138,9 @@ def agent_writable(config: Config) -> list[str]:
 
 
 def systemd_units(config: Config) -> list[str]:
-    """The systemd services the agent manages: its units of kind ``systemd``, by their service name
-    (``[agent.units.systemd] unit``, ``.service`` added to a bare name as systemctl does)."""
-    names: set[str] = set()
-    for unit in config.agent.units:
-        if unit.kind != "systemd":
-            continue
-        # The systemd kind's table lands with the kind itself (agent/units/systemd.py); read it without
-        # depending on it, so the rule is right both before and after.
-        service = str(getattr(getattr(unit, "systemd", None), "unit", None) or unit.name)
-        names.add(service if service.endswith(UNIT_SUFFIXES) else f"{service}.service")
-    return sorted(names)
+    """The systemd services the agent manages: its units of kind ``systemd``, by service name."""
+    return sorted({systemd_service(unit.systemd.unit) for unit in config.agent.units
+                   if unit.kind == "systemd" and unit.systemd is not None})
 
 
 def render_polkit(template: str, units: Sequence[str]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from selfheal.config import AgentConfig, Config, DatasetConfig, LogConfig, MqttConfig, UnitConfig
+from selfheal.config import AgentConfig, Config, DatasetConfig, LogConfig, MqttConfig, SystemdConfig, UnitConfig
 from selfheal.install import Layout, agent_writable, render_polkit, render_unit, systemd_units, under_home
 from selfheal.sdnotify import watchdog_period
 from selfheal.service import ReloadOutcome, changed_keys
@@ -65,9 +65,10 @@ def test_polkit_rule_lists_exactly_the_systemd_units() -> None:
 
 def test_systemd_units_are_the_units_of_kind_systemd() -> None:
     config = Config(agent=AgentConfig(node_id="n1", units=[
-        UnitConfig(name="web", command=["x"]), UnitConfig(name="db", kind="systemd"),
-        UnitConfig(name="db-copy", kind="systemd")]))
-    assert systemd_units(config) == ["db-copy.service", "db.service"]
+        UnitConfig(name="web", command=["x"]),
+        UnitConfig(name="db", kind="systemd", systemd=SystemdConfig(unit="postgresql")),
+        UnitConfig(name="cache", kind="systemd", systemd=SystemdConfig(unit="redis@main.service"))]))
+    assert systemd_units(config) == ["postgresql.service", "redis@main.service"]
     assert systemd_units(Config(agent=AgentConfig(node_id="n1", units=[UnitConfig(name="web", command=["x"])]))) == []
 
 
