@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	@bash scripts/system-deps demo
 	$(BIN)/selfheal demo $(DEMO_ARGS)
 
 lint: $(STAMP)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from selfheal.demo import Layout, write_configs
+from selfheal.demo_layout import Layout, write_configs
 
 ANCHORS = {"crash": ("Monit 5.33, 1 s cycle", 2.0, 2.5), "hang": ("Monit 5.33, 1 s cycle", 11.0, 12.7)}
 K8S_HANG = (21.0, 61.0)

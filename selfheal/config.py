@@ -173,7 +173,7 @@ class UnitConfig(_Section, frozen=True, kw_only=True):
     stop_after_disconnect: float | None = None
     """Make this a movable singleton (kinds ``process`` and ``spark``): the agent stops it after this many
     seconds without the broker, and it dies with the agent, so the controller may start its standby copy
-    on another node once this node has been unreachable long enough (docs/MIGRATION.md)."""
+    on another node once this node has been unreachable long enough (README: Placement and migration)."""
 
 
 class DatasetConfig(_Section, frozen=True, kw_only=True):

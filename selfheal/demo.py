@@ -1,106 +1,49 @@
 """``selfheal demo``: the whole loop on loopback, with real processes.
 
-Starts a controller with the embedded broker and two agents as separate
-``selfheal`` processes, each supervising a small HTTP service with an HTTP
-probe, plus a third agent that only holds a replica of a small dataset (all
-three do); then SIGKILLs one service (a crash), SIGSTOPs the other (a hang)
-and flips a byte in one dataset replica (corruption, repaired from the
-majority), and narrates the healing from the controller's API. Everything lives in a
-temp dir; free ports are picked automatically. The API stays up until Ctrl-C
-or ``--duration``.
+Starts a controller with the embedded broker and three agents as separate
+``selfheal`` processes (``selfheal.demo_layout``): node-a runs the platform's
+pipeline — batches land, Spark cleans them, a model is trained and served —
+node-b holds a standby copy of the prediction service, and all three hold a
+replica of a small dataset. Once a model answers, it injects, one at a time,
+and narrates the healing from the controller's API:
+
+1. a crash: SIGKILL of the prediction service → restarted in place;
+2. a hang: the ETL job's driver SIGSTOPped mid-run → its progress stalls →
+   restarted, and the new run resumes from the last committed output;
+3. corruption: one byte flipped in node-b's dataset replica → localised and
+   repaired from the majority;
+4. node loss: node-a's agent SIGKILLed → the prediction service (a movable
+   singleton) dies with it, and once node-a has been silent long enough to be
+   sure of that, it is started on node-b, which then answers predictions;
+   node-a's agent, restarted, keeps its own copy stopped.
+
+Everything lives in a temp dir; free ports are picked automatically. The API
+stays up until Ctrl-C or ``--duration``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from selfheal.keys import write_key
+from selfheal.demo_layout import DATA_NODES, STOP_AFTER_DISCONNECT, Layout, Pipeline, write_configs
 
-NODES = ("node-a", "node-b")
-DATA_NODES = (*NODES, "node-c")
-"""Every agent holds a replica of the demo dataset; node-c holds only that."""
 CORRUPTED = "shards/part-1.bin"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _q(value: str) -> str:
-    return json.dumps(value)  # a JSON string is a valid TOML basic string
-
-
-@dataclass(frozen=True)
-class Layout:
-    controller: Path
-    agents: dict[str, Path]
-    api_port: int
-    unit_ports: dict[str, int]
-    """The HTTP port of each node's ``web`` service."""
-
-
-def write_configs(root: Path, *, broker_url: str | None = None, rulebook: Path | None = None) -> Layout:
-    """Controller and agent configs: embedded broker unless ``broker_url``; built-in rules unless ``rulebook``."""
-    broker, api = _free_port(), _free_port()
-    keys = root / "keys"
-    for node in DATA_NODES:
-        write_key(keys, node)
-        _write_dataset(root / f"data-{node}")
-    token = root / "api.token"
-    token.write_text(secrets.token_hex(24) + "\n", encoding="ascii")
-    token.chmod(0o600)
-    common = f'[security]\nkey_dir = {_q(str(keys))}\napi_token_file = {_q(str(root / "api.token"))}\n'
-    controller = root / "controller.toml"
-    mqtt = f'url = {_q(broker_url)}' if broker_url else f'url = "embedded"\nembedded_listen = "127.0.0.1:{broker}"'
-    rules = f"rulebooks = [{_q(str(rulebook))}]\n" if rulebook else ""
-    controller.write_text(
-        f'[mqtt]\n{mqtt}\n\n'
-        f'[controller]\nlisten = "127.0.0.1:{api}"\nstate_dir = {_q(str(root / "controller"))}\n'
-        f"offline_after = 5.0\n{rules}\n{common}")
-    agents, ports = {}, {}
-    for node in DATA_NODES:
-        port = _free_port()
-        path = root / f"{node}.toml"
-        unit = (f'[[agent.units]]\nname = "web"\nkind = "process"\n'
-                f'command = [{_q(sys.executable)}, "-m", "http.server", "{port}", "--bind", "127.0.0.1"]\n'
-                f"stop_grace = 2.0\n\n"
-                f'[agent.units.probe]\nkind = "http"\ntarget = "http://127.0.0.1:{port}/"\n'
-                f"interval = 0.5\ntimeout = 0.5\nfailures = 3\nstart_period = 1.0\n\n") if node in NODES else ""
-        path.write_text(
-            f'[mqtt]\nurl = {_q(broker_url or f"mqtt://127.0.0.1:{broker}")}\nkeepalive = 5.0\n\n'
-            f'[agent]\nnode_id = "{node}"\ninterval = 1.0\nstate_dir = {_q(str(root / node))}\n'
-            f'listen = "127.0.0.1:0"\n\n{unit}'
-            f'[[agent.datasets]]\nname = "features"\npath = {_q(str(root / f"data-{node}"))}\n'
-            f"chunk_size = 65536\nscan_interval = 1.0\n\n{common}")
-        agents[node] = path
-        if node in NODES:
-            ports[node] = port
-    return Layout(controller, agents, api, ports)
-
-
-def _write_dataset(folder: Path) -> None:
-    """The same small dataset on every node (a deterministic byte pattern, 4 files)."""
-    (folder / "shards").mkdir(parents=True)
-    for i in range(3):
-        (folder / "shards" / f"part-{i}.bin").write_bytes(bytes((i * 7 + n) % 251 for n in range(200_000)))
-    (folder / "README").write_text("features for the demo model\n")
+HOT = {"events": 20.0, "temp_mean": 90.0, "temp_max": 95.0, "vib_mean": 1.7, "vib_max": 1.9,
+       "pressure_mean": 25.0, "rpm_mean": 1200.0, "error_share": 0.31, "warn_share": 0.35}
+"""One worn, hot device, for the predictions the demo asks for."""
+Out = Callable[[str], None]
 
 
 def _dataset_agrees(client: httpx.Client) -> bool:
@@ -155,7 +98,8 @@ def _describe(entry: dict[str, Any]) -> str:
         return ""
     if kind == "plan_proposed":
         steps = ", ".join(
-            f"{s['kind']} {s.get('node', '')}/{s.get('dataset') or s.get('unit', '')}" for s in data["steps"])
+            f"{s['kind']} {s['unit']} {s['source']} → {s['target']}" if s["kind"] == "migrate_unit"
+            else f"{s['kind']} {s.get('node', '')}/{s.get('dataset') or s.get('unit', '')}" for s in data["steps"])
         return f"rule {data['rule']} rung {data['rung']}: {steps} ({len(data['checks'])} guards passed)"
     if kind == "localised":
         files = ", ".join(f"{d['path']} (chunks {d.get('chunks') or 'all'})" for d in data["differences"])
@@ -168,6 +112,9 @@ def _describe(entry: dict[str, Any]) -> str:
     if kind == "verifying":
         goal = f"{data['unit']} to be healthy again" if data.get("unit") else "the finding to clear"
         return f"waiting up to {data['within_s']:g}s for {goal}"
+    if kind == "fence_wait":
+        return (f"{data['node']} is unreachable: waiting {data['wait']:.1f}s more, until it has been silent for "
+                f"{data['fence_after']:g}s — by then its copy of {data['unit']} is surely stopped")
     if kind == "held":
         return f"held by {data['blocking']['guard']}: {data['blocking']['reason']}"
     for key in ("summary", "detail", "reason"):
@@ -178,99 +125,239 @@ def _describe(entry: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in data.items())
 
 
-def run_demo(  # noqa: PLR0915 - one narrated script, read top to bottom
-    *, duration: float | None = None, keep: bool = False,
-             out: Callable[[str], None] = lambda line: print(line, flush=True)) -> int:
+class Demo:
+    """The narrated scenario; each fault is one method, run in order by ``run``."""
+
+    def __init__(self, root: Path, layout: Layout, client: httpx.Client, out: Out) -> None:
+        self.root = root
+        self.layout = layout
+        self.client = client
+        self.out = out
+        self.narrator = Narrator(client, out)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.env = {**os.environ, "SELFHEAL_LOG__FORMAT": "json"}
+
+    def spawn(self, role: str, name: str) -> None:
+        config = self.layout.controller if role == "controller" else self.layout.agents[name]
+        with (self.root / f"{name}.log").open("ab") as log:
+            self.procs[name] = subprocess.Popen([sys.executable, "-m", "selfheal", role, "--config", str(config)],
+                                                stdout=log, stderr=subprocess.STDOUT, env=self.env)
+
+    def unit(self, node: str, name: str) -> dict[str, Any]:
+        return self.narrator.units().get(f"{node}/{name}", {})
+
+    def wait(self, what: str, check: Callable[[], bool], timeout: float) -> bool:
+        return self.narrator.wait(what, check, timeout)
+
+    def predict(self, node: str) -> str:
+        response = httpx.post(f"http://127.0.0.1:{self.layout.unit_ports[node]}/predict",
+                              json={"instances": [HOT]}, timeout=5)
+        if response.status_code != 200:
+            return f"HTTP {response.status_code}: {response.text[:200]}"
+        body = response.json()
+        return (f"model {body['model_version']} says failure risk {body['probabilities'][0]:.2f} "
+                f"for a hot, shaky device")
+
+    def answers(self, node: str) -> bool:
+        try:
+            return self.predict(node).startswith("model ")
+        except httpx.HTTPError:
+            return False
+
+    # --- the scenario -------------------------------------------------------------------------
+
+    def start(self) -> bool:
+        self.spawn("controller", "controller")
+        if not self.wait("the controller", lambda: self.client.get("/readyz").status_code == 200, 30):
+            return False
+        self.out(f"status: {self.client.base_url}")
+        for node in self.layout.agents:
+            self.spawn("agent", node)
+        self.out("started 3 agents. node-a runs the pipeline: generate (lands batches every 30 s), etl (Spark, "
+                 "local[2], every 20 s), train (every 20 s) and predict (the prediction service); node-b holds a "
+                 "standby copy of predict; all three hold a replica of the dataset 'features'")
+        return True
+
+    def pipeline(self, flow: Pipeline) -> bool:
+        """Wait for data → features → model → a service answering; False if the pipeline cannot run here."""
+        def ready() -> bool:
+            etl = self.unit("node-a", "etl")
+            if etl.get("state") == "failed":
+                raise _Blocked(str(etl.get("error") or "the etl unit failed to start"))
+            return (flow.models / "current.json").exists() and self.answers("node-a")
+        self.out("waiting for the first batches, the first Spark run, the first model (a minute or two)…")
+        try:
+            if not self.wait("the first model to answer", ready, 300):
+                return False
+        except _Blocked as exc:
+            self.out(f"  !! the ETL job cannot run here: {exc}. The rest of the platform keeps running; "
+                     "install a Java 17+ runtime for the pipeline part of the demo.")
+            return False
+        manifest = _read_json(flow.features / "manifest.json")
+        commits = manifest.get("commits", [])
+        current = _read_json(flow.models / "current.json")
+        metrics = _read_json(flow.models / str(current.get("version")) / "metrics.json")
+        self.out(f"pipeline: {len(list(flow.landing.glob('batch-*')))} batches landed; Spark committed "
+                 f"{len(commits)} commits of features ({sum(c.get('feature_rows', 0) for c in commits)} rows); "
+                 f"model {current.get('version')} published ({metrics.get('metric', 'score')} "
+                 f"{metrics.get('score', float('nan')):.3f})")
+        self.out(f"predict on node-a: {self.predict('node-a')}\n")
+        return True
+
+    def crash(self) -> None:
+        unit = self.unit("node-a", "predict")
+        self.out(f"fault 1: crash — SIGKILL node-a/predict (pid {unit['pid']})")
+        t0 = time.monotonic()
+        os.kill(unit["pid"], signal.SIGKILL)
+
+        def healed() -> bool:
+            u = self.unit("node-a", "predict")
+            return u.get("restarts", 0) > unit["restarts"] and u.get("state") == "running" and self.answers("node-a")
+        if self.wait("node-a/predict to serve again", healed, 60):
+            self.out(f"healed: node-a/predict answers again {time.monotonic() - t0:.1f}s after the crash\n")
+
+    def hang(self, flow: Pipeline) -> None:
+        before = self.unit("node-a", "etl")
+        flow.hold.touch()  # fault injection: the next run waits before its second commit, so it is caught mid-run
+        subprocess.run([sys.executable, "-m", "workloads.generate", "--landing", str(flow.landing), "--batches", "2",
+                        "--devices", "150", "--log-level", "warning"], check=False, env=self.env, capture_output=True)
+
+        def holding() -> bool:
+            return (_read_json(flow.etl_progress).get("stage") == "holding"
+                    and bool(self.unit("node-a", "etl").get("pid")))
+        if not self.wait("an ETL run in the middle of its work", holding, 120):
+            flow.hold.unlink(missing_ok=True)
+            return
+        etl = self.unit("node-a", "etl")
+        os.kill(etl["pid"], signal.SIGSTOP)
+        flow.hold.unlink()
+        done = _read_json(flow.etl_progress).get("done")
+        self.out(f"fault 2: hang — SIGSTOP node-a/etl's Spark driver (pid {etl['pid']}) mid-run, after commit "
+                 f"{done}; its process lives but its progress is frozen")
+        t0 = time.monotonic()
+
+        def restarted() -> bool:
+            return bool(self.unit("node-a", "etl").get("restarts", 0) > before.get("restarts", 0))
+
+        def finished() -> bool:
+            return restarted() and self.unit("node-a", "etl").get("state") == "completed"
+        if not self.wait("the stalled ETL job to be restarted", restarted, 180):
+            return
+        self.out(f"healed: etl restarted {time.monotonic() - t0:.1f}s after the hang (stall_after 45 s)")
+        t1 = time.monotonic()
+        if self.wait("the restarted ETL run to finish", finished, 240):
+            batches = [b["name"] for c in _read_json(flow.features / "manifest.json").get("commits", [])
+                       for b in c.get("batches", [])]
+            self.out(f"the new run resumed from the last commit and finished {time.monotonic() - t1:.1f}s later: "
+                     f"{len(batches)} batches committed in all, {len(batches) - len(set(batches))} of them twice\n")
+
+    def corruption(self) -> None:
+        if not self.wait("the three dataset replicas to agree", lambda: _dataset_agrees(self.client), 60):
+            return
+        victim = self.root / "data-node-b" / CORRUPTED
+        data = bytearray(victim.read_bytes())
+        data[70_000] ^= 0xFF
+        victim.write_bytes(bytes(data))
+        self.out(f"fault 3: corruption — flipped one byte of node-b's replica of 'features' ({CORRUPTED})")
+        t0 = time.monotonic()
+
+        def repaired() -> bool:
+            divergent = [i for i in self.client.get("/api/v1/incidents").json()["items"]
+                         if i["kind"] == "dataset_divergent"]
+            return bool(divergent) and all(i["state"] == "resolved" for i in divergent) \
+                and _dataset_agrees(self.client)
+        if self.wait("node-b's replica to be repaired", repaired, 90):
+            self.out(f"healed: node-b's replica was localised to {CORRUPTED}, its differing chunk pulled from a "
+                     f"replica of the majority and verified, {time.monotonic() - t0:.1f}s after the corruption\n")
+
+    def node_loss(self) -> None:
+        agent = self.procs["node-a"]
+        self.out(f"fault 4: node loss — SIGKILL node-a's agent (pid {agent.pid}); predict, a movable singleton "
+                 f"(stop_after_disconnect = {STOP_AFTER_DISCONNECT:g}s), dies with it")
+        t0 = time.monotonic()
+        agent.kill()
+        agent.wait()
+        if self.wait("predict to run on node-b", lambda: self.answers("node-b"), 120):
+            self.out(f"healed: predict moved to node-b {time.monotonic() - t0:.1f}s after node-a was lost; "
+                     f"node-b: {self.predict('node-b')}")
+        self.spawn("agent", "node-a")
+        self.out("node-a's agent is back (it reaps the jobs its predecessor left behind)")
+        if self.wait("node-a to report its copy fenced", lambda: self.unit("node-a", "predict").get("fenced") is True,
+                     60):
+            self.out("node-a keeps its copy of predict stopped (fenced): it was away too long to know whether "
+                     "another node took over — one copy runs, on node-b\n")
+
+    def settle(self) -> None:
+        self.wait("incidents to resolve", lambda: not [
+            i for i in self.client.get("/api/v1/incidents", params={"state": "open"}).json()["items"]
+            if i["kind"] != "node_offline"], 60)
+
+
+class _Blocked(Exception):
+    """The pipeline cannot run on this machine (e.g. no Java for Spark)."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def run_demo(*, duration: float | None = None, keep: bool = False,
+             out: Out = lambda line: print(line, flush=True)) -> int:
     root = Path(tempfile.mkdtemp(prefix="selfheal-demo-"))
-    layout = write_configs(root)
-    procs: list[subprocess.Popen[bytes]] = []
-    env = {**os.environ, "SELFHEAL_LOG__FORMAT": "json"}
-
-    def spawn(role: str, config: Path, log_name: str) -> None:
-        with (root / log_name).open("ab") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "selfheal", role, "--config", str(config)],
-                                          stdout=log, stderr=subprocess.STDOUT, env=env))
-
+    layout = write_configs(root, pipeline=True)
+    flow = layout.pipeline
+    assert flow is not None  # noqa: S101 - asked for above
     out(f"selfheal demo: working in {root}")
     started = time.monotonic()
-    try:
-        spawn("controller", layout.controller, "controller.log")
-        base = f"http://127.0.0.1:{layout.api_port}"
-        with httpx.Client(base_url=base, timeout=2.0) as client:
-            narrator = Narrator(client, out)
-            if not narrator.wait("the controller", lambda: client.get("/readyz").status_code == 200, 30):
+    base = f"http://127.0.0.1:{layout.api_port}/"
+    with httpx.Client(base_url=base, timeout=2.0) as client:
+        demo = Demo(root, layout, client, out)
+        try:
+            if not demo.start():
                 return _fail(root, out)
-            out(f"status: {base}/")
-            for node, config in layout.agents.items():
-                spawn("agent", config, f"{node}.log")
-            out("started 3 agents: node-a and node-b each supervise an HTTP service 'web' probed every 0.5 s; "
-                "all three hold a replica of the dataset 'features'")
-
-            def all_healthy() -> bool:
-                units = narrator.units()
-                return len(units) == 2 and all(u["state"] == "running" and u["healthy"] for u in units.values())
-
-            if not narrator.wait("both services healthy", all_healthy, 60):
-                return _fail(root, out)
-            out("both services are healthy\n")
-            for node, sig, what in (("node-a", signal.SIGKILL, "crash"), ("node-b", signal.SIGSTOP, "hang")):
-                unit = narrator.units()[f"{node}/web"]
-                out(f"fault: {what} — {sig.name} {node}/web (pid {unit['pid']})")
-                t0 = time.monotonic()
-                os.kill(unit["pid"], sig)
-
-                def healed(node: str = node, restarts: int = unit["restarts"]) -> bool:
-                    u = narrator.units()[f"{node}/web"]
-                    return u["restarts"] > restarts and u["state"] == "running" and bool(u["healthy"])
-
-                if narrator.wait(f"{node}/web to heal", healed, 60):
-                    out(f"healed: {node}/web is serving again {time.monotonic() - t0:.1f}s after the {what}\n")
-            narrator.wait("incidents to resolve", lambda: not client.get(
-                "/api/v1/incidents", params={"state": "open"}).json()["items"], 15)
-            if narrator.wait("the three dataset replicas to agree", lambda: _dataset_agrees(client), 30):
-                victim = Path(layout.agents["node-b"]).parent / "data-node-b" / CORRUPTED
-                data = bytearray(victim.read_bytes())
-                data[70_000] ^= 0xFF
-                victim.write_bytes(bytes(data))
-                out(f"fault: corruption — flipped one byte of node-b's replica of 'features' ({CORRUPTED})")
-                t0 = time.monotonic()
-
-                def repaired() -> bool:
-                    divergent = [i for i in client.get("/api/v1/incidents").json()["items"]
-                                 if i["kind"] == "dataset_divergent"]
-                    return bool(divergent) and all(i["state"] == "resolved" for i in divergent) \
-                        and _dataset_agrees(client)
-
-                if narrator.wait("node-b's replica to be repaired", repaired, 60):
-                    out(f"healed: node-b's replica was localised to {CORRUPTED}, its differing chunk pulled from a "
-                        f"replica of the majority and verified, {time.monotonic() - t0:.1f}s after the corruption\n")
-            out(f"all healed. The API stays up at {base}/ — "
+            if demo.pipeline(flow):
+                demo.crash()
+                demo.hang(flow)
+            demo.corruption()
+            if demo.answers("node-a"):
+                demo.node_loss()
+            demo.settle()
+            out(f"all healed. The API stays up at {base} — "
                 + ("Ctrl-C to stop." if duration is None else f"stopping after {duration:g}s."))
             while duration is None or time.monotonic() - started < duration:
-                narrator.poll()
-                if any(p.poll() is not None for p in procs):
+                demo.narrator.poll()
+                if any(p.poll() is not None for p in demo.procs.values()):
                     out("a selfheal process exited unexpectedly; see the logs")
                     return _fail(root, out)
                 time.sleep(0.5)
-    except KeyboardInterrupt:
-        out("\nstopping")
-    finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(25)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        if keep:
-            out(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        except KeyboardInterrupt:
+            out("\nstopping")
+        finally:
+            _stop(demo.procs.values())
+            if keep:
+                out(f"kept {root}")
+            else:
+                shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
-def _fail(root: Path, out: Callable[[str], None]) -> int:
+def _stop(procs: Any) -> None:
+    procs = list(procs)
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(25)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _fail(root: Path, out: Out) -> int:
     for log in sorted(root.glob("*.log")):
         out(f"--- last lines of {log.name}")
         for line in log.read_text(errors="replace").splitlines()[-15:]:

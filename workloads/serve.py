@@ -5,10 +5,17 @@
   "predictions": [0, 1], "probabilities": [0.04, 0.81]}``; every name of
   ``telemetry.FEATURES`` is required and numeric. Errors are
   ``application/problem+json``: 400 for a bad body, 503 while no model is loaded.
-- ``GET /healthz``: 200 with the model version once a model is loaded, else 503.
+- ``GET /healthz``: 200 with the model version once a model is loaded, else 503
+  (readiness: is it serving predictions).
+- ``GET /livez``: 200 while the service answers at all (liveness: the probe to
+  restart on; a restart does not bring a model that was never published).
 - ``GET /metrics``: Prometheus text from the service's own registry: requests
   by outcome, request latency (histogram), rows predicted, model reloads by
   outcome, and the loaded version.
+
+Concurrent requests are predicted together (``Batcher``): a forest costs
+about as much for a few hundred rows as for one, so under load the service
+answers many requests per model call instead of queueing them one by one.
 
 The service watches ``<models>/current.json`` (the pointer ``workloads.train``
 replaces atomically) every ``--reload-interval`` seconds. A new version is
@@ -25,6 +32,7 @@ import asyncio
 import math
 import signal
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -49,6 +57,8 @@ from workloads.telemetry import FEATURES
 
 MAX_BODY = 1024 * 1024
 MAX_INSTANCES = 1000
+MAX_BATCH_ROWS = 4096
+"""Rows of concurrent requests predicted in one model call (``Batcher``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,18 +187,85 @@ def problem(status: int, title: str, detail: str) -> JSONResponse:
                         status_code=status, media_type="application/problem+json")
 
 
-def predict_rows(loaded: LoadedModel, matrix: np.ndarray) -> dict[str, Any]:
+def positive_proba(loaded: LoadedModel, matrix: np.ndarray) -> np.ndarray:
+    """P(failure) of each row (blocking: the model's own work)."""
     model = loaded.model
     classes = list(model.classes_)
-    proba = model.predict_proba(matrix)[:, classes.index(1)] if 1 in classes else np.zeros(len(matrix))
+    return model.predict_proba(matrix)[:, classes.index(1)] if 1 in classes else np.zeros(len(matrix))
+
+
+def answer(loaded: LoadedModel, proba: np.ndarray) -> dict[str, Any]:
     return {"model_version": loaded.version, "predictions": [int(p >= 0.5) for p in proba],
             "probabilities": [round(float(p), 6) for p in proba]}
+
+
+def predict_rows(loaded: LoadedModel, matrix: np.ndarray) -> dict[str, Any]:
+    return answer(loaded, positive_proba(loaded, matrix))
+
+
+class Batcher:
+    """Coalesces concurrent requests into one model call.
+
+    A forest's per-call overhead (input checks, dispatching over its trees) dwarfs its per-row cost, so
+    rows predicted together cost about what one row does. While a call runs, new requests queue; the next
+    call takes every queued request for the same model (up to ``max_rows`` rows). A lone request waits for
+    nothing; each request is answered by the model it arrived under, as without batching.
+    """
+
+    def __init__(self, max_rows: int = MAX_BATCH_ROWS) -> None:
+        self.max_rows = max_rows
+        self._pending: deque[tuple[LoadedModel, np.ndarray, asyncio.Future[dict[str, Any]]]] = deque()
+        self._wake = asyncio.Event()
+        self.calls = 0
+
+    def close(self) -> None:
+        """Wake ``run`` so that it sees its ``stop`` set."""
+        self._wake.set()
+
+    async def predict(self, loaded: LoadedModel, matrix: np.ndarray) -> dict[str, Any]:
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending.append((loaded, matrix, future))
+        self._wake.set()
+        return await future
+
+    async def run(self, *, stop: asyncio.Event) -> None:
+        while True:
+            await self._wake.wait()
+            if stop.is_set():
+                return
+            if not self._pending:
+                self._wake.clear()
+                continue
+            loaded, batch = self._take()
+            self.calls += 1
+            try:
+                proba = await run_in_threadpool(positive_proba, loaded, np.vstack([m for m, _ in batch]))
+            except Exception as exc:  # noqa: BLE001 - handed to each waiting request
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            start = 0
+            for matrix, future in batch:
+                if not future.done():  # its client may have gone away
+                    future.set_result(answer(loaded, proba[start:start + len(matrix)]))
+                start += len(matrix)
+
+    def _take(self) -> tuple[LoadedModel, list[tuple[np.ndarray, asyncio.Future[dict[str, Any]]]]]:
+        loaded, matrix, future = self._pending.popleft()
+        batch, rows = [(matrix, future)], len(matrix)
+        while self._pending and self._pending[0][0] is loaded and rows + len(self._pending[0][1]) <= self.max_rows:
+            _, matrix, future = self._pending.popleft()
+            batch.append((matrix, future))
+            rows += len(matrix)
+        return loaded, batch
 
 
 def create_app(models: Path, *, reload_interval: float = 1.0, log: Any = None) -> Starlette:
     """The service as an ASGI app (its model watcher runs in the app's lifespan)."""
     metrics = ServiceMetrics()
     holder = ModelHolder(models, metrics, log or get_logger("workloads.serve"))
+    batcher = Batcher()
 
     async def predict(request: Request) -> Response:
         started = time.perf_counter()
@@ -202,7 +279,7 @@ def create_app(models: Path, *, reload_interval: float = 1.0, log: Any = None) -
             except BadRequest as exc:
                 metrics.requests.labels("bad_request").inc()
                 return problem(400, "Bad request", str(exc))
-            result = await run_in_threadpool(predict_rows, loaded, matrix)
+            result = await batcher.predict(loaded, matrix)
             metrics.requests.labels("ok").inc()
             metrics.rows.inc(len(matrix))
             return JSONResponse(result)
@@ -215,6 +292,9 @@ def create_app(models: Path, *, reload_interval: float = 1.0, log: Any = None) -
             return JSONResponse({"status": "no model"}, status_code=503)
         return JSONResponse({"status": "ok", "model_version": loaded.version})
 
+    async def livez(request: Request) -> Response:
+        return JSONResponse({"status": "alive"})
+
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -224,12 +304,15 @@ def create_app(models: Path, *, reload_interval: float = 1.0, log: Any = None) -
         await holder.refresh()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(holder.watch(stop=stop, interval=reload_interval), name="serve-model-watch")
+            tg.create_task(batcher.run(stop=stop), name="serve-batcher")
             yield
             stop.set()
+            batcher.close()
 
     app = Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/healthz", healthz),
-                            Route("/metrics", prometheus)], lifespan=lifespan)
+                            Route("/livez", livez), Route("/metrics", prometheus)], lifespan=lifespan)
     app.state.holder = holder
+    app.state.batcher = batcher
     return app
 
 

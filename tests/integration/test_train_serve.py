@@ -163,7 +163,8 @@ def model_version(client: httpx.Client) -> str | None:
 def test_the_service_waits_for_a_model_then_serves_and_reloads_each_published_one(
         service: Service) -> None:
     client, features, models = service
-    assert client.get("/healthz").status_code == 503
+    assert client.get("/healthz").status_code == 503  # not ready: no model yet
+    assert client.get("/livez").status_code == 200  # but alive: restarting it would not help
     response = client.post("/predict", json={"instances": [instance(hot=True)]})
     assert response.status_code == 503
     assert response.headers["content-type"] == "application/problem+json"
