@@ -53,7 +53,7 @@ from agent.peer_api import PeerApiContext, create_peer_api
 from agent.resync import DatasetResyncer
 from agent.supervisor import DEFAULT_KINDS, Supervisor
 from agent.units.base import UnitContext, UnitFactory
-from selfheal import __version__
+from selfheal import __version__, sdnotify
 from selfheal.clocks import Clock, SystemClock
 from selfheal.config import Config
 from selfheal.errors import SelfhealError, WireError
@@ -136,8 +136,10 @@ class AgentApp:
         )
         ctx = UnitContext(node_id=self.node_id, state_dir=self.state_dir, emit=self.emit, clock=clock)
         self.contact = Contact(self.state_dir / "contact", clock)
-        movable = {u.name: after for u in agent.units
-                   if (after := fence_after(u, keepalive=config.mqtt.keepalive, interval=agent.interval)) is not None}
+        period = sdnotify.watchdog_period()
+        watchdog = 2 * period if period is not None else None
+        movable = {u.name: after for u in agent.units if (after := fence_after(
+            u, keepalive=config.mqtt.keepalive, interval=agent.interval, watchdog=watchdog)) is not None}
         self.supervisor = Supervisor(agent.units, ctx, kinds=kinds or DEFAULT_KINDS, fence_after=movable)
         self.sampler = ProcessSampler()
         self.digests = DatasetScanner(agent.datasets, cache=cache, publish=self._publish_digests, clock=clock,

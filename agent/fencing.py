@@ -18,7 +18,11 @@ Pacemaker node without quorum do):
 Each report carries ``fence_after``: the seconds after the controller last
 heard this node by which the unit is surely stopped. It covers the partition
 going unnoticed for up to two keep-alives, S itself, the unit's stop grace and
-a report interval (``fence_after`` below).
+a report interval (``fence_after`` below). Under systemd's watchdog it also
+covers a wedged agent, which cannot fence anything: systemd kills it and its
+units (``KillMode=control-group``) within ``WatchdogSec`` + ``TimeoutAbortSec``
+(10 s in the shipped unit) of its last ping. Without systemd, an agent frozen
+(not dead) for longer than ``fence_after`` breaks the promise.
 """
 
 from __future__ import annotations
@@ -37,11 +41,20 @@ SLACK = 2.0
 """Seconds for the MQTT client's own keep-alive check and this loop's period."""
 
 
-def fence_after(unit: UnitConfig, *, keepalive: float, interval: float) -> float | None:
-    """Seconds after this node was last heard by which ``unit`` is surely stopped (None: not movable)."""
+WATCHDOG_ABORT = 10.0
+"""``TimeoutAbortSec`` of the shipped agent unit: how long systemd waits before SIGKILL after a missed ping."""
+
+
+def fence_after(unit: UnitConfig, *, keepalive: float, interval: float,
+                watchdog: float | None = None) -> float | None:
+    """Seconds after this node was last heard by which ``unit`` is surely stopped (None: not movable).
+
+    ``watchdog``: systemd's ``WatchdogSec`` when the agent runs under it (twice ``sdnotify.watchdog_period``)."""
     if unit.stop_after_disconnect is None:
         return None
-    return unit.stop_after_disconnect + 2 * keepalive + interval + unit.stop_grace + SLACK
+    lost = unit.stop_after_disconnect + 2 * keepalive + interval + unit.stop_grace + SLACK
+    wedged = watchdog + WATCHDOG_ABORT + SLACK if watchdog is not None else 0.0
+    return max(lost, wedged)
 
 
 class Contact:

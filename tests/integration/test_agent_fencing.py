@@ -125,3 +125,14 @@ def test_a_movable_unit_dies_with_its_agent(mosquitto: Broker, tmp_path: Path) -
     finally:
         if agent.poll() is None:
             agent.kill()
+
+
+def test_under_a_watchdog_the_fence_covers_a_wedged_agent() -> None:
+    """systemd kills a wedged agent and its units within WatchdogSec + TimeoutAbortSec: the promise waits
+    for that when it is the longer of the two."""
+    unit = movable(after=1.0)
+    plain = fence_after(unit, keepalive=1.0, interval=0.5)
+    assert plain == 1.0 + 2.0 + 0.5 + 1.0 + 2.0
+    assert fence_after(unit, keepalive=1.0, interval=0.5, watchdog=30.0) == 30.0 + 10.0 + 2.0
+    assert fence_after(movable(after=120.0), keepalive=1.0, interval=0.5, watchdog=30.0) == 120.0 + 2.0 + 0.5 + 1.0 + 2.0
+    assert fence_after(UnitConfig(name="x", command=SLEEPER), keepalive=1.0, interval=0.5) is None
