@@ -3,8 +3,7 @@
 ``DatasetResyncer.resync`` executes one ``wire.ResyncDataset`` command. Per
 path, in the order the controller listed them:
 
-- ``fetch``: the file is rebuilt in a temp file in its own directory
-  (``.<name>.selfheal-resync.tmp``, created afresh by every attempt): the
+- ``fetch``: the file is rebuilt in a new file in its own directory: the
   listed chunks are pulled from the source's HTTP with the transfer token,
   the others are copied from the local file; *every* chunk is checked
   against the authority's hash list as it arrives or is read — the source is
@@ -12,8 +11,17 @@ path, in the order the controller listed them:
   (``X-Selfheal-Root``), so a source that changed since it was verified is
   refused. Then: fsync, re-read and verify the whole file, set its mode, keep
   the old file in the quarantine, rename over it atomically, fsync the
-  directory. Anything going wrong before the rename leaves the old file as it
-  was and removes the temp file.
+  directory. The old file is never written to: anything going wrong before
+  the rename — the agent killed included — leaves it as it was.
+
+  The new file is an unnamed ``O_TMPFILE`` inode while it is written, so a
+  killed agent leaves nothing behind (the kernel frees it); it gets its name
+  ``.<name>.selfheal-resync.tmp`` only once verified, just before the
+  rename. Where the filesystem has no ``O_TMPFILE`` it is that named file from
+  the start, removed on failure; one a killed agent left is replaced by the
+  next attempt. Scans never digest such names (``agent.digests.reading``),
+  so a leftover is never taken for data. A transfer is not resumed: the next
+  attempt starts over, reusing the local chunks that verify.
 - ``delete``: an extra path goes (a file into the quarantine first);
   ``mkdir`` creates a directory; ``chmod`` sets a mode.
 
@@ -46,7 +54,14 @@ from typing import Literal
 import httpx
 
 from agent.digests.hashing import Algorithm, algorithm_named, hash_chunk, parse_digest
-from agent.digests.reading import hash_open_file, open_beneath, read_chunk, split_relpath
+from agent.digests.reading import (
+    RESYNC_TEMP_SUFFIX,
+    hash_open_file,
+    new_buffer,
+    open_beneath,
+    read_chunk,
+    split_relpath,
+)
 from agent.digests.scanner import DatasetScanner
 from agent.digests.throttle import Throttle
 from selfheal.clocks import Clock
@@ -54,10 +69,13 @@ from selfheal.logs import get_logger
 from selfheal.wire import ResyncDataset, ResyncFile
 
 Status = Literal["done", "failed"]
-TEMP_SUFFIX = ".selfheal-resync.tmp"
+TEMP_SUFFIX = RESYNC_TEMP_SUFFIX
 QUARANTINE_FILES = 100
 QUARANTINE_BYTES = 2 * 1024**3
 _WRITE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_TMPFILE = getattr(os, "O_TMPFILE", 0)
+"""Linux: open an unnamed file in a directory (0: not available here)."""
+_PROC_FD = Path("/proc/self/fd")
 
 
 class ResyncRefused(Exception):
@@ -143,9 +161,9 @@ class DatasetResyncer:
         dfd = await asyncio.to_thread(open_beneath, root, parts[:-1], directory=True)
         name, temp = parts[-1], f".{parts[-1]}{TEMP_SUFFIX}"
         old = await asyncio.to_thread(_open_old, dfd, name)
-        out = -1
+        out, named = -1, False
         try:
-            out = await asyncio.to_thread(os.open, temp, _WRITE_FLAGS, 0o600, dir_fd=dfd)
+            out, named = await asyncio.to_thread(_create_temp, dfd, temp)
             for index, (_, digest) in enumerate(expected):
                 length = min(step.chunk_size, item.size - index * step.chunk_size)
                 data = None
@@ -162,9 +180,13 @@ class DatasetResyncer:
                     tally.pulled_bytes += length
                 await asyncio.to_thread(os.pwrite, out, data, index * step.chunk_size)
             await asyncio.to_thread(_finish_temp, out, item, alg, step.chunk_size, [d for _, d in expected])
+            if not named:
+                named = True  # from here on a failure removes the name (there may be none yet: fine)
+                await asyncio.to_thread(_name_temp, out, dfd, temp)
             await asyncio.to_thread(self._swap, step.dataset, dfd, name, temp, item.path)
         except BaseException:
-            await asyncio.to_thread(_unlink_quietly, dfd, temp)
+            if named:
+                await asyncio.to_thread(_unlink_quietly, dfd, temp)
             raise
         finally:
             for fd in (out, old, dfd):
@@ -263,13 +285,34 @@ def _open_old(dfd: int, name: str) -> int:
     return fd
 
 
+def _create_temp(dfd: int, temp: str) -> tuple[int, bool]:
+    """A new empty file in the directory ``dfd`` for the rebuilt file, and whether it has a name yet.
+
+    Unnamed (``O_TMPFILE``) where the kernel and filesystem allow it and ``/proc`` is there to name it
+    afterwards; else ``temp``, truncated (a leftover of a killed attempt is simply reused).
+    """
+    if _TMPFILE and _PROC_FD.is_dir():
+        try:
+            return os.open(".", _TMPFILE | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600, dir_fd=dfd), False
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):  # not on this filesystem
+                raise
+    return os.open(temp, _WRITE_FLAGS, 0o600, dir_fd=dfd), True
+
+
+def _name_temp(fd: int, dfd: int, temp: str) -> None:
+    """Give the verified unnamed file ``fd`` the name ``temp`` (replacing a leftover), ready for the rename."""
+    _unlink_quietly(dfd, temp)
+    os.link(_PROC_FD / str(fd), temp, dst_dir_fd=dfd, follow_symlinks=True)
+
+
 def _finish_temp(fd: int, item: ResyncFile, alg: Algorithm, chunk_size: int, expected: list[bytes]) -> None:
     """fsync, then re-read the whole temp file and check it against the authority before it may replace."""
     os.ftruncate(fd, item.size)
     os.fsync(fd)
     os.lseek(fd, 0, os.SEEK_SET)
     digest = hash_open_file(fd, alg=alg, chunk_size=chunk_size, expected=None, throttle=Throttle(0),
-                            abort=threading.Event(), buffer=bytearray(max(chunk_size, 1)))
+                            abort=threading.Event(), buffer=new_buffer(chunk_size))
     if digest is None or digest.size != item.size or list(digest.chunks) != expected:
         raise ResyncRefused(f"{item.path}: the rebuilt file does not verify as a whole")
     os.fchmod(fd, item.mode & 0o7777)

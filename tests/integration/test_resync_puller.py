@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from agent import resync as resync_module
 from agent.digests.cache import DigestCache
 from agent.digests.scanner import DatasetScanner
 from agent.http_server import HttpServer, bind_listen
@@ -233,4 +234,37 @@ async def test_a_source_that_changed_since_it_was_verified_is_not_used(pair: Pai
     assert status == "failed"
     assert "HTTP 409" in detail
     assert victim.read_bytes() == broken
+    assert temp_files(pair.replica.path) == []
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["o_tmpfile", "named_temp"])
+async def test_the_file_being_rebuilt_has_no_name_until_it_verifies(pair: Pair, monkeypatch: pytest.MonkeyPatch,
+                                                                    unnamed: bool) -> None:
+    if not unnamed:
+        monkeypatch.setattr(resync_module, "_TMPFILE", 0)  # a filesystem without O_TMPFILE
+    elif not resync_module._TMPFILE:
+        pytest.skip("no O_TMPFILE on this platform")
+    victim = pair.replica.path / "models/weights.bin"
+    (pair.source.path / "models/weights.bin").write_bytes(os.urandom(3 * CHUNK - 100))
+    broken = victim.read_bytes()
+    prepared = await pair.prepare()
+    seen: list[list[Path]] = []
+
+    def look(n: int, request: httpx.Request, response: httpx.Response) -> httpx.Response:
+        seen.append(temp_files(pair.replica.path))  # mid-transfer: what a kill would leave behind
+        if n == 2:
+            raise httpx.ReadError("the agent dies here", request=request)
+        return httpx.Response(response.status_code, headers=response.headers, content=response.content,
+                              request=request)
+
+    status, _ = await pair.resyncer(Tampering(look)).resync(prepared.commands[0])
+    assert status == "failed"
+    assert victim.read_bytes() == broken
+    temp = victim.parent / f".weights.bin{TEMP_SUFFIX}"
+    assert seen == ([[], []] if unnamed else [[temp], [temp]])
+    assert temp_files(pair.replica.path) == []
+
+    status, detail = await pair.resyncer().resync(prepared.commands[0])
+    assert status == "done", detail
+    assert victim.read_bytes() == (pair.source.path / "models/weights.bin").read_bytes()
     assert temp_files(pair.replica.path) == []
