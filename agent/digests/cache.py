@@ -145,18 +145,17 @@ class DigestCache:
         return {path: Known(*rest) for path, *rest in rows}
 
     def store(self, dataset: str, rows: Sequence[Row]) -> None:
-        """Insert or replace file digests (in transactions of ``BATCH`` rows)."""
-        for start in range(0, len(rows), BATCH):
-            batch = [(dataset, *row) for row in rows[start:start + BATCH]]
+        """Insert or replace file digests, all in one transaction (a scan hands them over in batches)."""
+        batch = [(dataset, *row) for row in rows]
 
-            def write(db: sqlite3.Connection, batch: Sequence[tuple[object, ...]] = batch) -> None:
-                with _transaction(db):
-                    db.executemany(
-                        "INSERT OR REPLACE INTO files (dataset, path, size, mtime_ns, inode, alg, chunk_size, "
-                        "hash, chunks, checked_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", batch)
+        def write(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.executemany(
+                    "INSERT OR REPLACE INTO files (dataset, path, size, mtime_ns, inode, alg, chunk_size, "
+                    "hash, chunks, checked_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", batch)
 
-            with self._lock:
-                self._run(write)
+        with self._lock:
+            self._run(write)
 
     def forget(self, dataset: str, paths: Iterable[str]) -> int:
         """Drop rows of files that are gone; then enforce ``max_rows``. Returns the rows dropped."""

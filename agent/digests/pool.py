@@ -50,14 +50,12 @@ _POLL = 0.05
 class FileJob:
     """One large file in the pool: its open fd, the identity it was opened with, its spans' chunk hashes."""
 
-    __slots__ = ("checked_ns", "chunks", "digest", "error", "fd", "pending", "rel", "seen")
+    __slots__ = ("chunks", "digest", "error", "fd", "pending", "rel", "seen")
 
-    def __init__(self, rel: str, seen: tuple[int, int, int], checked_ns: int) -> None:
+    def __init__(self, rel: str, seen: tuple[int, int, int]) -> None:
         self.rel = rel
         self.seen = seen
         """(size, mtime_ns, inode) as the walk saw it; the file must keep it from open to the last read."""
-        self.checked_ns = checked_ns
-        """Wall time before the first read (what the cache records as the time it was read)."""
         self.fd = -1
         self.chunks: list[list[bytes] | None] = []
         self.pending = 0

@@ -5,8 +5,9 @@
 ``deep_scan_interval`` has passed since the last deep scan (kept in the
 cache, so restarts do not trigger one), re-reads everything. A settling
 dataset is scanned again after ``SETTLE_RETRY`` seconds instead of a whole
-interval. Scans run one at a time in a worker thread, so two shared cores
-are not flooded, and stop between chunks when the agent stops.
+interval. Scans run one at a time, each in a thread off the event loop
+(which hands large files to a pool of ``pool.HASH_WORKERS`` hashing threads,
+two at most), and stop between chunks when the agent stops.
 
 After each scan the whole node's ``DatasetDigest`` goes to ``publish``
 (retained on the ``digests`` channel). Peers are served from ``view(name)``:

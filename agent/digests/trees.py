@@ -4,16 +4,21 @@
 at a time and never through a symlink (a link is an entry of its own, hashed
 over its target), so a tree swapped around during the walk cannot lead it
 outside the root. Each regular file is either reused from the cache (same
-size, mtime_ns and inode; see ``cache.Known.still_valid``) or read in chunks
-(``reading.hash_open_file``); a deep scan reads everything and reports a file
-whose content changed under an unchanged identity as *rot*.
+size, mtime_ns and inode; see ``cache.Known.still_valid``) or read in chunks:
+by the walking thread itself up to ``INLINE_MAX`` bytes
+(``reading.hash_open_file``), else by the hashing pool (``pool.HashPool``)
+while the walk goes on; directory nodes are hashed at the end, children
+first, once every file is in. A deep scan reads everything and reports a
+file whose content changed under an unchanged identity as *rot*. A resync's
+temp files (``reading.is_resync_temp``) are not part of the tree.
 
 The outcome is ``ok`` with a ``DatasetTree`` (root, every directory's
 entries, every file's identity — what peers are served), ``settling`` when
 a file changed while it was read or vanished during the walk, or ``error``
 (unreadable root or file, undecodable name). Blocking from start to end: run
-it in a thread. ``abort`` stops it between chunks (the outcome is then
-``settling``: nothing was concluded).
+it in a thread (it joins the pool's threads before it returns). ``abort``
+stops it between pieces of a chunk (the outcome is then ``settling``:
+nothing was concluded).
 """
 
 from __future__ import annotations
@@ -215,14 +220,13 @@ class _Walk:
             self.files[rel] = FileRecord(size, st.st_mtime_ns, st.st_ino, mode, cached.hash)
             return Entry(name, "file", mode, cached.hash, size)
         if size > INLINE_MAX and self.workers > 0:
-            pending = _Pending(name, mode, st, FileJob(rel, seen, 0))
+            pending = _Pending(name, mode, st, FileJob(rel, seen))
             if self.later or not self._pool().has_room():
                 self.later.append(pending)  # handed over once the pool has room: the walk goes on meanwhile
             else:
                 self._hand_over(pending, self._open(name, fd, rel, _FILE_FLAGS))
             return pending
         child = self._open(name, fd, rel, _FILE_FLAGS)
-        checked_ns = self.wall_ns()
         try:
             if not self.buffer:
                 self.buffer = new_buffer(self.chunk_size)
@@ -232,7 +236,7 @@ class _Walk:
             raise _Unreadable(f"{rel}: {exc.strerror}") from None
         finally:
             os.close(child)
-        file_hash = self._record(rel, digest, checked_ns)
+        file_hash = self._record(rel, digest, self.wall_ns())
         self.files[rel] = FileRecord(size, st.st_mtime_ns, st.st_ino, mode, file_hash)
         return Entry(name, "file", mode, file_hash, size)
 
@@ -254,7 +258,6 @@ class _Walk:
             os.close(child)
             self._changed(job.rel)
             return  # never hashed: a settling scan publishes no root
-        job.checked_ns = self.wall_ns()
         pool = self._pool()
         pool.add(job, child)
         if pool.done:
@@ -286,7 +289,7 @@ class _Walk:
         for job in done:
             if job.error is not None:
                 raise _Unreadable(f"{job.rel}: {job.error.strerror}")
-            self._record(job.rel, job.digest, job.checked_ns)
+            self._record(job.rel, job.digest, self.wall_ns())  # read by now, as for the walker's own files
 
     def _record(self, rel: str, digest: FileDigest | None, checked_ns: int) -> bytes:
         """Account a file just read and queue its cache row; its hash (a placeholder when it changed)."""
