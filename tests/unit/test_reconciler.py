@@ -535,3 +535,41 @@ def test_safety_properties_hold_on_every_step(*, rules: tuple[Rule, ...], groups
             now = target_time
         evaluate()
         check_invariants()
+
+
+# --- lost units: migration ----------------------------------------------------------------------
+
+LOST = Rule(name="migrate-lost-unit", kind="unit_lost", ladder=(Rung("migrate", 2, FIXED), Rung("notify")),
+            resolve_after=3.0, digest="m" * 64)
+
+
+def lost(node: str = "node-1", unit: str = "predict") -> Symptom:
+    return Symptom(key=f"unit_lost/{node}/{unit}", kind="unit_lost", node=node, unit=unit, severity="critical",
+                   summary=f"{unit} runs nowhere")
+
+
+def test_a_lost_unit_migrates_to_a_healthy_standby_never_a_sick_or_offline_one() -> None:
+    fleet = FleetView(offline=frozenset({"node-1", "node-4"}),
+                      standby={"predict": ("node-2", "node-3", "node-4")})
+    sim = Sim(LOST, CRASH, OFFLINE, fleet=fleet)
+    # node-2 has an open incident of its own: sick, so not a target; node-4 is offline
+    started = sim.until_started([lost(), exited("node-2", "other")])
+    (step,) = started.plan.steps
+    assert (step.kind, step.source, step.target, step.unit) == ("migrate_unit", "node-1", "node-3", "predict")
+    assert started.plan.verification is not None
+    assert started.plan.verification.node == "node-3"
+
+
+def test_without_a_healthy_standby_a_lost_unit_pages_a_human() -> None:
+    sim = Sim(LOST, CRASH, OFFLINE, fleet=FleetView(offline=frozenset({"node-1"}), standby={"predict": ("node-2",)}))
+    started = sim.until_started([lost(), exited("node-2", "other")])
+    assert started.plan.action == "notify"
+    assert started.skipped == ((0, "no healthy online node holds a standby copy of the unit"),)
+
+
+def test_a_lost_unit_resolves_once_it_runs_elsewhere_though_its_node_is_still_offline() -> None:
+    sim = Sim(LOST, OFFLINE, fleet=FleetView(offline=frozenset({"node-1"}), standby={"predict": ("node-2",)}))
+    started = sim.until_started([lost()])
+    sim.finish(started)
+    effects = sim.run([offline()], until=sim.now - T0 + 10.0)  # the finding cleared; node-1 stays offline
+    assert [e.incident_id for e in only(effects, Resolved)] == [sim.keys["unit_lost/node-1/predict"]]
