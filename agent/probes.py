@@ -93,8 +93,10 @@ class ProbeRunner:
     """Runs one unit's probe until stopped; ``unit_started`` restarts its start period."""
 
     def __init__(self, unit: str, config: ProbeConfig, *, emit: Callable[[EventBody], None],
-                 clock: Clock, node_id: str = "") -> None:
+                 clock: Clock, node_id: str = "", active: Callable[[], bool] | None = None) -> None:
         self.unit = unit
+        self.active = active
+        """Whether the unit runs now; no checks while it does not (a standby copy, a stopped unit)."""
         self.config = config
         self.emit = emit
         self.clock = clock
@@ -130,6 +132,9 @@ class ProbeRunner:
                     next_at = loop.time() + fast
                     continue
                 if loop.time() < next_at:
+                    continue
+                if self.active is not None and not self.active():
+                    next_at = loop.time() + fast
                     continue
                 began = loop.time()
                 ok, error, latency = await self.check(client)

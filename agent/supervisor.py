@@ -22,6 +22,7 @@ import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import msgspec
@@ -73,11 +74,11 @@ class Supervisor:
             if factory is None:
                 raise UnitError(f"unit {config.name!r}: kind {config.kind!r} is not available "
                                 f"(have: {', '.join(sorted(kinds))})")
+            unit = ScheduledUnit(factory, config, ctx) if config.every is not None else factory(config, ctx)
             probe = None
             if config.probe is not None:
                 probe = ProbeRunner(config.name, config.probe, emit=ctx.emit, clock=ctx.clock,
-                                    node_id=ctx.node_id)
-            unit = ScheduledUnit(factory, config, ctx) if config.every is not None else factory(config, ctx)
+                                    node_id=ctx.node_id, active=partial(_alive, unit))
             entry = Supervised(unit, probe, config)
             path = progress_path(config, ctx.state_dir)
             if path is not None:
@@ -213,7 +214,7 @@ class Supervisor:
         for entry in self.entries.values():
             report = entry.unit.report()
             probe: ProbeState | None = entry.probe.state if entry.probe is not None else None
-            if probe is not None:
+            if probe is not None and _alive(entry.unit):  # a stopped unit's last verdict is history
                 report = msgspec.structs.replace(report, probe=probe)
             if entry.config.name in self.fence_after:
                 report = msgspec.structs.replace(report, fence_after=self.fence_after[entry.config.name],
@@ -245,6 +246,10 @@ class Supervisor:
             known = ", ".join(self.entries) or "none"
             raise UnitError(f"unknown unit {name!r} on node {self.ctx.node_id!r} (units: {known})")
         return entry
+
+
+def _alive(unit: Unit) -> bool:
+    return unit.state in ("starting", "running")
 
 
 def _run_started(unit: Unit) -> Callable[[], float]:

@@ -91,7 +91,8 @@ def render_status_page(*, nodes: list[dict[str, Any]], units: list[dict[str, Any
                        plans: list[dict[str, Any]] | None = None, datasets: list[dict[str, Any]] | None = None,
                        history: Sequence[tuple[float, float | None]] = (), now_ts: float | None = None) -> str:
     offline = sum(1 for n in nodes if n["state"] == "offline")
-    unhealthy = sum(1 for u in units if u["state"] not in ("running", "completed") or u["healthy"] is False)
+    # stopped on purpose (a standby copy, a unit stopped by the controller or fenced) is not unhealthy
+    unhealthy = sum(1 for u in units if u["state"] in ("exited", "failed") or u["healthy"] is False)
     open_incidents = [i for i in incidents if i["state"] != "resolved"]
     if not nodes and not open_incidents:
         verdict, css = "No agents have reported yet.", "warn"
@@ -101,7 +102,7 @@ def render_status_page(*, nodes: list[dict[str, Any]], units: list[dict[str, Any
     else:
         verdict, css = f"Healthy: {len(nodes)} node(s), {len(units)} unit(s), no open incidents.", "ok"
     node_rows = [[n["id"], n["state"], n["last_seen"], ", ".join(n["units"])] for n in nodes]
-    unit_rows = [[u["node"], u["name"], u["state"],
+    unit_rows = [[u["node"], u["name"], u["state"] + (" (fenced)" if u.get("fenced") else ""),
                   "—" if u["healthy"] is None else ("healthy" if u["healthy"] else "unhealthy"),
                   u["pid"], u["restarts"], f'{u["rss_bytes"] / 2**20:.1f} MiB'] for u in units]
 

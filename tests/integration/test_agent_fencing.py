@@ -134,5 +134,6 @@ def test_under_a_watchdog_the_fence_covers_a_wedged_agent() -> None:
     plain = fence_after(unit, keepalive=1.0, interval=0.5)
     assert plain == 1.0 + 2.0 + 0.5 + 1.0 + 2.0
     assert fence_after(unit, keepalive=1.0, interval=0.5, watchdog=30.0) == 30.0 + 10.0 + 2.0
-    assert fence_after(movable(after=120.0), keepalive=1.0, interval=0.5, watchdog=30.0) == 120.0 + 2.0 + 0.5 + 1.0 + 2.0
+    long_limit = fence_after(movable(after=120.0), keepalive=1.0, interval=0.5, watchdog=30.0)
+    assert long_limit == 120.0 + 2.0 + 0.5 + 1.0 + 2.0
     assert fence_after(UnitConfig(name="x", command=SLEEPER), keepalive=1.0, interval=0.5) is None

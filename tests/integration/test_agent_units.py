@@ -245,3 +245,23 @@ async def test_a_unit_the_controller_stopped_stays_stopped_across_an_agent_resta
         await sup.restart("service")  # a restart command is a start too
     async with supervising(tmp_path, service, standby) as (sup, _):
         assert sup.entries["service"].unit.pid is not None
+
+
+async def test_a_standby_copy_is_not_probed_until_it_is_started(tmp_path: Path) -> None:
+    """A stopped unit has no verdict: its probe would fail by design, and a stale failure must not
+    greet the copy when a migration starts it."""
+    port = free_port()
+    probe = ProbeConfig(kind="http", target=f"http://127.0.0.1:{port}/", interval=0.1, timeout=0.2,
+                        failures=2, start_period=10.0)
+    standby = UnitConfig(name="web", autostart=False, probe=probe,
+                         command=[sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"])
+    async with supervising(tmp_path, standby) as (sup, rec):
+        await asyncio.sleep(1.0)
+        runner = sup.entries["web"].probe
+        assert runner is not None
+        assert (runner.checks, rec.verdicts()) == (0, [])
+        assert {r.name: r for r in sup.reports()}["web"].probe is None
+        await sup.start("web")
+        await eventually(lambda: rec.verdicts() == [True], what="healthy once started")
+        await sup.stop("web")
+        assert {r.name: r for r in sup.reports()}["web"].probe is None  # its verdict went with its run
