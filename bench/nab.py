@@ -55,10 +55,17 @@ DETECTORS: dict[str, Mapping[str, object]] = {
     "ewma_z": {"kind": "ewma_z"},
     "ewma_z_tail": {"kind": "ewma_z", "calibrate": "tail"},
     "extremes": {"kind": "extremes"},
-    "fused_no_season": {"kind": "fused", "season_period": 0},
+    "extremes_alltime": {"kind": "extremes", "half_life": 0},
+    "extremes_alltime_peak": {"kind": "extremes", "half_life": 0, "calibrate": "peak", "peak_hold": 12 * 3600},
+    "fused_v1": {"kind": "fused", "half_life": 7 * 86400, "mean_span": 3600, "season_period": 7 * 86400,
+                 "hold": 6 * 3600},
+    "fused_weekly": {"kind": "fused", "season_period": 7 * 86400},
     "fused": {"kind": "fused"},
 }
-"""What is measured: the baselines, each building block, and the shipped composite (``fused``)."""
+"""What is measured: the baselines, each building block, and the shipped composite (``fused``).
+
+``fused_v1`` is the composite shipped before (decaying 7-day ranges, 1-hour mean, weekly seasonal part,
+6-hour peak gate); ``fused_weekly`` is today's with the weekly seasonal part put back."""
 MULTIVARIATE = "isolation_forest"
 SHIPPED = "fused"
 SHIPPED_POLICY = AlertPolicySpec()

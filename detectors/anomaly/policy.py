@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class AlertPolicySpec:
-    threshold: float = 0.25
-    """Score at or above which a sample counts (the shipped detector's NAB-chosen threshold)."""
+    threshold: float = 0.025
+    """Score at or above which a sample counts: the shipped ``fused`` detector's reward_low_FP threshold
+    chosen on NAB half A (a breakout by 2.5 % of the all-time range)."""
     persistence: int = 1
     """N: counting samples needed among the last ``window``."""
     window: int = 1

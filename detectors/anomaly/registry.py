@@ -74,8 +74,8 @@ def default_registry() -> dict[str, Kind]:
         "null": Kind(NullDetector, {"level": Param(0.5, minimum=0.0)}, "constant score (NAB's zero point)"),
         "random": Kind(RandomDetector, {"seed": Param(42)}, "seeded uniform scores (no-skill reference)"),
         "running_extremes": Kind(RunningExtremes, {}, "1 on a new all-time high or low (parameter-free baseline)"),
-        "extremes": Kind(DecayingExtremes, {"half_life": Param(7 * DAY, positive=True)},
-                         "breakout beyond a decaying high/low range"),
+        "extremes": Kind(DecayingExtremes, {"half_life": Param(7 * DAY, minimum=0.0)},
+                         "breakout beyond a (decaying; half_life 0: all-time) high/low range"),
         "robust_z": Kind(RobustZ, {
             "window": Param(DAY, positive=True), "on": Param("level", choices=("level", "diff")),
             "recent": Param(1, minimum=1), "min_samples": Param(30, minimum=1),
@@ -88,10 +88,10 @@ def default_registry() -> dict[str, Kind]:
             "min_span": Param(0.0, minimum=0.0), "max_samples": Param(512, minimum=2)},
             "time until a linear trend reaches a limit"),
         "fused": Kind(build_fused, {
-            "half_life": Param(7 * DAY, positive=True), "mean_span": Param(HOUR, positive=True),
-            "season_period": Param(7 * DAY, minimum=0.0), "season_bins": Param(168, minimum=1),
+            "half_life": Param(0.0, minimum=0.0), "mean_span": Param(6 * HOUR, positive=True),
+            "season_period": Param(0.0, minimum=0.0), "season_bins": Param(168, minimum=1),
             "season_keep": Param(4, minimum=1), "season_min_periods": Param(2, minimum=1),
-            "hold": Param(6 * HOUR, positive=True)}, "the shipped composite (see fused.py)"),
+            "hold": Param(12 * HOUR, positive=True)}, "the shipped composite (see fused.py)"),
     }
 
 

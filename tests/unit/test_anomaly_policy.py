@@ -53,7 +53,7 @@ def test_host_budget_admits_max_alerts_per_period() -> None:
     ({"kind": "nope"}, "kind: 'nope'"),
     ({}, "kind: None"),
     ({"kind": "extremes", "half_lif": 3}, "half_lif: unknown key"),
-    ({"kind": "extremes", "half_life": 0}, "half_life: 0 is below"),
+    ({"kind": "extremes", "half_life": -1}, "half_life: -1 is below"),
     ({"kind": "robust_z", "on": "levels"}, "on: 'levels' is not one of"),
     ({"kind": "robust_z", "recent": 2.5}, "recent: 2.5 is not an integer"),
     ({"kind": "robust_z", "window": "1h"}, "window: '1h' is not a number"),
@@ -74,7 +74,7 @@ def test_the_json_schema_agrees_with_the_builder() -> None:
         validator.validate(spec)
         build_detector(spec)
     bad: list[dict[str, object]] = [
-        {"kind": "forecast"}, {"kind": "fused", "half_lif": 1}, {"kind": "extremes", "half_life": 0}]
+        {"kind": "forecast"}, {"kind": "fused", "half_lif": 1}, {"kind": "extremes", "half_life": -1}]
     for spec in bad:
         assert not validator.is_valid(spec)
     assert len(spec_json_schema()["oneOf"]) == len(default_registry())
