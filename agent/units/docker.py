@@ -23,8 +23,11 @@ selfheal-managed containers no restart policy if selfheal should decide.
 paused container is unpaused first). When no container has the name, ``start``
 and ``restart`` create it from ``docker.image`` if that is set (with the
 unit's ``command`` and ``env`` and the ``docker.*`` create options, labelled
-``selfheal.unit``), and otherwise fail: the container is someone else's to
-create. Stopping the agent leaves containers running.
+``selfheal.unit``). Otherwise the container is someone else's to create: they
+wait up to ``REAPPEAR_WAIT`` seconds for it (a redeploy removes the old
+container before it creates the new one; a new container that is already
+running is the fresh run a restart asks for), then fail. Stopping the agent
+leaves containers running.
 
 The SDK (the ``docker`` package, selfheal's ``docker`` extra) is blocking and
 imported only when a docker unit runs: each unit makes its calls on its own
@@ -39,6 +42,7 @@ import asyncio
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,6 +67,9 @@ HEALTH_PROBE = "docker-health"
 DEFAULT_HEALTH_RETRIES = 3
 """Docker's default ``--health-retries``: failures in a row before a container is unhealthy."""
 MAX_ERROR_CHARS = 200
+REAPPEAR_WAIT = 5.0
+"""Seconds a start or restart waits for a container that is someone else's to create (no ``docker.image``)
+to appear under its name: an orchestrator's redeploy removes the old one before it creates the new."""
 _TIME_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
 
 
@@ -121,7 +128,9 @@ def observe_container(attrs: Mapping[str, Any] | None, *, name: str, engine_heal
                       usage: Usage | None = None) -> Observation:
     """One inspect (None: no container has the name) as an ``Observation``; pure."""
     if attrs is None:
-        return Observation(run=None, live=False, state="failed", error=f"no container named {name!r}")
+        # Not there yet (a unit with an image creates it at start) or gone: nothing ran that could fail;
+        # a start that finds nothing to start is what fails.
+        return Observation(run=None, live=False, state="stopped", error=f"no container named {name!r}")
     state = attrs.get("State") or {}
     started = state.get("StartedAt")
     started_at = parse_time(started)
@@ -290,22 +299,25 @@ class DockerUnit(ManagedUnit):
             stats = api.stats(attrs["Id"], stream=False, one_shot=True)
         except docker.errors.InvalidVersion:  # engines before API 1.41 wait for a second sample
             stats = api.stats(attrs["Id"], stream=False)
-        except docker.errors.NotFound:
-            stats = None  # gone since the inspect: the next look says so
+        except docker.errors.APIError:
+            stats = None  # gone since the inspect (a 404, or a 500 from Podman): the next look says so
         return attrs, stats
 
     def _act(self, action: Action, grace: int) -> None:
-        import docker.errors  # noqa: PLC0415 - see _guarded
-
         api = self._connect().api
-        attrs: dict[str, Any] | None
-        try:
-            attrs = api.inspect_container(self.docker.container)
-        except docker.errors.NotFound:
-            attrs = None
-        if attrs is None:
-            if action != "stop":
+        attrs = self._find()
+        if attrs is None and action != "stop":
+            if self.docker.image is not None:
                 self._create_and_start()
+                return
+            # Someone else creates it: a redeploy may be between removing it and creating it anew.
+            attrs = self._find(wait=REAPPEAR_WAIT)
+            if attrs is None:
+                raise UnitError(f"no container named {self.docker.container!r} appeared within "
+                                f"{REAPPEAR_WAIT:g}s (set docker.image to let the agent create it)")
+            if (attrs.get("State") or {}).get("Running"):
+                return  # a new container, just started: the fresh run a restart asks for
+        if attrs is None:
             return
         cid = attrs["Id"]
         state = attrs.get("State") or {}
@@ -320,6 +332,20 @@ class DockerUnit(ManagedUnit):
             api.unpause(cid)
         elif not state.get("Running"):
             api.start(cid)
+
+    def _find(self, wait: float = 0.0) -> dict[str, Any] | None:
+        """The container's inspect, None when no container has the name (after ``wait`` seconds of looking)."""
+        import docker.errors  # noqa: PLC0415 - see _guarded
+
+        api = self._connect().api
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return dict(api.inspect_container(self.docker.container))
+            except docker.errors.NotFound:
+                if time.monotonic() >= deadline:
+                    return None
+            time.sleep(self.docker.poll)
 
     def _create_and_start(self) -> None:
         import docker.errors  # noqa: PLC0415 - see _guarded

@@ -93,7 +93,8 @@ class Observation:
     """The run's processes are up (running, or starting under the manager)."""
     state: UnitState
     """What the unit is: ``running``/``starting`` while live; ``exited`` or ``failed`` (could not run)
-    once over; ``failed`` with ``error`` when the manager has no such unit."""
+    once over; with no run (``run`` None): ``failed`` when the manager cannot run it at all (no such
+    service, masked), ``stopped`` when there is nothing to run yet (a container still to be created)."""
     pid: int | None = None
     started_at: float | None = None
     """Wall time the run started, when the manager says; else the time it was first seen."""
@@ -138,8 +139,9 @@ class RunTracker:
     exit_signal: int | None = None
     reason: str = ""
     error: str = ""
-    expected: bool = False
-    """The agent is stopping or restarting the unit: the end of the current run is its own doing."""
+    expected_run: str | None = None
+    """The run the agent is stopping or restarting: its end is the agent's doing (no other run's is, so a
+    run that replaced it — the agent's restart, an orchestrator's — ends unexpectedly)."""
     ended: Literal["no", "yes", "expected"] = "no"
     """Whether a run seen alive has ended since (and whether the agent ended it): until one has, a unit
     that is not running is ``stopped`` (whatever ended before the agent looked is not its business)."""
@@ -167,11 +169,11 @@ class RunTracker:
 
     def expect_end(self) -> None:
         """The agent is about to stop or restart the unit."""
-        self.expected = True
+        self.expected_run = self.run if self.live else None
 
     def not_expected(self) -> None:
         """The agent's stop or restart did not happen: an end from now on is not its doing."""
-        self.expected = False
+        self.expected_run = None
 
     def start_failed(self, detail: str) -> None:
         self.start_error = self.error = detail
@@ -179,9 +181,10 @@ class RunTracker:
 
     def _new_run(self, obs: Observation, now: float, first: bool, out: Seen) -> None:
         if self.live:
-            if self.expected:
+            if self.expected_run is not None and self.run == self.expected_run:
                 # The agent's restart: the old run ended between two looks (its exit status is gone).
                 out.events.append(UnitExited(unit=self.unit, pid=self.pid or 0, expected=True))
+                self.expected_run = None
             else:
                 out.notes.append("its manager restarted or replaced it")
         if self.run is not None:
@@ -192,7 +195,6 @@ class RunTracker:
         self.started_at = obs.started_at if obs.started_at is not None else now
         if obs.live:
             self.live = True
-            self.expected = False
             self.start_error = ""
             self.ended = "no"
             self.exit_code = self.exit_signal = None
@@ -205,11 +207,12 @@ class RunTracker:
 
     def _end(self, obs: Observation, out: Seen) -> None:
         self.live = False
-        self.ended = "expected" if self.expected else "yes"
+        expected = self.run is not None and self.run == self.expected_run
+        self.ended = "expected" if expected else "yes"
         self.exit_code, self.exit_signal, self.reason = obs.exit_code, obs.exit_signal, obs.reason
         out.events.append(UnitExited(unit=self.unit, pid=self.pid or obs.pid or 0, exit_code=obs.exit_code,
-                                     exit_signal=obs.exit_signal, expected=self.expected, reason=obs.reason))
-        self.expected = False
+                                     exit_signal=obs.exit_signal, expected=expected, reason=obs.reason))
+        self.expected_run = None
 
     def _state(self, obs: Observation) -> UnitState:
         if self.start_error:
@@ -219,7 +222,7 @@ class RunTracker:
         if obs.restarting:
             return "starting"
         if obs.run is None and obs.state == "failed":
-            return "failed"  # the manager has no such unit
+            return "failed"  # the manager cannot run it at all (no such service, masked)
         if self.ended == "yes":
             return obs.state if obs.state in ("exited", "failed") else "exited"
         return "stopped"

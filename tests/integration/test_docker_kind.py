@@ -134,8 +134,8 @@ async def test_a_unit_with_an_image_creates_its_container(podman_engine: PodmanE
     port = free_port()
     async with watched(podman_engine, tmp_path, name, httpd(port), image=podman_engine.image, network="host",
                        ulimits=ULIMITS, labels={"team": "ml"}) as (unit, _events):
-        await eventually(lambda: unit.state == "failed", timeout=10, what="no container yet")
-        assert unit.report().error == f"no container named {name!r}"
+        await eventually(lambda: bool(unit.report().error), timeout=10, what="no container yet")
+        assert (unit.state, unit.report().error) == ("stopped", f"no container named {name!r}")
         await unit.start()
         attrs = podman_engine.inspect(name)
         assert attrs is not None
@@ -143,7 +143,7 @@ async def test_a_unit_with_an_image_creates_its_container(podman_engine: PodmanE
         assert attrs["Config"]["Labels"]["team"] == "ml"
         assert (unit.state, unit.pid) == ("running", attrs["State"]["Pid"])
         podman_engine.remove(name)
-        await eventually(lambda: unit.state == "failed", timeout=10, what="the removal noticed")
+        await eventually(lambda: unit.state == "exited", timeout=10, what="the removal noticed")
         await unit.restart()  # gone: created again
         assert unit.state == "running"
 

@@ -82,7 +82,7 @@ def test_a_created_container_never_ran() -> None:
 
 def test_no_container_with_the_name() -> None:
     obs = observe_container(None, name="web")
-    assert (obs.run, obs.state, obs.error) == (None, "failed", "no container named 'web'")
+    assert (obs.run, obs.state, obs.error) == (None, "stopped", "no container named 'web'")
 
 
 def test_an_oom_kill_is_the_reason() -> None:

@@ -17,7 +17,7 @@ def ended(run: str | None, **kw: object) -> Observation:
     return Observation(run=run, live=False, state="exited", **kw)  # type: ignore[arg-type]
 
 
-GONE = Observation(run=None, live=False, state="failed", error="no container named 'web'")
+GONE = Observation(run=None, live=False, state="stopped", error="no container named 'web'")
 
 
 def test_adopting_a_running_unit_announces_it_without_counting_a_restart() -> None:
@@ -44,7 +44,7 @@ def test_the_agents_restart_seen_only_as_a_new_run_reports_an_expected_exit_and_
     seen = tracker.observe(running("b", pid=11), NOW + 1)
     assert seen.events == [UnitExited(unit="web", pid=10, expected=True),
                            UnitStarted(unit="web", pid=11, restarts=1)]
-    assert (tracker.restarts, tracker.expected, tracker.state) == (1, False, "running")
+    assert (tracker.restarts, tracker.expected_run, tracker.state) == (1, None, "running")
 
 
 def test_a_restart_by_the_manager_is_a_restart_and_no_crash() -> None:
@@ -83,7 +83,13 @@ def test_a_unit_removed_while_running_ends_with_what_is_known() -> None:
     tracker.observe(running("a"), NOW)
     seen = tracker.observe(GONE, NOW + 1)
     assert seen.events == [UnitExited(unit="web", pid=10)]
-    assert (tracker.state, tracker.error) == ("failed", "no container named 'web'")
+    assert (tracker.state, tracker.error) == ("exited", "no container named 'web'")
+
+
+def test_a_unit_not_there_yet_is_stopped_until_a_start_fails() -> None:
+    tracker = RunTracker("web")
+    tracker.observe(GONE, NOW)
+    assert (tracker.state, tracker.error) == ("stopped", "no container named 'web'")
 
 
 def test_a_run_that_began_and_ended_between_two_looks_is_still_reported() -> None:
@@ -100,7 +106,7 @@ def test_a_stop_by_the_agent_is_stopped_not_exited() -> None:
     tracker.expect_end()
     seen = tracker.observe(ended("a", exit_signal=15), NOW + 1)
     assert seen.events == [UnitExited(unit="web", pid=10, exit_signal=15, expected=True)]
-    assert (tracker.state, tracker.expected) == ("stopped", False)
+    assert (tracker.state, tracker.expected_run) == ("stopped", None)
 
 
 def test_a_failed_start_is_failed_until_a_run_starts() -> None:
@@ -135,3 +141,20 @@ def test_cpu_percent_is_cpu_time_over_the_time_between_samples() -> None:
     assert (meter.cpu_percent, meter.memory_bytes) == (0.0, 0)  # not accounted
     meter.add(None)
     assert meter.last is None
+
+
+def test_only_the_run_the_agent_ended_ends_expectedly() -> None:
+    tracker = RunTracker("web")
+    tracker.observe(running("a"), NOW)
+    tracker.expect_end()  # a restart whose look afterwards failed: its new run is not seen yet
+    tracker.observe(running("b", pid=11), NOW + 1)  # the new run (or an orchestrator's container)
+    seen = tracker.observe(ended("b", exit_code=1), NOW + 2)
+    assert seen.events == [UnitExited(unit="web", pid=11, exit_code=1)]  # not the agent's doing
+    assert tracker.state == "exited"
+
+
+def test_a_stop_of_a_unit_that_is_not_running_expects_nothing() -> None:
+    tracker = RunTracker("web")
+    tracker.observe(ended("a", exit_code=0), NOW)
+    tracker.expect_end()
+    assert tracker.expected_run is None
