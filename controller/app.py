@@ -23,6 +23,7 @@ from controller.broker import embedded_broker
 from controller.dispatcher import Dispatcher
 from controller.engine import Engine
 from controller.fleet import Fleet
+from controller.host_models import build_host_watch, run_host_models
 from controller.instrument import MeteredDispatcher, MeteredWatch
 from controller.lifecycle import Routes, controller_service
 from controller.metrics import ControllerMetrics
@@ -139,6 +140,8 @@ class Controller:
                 tasks["http"] = tg.create_task(server.serve(sockets=[sock]), name="http")
                 tg.create_task(self._announce_ready(server, ready, service.ready), name="ready")
                 tasks["notify"] = tg.create_task(self.routes.run(stop=stop), name="notify")
+                tasks["host-models"] = tg.create_task(run_host_models(lambda: self.anomalies, stop=stop),
+                                                      name="host-models")
                 if self.config.controller.promql:
                     promql = PromQLSource(self.config.controller.promql, alerts=self.alerts, clock=self.clock,
                                           metrics=self.metrics, wake=self.fleet.notify)
@@ -249,13 +252,15 @@ class _Server(uvicorn.Server):
 
 def build_watch(rulebook: Rulebook, metrics: ControllerMetrics | None = None) -> AnomalyWatch | None:
     """The rulebook's anomaly watches as one live watcher; a bad detector spec is a rulebook error."""
-    if not rulebook.anomalies:
+    if not rulebook.anomalies and not rulebook.host_models:
         return None
     specs = [WatchSpec(name=a.name, metric=a.metric, detector=dict(a.detector), severity=a.severity,
                        policy=AlertPolicySpec(threshold=a.threshold, persistence=a.persistence, window=a.window,
                                               hold=a.hold)) for a in rulebook.anomalies]
     try:
-        return MeteredWatch(specs, metrics=metrics) if metrics is not None else AnomalyWatch(specs)
+        hosts = build_host_watch(rulebook)
+        return (MeteredWatch(specs, metrics=metrics, hosts=hosts) if metrics is not None
+                else AnomalyWatch(specs, hosts=hosts))
     except ValueError as exc:
         raise RulebookError(str(exc)) from None
 

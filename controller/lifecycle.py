@@ -91,7 +91,8 @@ def controller_service(controller: Controller, engine: Engine, *, source: Path |
         rulebook = await asyncio.to_thread(load_rulebooks, new.controller.rulebooks)  # RulebookError: keep all
         from controller.app import build_watch  # noqa: PLC0415 - app imports this module
 
-        rebuild_watch = rulebook.anomalies != controller.rulebook.anomalies
+        rebuild_watch = (rulebook.anomalies, rulebook.host_models) != (controller.rulebook.anomalies,
+                                                                       controller.rulebook.host_models)
         watch = build_watch(rulebook, controller.metrics) if rebuild_watch else controller.anomalies
         new_routes = any(key.startswith("controller.notify") for key in changed)
         router = build_router(new.controller.notify) if new_routes else None

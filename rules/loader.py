@@ -18,12 +18,12 @@ import msgspec
 import yaml
 
 from remediations.state import HISTORY
-from rules.model import AnomalyWatchSpec, Backoff, LoopBreaker, Rule, Rulebook, Rung, ThresholdSpec
+from rules.model import AnomalyWatchSpec, Backoff, HostModelWatchSpec, LoopBreaker, Rule, Rulebook, Rung, ThresholdSpec
 from selfheal.errors import RulebookError
 from selfheal.wire import HostMetrics, UnitReport
 
 FINDING_KINDS = ["unit_exited", "probe_failing", "unit_stalled", "unit_lost", "node_offline", "metric_threshold",
-                 "metric_anomaly", "dataset_divergent", "dataset_no_authority", "external_alert"]
+                 "metric_anomaly", "host_anomaly", "dataset_divergent", "dataset_no_authority", "external_alert"]
 
 
 def _numeric_fields(struct: type[msgspec.Struct]) -> list[str]:
@@ -35,9 +35,19 @@ def _numeric_fields(struct: type[msgspec.Struct]) -> list[str]:
 METRICS = sorted([*(f"host.{name}" for name in [*_numeric_fields(HostMetrics), "disk_max_percent"]),
                   *(f"unit.{name}" for name in _numeric_fields(UnitReport))])
 """Metrics a threshold may watch: the numeric fields of the wire's host and unit reports."""
+HOST_FEATURES = sorted(m.removeprefix("host.") for m in METRICS if m.startswith("host."))
+"""Fields a host model's vector may hold."""
+DEFAULT_HOST_FEATURES = ("cpu_percent", "load1", "mem_percent", "swap_percent", "disk_max_percent")
 _NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"}
 _SEVERITY = {"enum": ["info", "warning", "critical"]}
 _SECONDS = {"type": "number", "minimum": 0}
+_POLICY: dict[str, Any] = {
+    "type": "object", "additionalProperties": False,
+    "properties": {"threshold": {"type": "number", "minimum": 0, "maximum": 1},
+                   "persistence": {"type": "integer", "minimum": 1},
+                   "window": {"type": "integer", "minimum": 1, "maximum": 1000},
+                   "hold": _SECONDS},
+}
 _RUNG: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -87,13 +97,28 @@ SCHEMA: dict[str, Any] = {
                     "metric": {"enum": METRICS},
                     "detector": {"type": "object", "required": ["kind"],
                                  "additionalProperties": {"type": ["number", "string"]}},
-                    "policy": {
-                        "type": "object", "additionalProperties": False,
-                        "properties": {"threshold": {"type": "number", "minimum": 0, "maximum": 1},
-                                       "persistence": {"type": "integer", "minimum": 1},
-                                       "window": {"type": "integer", "minimum": 1, "maximum": 1000},
-                                       "hold": _SECONDS},
-                    },
+                    "policy": _POLICY,
+                    "severity": _SEVERITY,
+                },
+            },
+        },
+        "host_models": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name"],
+                "properties": {
+                    "name": _NAME,
+                    "features": {"type": "array", "minItems": 1, "uniqueItems": True,
+                                 "items": {"enum": HOST_FEATURES}},
+                    "step": _SECONDS,
+                    "history": {"type": "integer", "minimum": 2, "maximum": 100_000},
+                    "min_samples": {"type": "integer", "minimum": 2},
+                    "refit_every": {"type": "number", "exclusiveMinimum": 0},
+                    "trees": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    "max_samples": {"type": "integer", "minimum": 2, "maximum": 100_000},
+                    "policy": _POLICY,
                     "severity": _SEVERITY,
                 },
             },
@@ -165,6 +190,7 @@ def load_rulebooks(paths: list[str]) -> Rulebook:
     rules: list[Rule] = []
     thresholds: list[ThresholdSpec] = []
     anomalies: list[AnomalyWatchSpec] = []
+    host_models: list[HostModelWatchSpec] = []
     for path in paths:
         try:
             text = Path(path).read_text(encoding="utf-8")
@@ -174,10 +200,12 @@ def load_rulebooks(paths: list[str]) -> Rulebook:
         rules.extend(book.rules)
         thresholds.extend(book.thresholds)
         anomalies.extend(book.anomalies)
+        host_models.extend(book.host_models)
     _check_unique([r.name for r in rules], "rule")
     _check_unique([t.name for t in thresholds], "threshold")
     _check_unique([a.name for a in anomalies], "anomaly")
-    return Rulebook(tuple(rules), tuple(thresholds), tuple(anomalies))
+    _check_unique([h.name for h in host_models], "host model")
+    return Rulebook(tuple(rules), tuple(thresholds), tuple(anomalies), tuple(host_models))
 
 
 def parse_rulebook(text: str, *, source: str) -> Rulebook:
@@ -202,14 +230,37 @@ def parse_rulebook(text: str, *, source: str) -> Rulebook:
                          hold=float(a.get("policy", {}).get("hold", 600.0)), severity=a.get("severity", "warning"))
         for a in data.get("anomalies", [])
     )
-    for watch in anomalies:
-        if watch.persistence > watch.window:
-            raise RulebookError(f"{source}: anomaly {watch.name!r}: policy: persistence {watch.persistence} "
-                                f"exceeds window {watch.window}")
+    host_models = tuple(_host_model(item) for item in data.get("host_models", []))
+    policies = [("anomaly", a.name, a.persistence, a.window) for a in anomalies]
+    policies += [("host model", h.name, h.persistence, h.window) for h in host_models]
+    for noun, name, persistence, window in policies:
+        if persistence > window:
+            raise RulebookError(f"{source}: {noun} {name!r}: policy: persistence {persistence} "
+                                f"exceeds window {window}")
+    for model in host_models:
+        if model.min_samples > model.history:
+            raise RulebookError(f"{source}: host model {model.name!r}: min_samples {model.min_samples} "
+                                f"exceeds history {model.history}")
     _check_unique([r.name for r in rules], "rule", source)
     _check_unique([t.name for t in thresholds], "threshold", source)
     _check_unique([a.name for a in anomalies], "anomaly", source)
-    return Rulebook(rules, thresholds, anomalies)
+    _check_unique([h.name for h in host_models], "host model", source)
+    return Rulebook(rules, thresholds, anomalies, host_models)
+
+
+def _host_model(item: dict[str, Any]) -> HostModelWatchSpec:
+    policy = item.get("policy", {})
+    defaults = HostModelWatchSpec(name=item["name"], features=())
+    return HostModelWatchSpec(
+        name=item["name"], features=tuple(item.get("features", DEFAULT_HOST_FEATURES)),
+        step=float(item.get("step", defaults.step)), history=int(item.get("history", defaults.history)),
+        min_samples=int(item.get("min_samples", defaults.min_samples)),
+        refit_every=float(item.get("refit_every", defaults.refit_every)),
+        trees=int(item.get("trees", defaults.trees)), max_samples=int(item.get("max_samples", defaults.max_samples)),
+        threshold=float(policy.get("threshold", defaults.threshold)),
+        persistence=int(policy.get("persistence", defaults.persistence)),
+        window=int(policy.get("window", defaults.window)), hold=float(policy.get("hold", defaults.hold)),
+        severity=item.get("severity", defaults.severity))
 
 
 def _rule(item: dict[str, Any], source: str) -> Rule:
@@ -246,10 +297,12 @@ def _rung(item: dict[str, Any]) -> Rung:
 def _describe(source: str, data: Any, error: jsonschema.ValidationError) -> str:
     path = list(error.absolute_path)
     where = ""
-    if len(path) >= 2 and path[0] in ("rules", "thresholds", "anomalies") and isinstance(path[1], int):
+    if (len(path) >= 2 and path[0] in ("rules", "thresholds", "anomalies", "host_models")
+            and isinstance(path[1], int)):
         item = data[path[0]][path[1]]
         name = item.get("name") if isinstance(item, dict) else None
-        noun = {"rules": "rule", "thresholds": "threshold", "anomalies": "anomaly"}[path[0]]
+        noun = {"rules": "rule", "thresholds": "threshold", "anomalies": "anomaly",
+                "host_models": "host model"}[path[0]]
         label = f"{noun} {name!r} ({path[0]}[{path[1]}])" if name else f"{path[0]}[{path[1]}]"
         key = ".".join(str(p) for p in path[2:])
         where = f"{label}: {key}: " if key else f"{label}: "

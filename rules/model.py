@@ -120,10 +120,31 @@ class AnomalyWatchSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class HostModelWatchSpec:
+    """A per-host IsolationForest over the host's metric vector: turned into ``host_anomaly`` findings."""
+
+    name: str
+    features: tuple[str, ...]
+    """Host metric fields (``cpu_percent``, ``mem_percent``, ``disk_max_percent``...)."""
+    step: float = 60.0
+    history: int = 2048
+    min_samples: int = 256
+    refit_every: float = 21600.0
+    trees: int = 50
+    max_samples: int = 128
+    threshold: float = 1.0
+    persistence: int = 2
+    window: int = 3
+    hold: float = 600.0
+    severity: Literal["info", "warning", "critical"] = "warning"
+
+
+@dataclass(frozen=True, slots=True)
 class Rulebook:
     rules: tuple[Rule, ...]
     thresholds: tuple[ThresholdSpec, ...] = ()
     anomalies: tuple[AnomalyWatchSpec, ...] = ()
+    host_models: tuple[HostModelWatchSpec, ...] = ()
 
     def rule_for(self, kind: str, severity: str, labels: dict[str, str] | None = None) -> Rule | None:
         return next((rule for rule in self.rules if rule.matches(kind, severity, labels or {})), None)

@@ -10,6 +10,11 @@ raise per hour, so a sick host cannot flood the engine.
 
 Pure and bounded: no I/O, no clock (times come from the reports); at most
 ``max_streams`` detector instances, the longest idle evicted first.
+
+``hosts`` (a ``host_watch.HostVectorWatch``, optional) rides along: it sees
+the same reports, and its ``host_anomaly`` findings come out of
+``findings(node)`` with the univariate ones. Its forests are fitted and
+scored off the event loop by ``controller/host_models.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from detectors.anomaly.host_watch import HostVectorWatch
 from detectors.anomaly.model import OrderedInput
 from detectors.anomaly.policy import AlertPolicy, AlertPolicySpec, HostAlertBudget
 from detectors.anomaly.registry import build_detector
@@ -52,7 +58,7 @@ class _Stream:
 
 class AnomalyWatch:
     def __init__(self, specs: Sequence[WatchSpec], *, max_streams: int = MAX_STREAMS,
-                 host_budget: tuple[int, float] = (3, 3600.0)) -> None:
+                 host_budget: tuple[int, float] = (3, 3600.0), hosts: HostVectorWatch | None = None) -> None:
         for spec in specs:  # fail at start, naming the watch, not on the first report
             try:
                 build_detector(spec.detector)
@@ -66,8 +72,11 @@ class AnomalyWatch:
         self._by_node: dict[str, set[tuple[str, str, str]]] = {}
         """node → its stream keys, so a node's findings do not scan every stream of the fleet."""
         self.samples = 0
+        self.hosts = hosts
 
     def observe(self, report: Report) -> None:
+        if self.hosts is not None:
+            self.hosts.observe(report)
         for spec in self.specs:
             scope, _, name = spec.metric.partition(".")
             if scope == "host":
@@ -104,7 +113,7 @@ class AnomalyWatch:
         stream.raised = verdict.raised and stream.admitted
 
     def findings(self, node: str) -> list[Finding]:
-        out = []
+        out = self.hosts.findings(node) if self.hosts is not None else []
         for key in sorted(self._by_node.get(node, ())):
             name, _, unit = key
             stream = self._streams[key]
@@ -125,3 +134,5 @@ class AnomalyWatch:
         for key in self._by_node.pop(node, set()):
             self._streams.pop(key, None)
         self._budgets.pop(node, None)
+        if self.hosts is not None:
+            self.hosts.forget(node)

@@ -43,7 +43,7 @@ def test_the_default_rulebook_covers_every_finding_kind() -> None:
     default = load_default_rulebook()
     assert {r.kind for r in default.rules} == set(FINDING_KINDS) == {
         "unit_exited", "probe_failing", "unit_stalled", "unit_lost", "node_offline", "metric_threshold",
-        "metric_anomaly", "external_alert", "dataset_divergent", "dataset_no_authority"}
+        "metric_anomaly", "host_anomaly", "external_alert", "dataset_divergent", "dataset_no_authority"}
     for kind in FINDING_KINDS:
         for severity in ("info", "warning", "critical"):
             assert default.rule_for(kind, severity) is not None, (kind, severity)
