@@ -12,7 +12,9 @@ Missing tools fail the test with the Debian package to install (``.ci/run`` inst
 from __future__ import annotations
 
 import io
+import json
 import subprocess
+import sys
 import tarfile
 import time
 from dataclasses import dataclass
@@ -80,6 +82,29 @@ class PodmanEngine:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        swept = sweep_orphans(self.directory)
+        if swept:
+            print(f"podman_support: removed {swept} container(s) Podman had lost track of", file=sys.stderr)
+        # The overlay driver bind-mounts its own directory; left mounted, the temp dir could not be removed.
+        overlay = self.directory / "storage" / "overlay"
+        if overlay.is_mount():
+            subprocess.run(["umount", str(overlay)], capture_output=True, timeout=30, check=False)
+
+
+def sweep_orphans(directory: Path) -> int:
+    """Delete runc containers whose bundle lies under ``directory`` that Podman no longer knows.
+
+    Seen with Podman 4.3: a container force-removed while the API service restarts it can leave its runc
+    container (and conmon) running after its record is gone; nothing of a test session may outlive it."""
+    listed = subprocess.run(["runc", "list", "--format", "json"], capture_output=True, text=True, timeout=30,
+                            check=False)
+    swept = 0
+    for container in json.loads(listed.stdout or "null") or []:
+        if str(container.get("bundle", "")).startswith(f"{directory}/"):
+            subprocess.run(["runc", "delete", "--force", container["id"]], capture_output=True, timeout=30,
+                           check=False)
+            swept += 1
+    return swept
 
 
 def busybox_rootfs() -> bytes:

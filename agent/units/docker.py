@@ -341,10 +341,13 @@ class DockerUnit(ManagedUnit):
         deadline = time.monotonic() + wait
         while True:
             try:
-                return dict(api.inspect_container(self.docker.container))
+                attrs = dict(api.inspect_container(self.docker.container))
             except docker.errors.NotFound:
-                if time.monotonic() >= deadline:
-                    return None
+                attrs = None
+            if attrs is not None and (attrs.get("State") or {}).get("Status") not in ("removing", "dead"):
+                return attrs  # (one being removed is as good as gone: acting on it races its removal)
+            if time.monotonic() >= deadline:
+                return None
             time.sleep(self.docker.poll)
 
     def _create_and_start(self) -> None:
