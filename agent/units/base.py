@@ -1,6 +1,6 @@
 """The small protocol every unit kind satisfies, and what a kind is built from.
 
-A unit kind (``process``, ``spark``; ``systemd`` and ``docker`` later) knows
+A unit kind (``process``, ``spark``, ``systemd``, ``docker``) knows
 how to start, watch and stop one managed workload. The supervisor holds an
 explicit registry ``kind -> UnitFactory`` that is passed in, so adding a kind is
 one module plus one registry entry, never import-time registration.

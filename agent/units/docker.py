@@ -45,6 +45,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -228,7 +229,8 @@ class DockerUnit(ManagedUnit):
 
     def release(self) -> None:
         # After whatever call is still running: the client's connections close on the thread that used them.
-        self._thread.submit(self._disconnect)
+        with suppress(RuntimeError):  # released already
+            self._thread.submit(self._disconnect)
         self._thread.shutdown(wait=False)
 
     def _disconnect(self) -> None:
@@ -256,6 +258,8 @@ class DockerUnit(ManagedUnit):
         except (docker.errors.DockerException, requests.RequestException) as exc:
             where = self.docker.url or "$DOCKER_HOST or the local socket"
             raise UnitError(f"cannot reach the container engine at {where}: {_clip(str(exc))}") from None
+        except (KeyError, TypeError, ValueError) as exc:  # an answer not shaped as the API says: never fatal
+            raise UnitError(f"unexpected answer from the container engine: {_clip(repr(exc))}") from None
 
     def _connect(self) -> DockerClient:
         if self._client is None:

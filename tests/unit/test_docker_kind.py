@@ -296,3 +296,16 @@ async def test_the_agent_stopping_refuses_further_calls() -> None:
     await asyncio.sleep(0)
     with pytest.raises(UnitError, match="the agent is stopping"):
         await unit.start()
+
+
+async def test_an_answer_not_shaped_as_the_api_says_is_a_failed_look_not_a_crash() -> None:
+    api = FakeApi()
+    api.containers["web"] = {"State": {"Status": "running", "Running": True, "Pid": 5}}  # no "Id"
+    unit, events = fake_unit(api)
+    try:
+        await unit._refresh()
+        assert "unexpected answer from the container engine" in unit.report().error
+        assert events == []
+    finally:
+        unit.release()
+        unit.release()  # twice is harmless
