@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.nab_corpus import NabFile, load_corpus, split_halves
-from bench.nab_multivariate import replay_isolation_forest
+from bench.nab_multivariate import measure_host_watch, replay_isolation_forest
 from bench.nab_scoring import PROFILES, FileRows, Result, score_corpus, sweep_file
 from detectors.anomaly.policy import AlertPolicy, AlertPolicySpec
 from detectors.anomaly.registry import build_detector
@@ -135,12 +135,12 @@ def measure_policy(scores: Scores, files: Sequence[NabFile], spec: AlertPolicySp
 
 
 def render_table(results: Mapping[str, Mapping[str, Result]], costs: Mapping[str, float]) -> str:
-    head = f"{'detector':<18}" + "".join(f"{SHORT[p] + ' opt':>11}{'honest (A|B)':>22}" for p in PROFILES)
+    head = f"{'detector':<22}" + "".join(f"{SHORT[p] + ' opt':>11}{'honest (A|B)':>22}" for p in PROFILES)
     lines = [head + f"{'us/sample':>11}", "-" * len(head + " " * 11)]
     for name, by_profile in results.items():
         cells = "".join(f"{r.optimised:>11.1f}{f'{r.honest:.1f} ({r.half_a:.1f}|{r.half_b:.1f})':>22}"
                         for r in by_profile.values())
-        lines.append(f"{name:<18}{cells}{costs[name]:>11.1f}")
+        lines.append(f"{name:<22}{cells}{costs[name]:>11.1f}")
     return "\n".join(lines)
 
 
@@ -189,6 +189,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{figures['false_alarms_per_metric_day']:.3f} false alarms per metric-day on the anomaly-free files; "
               f"{figures['windows_detected']}/{figures['windows']} windows alerted, median delay "
               f"{figures['median_delay_min']:.0f} min from the labelled instant")
+    if MULTIVARIATE in wanted:
+        cost = measure_host_watch()
+        print(f"\nhost model in the controller (synthetic host, 1 s reports, {cost['features']:.0f} features, "
+              f"10 s vectors): {cost['observe_us_per_report']:.1f} us per report to observe, "
+              f"{cost['loop_us_per_report']:.1f} us per report on the loop in all; worker thread: "
+              f"{cost['fit_ms']:.0f} ms per fit of {cost['history']:.0f} vectors ({cost['fits']:.0f} fits), "
+              f"{cost['score_ms_per_batch']:.1f} ms per scoring batch ({cost['vectors_scored']:.0f} vectors)")
     if args.json:
         print(json.dumps({name: {profile: {"optimised": round(r.optimised, 2), "honest": round(r.honest, 2)}
                                  for profile, r in by_profile.items()} for name, by_profile in results.items()}))

@@ -132,8 +132,8 @@ class HostModelWatchSpec:
     refit_every: float = 21600.0
     trees: int = 50
     max_samples: int = 128
-    threshold: float = 1.0
-    persistence: int = 2
+    threshold: float = 0.98
+    persistence: int = 3
     window: int = 3
     hold: float = 600.0
     severity: Literal["info", "warning", "critical"] = "warning"

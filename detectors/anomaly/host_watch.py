@@ -66,8 +66,8 @@ class HostModelSpec:
     trees: int = 50
     max_samples: int = 128
     """Vectors each tree is grown on."""
-    policy: AlertPolicySpec = field(default_factory=lambda: AlertPolicySpec(threshold=1.0, persistence=2, window=3))
-    """Score 1.0: stranger than every training vector; 2 of the last 3 vectors."""
+    policy: AlertPolicySpec = field(default_factory=lambda: AlertPolicySpec(threshold=0.98, persistence=3, window=3))
+    """Stranger than 98 % of the training vectors, 3 vectors in a row (the forest's rank tops out just below 1)."""
     severity: Severity = "warning"
 
     def __post_init__(self) -> None:

@@ -7,17 +7,15 @@ so the caller chooses the thread:
 
 - ``fit_host_model(samples)`` — CPU work (tens of milliseconds), to run off
   the event loop (``asyncio.to_thread``) when ``HostVectorDetector.refit_due(now)``
-  says so, then ``install``. The data is whitened first (``whitening``). In
-  the controller, ``host_watch.py`` queues this work and
-  ``controller/host_models.py`` runs it in a thread.
-- ``score_host_vector(model, vector)`` — a few milliseconds per call, batch
-  them; the score is calibrated as the fraction of the training vectors that
-  were less anomalous, so 0.99 means "stranger than 99 % of what this host did
-  in the training window". A forest cannot tell apart two points beyond the
-  edge of its training data (both land in the outermost leaf), so that rank
-  tops out below 1; a vector farther from the centre, in whitened
-  coordinates, than every training vector (a new multivariate extreme, the
-  analogue of the running-extremes rule that does well on NAB) scores 1.
+  says so, then ``install``. In the controller, ``host_watch.py`` queues this
+  work and ``controller/host_models.py`` runs it in a thread.
+- ``score_host_vector(model, vector)`` — a few milliseconds per call, so
+  batch them; the score is calibrated as the fraction of the training vectors
+  that were less anomalous, so 0.99 means "stranger than 99 % of what this
+  host did in the training window". A forest cannot rank points beyond the
+  edge of its training data (they all land in the outermost leaves), so the
+  score of a far-out vector tops out just below 1, where the few most
+  extreme training vectors are: alert at 0.98 or so, with persistence.
 
 A model is fitted on the host's own recent past only, and it scores vectors
 that came after it: no look-ahead. State: ``history`` vectors plus the forest.
@@ -38,65 +36,33 @@ from sklearn.ensemble import IsolationForest  # type: ignore[import-untyped]
 
 @dataclass(frozen=True, slots=True)
 class HostModel:
-    """A fitted forest, the whitening it was fitted in, and the sorted anomaly scores of its training vectors."""
+    """A fitted forest and the sorted anomaly scores of its own training vectors."""
 
     forest: Any
     features: tuple[str, ...]
     training_scores: tuple[float, ...]
     fitted_at: float
-    centre: Any = None
-    """Mean training vector (numpy array); None: vectors are used as they are."""
-    whiten: Any = None
-    """Matrix turning a centred vector into uncorrelated unit-variance coordinates (numpy array)."""
-    reach: float = math.inf
-    """Largest whitened distance from the centre among the training vectors (Mahalanobis distance)."""
-
-    def transform(self, matrix: Any) -> Any:
-        return matrix if self.centre is None else (matrix - self.centre) @ self.whiten
-
-
-def whitening(matrix: Any) -> tuple[Any, Any]:
-    """Centre and whitening matrix of ``matrix`` (PCA: rotate to the principal axes, scale each to unit variance).
-
-    A forest splits along axes, so a point off the diagonal of two correlated
-    metrics — each value in range, the pair never seen — takes many splits to
-    isolate in raw coordinates. Along the principal axes it lies far out on
-    the minor one and is isolated at once. Directions with (almost) no
-    variance are floored at a millionth of the largest, so a constant metric
-    that moves scores high without dividing by zero.
-    """
-    centre = matrix.mean(axis=0)
-    covariance = np.atleast_2d(np.cov(matrix - centre, rowvar=False))
-    variances, axes = np.linalg.eigh(covariance)
-    floor = max(float(variances.max()), 1e-300) * 1e-6
-    return centre, axes / np.sqrt(np.maximum(variances, floor))
 
 
 def fit_host_model(samples: Sequence[Sequence[float]], *, features: Sequence[str], fitted_at: float,
-                   trees: int = 100, max_samples: int = 256, seed: int = 0, whiten: bool = True) -> HostModel:
-    """Fit a forest to ``samples`` (rows of ``len(features)`` finite numbers), whitened first. Pure, CPU-bound."""
+                   trees: int = 100, max_samples: int = 256, seed: int = 0) -> HostModel:
+    """Fit a forest to ``samples`` (rows of ``len(features)`` finite numbers). Pure, CPU-bound."""
     matrix = np.asarray(samples, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[1] != len(features) or len(matrix) < 2:
         raise ValueError(f"need at least 2 rows of {len(features)} values, got shape {matrix.shape}")
-    centre, rotation = whitening(matrix) if whiten else (None, None)
-    if centre is not None:
-        matrix = (matrix - centre) @ rotation
     forest = IsolationForest(n_estimators=trees, max_samples=min(max_samples, len(matrix)), random_state=seed)
     forest.fit(matrix)
     training = sorted((-forest.score_samples(matrix)).tolist())
-    reach = float(np.sqrt((matrix ** 2).sum(axis=1)).max()) if centre is not None else math.inf
     return HostModel(forest=forest, features=tuple(features), training_scores=tuple(training),
-                     fitted_at=fitted_at, centre=centre, whiten=rotation, reach=reach)
+                     fitted_at=fitted_at)
 
 
 def score_host_vectors(model: HostModel, vectors: Sequence[Sequence[float]]) -> list[float]:
     """Calibrated scores in ``[0, 1]`` of several vectors at once (same result as one by one)."""
-    matrix = model.transform(np.asarray(vectors, dtype=np.float64))
+    matrix = np.asarray(vectors, dtype=np.float64)
     raw = (-model.forest.score_samples(matrix)).tolist()
-    beyond = (np.sqrt((matrix ** 2).sum(axis=1)) > model.reach).tolist()
     total = len(model.training_scores)
-    return [1.0 if out else bisect.bisect_left(model.training_scores, value) / total
-            for value, out in zip(raw, beyond, strict=True)]
+    return [bisect.bisect_left(model.training_scores, value) / total for value in raw]
 
 
 def score_host_vector(model: HostModel, vector: Sequence[float]) -> float:
