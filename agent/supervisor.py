@@ -35,7 +35,7 @@ from agent.units.process import ProcessUnit
 from agent.units.schedule import ScheduledUnit
 from agent.units.spark import SparkUnit
 from agent.units.systemd import SystemdUnit
-from selfheal.config import UnitConfig
+from selfheal.config import ProbeConfig, UnitConfig
 from selfheal.errors import UnitError
 from selfheal.logs import get_logger
 from selfheal.wire import ProbeState, UnitReport
@@ -213,9 +213,10 @@ class Supervisor:
         out = []
         for entry in self.entries.values():
             report = entry.unit.report()
-            probe: ProbeState | None = entry.probe.state if entry.probe is not None else None
-            if probe is not None and _alive(entry.unit):  # a stopped unit's last verdict is history
-                report = msgspec.structs.replace(report, probe=probe)
+            if entry.probe is not None and entry.config.probe is not None:
+                report = msgspec.structs.replace(report, probe=_this_run(
+                    entry.probe.state if _alive(entry.unit) else None, entry.config.probe, report.started_at,
+                    why="pending" if _alive(entry.unit) else "not running"))
             if entry.config.name in self.fence_after:
                 report = msgspec.structs.replace(report, fence_after=self.fence_after[entry.config.name],
                                                  fenced=entry.config.name in self.fenced)
@@ -246,6 +247,16 @@ class Supervisor:
             known = ", ".join(self.entries) or "none"
             raise UnitError(f"unknown unit {name!r} on node {self.ctx.node_id!r} (units: {known})")
         return entry
+
+
+def _this_run(state: ProbeState | None, config: ProbeConfig, started_at: float, *, why: str) -> ProbeState:
+    """The probe's verdict on the current run; else unhealthy with no failures (``why``: pending, not
+    running): a verdict from before the run started — or none at all — must not pass a verification, and
+    the controller must know the unit has a probe to wait for when it starts."""
+    if state is not None and state.checked_at >= started_at:
+        return state
+    return ProbeState(kind=config.kind, healthy=False, consecutive_failures=0, failures_threshold=config.failures,
+                      last_error=why)
 
 
 def _alive(unit: Unit) -> bool:

@@ -92,7 +92,8 @@ def render_status_page(*, nodes: list[dict[str, Any]], units: list[dict[str, Any
                        history: Sequence[tuple[float, float | None]] = (), now_ts: float | None = None) -> str:
     offline = sum(1 for n in nodes if n["state"] == "offline")
     # stopped on purpose (a standby copy, a unit stopped by the controller or fenced) is not unhealthy
-    unhealthy = sum(1 for u in units if u["state"] in ("exited", "failed") or u["healthy"] is False)
+    unhealthy = sum(1 for u in units if u["state"] in ("exited", "failed")
+                    or (u["state"] == "running" and u["healthy"] is False))
     open_incidents = [i for i in incidents if i["state"] != "resolved"]
     if not nodes and not open_incidents:
         verdict, css = "No agents have reported yet.", "warn"

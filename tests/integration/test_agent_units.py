@@ -260,8 +260,12 @@ async def test_a_standby_copy_is_not_probed_until_it_is_started(tmp_path: Path) 
         runner = sup.entries["web"].probe
         assert runner is not None
         assert (runner.checks, rec.verdicts()) == (0, [])
-        assert {r.name: r for r in sup.reports()}["web"].probe is None
+        probe = {r.name: r for r in sup.reports()}["web"].probe
+        assert probe is not None
+        assert (probe.healthy, probe.consecutive_failures, probe.last_error) == (False, 0, "not running")
         await sup.start("web")
         await eventually(lambda: rec.verdicts() == [True], what="healthy once started")
         await sup.stop("web")
-        assert {r.name: r for r in sup.reports()}["web"].probe is None  # its verdict went with its run
+        probe = {r.name: r for r in sup.reports()}["web"].probe
+        assert probe is not None
+        assert probe.last_error == "not running"  # its verdict went with its run
