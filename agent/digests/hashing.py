@@ -80,6 +80,7 @@ DEFAULT: Algorithm = BLAKE3 or SHA256
 """BLAKE3 where the package imports, else SHA-256."""
 
 CHUNK_TAG = b"chunk\0"
+_FILE_HEAD = struct.Struct(">QI").pack
 
 
 class Entry(NamedTuple):
@@ -101,10 +102,7 @@ def hash_chunk(alg: Algorithm, data: bytes | bytearray | memoryview) -> bytes:
 
 
 def hash_file(alg: Algorithm, size: int, chunk_size: int, chunks: Iterable[bytes]) -> bytes:
-    hasher = alg.new(b"file\0" + struct.pack(">QI", size, chunk_size))
-    for chunk in chunks:
-        hasher.update(chunk)
-    return hasher.digest()
+    return alg.new(b"file\0" + _FILE_HEAD(size, chunk_size) + b"".join(chunks)).digest()
 
 
 def hash_link(alg: Algorithm, target: bytes) -> bytes:

@@ -156,16 +156,17 @@ def hash_open_file(fd: int, *, alg: Algorithm, chunk_size: int, expected: tuple[
                    throttle: Throttle, abort: threading.Event, buffer: bytearray) -> FileDigest | None:
     """Hash the open file ``fd`` chunk by chunk; None when it changed while read (or ``abort`` was set).
 
-    ``expected`` is the identity the walk saw: a file replaced or modified between walk and open is
-    settling too. ``buffer`` (from ``new_buffer``) is reused across files.
+    ``expected`` is the identity the walk saw: a file replaced or modified since then is settling too.
+    It stands for an fstat before the read (one syscall less per small file): the fstat after the read
+    must still show it, so any write or replacement from the walk to the end of the read is seen.
+    ``buffer`` (from ``new_buffer``) is reused across files.
     """
-    before = os.fstat(fd)
-    size = before.st_size
-    seen = (size, before.st_mtime_ns, before.st_ino)
-    if expected is not None and seen != expected:
-        return None
-    # Read exactly the size fstat gave: a file that shrinks ends early, one that grows moves size and
-    # mtime, which the second fstat sees; no extra read at EOF (one syscall less per small file).
+    if expected is None:
+        before = os.fstat(fd)
+        expected = (before.st_size, before.st_mtime_ns, before.st_ino)
+    size = expected[0]
+    # Read exactly the size the walk saw: a file that shrinks ends early, one that grows moves size and
+    # mtime, which the fstat after sees; no extra read at EOF.
     chunks: list[bytes] | None
     if 0 < size <= chunk_size and size <= len(buffer) - _TAG:  # the common small file: one read, one hash
         view = memoryview(buffer)
@@ -180,9 +181,9 @@ def hash_open_file(fd: int, *, alg: Algorithm, chunk_size: int, expected: tuple[
         if chunks is None:
             return None
     after = os.fstat(fd)
-    if (after.st_size, after.st_mtime_ns, after.st_ino) != seen or abort.is_set():
+    if (after.st_size, after.st_mtime_ns, after.st_ino) != expected or abort.is_set():
         return None
-    return FileDigest(size, seen[1], seen[2], tuple(chunks), hash_file(alg, size, chunk_size, chunks))
+    return FileDigest(size, expected[1], expected[2], tuple(chunks), hash_file(alg, size, chunk_size, chunks))
 
 
 def read_chunk(fd: int, index: int, chunk_size: int) -> bytes:
