@@ -233,6 +233,57 @@ def test_forecast_evidence_names_the_eta() -> None:
     assert detector.evidence()["eta_s"] == pytest.approx((100.0 - 91.9) / (0.1 / 60.0))
 
 
+# --- the shipped composite ----------------------------------------------------------------------
+
+HOUR = 3600.0
+
+
+def test_extremes_with_half_life_0_never_forget() -> None:
+    values = [*noise(100), 100.0, *noise(2000, seed=2)]  # a spike, then a week of quiet
+    detector = DecayingExtremes(half_life=0.0)
+    feed(detector, values)
+    assert detector.update(T0 + len(values) * STEP, 30.0) == 0.0  # still inside the all-time range
+    assert detector.evidence()["high"] == 100.0
+
+
+def flat(n: int, seed: int = 1, level: float = 10.0) -> list[float]:
+    """Bounded noise (level ± 1): after warm-up it makes no new extremes worth a score."""
+    rng = random.Random(seed)  # noqa: S311 - test data, not secrets
+    return [level + rng.uniform(-1.0, 1.0) for _ in range(n)]
+
+
+@pytest.mark.parametrize(("tail", "alarms", "what"), [
+    ([*flat(50, seed=3)], 0, "more of the same: quiet"),
+    ([30.0, *flat(50, seed=3)], 1, "a spike: one alarm"),
+    ([30.0, 30.0, 31.0, 30.0, *flat(50, seed=3)], 1, "a spike held for a while: still one (the gate)"),
+    ([12.0, *flat(20, seed=3), 40.0], 2, "a far bigger breakout within the hold: an escalation, reported"),
+    ([0.0, *flat(50, seed=3)], 1, "a new low: one alarm"),
+])
+def test_fused_alarms_once_per_onset(tail: list[float], alarms: int, what: str) -> None:
+    detector = build_detector({"kind": "fused"})
+    warm = feed(detector, flat(2000))  # a week of 5-minute samples
+    scores = feed(detector, tail, start=T0 + 2000 * STEP)
+    assert sum(1 for s in scores if s >= 0.025) == alarms, what
+    # On pure noise the 6 h mean's range is narrow and its own new records score a little (docs/DETECTORS.md).
+    assert max(warm[300:]) < 0.1
+
+
+def test_fused_catches_a_level_shift_that_no_single_sample_does() -> None:
+    history = [*flat(1000), 20.0, *flat(1000, seed=2)]  # one old spike sets the range of the values
+    shifted = flat(200, seed=5, level=12.5)  # below the spike, above every 6-hour mean so far
+    detector = build_detector({"kind": "fused"})
+    feed(detector, history)
+    onset, part = None, None
+    for i, value in enumerate(shifted):
+        if detector.update(T0 + (len(history) + i) * STEP, value) >= 0.025:
+            onset, part = i, detector.evidence()["part"]
+            break
+    assert onset is not None
+    assert part == "mean"
+    assert onset * STEP <= 6 * HOUR  # within one mean span of the shift
+    assert max(shifted) < 20.0  # no single sample broke the range
+
+
 # --- shared properties of every kind ------------------------------------------------------------
 
 SPECS: list[Mapping[str, object]] = [
