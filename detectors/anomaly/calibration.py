@@ -12,6 +12,7 @@ for a bursty queue and unheard of for a thermostat. Two calibrations:
   any escalation), not every sample of it — each repeated sample would be
   another alarm, and here an alarm can be a restart. On NAB this is worth a few
   points on every profile.
+- ``WarmUp`` keeps a detector quiet for its first ``seconds`` of history.
 """
 
 from __future__ import annotations
@@ -47,6 +48,33 @@ class TailCalibrated:
 
     def evidence(self) -> Evidence:
         return {**self._inner.evidence(), "raw_score": self._raw}
+
+
+class WarmUp:
+    """Score 0 until the inner detector has seen ``seconds`` of the series (it learns meanwhile).
+
+    A fresh stream — a new node, a new unit, every stream after a controller
+    restart — would otherwise score its second sample as a breakout of a
+    range of one sample.
+    """
+
+    __slots__ = ("_first_ts", "_inner", "seconds")
+
+    def __init__(self, inner: StreamingDetector, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("seconds must be >= 0")
+        self._inner = inner
+        self.seconds = seconds
+        self._first_ts: float | None = None
+
+    def update(self, ts: float, value: float) -> float:
+        if self._first_ts is None:
+            self._first_ts = ts
+        score = self._inner.update(ts, value)
+        return score if ts - self._first_ts >= self.seconds else 0.0
+
+    def evidence(self) -> Evidence:
+        return self._inner.evidence()
 
 
 class PeakGate:

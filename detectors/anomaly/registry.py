@@ -91,7 +91,8 @@ def default_registry() -> dict[str, Kind]:
             "half_life": Param(0.0, minimum=0.0), "mean_span": Param(6 * HOUR, positive=True),
             "season_period": Param(0.0, minimum=0.0), "season_bins": Param(168, minimum=1),
             "season_keep": Param(4, minimum=1), "season_min_periods": Param(2, minimum=1),
-            "hold": Param(12 * HOUR, positive=True)}, "the shipped composite (see fused.py)"),
+            "hold": Param(12 * HOUR, positive=True), "warmup": Param(6 * HOUR, minimum=0.0)},
+            "the shipped composite (see fused.py)"),
     }
 
 

@@ -268,6 +268,13 @@ def test_fused_alarms_once_per_onset(tail: list[float], alarms: int, what: str) 
     assert max(warm[300:]) < 0.1
 
 
+def test_fused_is_quiet_while_it_warms_up() -> None:
+    detector = build_detector({"kind": "fused"})
+    first = feed(detector, [10.0, 50.0, 0.0, *flat(69)])  # 6 h of 5-minute samples, wild ones among them
+    assert max(first) == 0.0
+    assert detector.update(T0 + 72 * STEP, 150.0) == pytest.approx(2 / 3)  # then a breakout by twice the range
+
+
 def test_fused_catches_a_level_shift_that_no_single_sample_does() -> None:
     history = [*flat(1000), 20.0, *flat(1000, seed=2)]  # one old spike sets the range of the values
     shifted = flat(200, seed=5, level=12.5)  # below the spike, above every 6-hour mean so far
