@@ -254,7 +254,7 @@ class _Walk:
         except OSError as exc:
             os.close(child)
             raise _Unreadable(f"{job.rel}: {exc.strerror}") from None
-        if (opened.st_size, opened.st_mtime_ns, opened.st_ino) != job.seen:
+        if (opened.st_size, opened.st_mtime_ns, opened.st_ino) != job.seen or opened.st_dev != pending.st.st_dev:
             os.close(child)
             self._changed(job.rel)
             return  # never hashed: a settling scan publishes no root

@@ -3,7 +3,9 @@
 Three agents hold a replica each; the controller compares their digests,
 localises a divergent replica over the agents' HTTP, and the agent repairs it
 from a replica that verifies against the majority. Two agents that disagree
-have no authority: an incident for a human, and no repair.
+have no authority: an incident for a human, and no repair. A pulling agent
+killed with SIGKILL mid-transfer leaves the old file and no temp file; once
+restarted, the next attempt repairs the replica.
 """
 
 from __future__ import annotations
