@@ -21,7 +21,7 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from controller.datasets import Localisations
 from controller.fleet import Fleet, unit_is_healthy
@@ -160,6 +160,10 @@ class Dispatcher:
                 await self._command(plan, incident, index + 1000 * (n + 1), step.node, command, audit=audit,
                                     timeout=max(self.ack_timeout, RESYNC_ACK_TIMEOUT))
 
+    def _session(self, node: str) -> int:
+        state = self.fleet.nodes.get(node)
+        return state.session if state is not None else 0
+
     def _reachable(self, node: str) -> bool:
         snapshot = self.fleet.snapshot(node)
         return snapshot is not None and not is_offline(snapshot, self.clock.wall(), self.offline_after)
@@ -218,11 +222,23 @@ class Dispatcher:
                                          "command": command.id, "key": key, "epoch": self.epoch,
                                          "expires_at": command.expires_at})
             wait = timeout or self.ack_timeout
+            session = self._session(node)
+            restarted = asyncio.ensure_future(self.fleet.wait_for(lambda: self._session(node) > session, wait))
             try:
-                result = await asyncio.wait_for(future, wait)
-            except TimeoutError:
+                waiters: set[asyncio.Future[Any]] = {future, restarted}
+                await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                restarted.cancel()
+            if not future.done() and restarted.done() and not restarted.cancelled() and restarted.result():
+                # The command died with the old agent process (its ledger never acks it): fail now, so the
+                # next attempt runs, instead of waiting out the ack timeout.
+                await audit("command_lost", {"command": command.id, "node": node,
+                                             "reason": "the agent restarted before it answered"})
+                raise RemediationError(f"the agent on {node} restarted before it answered; the command is lost")
+            if not future.done():
                 await audit("command_timeout", {"command": command.id})
-                raise RemediationError(f"no ack from {node} within {wait:g}s") from None
+                raise RemediationError(f"no ack from {node} within {wait:g}s")
+            result = future.result()
         finally:
             self._pending.pop(command.id, None)
         self._unacked.pop(incident.id, None)

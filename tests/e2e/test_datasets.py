@@ -111,6 +111,7 @@ def test_a_flipped_byte_and_a_deleted_file_are_repaired_from_the_majority(cluste
     assert localised[0]["files"] == ["shards/part-1.bin"]
     assert localised[0]["differences"][0]["chunks"] == [1]
     assert localised[0]["source"] in ("node-a", "node-b")
+    assert len(entries(cluster, found["id"], "command_lost")) == 1
     results = entries(cluster, found["id"], "command_result")
     assert [r["status"] for r in results] == ["done"]
     assert "matches the authority" in results[0]["detail"]
@@ -226,18 +227,14 @@ def test_a_puller_killed_mid_transfer_leaves_the_old_file_and_the_next_attempt_r
     cluster.start("node-c", "agent", cluster.root / "node-c.toml")
     eventually_sync(lambda: any(r["node"] == "node-c" and r["online"] for r in replicas(cluster)), timeout=60,
                     what="node-c back")
-    # The controller still waits for the ack of the command that died with the old process (its resync
-    # ack timeout is 600 s): an operator cancels that plan, as `selfheal cancel ID` does, and the engine
-    # makes the next attempt.
-    for plan in cluster.plans(found["id"]):
-        if plan["state"] == "running":
-            cancelled = cluster.cli("cancel", plan["id"])
-            assert cancelled.returncode == 0, cancelled.stderr
+    # The command died with the old process: the controller sees the agent's new session, fails that
+    # attempt at once (not after the 600 s resync ack timeout) and the engine makes the next one.
     eventually_sync(lambda: incident(cluster, "dataset_divergent", "node-c", "resolved") is not None, timeout=180,
                     what="the replica repaired by the next attempt")
     assert (shards / "big.bin").read_bytes() == original
     assert tree_listing(paths["node-c"]) == expected_names
     eventually_sync(lambda: agreement(cluster) == (1.0, 1.0), timeout=30, what="agreement 1.0 again")
+    assert len(entries(cluster, found["id"], "command_lost")) == 1
     results = entries(cluster, found["id"], "command_result")
     assert [r["status"] for r in results] == ["done"]
     assert "matches the authority" in results[0]["detail"]
