@@ -220,7 +220,8 @@ class Demo:
         before = self.unit("node-a", "etl")
         flow.hold.touch()  # fault injection: the next run waits before its second commit, so it is caught mid-run
         subprocess.run([sys.executable, "-m", "workloads.generate", "--landing", str(flow.landing), "--batches", "2",
-                        "--devices", "150", "--log-level", "warning"], check=False, env=self.env, capture_output=True)
+                        "--rows", "3000", "--devices", "100", "--log-level", "warning"],
+                       check=False, env=self.env, capture_output=True)
 
         def holding() -> bool:
             return (_read_json(flow.etl_progress).get("stage") == "holding"

@@ -127,7 +127,7 @@ def _pipeline_units(flow: Pipeline, node: str, port: int) -> str:
     if node != "node-a":
         return predict
     generate = _argv(python, "-m", "workloads.generate", "--landing", str(flow.landing), "--batches", "2",
-                     "--devices", "150")
+                     "--rows", "3000", "--devices", "100")
     train = _argv(python, "-m", "workloads.train", "--features", str(flow.features), "--models", str(flow.models),
                   "--trees", "40", "--tree-step", "10")
     etl = _argv(python, "-m", "workloads.etl", "--landing", str(flow.landing), "--output", str(flow.features),
