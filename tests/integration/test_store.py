@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 
+from controller.fleet import Fleet
+from controller.placement import Placements
 from controller.store import PlanRecord, SqliteStore
+from selfheal.wire import HostMetrics, NodeStatus, Report, UnitReport
 
 pytestmark = pytest.mark.integration
 
@@ -219,3 +222,33 @@ async def test_open_creates_the_state_directory(db_path: Path) -> None:
     store = await SqliteStore.open(db_path)
     await store.close()
     assert db_path.is_file()  # noqa: ASYNC240 - a stat in a test, not on a serving loop
+
+
+async def test_placements_survive_a_controller_restart_and_follow_each_move(db_path: Path) -> None:
+    """Where a movable singleton ran is what a restarted controller needs to migrate it off a dead node."""
+    fleet = Fleet()
+    for node, state in (("node-a", "running"), ("node-b", "stopped")):
+        fleet.apply(NodeStatus(node=node, session=1, state="online", ts=T0), T0)
+        fleet.apply(Report(node=node, session=1, seq=1, ts=T0, host=_host(),
+                           units=[UnitReport(name="predict", kind="process", state=state, fence_after=12.0)]), T0)
+    store = await SqliteStore.open(db_path)
+    placements = Placements()
+    placements.observe(fleet, offline=set(), now=T0)
+    await placements.save(store)
+    await store.close()
+
+    store = await SqliteStore.open(db_path)  # a new controller
+    restored = Placements()
+    await restored.load(store)
+    assert [(p.unit, p.node, p.fence_after) for p in restored.placements()] == [("predict", "node-a", 12.0)]
+    fleet.apply(Report(node="node-b", session=1, seq=2, ts=T0 + 5, host=_host(),
+                       units=[UnitReport(name="predict", kind="process", state="running", fence_after=12.0)]), T0 + 5)
+    restored.observe(fleet, offline={"node-a"}, now=T0 + 5)  # migrated: node-a is gone, node-b runs it
+    await restored.save(store)
+    assert [(p.unit, p.node) for p in await store.list_placements()] == [("predict", "node-b")]
+    await store.close()
+
+
+def _host() -> HostMetrics:
+    return HostMetrics(cpu_percent=1, load1=0, load5=0, load15=0, mem_total_bytes=1, mem_available_bytes=1,
+                       mem_percent=1, swap_percent=0)
