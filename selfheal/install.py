@@ -8,7 +8,8 @@ virtual environment that runs the command:
 - when the venv, the interpreter it links to, or the source checkout of an
   editable install lies under ``/home``, ``/root`` or ``/run/user``,
   ``ProtectHome=tmpfs`` with ``BindReadOnlyPaths=`` for those paths replaces
-  ``ProtectHome=yes`` (which would hide them);
+  ``ProtectHome=yes`` (which would hide them); under ``/tmp`` or ``/var/tmp``,
+  ``BindReadOnlyPaths=`` brings them into the private ones of ``PrivateTmp=yes``;
 - the agent gets ``ReadWritePaths=`` for what ``agent.toml`` says it writes:
   dataset replicas (repairs), unit working directories, a non-default state
   dir;
@@ -45,6 +46,8 @@ ROLES: tuple[Role, ...] = ("controller", "agent")
 STANDARD_VENV = "/opt/selfheal/venv"
 CONFIG_DIR = Path("/etc/selfheal")
 HOME_PREFIXES = ("/home", "/root", "/run/user")
+TMP_PREFIXES = ("/tmp", "/var/tmp")  # noqa: S108 - prefixes compared with paths, never written
+"""Hidden from the services by ``PrivateTmp=yes``: a venv or checkout there (a CI clone) is bound back in."""
 AGENT_USER = "selfheal-agent"
 DEFAULT_AGENT_STATE = "/var/lib/selfheal-agent"
 
@@ -93,7 +96,11 @@ def data_dir() -> Path:
 
 
 def under_home(path: str) -> bool:
-    return any(path == p or path.startswith(p + "/") for p in HOME_PREFIXES)
+    return _under(path, HOME_PREFIXES)
+
+
+def _under(path: str, prefixes: Sequence[str]) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in prefixes)
 
 
 def render_unit(template: str, layout: Layout, *, writable: Sequence[str] = ()) -> str:
@@ -108,6 +115,13 @@ def render_unit(template: str, layout: Layout, *, writable: Sequence[str] = ()) 
         lines += [f"BindReadOnlyPaths={_quote(p)}" for p in hidden_ro]
         lines += [f"BindPaths=-{_quote(p)}" for p in hidden_rw]
         text = _replace_line(text, "ProtectHome=yes", "\n".join(lines))
+    tmp_ro = [p for p in layout.read_paths if _under(p, TMP_PREFIXES)]
+    tmp_rw = [p for p in writable if _under(p, TMP_PREFIXES)]
+    if tmp_ro or tmp_rw:
+        lines = ["PrivateTmp=yes", "# selfheal lives under /tmp or /var/tmp: brought into the private ones."]
+        lines += [f"BindReadOnlyPaths={_quote(p)}" for p in tmp_ro]
+        lines += [f"BindPaths=-{_quote(p)}" for p in tmp_rw]
+        text = _replace_line(text, "PrivateTmp=yes", "\n".join(lines))
     if writable:
         lines = ["# Written by the agent (agent.toml: datasets, unit working directories, state_dir).",
                  "ReadWritePaths=" + " ".join(f"-{_quote(p)}" for p in writable)]

@@ -38,6 +38,17 @@ def test_render_unit_under_home_binds_only_what_it_needs() -> None:
     assert 'ReadWritePaths=-/srv/models -"/home/ops/data set"' in lines
 
 
+def test_render_unit_under_tmp_binds_it_into_the_private_tmp() -> None:
+    """A CI clone under /tmp: PrivateTmp=yes would hide the venv from the service."""
+    layout = Layout(executable="/tmp/ci/.venv/bin/selfheal", read_paths=("/tmp/ci", "/root/.pyenv/v"))
+    text = render_unit(TEMPLATE + "PrivateTmp=yes\n", layout, writable=["/var/tmp/data"])
+    lines = text.splitlines()
+    assert "PrivateTmp=yes" in lines
+    assert "BindReadOnlyPaths=/tmp/ci" in lines
+    assert "BindPaths=-/var/tmp/data" in lines
+    assert lines.index("PrivateTmp=yes") < lines.index("BindReadOnlyPaths=/tmp/ci")
+
+
 def test_under_home() -> None:
     assert under_home("/root")
     assert under_home("/home/x")
