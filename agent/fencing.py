@@ -39,8 +39,6 @@ CHECK_EVERY = 0.5
 """Seconds between looks at the connection while units could need fencing."""
 SLACK = 2.0
 """Seconds for the MQTT client's own keep-alive check and this loop's period."""
-
-
 WATCHDOG_ABORT = 10.0
 """``TimeoutAbortSec`` of the shipped agent unit: how long systemd waits before SIGKILL after a missed ping."""
 

@@ -167,7 +167,7 @@ class Supervisor:
         await entry.unit.stop()
 
     def is_running(self, name: str) -> bool:
-        return self._entry(name).unit.state in ("starting", "running")
+        return _alive(self._entry(name).unit)
 
     async def stop(self, name: str) -> Unit:
         """Stop one unit on the controller's command (an expected exit: nobody heals it).
@@ -214,9 +214,10 @@ class Supervisor:
         for entry in self.entries.values():
             report = entry.unit.report()
             if entry.probe is not None and entry.config.probe is not None:
+                alive = _alive(entry.unit)
                 report = msgspec.structs.replace(report, probe=_this_run(
-                    entry.probe.state if _alive(entry.unit) else None, entry.config.probe, report.started_at,
-                    why="pending" if _alive(entry.unit) else "not running"))
+                    entry.probe.state if alive else None, entry.config.probe, report.started_at,
+                    why="pending" if alive else "not running"))
             if entry.config.name in self.fence_after:
                 report = msgspec.structs.replace(report, fence_after=self.fence_after[entry.config.name],
                                                  fenced=entry.config.name in self.fenced)

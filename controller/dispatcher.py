@@ -169,9 +169,8 @@ class Dispatcher:
         return snapshot is not None and not is_offline(snapshot, self.clock.wall(), self.offline_after)
 
     def _refuse_second_copy(self, step: MigrateUnit) -> None:
-        snapshots = [s for n in list(self.fleet.nodes) if (s := self.fleet.snapshot(n)) is not None]
-        offline = {s.node for s in snapshots if is_offline(s, self.clock.wall(), self.offline_after)}
-        others = [n for n in runners(step.unit, snapshots, offline) if n != step.source]
+        snapshots, offline = self.fleet.snapshots(self.clock.wall(), self.offline_after)
+        others = [n for n in runners(step.unit, snapshots.values(), offline) if n != step.source]
         if others:
             raise PermanentRemediationError(f"{step.unit} already runs on {', '.join(others)}: starting it on "
                                             f"{step.target} would make a second copy")
@@ -184,7 +183,8 @@ class Dispatcher:
                 f"cannot migrate {step.unit}: its node {step.source} is unreachable and the unit is not a movable "
                 "singleton (no stop_after_disconnect), so a second copy could run")
         snapshot = self.fleet.snapshot(step.source)
-        heard = max(snapshot.last_seen if snapshot is not None else 0.0, 0.0) or self.started_at
+        # never heard from since this controller started: count from its start
+        heard = (snapshot.last_seen if snapshot is not None else 0.0) or self.started_at
         fenced_at = heard + fence_after
         wait = fenced_at - self.clock.wall()
         await audit("fence_wait", {"node": step.source, "unit": step.unit, "last_heard": heard,

@@ -240,9 +240,7 @@ class Engine:
         if snapshot is None:
             return False
         if key.startswith(("dataset_", "unit_lost/")):  # fleet-wide findings
-            now = self.clock.wall()
-            snapshots = {n: s for n in list(self.fleet.nodes) if (s := self.fleet.snapshot(n)) is not None}
-            offline = {n for n, s in snapshots.items() if is_offline(s, now, self.settings.offline_after)}
+            snapshots, offline = self.fleet.snapshots(self.clock.wall(), self.settings.offline_after)
             findings = (detect_lost_units(self.placements.placements(), snapshots, offline)
                         if key.startswith("unit_lost/") else observe_datasets(self.fleet, offline)[0])
             return any(f.key == key for f in findings)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from detectors.model import NodeSnapshot
+from detectors.presence import is_offline
 from selfheal.wire import (
     CommandResult,
     DatasetDigest,
@@ -202,6 +203,11 @@ class Fleet:
             return None
         return NodeSnapshot(node=node.id, online=node.online, last_seen=node.last_seen,
                             units=tuple(node.units.values()), reports=tuple(node.reports))
+
+    def snapshots(self, now: float, offline_after: float) -> tuple[dict[str, NodeSnapshot], set[str]]:
+        """Every node's snapshot, and which of them are offline at ``now``."""
+        snapshots = {n: s for n in list(self.nodes) if (s := self.snapshot(n)) is not None}
+        return snapshots, {n for n, s in snapshots.items() if is_offline(s, now, offline_after)}
 
     def unit(self, node_id: str, unit: str) -> UnitReport | None:
         node = self.nodes.get(node_id)

@@ -17,6 +17,7 @@ from controller.fleet import Fleet
 from controller.store import PlacementRecord, SqliteStore
 from detectors.placement import RUNNING, Placement
 from selfheal.logs import get_logger
+from selfheal.wire import UnitReport
 
 
 class Placements:
@@ -39,7 +40,8 @@ class Placements:
                 known = self.current.get(unit.name)
                 if known is not None and known.node == node_id and known.fence_after == unit.fence_after:
                     continue
-                if known is not None and known.node != node_id and _runs_on(fleet, known.node, unit.name, offline):
+                if known is not None and known.node != node_id and known.node not in offline \
+                        and _running(fleet.unit(known.node, unit.name)):
                     self.log.error("placement.two_copies", unit=unit.name, nodes=[known.node, node_id])
                     continue
                 record = PlacementRecord(unit.name, node_id, unit.fence_after, now)
@@ -61,7 +63,5 @@ class Placements:
         return record.fence_after if record is not None else None
 
 
-def _runs_on(fleet: Fleet, node: str, unit: str, offline: Collection[str]) -> bool:
-    state = fleet.nodes.get(node)
-    report = state.units.get(unit) if state is not None else None
-    return node not in offline and report is not None and report.state in RUNNING
+def _running(report: UnitReport | None) -> bool:
+    return report is not None and report.state in RUNNING

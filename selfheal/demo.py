@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -346,8 +346,8 @@ def run_demo(*, duration: float | None = None, keep: bool = False,
     return 0
 
 
-def _stop(procs: Any) -> None:
-    procs = list(procs)
+def _stop(running: Iterable[subprocess.Popen[bytes]]) -> None:
+    procs = list(running)
     for proc in reversed(procs):
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
