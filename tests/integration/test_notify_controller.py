@@ -56,7 +56,9 @@ def _config(tmp_path: Path, broker: Broker, url: str) -> Path:
         f'[controller]\nlisten = "127.0.0.1:{free_port()}"\nstate_dir = "{tmp_path / "state"}"\n'
         f"offline_after = 60.0\nack_timeout = 3.0\n"
         f'[[controller.notify]]\nkind = "slack"\nname = "ops-chat"\nurl = "{url}"\n'
-        f'matchers = {{ kind = "unit_*" }}\ngroup_wait = 0.2\ngroup_interval = 0.3\n'
+        # group_wait: long enough, on a loaded machine, for the plan started in the incident's first
+        # evaluation to join the opened message (the first FIRING message names the action)
+        f'matchers = {{ kind = "unit_*" }}\ngroup_wait = 1.0\ngroup_interval = 0.3\n'
         f'[security]\nkey_dir = "{tmp_path / "keys"}"\n')
     return path
 
