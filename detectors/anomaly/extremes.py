@@ -45,21 +45,34 @@ class RunningExtremes:
 
 
 class DecayingExtremes:
-    """Breakout beyond a high/low range that decays towards the centre with ``half_life`` seconds (0: never)."""
+    """Breakout beyond a high/low range that decays towards the centre with ``half_life`` seconds (0: never).
 
-    __slots__ = ("_centre", "_excess", "_high", "_last_ts", "_low", "half_life")
+    ``mature`` (seconds, 0: off) weighs a breakout by the history behind the range: the excess ratio is
+    multiplied by ``min(1, age / mature)``, where ``age`` is the time since this detector's first sample.
+    On a stationary series a new record at the n-th sample has probability about 2/n, so a record on a
+    young range is weak evidence and one on a month of history is strong. ``weight`` multiplies the ratio
+    as well (the fused detector's seasonal parts count at a fraction). A breakout from a range of zero
+    width (a flat series that moves) scores ``weight * min(1, age / mature)``, or 1 without ``mature``.
+    """
 
-    def __init__(self, half_life: float = 7 * 86400.0) -> None:
+    __slots__ = ("_centre", "_excess", "_first_ts", "_high", "_last_ts", "_low", "half_life", "mature", "weight")
+
+    def __init__(self, half_life: float = 7 * 86400.0, *, mature: float = 0.0, weight: float = 1.0) -> None:
         if not half_life >= 0:
             raise ValueError("half_life must be >= 0 (0: never forget)")
+        if not mature >= 0 or not 0 < weight <= 1:
+            raise ValueError("need mature >= 0 and 0 < weight <= 1")
         self.half_life = half_life or math.inf
-        self._last_ts = math.nan
+        self.mature = mature
+        self.weight = weight
+        self._first_ts = self._last_ts = math.nan
         self._centre = self._high = self._low = math.nan
         self._excess = 0.0
 
     def update(self, ts: float, value: float) -> float:
         if math.isnan(self._last_ts):
-            self._last_ts, self._centre, self._high, self._low = ts, value, value, value
+            self._first_ts = self._last_ts = ts
+            self._centre, self._high, self._low = value, value, value
             return 0.0
         keep = 0.5 ** ((ts - self._last_ts) / self.half_life)
         self._last_ts = ts
@@ -72,8 +85,12 @@ class DecayingExtremes:
         excess = max(value - self._high, self._low - value, 0.0)
         score = 0.0
         if excess > 0.0:
-            ratio = excess / span if span > 0.0 else math.inf
-            score = 1.0 if math.isinf(ratio) else ratio / (ratio + 1.0)
+            credit = self.weight * (min(1.0, (ts - self._first_ts) / self.mature) if self.mature else 1.0)
+            if span > 0.0:
+                ratio = excess / span * credit
+                score = ratio / (ratio + 1.0)
+            else:
+                score = credit
         self._excess = excess
         self._high = max(self._high, value)
         self._low = min(self._low, value)
@@ -82,4 +99,5 @@ class DecayingExtremes:
     def evidence(self) -> Evidence:
         if math.isnan(self._last_ts):
             return {}
-        return {"high": self._high, "low": self._low, "centre": self._centre, "excess": self._excess}
+        return {"high": self._high, "low": self._low, "centre": self._centre, "excess": self._excess,
+                "history_s": self._last_ts - self._first_ts}

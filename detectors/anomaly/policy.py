@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class AlertPolicySpec:
-    threshold: float = 0.025
+    threshold: float = 0.006
     """Score at or above which a sample counts: the shipped ``fused`` detector's reward_low_FP threshold
-    chosen on NAB half A (a breakout by 2.5 % of the all-time range)."""
+    chosen on NAB half A (0.0062, rounded): a breakout by 0.6 % of the all-time range once the range has
+    ``mature`` (60 days) of history, by 6 % at 6 days, by 60 % at 6 hours."""
     persistence: int = 1
     """N: counting samples needed among the last ``window``."""
     window: int = 1

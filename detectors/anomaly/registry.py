@@ -31,7 +31,7 @@ from detectors.anomaly.calibration import PeakGate, TailCalibrated
 from detectors.anomaly.ewma import EwmaZ
 from detectors.anomaly.extremes import DecayingExtremes, RunningExtremes
 from detectors.anomaly.forecast import ExhaustionForecast
-from detectors.anomaly.fused import DAY, HOUR, build_fused
+from detectors.anomaly.fused import DAY, HOUR, SEASONS, build_fused
 from detectors.anomaly.model import OrderedInput, StreamingDetector
 from detectors.anomaly.null import NullDetector
 from detectors.anomaly.random_scores import RandomDetector
@@ -74,7 +74,8 @@ def default_registry() -> dict[str, Kind]:
         "null": Kind(NullDetector, {"level": Param(0.5, minimum=0.0)}, "constant score (NAB's zero point)"),
         "random": Kind(RandomDetector, {"seed": Param(42)}, "seeded uniform scores (no-skill reference)"),
         "running_extremes": Kind(RunningExtremes, {}, "1 on a new all-time high or low (parameter-free baseline)"),
-        "extremes": Kind(DecayingExtremes, {"half_life": Param(7 * DAY, minimum=0.0)},
+        "extremes": Kind(DecayingExtremes, {
+            "half_life": Param(7 * DAY, minimum=0.0), "mature": Param(0.0, minimum=0.0)},
                          "breakout beyond a (decaying; half_life 0: all-time) high/low range"),
         "robust_z": Kind(RobustZ, {
             "window": Param(DAY, positive=True), "on": Param("level", choices=("level", "diff")),
@@ -89,8 +90,9 @@ def default_registry() -> dict[str, Kind]:
             "time until a linear trend reaches a limit"),
         "fused": Kind(build_fused, {
             "half_life": Param(0.0, minimum=0.0), "mean_span": Param(6 * HOUR, positive=True),
-            "season_period": Param(0.0, minimum=0.0), "season_bins": Param(168, minimum=1),
-            "season_keep": Param(4, minimum=1), "season_min_periods": Param(2, minimum=1),
+            "mature": Param(60 * DAY, minimum=0.0), "seasons": Param("daily+weekly", choices=tuple(SEASONS)),
+            "season_weight": Param(1 / 8, positive=True), "season_keep": Param(4, minimum=1),
+            "season_min_periods": Param(2, minimum=1),
             "hold": Param(12 * HOUR, positive=True), "warmup": Param(6 * HOUR, minimum=0.0)},
             "the shipped composite (see fused.py)"),
     }

@@ -15,6 +15,7 @@ from detectors.anomaly.ewma import EwmaZ
 from detectors.anomaly.extremes import DecayingExtremes, RunningExtremes
 from detectors.anomaly.forecast import ExhaustionForecast
 from detectors.anomaly.model import OrderedInput, StreamingDetector, squash_z
+from detectors.anomaly.policy import AlertPolicySpec
 from detectors.anomaly.registry import build_detector, default_registry
 from detectors.anomaly.robust import RobustZ
 from detectors.anomaly.rolling import RollingWindow
@@ -22,6 +23,7 @@ from detectors.anomaly.seasonal import SeasonalResidual
 from detectors.anomaly.smoothing import Resampled, RollingMean
 
 STEP = 300.0
+THRESHOLD = AlertPolicySpec().threshold  # the shipped alert threshold for fused
 T0 = 1_700_000_000.0
 
 
@@ -92,6 +94,28 @@ def test_decaying_extremes_forget_an_old_spike() -> None:
     feed(masked, values)
     assert later > 0.3
     assert masked.update(T0 + len(values) * STEP, 30.0) == 0.0
+
+
+def test_extremes_weigh_a_breakout_by_the_history_behind_the_range() -> None:
+    day = 86400.0
+    young, old = DecayingExtremes(0.0, mature=30 * day), DecayingExtremes(0.0, mature=30 * day)
+    feed(young, [0.0, 10.0], step=day)  # a range of 10
+    feed(old, [0.0, 10.0], step=30 * day)  # the same range, 30 days old
+    # A whole range beyond (r = 1) on two days of history earns 2/30 of a mature range's credit.
+    assert young.update(T0 + 2 * day, 20.0) == pytest.approx((2 / 30) / (1 + 2 / 30))
+    assert old.update(T0 + 60 * day + 1, 20.0) == pytest.approx(0.5)  # a whole range beyond: r = 1
+    assert young.evidence()["history_s"] == pytest.approx(2 * day)
+
+
+def test_extremes_weight_and_a_flat_range() -> None:
+    weighted = DecayingExtremes(0.0, weight=0.25)
+    feed(weighted, [0.0, 10.0])
+    assert weighted.update(T0 + 2 * STEP, 20.0) == pytest.approx(0.25 / 1.25)
+    flat_range = DecayingExtremes(0.0, mature=10 * STEP)
+    feed(flat_range, [5.0] * 5)  # a flat series for 4 steps of its 10-step maturity
+    assert flat_range.update(T0 + 5 * STEP, 6.0) == pytest.approx(0.5)  # credit 5/10, no ratio to size
+    with pytest.raises(ValueError, match="weight"):
+        DecayingExtremes(0.0, weight=0.0)
 
 
 # --- robust z and EWMA --------------------------------------------------------------------------
@@ -263,7 +287,7 @@ def test_fused_alarms_once_per_onset(tail: list[float], alarms: int, what: str) 
     detector = build_detector({"kind": "fused"})
     warm = feed(detector, flat(2000))  # a week of 5-minute samples
     scores = feed(detector, tail, start=T0 + 2000 * STEP)
-    assert sum(1 for s in scores if s >= 0.025) == alarms, what
+    assert sum(1 for s in scores if s >= THRESHOLD) == alarms, what
     # On pure noise the 6 h mean's range is narrow and its own new records score a little (docs/DETECTORS.md).
     assert max(warm[300:]) < 0.1
 
@@ -272,7 +296,18 @@ def test_fused_is_quiet_while_it_warms_up() -> None:
     detector = build_detector({"kind": "fused"})
     first = feed(detector, [10.0, 50.0, 0.0, *flat(69)])  # 6 h of 5-minute samples, wild ones among them
     assert max(first) == 0.0
-    assert detector.update(T0 + 72 * STEP, 150.0) == pytest.approx(2 / 3)  # then a breakout by twice the range
+    # Then a breakout by twice the range, weighed by 6 h of history against the 60 days of a mature range.
+    credit = 2.0 * 72 * STEP / (60 * 86400.0)
+    assert detector.update(T0 + 72 * STEP, 150.0) == pytest.approx(credit / (credit + 1.0))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_fused_makes_no_alarm_on_a_new_noisy_stream(seed: int) -> None:
+    # A fresh stream (a new node, every stream after a controller restart): its first mean, its first
+    # seasonal residual and its first few days of records must not read as breakouts.
+    detector = build_detector({"kind": "fused"})
+    scores = feed(detector, noise(3 * 288, seed=seed, spread=5.0))  # three days of 5-minute samples
+    assert max(scores) < THRESHOLD
 
 
 def test_fused_catches_a_level_shift_that_no_single_sample_does() -> None:
@@ -282,13 +317,50 @@ def test_fused_catches_a_level_shift_that_no_single_sample_does() -> None:
     feed(detector, history)
     onset, part = None, None
     for i, value in enumerate(shifted):
-        if detector.update(T0 + (len(history) + i) * STEP, value) >= 0.025:
+        if detector.update(T0 + (len(history) + i) * STEP, value) >= THRESHOLD:
             onset, part = i, detector.evidence()["part"]
             break
     assert onset is not None
     assert part == "mean"
     assert onset * STEP <= 6 * HOUR  # within one mean span of the shift
     assert max(shifted) < 20.0  # no single sample broke the range
+
+
+def daily_cycle(days: int, seed: int = 1, quiet_hours: range = range(0)) -> list[float]:
+    """5-minute samples of a busy day (peak 100 at 14:00 UTC, 20 at night) with noise; optionally quiet hours."""
+    rng = random.Random(seed)  # noqa: S311 - test data, not secrets
+    values = []
+    for i in range(days * 288):
+        hour = (T0 + i * STEP) % 86400.0 / 3600.0
+        busy = 20.0 + 80.0 * max(0.0, math.cos((hour - 14.0) / 24.0 * 2 * math.pi)) ** 2
+        values.append(busy + rng.gauss(0.0, 3.0))
+    for i in quiet_hours:
+        values[i] = 20.0 + rng.gauss(0.0, 3.0)  # the busy hours of that day stay at the night level
+    return values
+
+
+@pytest.mark.parametrize(("seasons", "caught"), [("daily+weekly", True), ("none", False)])
+def test_fused_catches_a_busy_day_gone_quiet_only_with_its_seasonal_parts(seasons: str, caught: bool) -> None:
+    days = 28
+    start = (days - 1) * 288
+    quiet_day = daily_cycle(days, quiet_hours=range(start, start + 288))  # every value inside the usual range
+    detector = build_detector({"kind": "fused", "seasons": seasons})
+    onset, part = None, None
+    for i, value in enumerate(quiet_day):
+        if detector.update(T0 + i * STEP, value) >= THRESHOLD and onset is None:
+            onset, part = i, detector.evidence()["part"]
+    if caught:
+        assert onset is not None
+        assert onset >= start, "no alarm before the quiet day"
+        assert part in {"daily", "weekly"}
+    else:
+        assert onset is None
+    assert min(quiet_day[start:]) > min(quiet_day[:start]) - 5  # the quiet day never left the all-time range
+
+
+def test_fused_is_quiet_on_a_steady_daily_cycle() -> None:
+    scores = feed(build_detector({"kind": "fused"}), daily_cycle(28, seed=2))
+    assert max(scores) < THRESHOLD
 
 
 # --- shared properties of every kind ------------------------------------------------------------
