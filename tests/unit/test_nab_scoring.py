@@ -20,6 +20,7 @@ from bench.nab_scoring import (
     sweep_file,
     sweep_thresholds,
 )
+from bench.nab_strict import strict_score
 
 STEP = 300.0
 STANDARD = PROFILES["standard"]
@@ -162,3 +163,21 @@ def test_honest_scoring_applies_each_half_s_threshold_to_the_other_half() -> Non
     assert result.half_a == pytest.approx(100.0)  # B's threshold 0.6 still catches A's hit
     assert result.honest == pytest.approx(50.0)
     assert result.optimised == pytest.approx(normalise(2.0 - 0.11, [*half_a, *half_b], STANDARD))
+
+
+def test_strict_scoring_chooses_the_variant_and_threshold_on_the_other_half() -> None:
+    times = np.arange(1000) * STEP
+    window = [(500 * STEP, 599 * STEP)]
+
+    def half(hit: float, false_alarm: float) -> list[FileRows]:
+        scores = np.zeros(1000)
+        scores[500], scores[200] = hit, false_alarm
+        return [sweep_file("f", times, scores, window)]
+
+    # "lucky" is perfect on half A and fooled on half B; "steady" pays one false alarm on A and is right on B.
+    rows = {"steady": (half(0.9, 0.95), half(0.9, 0.5)), "lucky": (half(0.8, 0.0), half(0.4, 0.7))}
+    result = strict_score(rows, STANDARD)
+    assert (result.chosen_on_a, result.chosen_on_b) == ("lucky", "steady")
+    assert result.half_b == pytest.approx(0.0)  # lucky at A's threshold (0.8) finds nothing in B
+    assert result.half_a == pytest.approx(normalise(1.0 - 0.11, rows["steady"][0], STANDARD))  # steady at 0.9
+    assert result.honest == pytest.approx((result.half_a + result.half_b) / 2)
