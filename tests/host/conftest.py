@@ -86,10 +86,10 @@ def build_image() -> str:
                  what="debootstrap", timeout=1500)
             partial.rename(rootfs)
             (rootfs / ".complete").touch()
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "--exclude=./.complete", "-c", "."], stdout=subprocess.PIPE)
-        done = subprocess.run([podman, "import", "--change", 'CMD ["/lib/systemd/systemd"]', "-", IMAGE],
-                              stdin=tar.stdout, capture_output=True, text=True, timeout=600, check=False)
-        tar.wait()
+        with subprocess.Popen(["tar", "-C", str(rootfs), "--exclude=./.complete", "-c", "."],
+                              stdout=subprocess.PIPE) as tar:  # the context closes the pipe and waits
+            done = subprocess.run([podman, "import", "--change", 'CMD ["/lib/systemd/systemd"]', "-", IMAGE],
+                                  stdin=tar.stdout, capture_output=True, text=True, timeout=600, check=False)
         if done.returncode != 0:
             pytest.fail(f"podman import failed: {done.stderr[-3000:]}")
     return IMAGE

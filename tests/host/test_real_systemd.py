@@ -43,6 +43,7 @@ def test_start_reaches_ready_and_the_node_comes_online(installed: SystemdHost, c
 def test_sigstop_makes_the_watchdog_restart_the_agent(installed: SystemdHost) -> None:
     host = installed
     before = host.show(AGENT, "MainPID", "NRestarts")
+    assert int(before["MainPID"]) > 0, f"the agent is not running: {before}"  # kill -STOP 0 would stop the shell
     host.sh(f"kill -STOP {before['MainPID']}")  # sh's kill: minbase has no procps
     after = host.wait_show(AGENT, lambda s: s["NRestarts"] != before["NRestarts"] and s["ActiveState"] == "active"
                            and s["SubState"] == "running" and s["MainPID"] not in ("0", before["MainPID"]),
