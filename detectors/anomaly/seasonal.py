@@ -16,7 +16,7 @@ the sampling rate. Slots are aligned to the epoch (UTC).
 from __future__ import annotations
 
 import statistics
-from collections import deque
+from array import array
 
 from detectors.anomaly.model import Evidence, StreamingDetector
 
@@ -27,11 +27,13 @@ class SeasonalResidual:
     __slots__ = (
         "_expected",
         "_inner",
+        "_means",
         "_slot",
         "_slot_count",
         "_slot_sum",
-        "_slots",
+        "_written",
         "bins",
+        "keep",
         "min_periods",
         "period",
     )
@@ -43,8 +45,12 @@ class SeasonalResidual:
         self._inner = inner
         self.period = period
         self.bins = bins
+        self.keep = keep
         self.min_periods = min_periods
-        self._slots: list[deque[float]] = [deque(maxlen=keep) for _ in range(bins)]
+        # Slot i's last `keep` means are a ring at _means[i*keep:(i+1)*keep]; _written[i] counts means stored.
+        # Flat arrays: one deque per slot cost ~600 bytes each, 120 KB for a week of hourly slots.
+        self._means = array("d", bytes(8 * bins * keep))
+        self._written = array("L", bytes(array("L").itemsize * bins))
         self._slot: int | None = None
         self._slot_sum = 0.0
         self._slot_count = 0
@@ -54,16 +60,21 @@ class SeasonalResidual:
         slot = int((ts % self.period) / self.period * self.bins) % self.bins
         if slot != self._slot:
             if self._slot is not None and self._slot_count:
-                self._slots[self._slot].append(self._slot_sum / self._slot_count)
+                self._store(self._slot, self._slot_sum / self._slot_count)
             self._slot, self._slot_sum, self._slot_count = slot, 0.0, 0
-        history = self._slots[slot]
+        held = min(self._written[slot], self.keep)
         score = 0.0
-        if len(history) >= self.min_periods:
-            self._expected = statistics.median(history)
+        if held >= self.min_periods:
+            start = slot * self.keep
+            self._expected = statistics.median(self._means[start:start + held])
             score = self._inner.update(ts, value - self._expected)
         self._slot_sum += value
         self._slot_count += 1
         return score
+
+    def _store(self, slot: int, mean: float) -> None:
+        self._means[slot * self.keep + self._written[slot] % self.keep] = mean
+        self._written[slot] += 1
 
     def evidence(self) -> Evidence:
         inner = self._inner.evidence()

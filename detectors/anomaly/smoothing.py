@@ -16,7 +16,7 @@ score is held for the samples in between.
 from __future__ import annotations
 
 import math
-from collections import deque
+from array import array
 
 from detectors.anomaly.model import Evidence, StreamingDetector
 
@@ -24,7 +24,7 @@ from detectors.anomaly.model import Evidence, StreamingDetector
 class RollingMean:
     """The inner detector sees the mean of the last ``span`` seconds (kept in ``buckets`` sums)."""
 
-    __slots__ = ("_buckets", "_first_ts", "_inner", "_width", "buckets", "span")
+    __slots__ = ("_counts", "_first_ts", "_index", "_inner", "_sums", "_width", "buckets", "span")
 
     def __init__(self, inner: StreamingDetector, span: float, buckets: int = 12) -> None:
         if span <= 0 or buckets < 1:
@@ -33,24 +33,29 @@ class RollingMean:
         self.span = span
         self.buckets = buckets
         self._width = span / buckets
-        self._buckets: deque[list[float]] = deque()
+        # A ring of bucket sums: slot i holds bucket number _index[i] (a bucket is `span / buckets` seconds).
+        self._index = array("q", [-1] * buckets)
+        self._sums = array("d", bytes(8 * buckets))
+        self._counts = array("d", bytes(8 * buckets))
         self._first_ts = math.nan
 
     def update(self, ts: float, value: float) -> float:
         if math.isnan(self._first_ts):
             self._first_ts = ts
         index = math.floor(ts / self._width)
-        if self._buckets and self._buckets[-1][0] == index:
-            self._buckets[-1][1] += value
-            self._buckets[-1][2] += 1
-        else:
-            self._buckets.append([index, value, 1])
-        while self._buckets[0][0] <= index - self.buckets:
-            self._buckets.popleft()
+        slot = index % self.buckets
+        if self._index[slot] != index:
+            self._index[slot], self._sums[slot], self._counts[slot] = index, 0.0, 0.0
+        self._sums[slot] += value
+        self._counts[slot] += 1.0
         if ts - self._first_ts < self.span:
             return 0.0  # not a full span yet: a partial mean would break out by construction
-        total = sum(bucket[1] for bucket in self._buckets)
-        count = sum(bucket[2] for bucket in self._buckets)
+        oldest = index - self.buckets
+        total = count = 0.0
+        for number, bucket_sum, bucket_count in zip(self._index, self._sums, self._counts, strict=True):
+            if number > oldest:
+                total += bucket_sum
+                count += bucket_count
         return self._inner.update(ts, total / count)
 
     def evidence(self) -> Evidence:

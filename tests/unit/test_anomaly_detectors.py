@@ -6,6 +6,7 @@ import math
 import pickle
 import random
 import statistics
+import tracemalloc
 from collections.abc import Iterable, Mapping
 
 import pytest
@@ -392,6 +393,21 @@ def test_state_stays_bounded(spec: Mapping[str, object]) -> None:
     early = len(pickle.dumps(detector))
     feed(detector, noise(12000, seed=2), step=60.0, start=T0 + 3000 * 60.0)
     assert len(pickle.dumps(detector)) < early * 1.5 + 2000
+
+
+
+def test_fused_state_is_a_few_kilobytes() -> None:
+    # The controller keeps one per (watch, node, unit), up to 50,000: the 192 seasonal slots of 4 periods
+    # are flat arrays (6 KB), not a deque per slot (~120 KB).
+    values = noise(15 * 1440, spread=5.0)  # 15 days of minutes: every slot filled
+    tracemalloc.start()
+    try:
+        detector = build_detector({"kind": "fused", "step": 60})
+        feed(detector, values, step=60.0)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 32_000
 
 
 def test_ordered_input_drops_repeats_reversals_and_non_finite_values() -> None:
