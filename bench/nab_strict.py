@@ -21,17 +21,25 @@ DAY = 86400.0
 HOUR = 3600.0
 
 
+SEASON_OPTIONS = (("none", 1.0), ("daily+weekly", 1.0), ("daily+weekly", 1 / 2), ("daily+weekly", 1 / 8),
+                  ("daily+weekly", 1 / 16), ("daily+weekly", 1 / 32), ("daily", 1 / 8), ("weekly", 1 / 8))
+"""Seasonal parts and their weight, as explored."""
+
+
 def family() -> dict[str, dict[str, object]]:
     """Every variant of ``fused`` that was measured while designing it, by a short name."""
     variants: dict[str, dict[str, object]] = {}
-    seasons = [("none", 1 / 16), ("daily+weekly", 1 / 8), ("daily+weekly", 1 / 16), ("daily+weekly", 1 / 32)]
-    for mean_span, mature, (season, weight), hold in itertools.product(
-            (6 * HOUR, 12 * HOUR), (0.0, 30 * DAY, 60 * DAY), seasons, (6 * HOUR, 12 * HOUR)):
-        name = (f"mean {mean_span / HOUR:.0f}h, mature {mature / DAY:.0f}d, "
-                f"{season if season == 'none' else f'{season} at 1/{1 / weight:.0f}'}, hold {hold / HOUR:.0f}h")
-        variants[name] = {"kind": "fused", "mean_span": mean_span, "mature": mature, "seasons": season,
+    for mean_span, mature, (seasons, weight), hold in itertools.product(
+            (6 * HOUR, 12 * HOUR), (0.0, 30 * DAY, 60 * DAY), SEASON_OPTIONS, (6 * HOUR, 12 * HOUR)):
+        parts = "no seasons" if seasons == "none" else f"{seasons} at {_fraction(weight)}"
+        name = f"mean {mean_span / HOUR:.0f}h, mature {mature / DAY:.0f}d, {parts}, hold {hold / HOUR:.0f}h"
+        variants[name] = {"kind": "fused", "mean_span": mean_span, "mature": mature, "seasons": seasons,
                           "season_weight": weight, "hold": hold}
     return variants
+
+
+def _fraction(weight: float) -> str:
+    return "1" if weight == 1 else f"1/{1 / weight:.0f}"
 
 
 @dataclass(frozen=True, slots=True)
