@@ -54,6 +54,8 @@ class _Stream:
     admitted: bool = False
     last_ts: float = 0.0
     window: list[tuple[float, float, float]] = field(default_factory=list)
+    peak_evidence: dict[str, object] = field(default_factory=dict)
+    """The detector's evidence at the alert's peak score (what set it off), not at the latest sample."""
 
 
 class AnomalyWatch:
@@ -104,6 +106,8 @@ class AnomalyWatch:
         score = stream.detector.update(ts, value)
         self.samples += 1
         verdict = stream.policy.observe(ts, score)
+        if verdict.raised and score >= stream.policy.peak:
+            stream.peak_evidence = dict(stream.detector.evidence())
         stream.window.append((ts, value, score))
         del stream.window[:-WINDOW]
         stream.last_ts = ts
@@ -125,7 +129,7 @@ class AnomalyWatch:
                 kind="metric_anomaly", node=node, unit=unit or None, severity=spec.severity,
                 summary=f"{spec.metric} of {what} is anomalous ({name}: score {stream.policy.peak:.2f})",
                 evidence={"watch": name, "metric": spec.metric, "score": round(stream.policy.peak, 4),
-                          "detector": dict(stream.detector.evidence()),
+                          "detector": stream.peak_evidence, "detector_now": dict(stream.detector.evidence()),
                           "window": [{"ts": ts, "value": v, "score": round(s, 4)} for ts, v, s in stream.window]}))
         return out
 

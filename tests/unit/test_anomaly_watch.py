@@ -102,3 +102,25 @@ def test_a_disk_filling_up_is_forecast_before_it_is_full() -> None:
     assert findings
     assert findings[0].unit is None
     assert max(s["value"] for s in findings[0].evidence["window"]) < 95
+
+
+def test_a_fused_watch_finds_a_unit_that_breaks_out_after_weeks_of_history() -> None:
+    # 1 s-style reports resampled to minutes; 20 days of a steady unit, then its memory jumps by half its range.
+    spec = WatchSpec(name="unit-memory", metric="unit.rss_bytes", detector={"kind": "fused", "step": 60},
+                     policy=AlertPolicySpec())
+    watch = AnomalyWatch([spec])
+    start, seq = 1_700_000_000.0, 0
+    for minute in range(20 * 1440):
+        seq += 1
+        watch.observe(report("n1", start + minute * 60.0, seq, rss={"svc": 500 + (minute * 7919) % 100}))
+    assert watch.findings("n1") == []
+    for minute in range(20 * 1440, 20 * 1440 + 5):
+        seq += 1
+        watch.observe(report("n1", start + minute * 60.0, seq, rss={"svc": 650}))
+    [finding] = watch.findings("n1")
+    assert finding.unit == "svc"
+    detector = finding.evidence["detector"]  # as it stood at the alert's peak, not at the latest sample
+    assert detector["part"] == "level"
+    assert detector["history_s"] >= 19 * 86400
+    assert detector["excess"] > 0
+    assert finding.evidence["detector_now"]["part"] == "mean"  # now only the 6 h mean still climbs
