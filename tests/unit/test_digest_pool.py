@@ -121,15 +121,29 @@ def test_a_large_file_growing_while_a_worker_reads_it_makes_the_dataset_settling
 
 
 def _before_reopening(monkeypatch: pytest.MonkeyPatch, rel: str, action: Callable[[], object]) -> None:
-    """Run ``action`` just before the walker opens ``rel`` again to hand it over (it had no room before)."""
-    real = reading.open_beneath
+    """Run ``action`` just before the walker opens ``rel`` again to hand it over (it had no room before).
+
+    The pool says it has no room until the walk has met ``rel``, so ``rel`` is always kept for later and
+    opened again, whatever the timing (on an idle machine the workers could otherwise keep up)."""
+    real_open, real_file, real_has_room = reading.open_beneath, trees._Walk.file, pool.HashPool.has_room
+    met: list[str] = []
 
     def open_beneath(root: str, parts: tuple[str, ...], *, directory: bool = False) -> int:
         if "/".join(parts) == rel:
             action()
-        return real(root, parts, directory=directory)
+        return real_open(root, parts, directory=directory)
+
+    def file(self: trees._Walk, fd: int, name: str, path: str, st: os.stat_result) -> object:
+        found = real_file(self, fd, name, path, st)
+        met.extend([path] if path == rel else [])
+        return found
+
+    def has_room(self: pool.HashPool) -> bool:
+        return bool(met) and real_has_room(self)
 
     monkeypatch.setattr(trees, "open_beneath", open_beneath)
+    monkeypatch.setattr(trees._Walk, "file", file)
+    monkeypatch.setattr(pool.HashPool, "has_room", has_room)
 
 
 def test_a_large_file_gone_before_the_pool_had_room_makes_the_dataset_settling(
