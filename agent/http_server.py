@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import uvicorn
 from starlette.applications import Starlette
 
-from selfheal.config import split_host_port
+from selfheal.config_checks import split_host_port
 
 WILDCARDS = ("0.0.0.0", "::", "")  # noqa: S104 - recognised, not bound here
 

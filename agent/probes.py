@@ -28,7 +28,8 @@ from contextlib import AsyncExitStack, suppress
 import httpx
 
 from selfheal.clocks import Clock
-from selfheal.config import ProbeConfig, split_host_port
+from selfheal.config import ProbeConfig
+from selfheal.config_checks import split_host_port
 from selfheal.errors import SelfhealError
 from selfheal.logs import get_logger
 from selfheal.wire import EventBody, ProbeChanged, ProbeState

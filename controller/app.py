@@ -41,7 +41,8 @@ from rules.loader import load_rulebooks
 from rules.model import Rulebook
 from selfheal import wire
 from selfheal.clocks import Clock, SystemClock
-from selfheal.config import Config, NotifyConfig, split_host_port
+from selfheal.config import Config, NotifyConfig
+from selfheal.config_checks import split_host_port
 from selfheal.errors import RulebookError, WireError
 from selfheal.keys import read_key
 from selfheal.logs import RateLimiter, get_logger

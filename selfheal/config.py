@@ -13,17 +13,17 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
+from selfheal.config_checks import check_config, split_host_port
 from selfheal.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/selfheal/selfheal.toml")
 ENV_PREFIX = "SELFHEAL_"
-NODE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -340,13 +340,6 @@ class Config(_Section, frozen=True, kw_only=True):
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
 
-def split_host_port(value: str, *, what: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{value!r} is not HOST:PORT", path=what)
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 def load_config(path: Path | str | None = None, *, env: Mapping[str, str] | None = None,
                 role: Literal["agent", "controller", "any"] = "any") -> Config:
     """Read, merge and validate a config; raises ``ConfigError`` naming the key path."""
@@ -373,9 +366,7 @@ def load_config(path: Path | str | None = None, *, env: Mapping[str, str] | None
             message = "unknown key"
         raise ConfigError(message, source=source, path=path) from None
     try:
-        _check(config, source, role)
-        _check_notify(config.controller.notify, source)
-        _check_promql(config.controller, source)
+        check_config(config, source, role)
     except ConfigError as exc:
         if exc.source:
             raise
@@ -401,273 +392,3 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
             node[keys[-1]] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             node[keys[-1]] = value
-
-
-def _check(config: Config, source: str, role: str) -> None:
-    def fail(message: str, path: str) -> None:
-        raise ConfigError(message, source=source, path=path)
-
-    config.mqtt.host_port()
-    split_host_port(config.controller.listen, what="controller.listen")
-    split_host_port(config.agent.listen, what="agent.listen")
-    for name in ("keepalive", "reconnect_max"):
-        if getattr(config.mqtt, name) <= 0:
-            fail("must be > 0", f"mqtt.{name}")
-    for name in ("offline_after", "command_ttl", "ack_timeout"):
-        if getattr(config.controller, name) <= 0:
-            fail("must be > 0", f"controller.{name}")
-    if config.controller.history < 1 or config.controller.max_nodes < 1:
-        fail("must be >= 1", "controller.history")
-    budget = config.controller.budget
-    if budget.max_concurrent < 1:
-        fail("must be >= 1", "controller.budget.max_concurrent")
-    for name in ("max_node_share", "max_replica_share"):
-        if not 0 < getattr(budget, name) <= 1:
-            fail("must be in (0, 1]", f"controller.budget.{name}")
-    agent = config.agent
-    if role == "agent" and not agent.node_id:
-        fail("required to run an agent", "agent.node_id")
-    if agent.node_id and not NODE_ID_RE.match(agent.node_id):
-        fail(f"{agent.node_id!r} must match [a-z0-9][a-z0-9-]{{0,62}}", "agent.node_id")
-    if agent.interval <= 0:
-        fail("must be > 0", "agent.interval")
-    seen: set[str] = set()
-    for i, unit in enumerate(agent.units):
-        at = f"agent.units[{i}]"
-        if not NODE_ID_RE.match(unit.name):
-            fail(f"{unit.name!r} must match [a-z0-9][a-z0-9-]{{0,62}}", f"{at}.name")
-        if unit.name in seen:
-            fail(f"duplicate unit name {unit.name!r}", f"{at}.name")
-        seen.add(unit.name)
-        _check_unit(unit, at, fail)
-        probe = unit.probe
-        if probe is None:
-            continue
-        if probe.interval <= 0 or probe.timeout <= 0 or probe.failures < 1:
-            fail("interval and timeout must be > 0, failures >= 1", f"{at}.probe")
-        if probe.kind == "exec" and not (isinstance(probe.target, list) and probe.target):
-            fail("an exec probe's target is a non-empty argv list", f"{at}.probe.target")
-        if probe.kind != "exec" and not isinstance(probe.target, str):
-            fail(f"a {probe.kind} probe's target is a string", f"{at}.probe.target")
-        if probe.kind == "http" and not str(probe.target).startswith(("http://", "https://")):
-            fail("an http probe's target is an http:// or https:// URL", f"{at}.probe.target")
-        if probe.kind == "tcp":
-            split_host_port(str(probe.target), what=f"{at}.probe.target")
-    _check_datasets(agent, fail)
-
-
-UNIT_KINDS = ("process", "spark", "docker", "systemd")
-"""Unit kinds this release implements."""
-
-
-def _check_unit(unit: UnitConfig, at: str, fail: Callable[[str, str], None]) -> None:
-    """One unit's kind-specific keys, schedule and progress (the probe is checked by ``_check``)."""
-    if unit.kind not in UNIT_KINDS:
-        fail(f"unit kind {unit.kind!r} is not available in this release (only {', '.join(map(repr, UNIT_KINDS))})",
-             f"{at}.kind")
-    spark = unit.spark
-    if unit.kind == "process" and not unit.command:
-        fail("a process unit needs a non-empty command", f"{at}.command")
-    _check_kind_tables(unit, at, fail)
-    if unit.kind == "spark":
-        application = spark.application if spark is not None else None
-        if bool(application) == bool(unit.command):
-            fail("a spark unit needs either spark.application (spark-submit) or command (the driver), "
-                 "not both", f"{at}.command")
-        if spark is not None:
-            if not spark.master.strip():
-                fail("must be a Spark master URL such as local[*] or spark://host:7077", f"{at}.spark.master")
-            if not 0 <= spark.ui_port <= 65535:
-                fail("must be a port, 0 picks a free one", f"{at}.spark.ui_port")
-    if unit.stop_grace < 0:
-        fail("must be >= 0", f"{at}.stop_grace")
-    if unit.stop_after_disconnect is not None:
-        if unit.stop_after_disconnect <= 0:
-            fail("must be > 0 seconds (leave it out for a unit that stays put)", f"{at}.stop_after_disconnect")
-        if unit.kind not in ("process", "spark"):
-            fail(f"a {unit.kind} unit outlives its agent, so it cannot be fenced by one; only process and "
-                 "spark units can be movable singletons", f"{at}.stop_after_disconnect")
-    if unit.every is not None and unit.every <= 0:
-        fail("must be > 0 seconds (leave it out for a long-running service)", f"{at}.every")
-    if unit.progress_file is not None and not unit.progress_file.strip():
-        fail("must be a path (or left out)", f"{at}.progress_file")
-    if unit.stall_after is not None:
-        if unit.stall_after <= 0:
-            fail("must be > 0 seconds", f"{at}.stall_after")
-        if unit.progress_file is None and unit.kind != "spark":
-            fail("needs progress_file: without progress there is nothing to stall", f"{at}.stall_after")
-        ui_off = spark is not None and spark.conf.get("spark.ui.enabled", "").strip().lower() == "false"
-        if unit.progress_file is None and ui_off:
-            fail("needs progress_file: with spark.ui.enabled = false Spark's task counts are not read",
-                 f"{at}.stall_after")
-
-
-SYSTEMD_SERVICE_RE = re.compile(r"^(?!-)[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.service$")
-"""A service name as systemd spells it (``name.service``, ``name@instance.service``; never an option)."""
-_SYSTEMD_SUFFIXES = (".service", ".socket", ".target", ".device", ".mount", ".automount", ".swap", ".timer",
-                     ".path", ".slice", ".scope")
-CONTAINER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
-"""A container name as Docker accepts it."""
-
-
-def systemd_service(name: str) -> str:
-    """The full service name of ``systemd.unit``: ``.service`` added to a bare name, as systemctl does."""
-    return name if name.endswith(_SYSTEMD_SUFFIXES) else f"{name}.service"
-
-
-def _check_kind_tables(unit: UnitConfig, at: str, fail: Callable[[str, str], None]) -> None:
-    """Each kind's own table is there when the kind needs it, and only for that kind."""
-    for key in ("spark", "docker", "systemd"):
-        if getattr(unit, key) is not None and unit.kind != key:
-            fail(f"only a {key} unit has a [{key}] table", f"{at}.{key}")
-    if unit.kind == "docker":
-        _check_docker(unit, f"{at}.docker", fail)
-        if unit.cwd is not None:
-            fail("a docker unit runs where its image says (WORKDIR); cwd is for process units", f"{at}.cwd")
-    if unit.kind == "systemd":
-        systemd = unit.systemd
-        if systemd is None:
-            fail("a systemd unit needs [systemd] with unit = \"NAME.service\"", f"{at}.systemd")
-            return
-        if not SYSTEMD_SERVICE_RE.match(systemd_service(systemd.unit)):
-            fail(f"{systemd.unit!r} is not a service name such as predict.service", f"{at}.systemd.unit")
-        for key in ("poll", "job_timeout"):
-            if not getattr(systemd, key) > 0:
-                fail("must be > 0 seconds", f"{at}.systemd.{key}")
-        if not systemd.systemctl.strip():
-            fail("must name the systemctl program", f"{at}.systemd.systemctl")
-        for key in ("command", "env", "cwd"):
-            if getattr(unit, key):
-                fail(f"a systemd unit runs as its unit file says; {key} is for process units", f"{at}.{key}")
-
-
-def _check_docker(unit: UnitConfig, at: str, fail: Callable[[str, str], None]) -> None:
-    docker = unit.docker
-    if docker is None:
-        fail("a docker unit needs [docker] with container = \"NAME\"", at)
-        return
-    if not CONTAINER_NAME_RE.match(docker.container):
-        fail(f"{docker.container!r} is not a container name ([a-zA-Z0-9][a-zA-Z0-9_.-]*)", f"{at}.container")
-    if docker.image is not None and not docker.image.strip():
-        fail("must name an image (or be left out)", f"{at}.image")
-    if docker.url is not None and not docker.url.startswith(("unix://", "tcp://", "http://", "https://", "ssh://")):
-        fail("must be unix:///path/docker.sock, tcp://host:port, http(s)://host:port or ssh://host", f"{at}.url")
-    if not docker.poll > 0 or not docker.timeout > 0:
-        fail("poll and timeout must be > 0 seconds", at)
-    if docker.stats_interval < 0:
-        fail("must be >= 0 seconds (0: resource use is not read)", f"{at}.stats_interval")
-    for name, limits in docker.ulimits.items():
-        if len(limits) != 2 or not 0 <= limits[0] <= limits[1]:
-            fail("must be [soft, hard] with 0 <= soft <= hard", f"{at}.ulimits.{name}")
-    for volume in docker.volumes:
-        parts = volume.split(":")
-        if len(parts) not in (2, 3) or not parts[0] or not parts[1].startswith("/") or \
-                (len(parts) == 3 and parts[2] not in ("ro", "rw")):
-            fail(f"{volume!r} is not SOURCE:/container/path[:ro|rw]", f"{at}.volumes")
-    for port, host in docker.ports.items():
-        number, _, proto = port.partition("/")
-        if not number.isdigit() or proto not in ("", "tcp", "udp", "sctp"):
-            fail(f"{port!r} is not a container port such as 80/tcp", f"{at}.ports")
-        if not host.rpartition(":")[2].isdigit():
-            fail(f"{host!r} is not a host PORT or IP:PORT", f"{at}.ports.{port}")
-    if docker.image is None:
-        # Nothing is created, so nothing would take these: say so rather than ignore them.
-        creates = {"command": unit.command, "env": unit.env, "docker.network": docker.network,
-                   "docker.ports": docker.ports, "docker.volumes": docker.volumes,
-                   "docker.ulimits": docker.ulimits, "docker.labels": docker.labels, "docker.user": docker.user}
-        for key, value in creates.items():
-            if value:
-                fail("only applies to a container the agent creates: set docker.image, or configure "
-                     "the container where it is created", f"{at.rpartition('.')[0]}.{key}")
-
-
-def _check_datasets(agent: AgentConfig, fail: Callable[[str, str], None]) -> None:
-    """The ``agent.datasets`` part of ``_check``."""
-    if len(agent.datasets) > 200:
-        fail("at most 200 datasets per agent (their digests share one message)", "agent.datasets")
-    datasets: set[str] = set()
-    for i, dataset in enumerate(agent.datasets):
-        at = f"agent.datasets[{i}]"
-        if not NODE_ID_RE.match(dataset.name):
-            fail(f"{dataset.name!r} must match [a-z0-9][a-z0-9-]{{0,62}}", f"{at}.name")
-        if dataset.name in datasets:
-            fail(f"duplicate dataset name {dataset.name!r}", f"{at}.name")
-        datasets.add(dataset.name)
-        if not Path(dataset.path).is_absolute():
-            fail(f"{dataset.path!r} is not an absolute path", f"{at}.path")
-        for key in ("include", "exclude"):
-            for pattern in getattr(dataset, key):
-                if not pattern or pattern.startswith("/") or "\\" in pattern or ".." in pattern.split("/"):
-                    fail(f"{pattern!r} must be a non-empty relative glob without '..' or '\\'", f"{at}.{key}")
-        for key in ("scan_interval", "deep_scan_interval"):
-            if getattr(dataset, key) <= 0:
-                fail("must be > 0", f"{at}.{key}")
-        if dataset.read_bandwidth < 0:
-            fail("must be >= 0 (0: unlimited)", f"{at}.read_bandwidth")
-        if not 4096 <= dataset.chunk_size <= 64 * 1024 * 1024:
-            fail("must be between 4096 and 67108864 bytes", f"{at}.chunk_size")
-        if dataset.manifest is not None and not dataset.manifest.strip():
-            fail("must be a path (or left out)", f"{at}.manifest")
-
-
-NOTIFY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-
-
-def _check_notify(destinations: list[NotifyConfig], source: str) -> None:
-    """Chat destinations; messages never quote a URL (it is a secret)."""
-    def fail(message: str, path: str) -> None:
-        raise ConfigError(message, source=source, path=path)
-
-    names: set[str] = set()
-    for i, notify in enumerate(destinations):
-        at = f"controller.notify[{i}]"
-        scheme, sep, rest = notify.url.partition("://")
-        if scheme not in ("http", "https") or not sep or not rest.split("/")[0]:
-            fail("must be an http:// or https:// URL (the value is a secret and is not shown)", f"{at}.url")
-        name = notify.name or f"{notify.kind}-{i}"
-        if not NOTIFY_NAME_RE.match(name):
-            fail(f"{name!r} must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,62}}", f"{at}.name")
-        if name in names:
-            fail(f"duplicate destination name {name!r}", f"{at}.name")
-        names.add(name)
-        for label, glob in notify.matchers.items():
-            if not label or not glob:
-                fail("label names and globs must be non-empty", f"{at}.matchers")
-        if not notify.group_by or not all(notify.group_by):
-            fail("needs at least one label name, none empty", f"{at}.group_by")
-        if notify.group_wait < 0:
-            fail("must be >= 0", f"{at}.group_wait")
-        for key in ("group_interval", "repeat_interval", "rate", "timeout"):
-            if getattr(notify, key) <= 0:
-                fail("must be > 0", f"{at}.{key}")
-        if notify.burst < 1:
-            fail("must be >= 1", f"{at}.burst")
-
-
-def _check_promql(controller: ControllerConfig, source: str) -> None:
-    """PromQL sources and inbound alerts."""
-    def fail(message: str, path: str) -> None:
-        raise ConfigError(message, source=source, path=path)
-
-    names: set[str] = set()
-    for i, entry in enumerate(controller.promql):
-        at = f"controller.promql[{i}]"
-        if not NOTIFY_NAME_RE.match(entry.name):
-            fail(f"{entry.name!r} must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,62}}", f"{at}.name")
-        if entry.name in names:
-            fail(f"duplicate promql name {entry.name!r}", f"{at}.name")
-        names.add(entry.name)
-        scheme, sep, rest = entry.url.partition("://")
-        if scheme not in ("http", "https") or not sep or not rest.split("/")[0]:
-            fail("must be an http:// or https:// URL", f"{at}.url")
-        if not entry.query.strip():
-            fail("must not be empty", f"{at}.query")
-        if not entry.for_node:
-            fail("must name a label", f"{at}.for_node")
-        for key in ("interval", "timeout"):
-            if not getattr(entry, key) > 0:
-                fail("must be > 0", f"{at}.{key}")
-    if not controller.alerts.ttl > 0:
-        fail("must be > 0", "controller.alerts.ttl")
-    if controller.alerts.max_alerts < 1:
-        fail("must be >= 1", "controller.alerts.max_alerts")

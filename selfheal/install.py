@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Literal, TextIO
 
 import selfheal
-from selfheal.config import NODE_ID_RE, Config, load_config, systemd_service
+from selfheal.config import Config, load_config
+from selfheal.config_checks import NODE_ID_RE, systemd_service
 from selfheal.errors import SelfhealError
 
 Role = Literal["agent", "controller"]

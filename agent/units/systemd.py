@@ -41,7 +41,8 @@ from contextlib import suppress
 
 from agent.units.base import UnitContext
 from agent.units.managed import Action, ManagedUnit, Observation, Usage
-from selfheal.config import UnitConfig, systemd_service
+from selfheal.config import UnitConfig
+from selfheal.config_checks import systemd_service
 from selfheal.errors import UnitError
 
 PROPERTIES = (

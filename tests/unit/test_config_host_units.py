@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from selfheal.config import Config, DockerConfig, SystemdConfig, load_config, systemd_service
+from selfheal.config import Config, DockerConfig, SystemdConfig, load_config
+from selfheal.config_checks import systemd_service
 from selfheal.errors import ConfigError
 
 DOCKER = '[[agent.units]]\nname = "web"\nkind = "docker"\n'
