@@ -18,6 +18,7 @@ from pathlib import Path
 
 import uvicorn
 
+from controller.anomaly_state import load_watch_state, save_watch_state
 from controller.api import ApiContext, create_api, datasets_view
 from controller.broker import embedded_broker
 from controller.dispatcher import Dispatcher
@@ -91,8 +92,12 @@ class Controller:
             if self.config.mqtt.url == "embedded":
                 host, port = split_host_port(self.config.mqtt.embedded_listen, what="mqtt.embedded_listen")
                 await stack.enter_async_context(embedded_broker(host, port))
-            store = await SqliteStore.open(Path(self.config.controller.state_dir) / "selfheal.sqlite3")
+            state_dir = Path(self.config.controller.state_dir)
+            store = await SqliteStore.open(state_dir / "selfheal.sqlite3")
             stack.push_async_callback(store.close)
+            if self.anomalies is not None:
+                load_watch_state(self.anomalies, state_dir)
+            stack.callback(lambda: save_watch_state(self.anomalies, state_dir))  # the watch a reload left
             epoch = await store.next_epoch()
             link_base = self.config.controller.public_url or f"http://{self.config.controller.listen}"
             self.routes.replace(self._router(link_base, self.config.controller.notify))

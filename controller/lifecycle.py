@@ -7,8 +7,8 @@ watchdog, SIGHUP). A reload applies live:
   default) are re-read and validated on every reload, changed or not, since
   operators edit the YAML and send SIGHUP. The engine and its reconciler take
   the new rulebook between two ticks; thresholds follow. Anomaly watches are
-  rebuilt only when their specs changed (a rebuilt watch starts learning its
-  baselines afresh).
+  rebuilt only when their specs changed; the streams of the watches whose
+  spec did not change carry over, the others start learning afresh.
 - **notification routes** (``controller.notify``) — ``Routes`` stops the
   running router (its unsent changes get their last message, as at shutdown)
   and starts one over the new destinations; grouping starts afresh.
@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from controller.anomaly_state import code_fingerprint
 from controller.notify import Delivery, Notification
 from controller.notify.router import Router
 from rules.loader import load_rulebooks
@@ -102,6 +103,9 @@ def controller_service(controller: Controller, engine: Engine, *, source: Path |
         engine.reconciler.rules = rulebook
         engine.settings = controller.settings()
         if rebuild_watch:
+            if watch is not None and controller.anomalies is not None:  # unchanged watches keep their streams
+                code = code_fingerprint()
+                watch.restore(controller.anomalies.snapshot(code), code)
             controller.anomalies = engine.anomalies = watch
         applied = ["controller.rulebooks"]
         if new_routes:

@@ -10,6 +10,10 @@ raise per hour, so a sick host cannot flood the engine.
 
 Pure and bounded: no I/O, no clock (times come from the reports); at most
 ``max_streams`` detector instances, the longest idle evicted first.
+``snapshot``/``restore`` turn the streams into bytes and back, so the
+controller can keep what they learned across a restart
+(``controller/anomaly_state.py``): the shipped detector needs weeks of
+history before a small breakout counts in full.
 
 ``hosts`` (a ``host_watch.HostVectorWatch``, optional) rides along: it sees
 the same reports, and its ``host_anomaly`` findings come out of
@@ -19,9 +23,11 @@ scored off the event loop by ``controller/host_models.py``.
 
 from __future__ import annotations
 
+import json
+import pickle
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from detectors.anomaly.host_watch import HostVectorWatch
 from detectors.anomaly.model import OrderedInput
@@ -32,6 +38,8 @@ from detectors.thresholds import read_host_metric, read_unit_metric
 from selfheal.wire import Report
 
 MAX_STREAMS = 50_000
+STATE_FORMAT = 1
+"""Layout of ``snapshot``'s payload."""
 WINDOW = 30
 """Recent (ts, value, score) samples kept per stream as a finding's evidence."""
 
@@ -133,6 +141,45 @@ class AnomalyWatch:
                           "window": [{"ts": ts, "value": v, "score": round(s, 4)} for ts, v, s in stream.window]}))
         return out
 
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    def snapshot(self, code: str) -> bytes:
+        """The univariate streams (detector, policy, recent window), tagged with the watches' specs and
+        ``code``, a fingerprint of the detector code that made them (a pickle is only good for that code)."""
+        payload = {"format": STATE_FORMAT, "code": code, "specs": {s.name: _fingerprint(s) for s in self.specs},
+                   "streams": list(self._streams.items())}
+        return pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def restore(self, data: bytes, code: str) -> tuple[int, int]:
+        """Adopt streams from ``snapshot`` whose watch still exists with the same spec: ``(adopted,
+        dropped)``. ``ValueError`` when ``data`` is unreadable or from other code; nothing is adopted then.
+        ``data`` must come from this controller's own state directory (it is a pickle)."""
+        try:
+            payload = pickle.loads(data)  # noqa: S301 - our own state file, written by snapshot()
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means "unusable", never a crash
+            raise ValueError(f"unreadable ({type(exc).__name__}: {exc})") from None
+        if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
+            raise ValueError("not a state file of this format")
+        if payload.get("code") != code:
+            raise ValueError("written by other detector code (an upgrade): the streams start afresh")
+        current = {s.name: _fingerprint(s) for s in self.specs}
+        saved = payload.get("specs", {})
+        adopted = dropped = 0
+        for key, stream in payload.get("streams", []):
+            name, node, _ = key
+            if not isinstance(stream, _Stream) or current.get(name) is None or saved.get(name) != current[name]:
+                dropped += 1
+                continue
+            if len(self._streams) >= self.max_streams:
+                dropped += 1
+                continue
+            self._streams[key] = stream
+            self._by_node.setdefault(node, set()).add(key)
+            adopted += 1
+        return adopted, dropped
+
     def forget(self, node: str) -> None:
         """Drop a node's streams (it left the fleet)."""
         for key in self._by_node.pop(node, set()):
@@ -140,3 +187,9 @@ class AnomalyWatch:
         self._budgets.pop(node, None)
         if self.hosts is not None:
             self.hosts.forget(node)
+
+
+def _fingerprint(spec: WatchSpec) -> str:
+    """What a stream's state depends on: a changed metric, detector or policy starts it afresh."""
+    return json.dumps({"metric": spec.metric, "detector": dict(spec.detector), "policy": asdict(spec.policy)},
+                      sort_keys=True, default=str)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from controller.app import build_watch
@@ -124,3 +126,43 @@ def test_a_fused_watch_finds_a_unit_that_breaks_out_after_weeks_of_history() -> 
     assert detector["history_s"] >= 19 * 86400
     assert detector["excess"] > 0
     assert finding.evidence["detector_now"]["part"] == "mean"  # now only the 6 h mean still climbs
+
+
+def fused_watch(threshold: float = 0.006) -> AnomalyWatch:
+    return AnomalyWatch([WatchSpec(name="unit-memory", metric="unit.rss_bytes", detector={"kind": "fused"},
+                                   policy=AlertPolicySpec(threshold=threshold))])
+
+
+def feed_days(watch: AnomalyWatch, days: float, start_seq: int = 0) -> int:
+    seq = start_seq
+    for step in range(start_seq, start_seq + int(days * 288)):
+        seq += 1
+        watch.observe(report("n1", 1_700_000_000.0 + step * 300.0, seq, rss={"svc": 500 + (step * 7919) % 100}))
+    return seq
+
+
+def test_a_restored_watch_carries_on_exactly_where_the_saved_one_was() -> None:
+    before = fused_watch()
+    seq = feed_days(before, 10)
+    restored = fused_watch()
+    assert restored.restore(before.snapshot("code-1"), "code-1") == (1, 0)
+    key = ("unit-memory", "n1", "svc")
+    for step in range(seq, seq + 50):
+        sample = report("n1", 1_700_000_000.0 + step * 300.0, step + 1, rss={"svc": 700 if step % 7 == 0 else 520})
+        before.observe(sample)
+        restored.observe(sample)
+        assert restored._streams[key].window[-1] == before._streams[key].window[-1]
+    assert [f.summary for f in restored.findings("n1")] == [f.summary for f in before.findings("n1")]
+
+
+def test_streams_of_a_changed_watch_start_afresh_and_other_code_is_refused() -> None:
+    before = fused_watch()
+    feed_days(before, 1)
+    saved = before.snapshot("code-1")
+    assert fused_watch(threshold=0.05).restore(saved, "code-1") == (0, 1)  # the policy changed
+    with pytest.raises(ValueError, match="other detector code"):
+        fused_watch().restore(saved, "code-2")
+    with pytest.raises(ValueError, match="unreadable"):
+        fused_watch().restore(saved[: len(saved) // 2], "code-1")
+    with pytest.raises(ValueError, match="format"):
+        fused_watch().restore(pickle.dumps({"format": 99}), "code-1")
