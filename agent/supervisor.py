@@ -121,17 +121,17 @@ class Supervisor:
         """Start every unit that should run here; ``out_of_contact``: seconds since the broker was last had."""
         for name, entry in self.entries.items():
             wanted = await asyncio.to_thread(self._read_desired, name)
-            limit = entry.config.stop_after_disconnect
-            if wanted != "stopped" and limit is not None and out_of_contact >= limit:
-                await self.fence(name, f"the agent was out of contact for {out_of_contact:.1f}s "
-                                       f"(stop_after_disconnect = {limit:g}s): another node may run it now")
-                continue
             if wanted == "fenced":
                 self.fenced.add(name)
                 continue
             if wanted == "stopped" or (wanted is None and not entry.config.autostart):
                 # Stopped by the controller (e.g. migrated away), or a standby copy: starting it here
                 # could run a second copy of a singleton; it waits for a start_unit command.
+                continue
+            limit = entry.config.stop_after_disconnect
+            if limit is not None and out_of_contact >= limit:  # it would start: fence it instead
+                await self.fence(name, f"the agent was out of contact for {out_of_contact:.1f}s "
+                                       f"(stop_after_disconnect = {limit:g}s): another node may run it now")
                 continue
             # A unit that cannot start is reported as failed; the controller sees it and decides.
             with suppress(UnitError):

@@ -78,6 +78,26 @@ async def test_an_agent_back_after_too_long_fences_instead_of_starting(mosquitto
         assert "singleton" in app.supervisor.fenced
 
 
+
+async def test_a_standby_copy_back_after_too_long_is_not_called_fenced(mosquitto: Broker, tmp_path: Path) -> None:
+    # A standby (autostart = false) never ran here, so there is nothing to fence: it stays an ordinary
+    # standby, waiting for start_unit, and its report does not claim the agent stopped it.
+    node = unique_node("standby")
+    standby = UnitConfig(name="singleton", command=SLEEPER, stop_after_disconnect=5.0, stop_grace=1.0,
+                         autostart=False)
+    config = agent_config(mosquitto, tmp_path, node, [standby])
+    contact = tmp_path / node / "contact"
+    async with running_agent(config):
+        await eventually(contact.exists, what="a report sent")
+    old = time.time() - 60
+    os.utime(contact, (old, old))
+    async with running_agent(config) as app:
+        assert app.supervisor.entries["singleton"].unit.pid is None
+        assert "singleton" not in app.supervisor.fenced
+        report = next(u for u in app.supervisor.reports() if u.name == "singleton")
+        assert not report.fenced
+    assert not (tmp_path / node / "units" / "singleton.desired").exists()
+
 def test_the_contact_clock_starts_at_the_last_report_of_a_previous_run(tmp_path: Path) -> None:
     contact = Contact(tmp_path / "contact", SystemClock())
     contact.load()
