@@ -85,6 +85,19 @@ def start_mosquitto(directory: Path) -> Broker:
     return broker
 
 
+def controller_config_with_rules(tmp_path: Path, broker: Broker, rules: str) -> Path:
+    """A controller config on ``broker`` whose one rulebook is ``rules``, its state under ``tmp_path``."""
+    rulebook = tmp_path / "rules.yaml"
+    rulebook.write_text(rules)
+    path = tmp_path / "controller.toml"
+    path.write_text(
+        f'[mqtt]\nurl = "{broker.url}"\nkeepalive = 2.0\n'
+        f'[controller]\nlisten = "127.0.0.1:{free_port()}"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'offline_after = 60.0\nrulebooks = ["{rulebook}"]\n'
+        f'[security]\nkey_dir = "{tmp_path / "keys"}"\n')
+    return path
+
+
 @pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     """One real Mosquitto for the test session; tests use unique node ids and topics."""

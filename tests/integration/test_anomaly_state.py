@@ -19,7 +19,7 @@ from controller.app import Controller, running_controller
 from controller.lifecycle import controller_service
 from selfheal import wire
 from selfheal.config import Config, load_config
-from tests.conftest import Broker, eventually, free_port
+from tests.conftest import Broker, controller_config_with_rules, eventually
 
 pytestmark = pytest.mark.integration
 NODE = "state-a"
@@ -50,15 +50,7 @@ async def mqtt_client(mosquitto: Broker) -> AsyncIterator[aiomqtt.Client]:
 
 @pytest.fixture
 def config(tmp_path: Path, mosquitto: Broker) -> Config:
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-    path = tmp_path / "controller.toml"
-    path.write_text(
-        f'[mqtt]\nurl = "{mosquitto.url}"\nkeepalive = 2.0\n'
-        f'[controller]\nlisten = "127.0.0.1:{free_port()}"\nstate_dir = "{tmp_path / "state"}"\n'
-        f'offline_after = 60.0\nrulebooks = ["{rules}"]\n'
-        f'[security]\nkey_dir = "{tmp_path / "keys"}"\n')
-    return load_config(path)
+    return load_config(controller_config_with_rules(tmp_path, mosquitto, RULES))
 
 
 async def send_reports(client: aiomqtt.Client, count: int) -> None:

@@ -22,7 +22,7 @@ import pytest
 from controller.app import Controller, running_controller
 from selfheal import wire
 from selfheal.config import load_config
-from tests.conftest import Broker, eventually, free_port
+from tests.conftest import Broker, controller_config_with_rules, eventually
 
 pytestmark = pytest.mark.integration
 NODE = "hostvec-a"
@@ -76,14 +76,7 @@ async def _incidents(controller: Controller) -> list[dict[str, object]]:
 
 async def test_an_unseen_combination_of_host_metrics_opens_a_host_anomaly_incident(
         tmp_path: Path, mosquitto: Broker, mqtt_client: aiomqtt.Client) -> None:
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-    path = tmp_path / "controller.toml"
-    path.write_text(
-        f'[mqtt]\nurl = "{mosquitto.url}"\nkeepalive = 2.0\n'
-        f'[controller]\nlisten = "127.0.0.1:{free_port()}"\nstate_dir = "{tmp_path / "state"}"\n'
-        f'offline_after = 60.0\nrulebooks = ["{rules}"]\n'
-        f'[security]\nkey_dir = "{tmp_path / "keys"}"\n')
+    path = controller_config_with_rules(tmp_path, mosquitto, RULES)
     rng = random.Random(5)  # noqa: S311 - test data
     host = Host(mqtt_client)
     async with running_controller(load_config(path)) as controller:
