@@ -159,10 +159,10 @@ def systemd_host() -> Iterator[SystemdHost]:
     host = SystemdHost(name=name, podman=podman)
     try:
         deadline = time.monotonic() + 120
-        while True:  # until PID 1 answers on its bus at all; then --wait for the boot to finish
+        while True:  # until PID 1 answers on its bus at all ("offline" until then); --wait for the boot
             booted = host.run("systemctl", "is-system-running", "--wait", check=False, timeout=120)
             state = booted.stdout.strip()
-            if state or time.monotonic() > deadline:
+            if state not in ("", "offline", "unknown") or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         if state not in ("running", "degraded"):
