@@ -17,9 +17,10 @@ that: every variant explored while designing it (``bench/nab_strict.py``) is
 replayed, and each half is scored with the variant *and* threshold that did
 best on the other half. The shipped settings are the ones half A chooses for
 reward_low_FP, so half B's strict figure for that profile is the shipped
-detector on files its design never chose on. Also measured: cost per metric-sample (wall
-time of ``update`` over the corpus), and, for the shipped alert policy, false
-alarms per metric-day on the anomaly-free files and the detection delay.
+detector on files its design never chose on. Also measured: cost per
+metric-sample (wall time of ``update`` over the corpus), and, for the shipped
+alert policy, false alarms per metric-day on the anomaly-free files and the
+detection delay.
 
     .venv/bin/python bench/nab.py [--data DIR] [--only NAME ...] [--json]
 

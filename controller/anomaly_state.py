@@ -14,6 +14,7 @@ keeps the state of its last clean stop.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -26,8 +27,9 @@ log = get_logger("controller.anomaly_state")
 FILENAME = "anomaly-streams.pickle"
 
 
+@functools.cache
 def code_fingerprint() -> str:
-    """A hash of the detector code: state pickled by other code is not adopted."""
+    """A hash of the detector code: state pickled by other code is not adopted (read once per process)."""
     digest = hashlib.sha256()
     package = Path(detectors.anomaly.__file__).parent
     for source in sorted(package.glob("*.py")):

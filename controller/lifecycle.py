@@ -27,7 +27,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from controller.anomaly_state import code_fingerprint
 from controller.notify import Delivery, Notification
 from controller.notify.router import Router
 from rules.loader import load_rulebooks
@@ -104,8 +103,7 @@ def controller_service(controller: Controller, engine: Engine, *, source: Path |
         engine.settings = controller.settings()
         if rebuild_watch:
             if watch is not None and controller.anomalies is not None:  # unchanged watches keep their streams
-                code = code_fingerprint()
-                watch.restore(controller.anomalies.snapshot(code), code)
+                watch.adopt_streams(controller.anomalies)
             controller.anomalies = engine.anomalies = watch
         applied = ["controller.rulebooks"]
         if new_routes:

@@ -66,11 +66,7 @@ def _check_core(config: Config, source: str, role: str) -> None:
     seen: set[str] = set()
     for i, unit in enumerate(agent.units):
         at = f"agent.units[{i}]"
-        if not NODE_ID_RE.match(unit.name):
-            fail(f"{unit.name!r} must match [a-z0-9][a-z0-9-]{{0,62}}", f"{at}.name")
-        if unit.name in seen:
-            fail(f"duplicate unit name {unit.name!r}", f"{at}.name")
-        seen.add(unit.name)
+        _check_name(unit.name, NODE_ID_RE, seen, "unit", f"{at}.name", fail=fail)
         _check_unit(unit, at, fail)
         probe = unit.probe
         if probe is None:
@@ -86,6 +82,16 @@ def _check_core(config: Config, source: str, role: str) -> None:
         if probe.kind == "tcp":
             split_host_port(str(probe.target), what=f"{at}.probe.target")
     _check_datasets(agent, fail)
+
+
+def _check_name(name: str, pattern: re.Pattern[str], seen: set[str], what: str, at: str,
+                *, fail: Callable[[str, str], None]) -> None:
+    """``name`` matches ``pattern`` and is not in ``seen`` (then it is)."""
+    if not pattern.match(name):
+        fail(f"{name!r} must match {pattern.pattern.removeprefix('^').removesuffix('$')}", at)
+    if name in seen:
+        fail(f"duplicate {what} name {name!r}", at)
+    seen.add(name)
 
 
 UNIT_KINDS = ("process", "spark", "docker", "systemd")
@@ -220,11 +226,7 @@ def _check_datasets(agent: AgentConfig, fail: Callable[[str, str], None]) -> Non
     datasets: set[str] = set()
     for i, dataset in enumerate(agent.datasets):
         at = f"agent.datasets[{i}]"
-        if not NODE_ID_RE.match(dataset.name):
-            fail(f"{dataset.name!r} must match [a-z0-9][a-z0-9-]{{0,62}}", f"{at}.name")
-        if dataset.name in datasets:
-            fail(f"duplicate dataset name {dataset.name!r}", f"{at}.name")
-        datasets.add(dataset.name)
+        _check_name(dataset.name, NODE_ID_RE, datasets, "dataset", f"{at}.name", fail=fail)
         if not Path(dataset.path).is_absolute():
             fail(f"{dataset.path!r} is not an absolute path", f"{at}.path")
         for key in ("include", "exclude"):
@@ -257,11 +259,7 @@ def _check_notify(destinations: list[NotifyConfig], source: str) -> None:
         if scheme not in ("http", "https") or not sep or not rest.split("/")[0]:
             fail("must be an http:// or https:// URL (the value is a secret and is not shown)", f"{at}.url")
         name = notify.name or f"{notify.kind}-{i}"
-        if not NOTIFY_NAME_RE.match(name):
-            fail(f"{name!r} must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,62}}", f"{at}.name")
-        if name in names:
-            fail(f"duplicate destination name {name!r}", f"{at}.name")
-        names.add(name)
+        _check_name(name, NOTIFY_NAME_RE, names, "destination", f"{at}.name", fail=fail)
         for label, glob in notify.matchers.items():
             if not label or not glob:
                 fail("label names and globs must be non-empty", f"{at}.matchers")
@@ -284,11 +282,7 @@ def _check_promql(controller: ControllerConfig, source: str) -> None:
     names: set[str] = set()
     for i, entry in enumerate(controller.promql):
         at = f"controller.promql[{i}]"
-        if not NOTIFY_NAME_RE.match(entry.name):
-            fail(f"{entry.name!r} must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,62}}", f"{at}.name")
-        if entry.name in names:
-            fail(f"duplicate promql name {entry.name!r}", f"{at}.name")
-        names.add(entry.name)
+        _check_name(entry.name, NOTIFY_NAME_RE, names, "promql", f"{at}.name", fail=fail)
         scheme, sep, rest = entry.url.partition("://")
         if scheme not in ("http", "https") or not sep or not rest.split("/")[0]:
             fail("must be an http:// or https:// URL", f"{at}.url")

@@ -164,15 +164,22 @@ class AnomalyWatch:
             raise ValueError("not a state file of this format")
         if payload.get("code") != code:
             raise ValueError("written by other detector code (an upgrade): the streams start afresh")
+        return self._adopt(payload.get("streams", []), payload.get("specs", {}))
+
+    def adopt_streams(self, other: AnomalyWatch) -> tuple[int, int]:
+        """Take over ``other``'s streams of the watches whose spec is unchanged (a reload): ``(adopted,
+        dropped)``. The same objects move over; nothing is copied."""
+        return self._adopt(list(other._streams.items()), {s.name: _fingerprint(s) for s in other.specs})
+
+    def _adopt(self, streams: Sequence[tuple[tuple[str, str, str], object]],
+               specs: Mapping[str, str]) -> tuple[int, int]:
+        """Keep each stream whose watch exists here with the spec it was made under (``specs``)."""
         current = {s.name: _fingerprint(s) for s in self.specs}
-        saved = payload.get("specs", {})
         adopted = dropped = 0
-        for key, stream in payload.get("streams", []):
+        for key, stream in streams:
             name, node, _ = key
-            if not isinstance(stream, _Stream) or current.get(name) is None or saved.get(name) != current[name]:
-                dropped += 1
-                continue
-            if len(self._streams) >= self.max_streams:
+            unchanged = current.get(name) is not None and specs.get(name) == current[name]
+            if not isinstance(stream, _Stream) or not unchanged or len(self._streams) >= self.max_streams:
                 dropped += 1
                 continue
             self._streams[key] = stream
