@@ -32,7 +32,27 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
 class MqttConfig(_Section, frozen=True, kw_only=True):
     url: str = "mqtt://127.0.0.1:1883"
-    """``mqtt://host:port`` of the broker, or ``embedded`` (the controller runs amqtt in-process)."""
+    """``mqtt://host:port`` of the broker, ``mqtts://host:port`` for TLS, or ``embedded`` (the controller
+    runs amqtt in-process)."""
+    username: str = ""
+    """This process's broker identity: the node id for an agent, ``controller`` for the controller;
+    empty: connect without credentials (a broker that allows anonymous clients)."""
+    password_file: str | None = None
+    """File holding this identity's broker password (``selfheal broker init`` writes
+    ``credentials/<user>.password``); required with ``username``. A secret: never logged."""
+    tls_ca: str | None = None
+    """PEM file of the CA that signed the broker's certificate (``mqtts://``); unset: the system's CAs."""
+    tls_cert: str | None = None
+    """PEM client certificate, for brokers that require one (with ``tls_key``)."""
+    tls_key: str | None = None
+    """PEM private key of ``tls_cert``."""
+    tls_insecure: bool = False
+    """Skip the check that the broker's certificate names its host (the chain is still verified).
+    For test setups only."""
+    embedded_password_file: str | None = None
+    """``url = "embedded"``: a Mosquitto-format password file (``selfheal broker init`` writes
+    ``passwords``); with it the embedded broker refuses anonymous clients and lets each node publish
+    only its own topics. Unset: anonymous, for a single host only."""
     keepalive: float = 10.0
     """Seconds between MQTT keep-alives; the broker publishes a last will after 1.5x this."""
     reconnect_max: float = 5.0
@@ -44,9 +64,18 @@ class MqttConfig(_Section, frozen=True, kw_only=True):
         """The broker address clients connect to."""
         if self.url == "embedded":
             return split_host_port(self.embedded_listen, what="mqtt.embedded_listen")
-        if not self.url.startswith("mqtt://"):
-            raise ConfigError("must be mqtt://HOST:PORT or 'embedded'", path="mqtt.url")
-        return split_host_port(self.url.removeprefix("mqtt://").rstrip("/"), what="mqtt.url")
+        for scheme in ("mqtt://", "mqtts://"):
+            if self.url.startswith(scheme):
+                return split_host_port(self.url.removeprefix(scheme).rstrip("/"), what="mqtt.url")
+        raise ConfigError("must be mqtt://HOST:PORT, mqtts://HOST:PORT or 'embedded'", path="mqtt.url")
+
+    @property
+    def tls(self) -> bool:
+        """Whether clients speak TLS to the broker (``mqtts://``)."""
+        return self.url.startswith("mqtts://")
+
+    def __repr__(self) -> str:  # only paths here, but keep the shape of a config that holds secrets
+        return f"MqttConfig(url={self.url!r}, username={self.username!r}, tls={self.tls})"
 
 
 class ProbeConfig(_Section, frozen=True, kw_only=True):
@@ -170,6 +199,9 @@ class UnitConfig(_Section, frozen=True, kw_only=True):
     """Kind ``docker`` only (required): the container, and how to create it."""
     systemd: SystemdConfig | None = None
     """Kind ``systemd`` only (required): the service."""
+    user: str | None = None
+    """Kind ``process`` (and ``spark`` without an application): run the unit as this user (a name or a
+    uid; its primary group too); needs an agent running as root. Unset: the agent's own user."""
     stop_after_disconnect: float | None = None
     """Make this a movable singleton (kinds ``process`` and ``spark``): the agent stops it after this many
     seconds without the broker, and it dies with the agent, so the controller may start its standby copy
@@ -213,6 +245,11 @@ class AgentConfig(_Section, frozen=True, kw_only=True):
     """The agent's own HTTP address (peers, /metrics); port 0 picks a free port."""
     labels: dict[str, str] = msgspec.field(default_factory=dict)
     """Node labels announced to the controller (``group`` groups nodes for the disruption budget)."""
+    tls_cert: str | None = None
+    """PEM certificate the agent's HTTP (dataset chunks for peers) serves HTTPS with (with ``tls_key``);
+    unset: plain HTTP. Peers and the controller verify it against ``security.peer_tls_ca``."""
+    tls_key: str | None = None
+    """PEM private key of ``tls_cert``."""
     units: list[UnitConfig] = msgspec.field(default_factory=list)
     datasets: list[DatasetConfig] = msgspec.field(default_factory=list)
 
@@ -307,6 +344,12 @@ class ControllerConfig(_Section, frozen=True, kw_only=True):
     """Seconds to wait for an agent's ack before the step counts as failed."""
     history: int = 120
     """Reports kept per node (bounded history for detectors and the API)."""
+    node_state_bytes: int = 262144
+    """Bytes of report history kept per node at most (what detectors read, not whole reports); the
+    oldest samples go first. Bounds the controller's memory against a flood of reports."""
+    fence_floor: float = 20.0
+    """Seconds a silent node must have been unheard before the standby copy of a movable unit starts
+    elsewhere, whatever the node's reports promised: a report may lengthen this wait, never shorten it."""
     max_nodes: int = 10000
     """Nodes tracked at most; the longest-unseen offline node is evicted beyond it."""
     notify: list[NotifyConfig] = msgspec.field(default_factory=list)
@@ -324,6 +367,12 @@ class SecurityConfig(_Section, frozen=True, kw_only=True):
     """``<node_id>.key`` files holding hex HMAC keys that sign commands to that node."""
     api_token_file: str = "/etc/selfheal/api.token"  # noqa: S105 - a path, not a secret
     """Bearer token for mutating API endpoints."""
+    api_read_token_file: str | None = None
+    """Optional bearer token for reads (``/api/v1/*``, the pages, ``/metrics``); the mutating token is
+    accepted for reads too. Unset: reads are open (``/healthz`` and ``/readyz`` always are)."""
+    peer_tls_ca: str | None = None
+    """PEM CA that signed the agents' HTTPS certificates (``agent.tls_cert``): the controller and pulling
+    agents verify peers against it. Unset: the system's CAs (only used for ``https://`` peers)."""
 
 
 class LogConfig(_Section, frozen=True, kw_only=True):

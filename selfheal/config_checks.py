@@ -31,6 +31,7 @@ def split_host_port(value: str, *, what: str) -> tuple[str, int]:
 def check_config(config: Config, source: str, role: str) -> None:
     """Every rule of ``config`` that its types cannot express; ``ConfigError`` names the key path."""
     _check_core(config, source, role)
+    _check_identities(config, source)
     _check_notify(config.controller.notify, source)
     _check_promql(config.controller, source)
 
@@ -50,6 +51,10 @@ def _check_core(config: Config, source: str, role: str) -> None:
             fail("must be > 0", f"controller.{name}")
     if config.controller.history < 1 or config.controller.max_nodes < 1:
         fail("must be >= 1", "controller.history")
+    if config.controller.node_state_bytes < 4096:
+        fail("must be >= 4096 bytes", "controller.node_state_bytes")
+    if config.controller.fence_floor < 0:
+        fail("must be >= 0 seconds", "controller.fence_floor")
     budget = config.controller.budget
     if budget.max_concurrent < 1:
         fail("must be >= 1", "controller.budget.max_concurrent")
@@ -119,6 +124,12 @@ def _check_unit(unit: UnitConfig, at: str, fail: Callable[[str, str], None]) -> 
                 fail("must be a port, 0 picks a free one", f"{at}.spark.ui_port")
     if unit.stop_grace < 0:
         fail("must be >= 0", f"{at}.stop_grace")
+    if unit.user is not None:
+        if not unit.user.strip():
+            fail("must be a user name or uid (or left out)", f"{at}.user")
+        if unit.kind not in ("process", "spark"):
+            fail(f"a {unit.kind} unit runs as its manager says; user is for process and spark units",
+                 f"{at}.user")
     if unit.stop_after_disconnect is not None:
         if unit.stop_after_disconnect <= 0:
             fail("must be > 0 seconds (leave it out for a unit that stays put)", f"{at}.stop_after_disconnect")
@@ -297,3 +308,25 @@ def _check_promql(controller: ControllerConfig, source: str) -> None:
         fail("must be > 0", "controller.alerts.ttl")
     if controller.alerts.max_alerts < 1:
         fail("must be >= 1", "controller.alerts.max_alerts")
+
+
+def _check_identities(config: Config, source: str) -> None:
+    """Broker credentials and TLS files: pairs that go together, schemes that allow them."""
+    def fail(message: str, path: str) -> None:
+        raise ConfigError(message, source=source, path=path)
+
+    mqtt = config.mqtt
+    if mqtt.username and not mqtt.password_file:
+        fail("a broker username needs password_file", "mqtt.password_file")
+    if mqtt.password_file and not mqtt.username:
+        fail("password_file needs a username", "mqtt.username")
+    if bool(mqtt.tls_cert) != bool(mqtt.tls_key):
+        fail("tls_cert and tls_key go together", "mqtt.tls_cert" if mqtt.tls_key else "mqtt.tls_key")
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        if getattr(mqtt, key) and not mqtt.tls:
+            fail(f"{key} needs an mqtts:// url", f"mqtt.{key}")
+    if mqtt.embedded_password_file and mqtt.url != "embedded":
+        fail("only for url = \"embedded\"", "mqtt.embedded_password_file")
+    agent = config.agent
+    if bool(agent.tls_cert) != bool(agent.tls_key):
+        fail("tls_cert and tls_key go together", "agent.tls_cert" if agent.tls_key else "agent.tls_key")
