@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--role", choices=["agent", "controller", "any"], default="any")
     check.set_defaults(func=_cmd_config_check)
 
+    _add_broker_commands(sub)
+
     p = command("install", _cmd_install, "install the systemd units, users, tmpfiles and polkit rule for this venv")
     p.add_argument("--root", type=Path, default=Path("/"), help="install into this staging tree (default /)")
     p.add_argument("--dry-run", action="store_true", help="print what would be written, write nothing")
@@ -129,6 +131,67 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
 
         load_rulebooks(config.controller.rulebooks)
     print(f"{args.path}: ok ({len(config.agent.units)} unit(s), mqtt {config.mqtt.url})")
+    return EXIT_OK
+
+
+def _add_broker_commands(sub: Any) -> None:
+    broker = sub.add_parser("broker", help="write a Mosquitto configuration with per-node identities and ACLs")
+    broker_sub = broker.add_subparsers(metavar="ACTION")
+    init = broker_sub.add_parser(
+        "init", help="write DIR/mosquitto.conf, passwords, acl and credentials/<user>.password",
+        description="Write a Mosquitto configuration that refuses anonymous clients and lets each node "
+                    "publish only its own topics. Run it with: mosquitto -c DIR/mosquitto.conf")
+    init.add_argument("directory", type=Path, metavar="DIR")
+    init.add_argument("--listen", required=True, metavar="HOST:PORT", help="where the broker listens")
+    init.add_argument("--node", action="append", default=[], metavar="NAME", help="a node id (repeatable)")
+    init.add_argument("--tls", action="store_true", help="TLS listener; generates a CA and server certificate "
+                      "unless --ca-cert/--ca-key or --server-cert/--server-key are given")
+    init.add_argument("--ca-cert", type=Path, metavar="PEM", help="your CA: sign the server certificate with it")
+    init.add_argument("--ca-key", type=Path, metavar="PEM", help="the private key of --ca-cert")
+    init.add_argument("--server-cert", type=Path, metavar="PEM", help="your own server certificate, used as is")
+    init.add_argument("--server-key", type=Path, metavar="PEM", help="the private key of --server-cert")
+    init.add_argument("--san", action="append", default=[], metavar="NAME",
+                      help="another DNS name or IP the server certificate names (repeatable)")
+    init.add_argument("--broker-user", default="mosquitto", metavar="USER",
+                      help="the user a root-started Mosquitto drops to (default mosquitto; '' for none)")
+    init.set_defaults(func=_cmd_broker_init)
+    add = broker_sub.add_parser("add-node", help="add one node's user, password and ACL to DIR (then SIGHUP "
+                                "mosquitto)")
+    add.add_argument("node", metavar="NAME")
+    add.add_argument("directory", type=Path, metavar="DIR")
+    add.add_argument("--rotate", action="store_true", help="give an existing node a new password")
+    add.set_defaults(func=_cmd_broker_add_node)
+
+
+def _cmd_broker_init(args: argparse.Namespace) -> int:
+    from selfheal.broker_setup import init_broker  # noqa: PLC0415
+
+    files = init_broker(args.directory, listen=args.listen, nodes=args.node, tls=args.tls, ca_cert=args.ca_cert,
+                        ca_key=args.ca_key, server_cert=args.server_cert, server_key=args.server_key,
+                        names=args.san, broker_user=args.broker_user or None)
+    print(f"wrote {files.conf}, {files.passwords.name}, {files.acl.name} and credentials/ for "
+          f"{', '.join(files.credentials)}" + (f"; TLS: {', '.join(p.name for p in files.generated)}"
+                                               if files.generated else ""))
+    print(f"run: mosquitto -c {files.conf}")
+    if files.ca_key is not None:
+        print(f"keep {files.ca_key} offline once the certificates are issued; clients need only {files.tls_ca}")
+    for user in files.credentials:
+        host = "the controller's host" if user == "controller" else f"node {user}'s host"
+        print(f"\n# {host}: copy {files.credentials[user]} there (mode 0600, owned by selfheal)"
+              + (f" and {files.tls_ca}" if files.tls_ca is not None else "") + "\n" + files.section(user), end="")
+    return EXIT_OK
+
+
+def _cmd_broker_add_node(args: argparse.Namespace) -> int:
+    from selfheal.broker_setup import add_node  # noqa: PLC0415
+
+    path, changed = add_node(args.directory, args.node, rotate=args.rotate)
+    if not changed:
+        print(f"{args.node} is already there, nothing changed ({path}; --rotate gives it a new password)")
+        return EXIT_OK
+    print(f"added {args.node}: its password is in {path}; copy it to the node and set [mqtt] username = "
+          f"\"{args.node}\", password_file = \"<that copy>\"")
+    print("reload the broker (SIGHUP): kill -HUP $(pidof mosquitto)  (or systemctl reload mosquitto)")
     return EXIT_OK
 
 

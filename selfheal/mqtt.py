@@ -6,6 +6,12 @@ event. When the broker goes away it logs, backs off with jitter and
 reconnects; queued messages wait in the outbox (oldest dropped and counted
 when it is full), so a broker restart loses nothing that fits. ``handle`` must
 not raise: its errors are logged and counted, never allowed to stop the loop.
+
+Identity: ``MqttLink.from_config`` reads the broker password from
+``mqtt.password_file`` once, at the edge, and builds the TLS context for
+``mqtts://`` (the broker's certificate is verified against ``tls_ca`` or the
+system's CAs; ``tls_insecure`` skips only the host-name check). The password is
+held privately: never in a log line, a repr or an exception.
 """
 
 from __future__ import annotations
@@ -13,14 +19,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 
+from selfheal.errors import ConfigError
 from selfheal.logs import get_logger
+
+if TYPE_CHECKING:
+    from selfheal.config import MqttConfig
 
 Handler = Callable[[str, bytes], Awaitable[None]]
 OnConnect = Callable[["MqttLink"], Awaitable[None]]
@@ -37,8 +49,12 @@ class Outgoing:
 class MqttLink:
     def __init__(self, host: str, port: int, *, client_id: str, will: Outgoing | None = None,
                  keepalive: float = 10.0, reconnect_max: float = 5.0, outbox_size: int = 10_000,
-                 name: str = "mqtt") -> None:
+                 name: str = "mqtt", username: str | None = None, password: str | None = None,
+                 tls_context: ssl.SSLContext | None = None) -> None:
         self.host, self.port = host, port
+        self.username = username or None
+        self._password = password if self.username else None
+        self._tls_context = tls_context
         self.client_id = client_id
         self.will = will
         self.keepalive = keepalive
@@ -52,7 +68,25 @@ class MqttLink:
         self.dropped = 0
         self.handler_errors = 0
         self.connects = 0
-        self.log = get_logger(name, broker=f"{host}:{port}")
+        self.log = get_logger(name, broker=f"{host}:{port}", user=self.username or "-",
+                              tls=tls_context is not None)
+
+    @classmethod
+    def from_config(cls, mqtt: MqttConfig, *, client_id: str, will: Outgoing | None = None,
+                    name: str = "mqtt") -> MqttLink:
+        """A link to the broker ``mqtt`` names, with its identity and TLS; reads the files now.
+
+        A password file or TLS file that cannot be used is a ``ConfigError`` naming its key.
+        """
+        host, port = mqtt.host_port()
+        password = read_password(mqtt.password_file) if mqtt.username and mqtt.password_file else None
+        return cls(host, port, client_id=client_id, will=will, keepalive=mqtt.keepalive,
+                   reconnect_max=mqtt.reconnect_max, name=name, username=mqtt.username or None,
+                   password=password, tls_context=tls_context(mqtt) if mqtt.tls else None)
+
+    def __repr__(self) -> str:  # the password never shows
+        return (f"MqttLink(broker={self.host}:{self.port}, client_id={self.client_id!r}, "
+                f"username={self.username!r}, tls={self._tls_context is not None})")
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> None:
         """Queue a message; sent as soon as connected. Never blocks."""
@@ -76,6 +110,7 @@ class MqttLink:
             try:
                 async with aiomqtt.Client(
                     self.host, self.port, identifier=self.client_id, will=will,
+                    username=self.username, password=self._password, tls_context=self._tls_context,
                     keepalive=max(1, round(self.keepalive)), clean_session=True,
                     protocol=aiomqtt.ProtocolVersion.V311, timeout=5,
                 ) as client:
@@ -91,7 +126,9 @@ class MqttLink:
                     break
                 attempt += 1
                 delay = min(self.reconnect_max, 0.1 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0)  # noqa: S311
-                self.log.warning("mqtt.disconnected", error=str(exc), retry_in_s=round(delay, 2))
+                hint = _hint(str(exc))
+                self.log.warning("mqtt.disconnected", error=str(exc), retry_in_s=round(delay, 2),
+                                 **({"hint": hint} if hint else {}))
                 self.connected.clear()
                 self._client = None
                 await _sleep_or_stop(stop, delay)
@@ -152,6 +189,69 @@ class MqttLink:
         await asyncio.wait({writer}, timeout=timeout)
         if self._outbox:
             self.log.warning("mqtt.flush_incomplete", left=len(self._outbox))
+
+
+def _hint(error: str) -> str | None:
+    """What an operator should look at when the broker or its certificate refuses the connection."""
+    lowered = error.lower()
+    if "not authori" in lowered or "user name or password" in lowered:
+        return "the broker refused this identity: check mqtt.username and mqtt.password_file against its users"
+    if "certificate_verify_failed" in lowered or "certificate verify failed" in lowered:
+        return "the broker's certificate did not verify: check mqtt.tls_ca and the host name in mqtt.url"
+    return None
+
+
+def read_password(path: str | Path, *, key: str = "mqtt.password_file") -> str:
+    """The password in ``path`` (surrounding whitespace stripped); ``ConfigError`` naming ``key``."""
+    try:
+        password = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {str(path)!r}: {exc.strerror or type(exc).__name__}", path=key) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{str(path)!r} is not UTF-8 text", path=key) from None
+    if not password:
+        raise ConfigError(f"{str(path)!r} is empty", path=key)
+    return password
+
+
+def tls_context(mqtt: MqttConfig) -> ssl.SSLContext:
+    """The client TLS context for ``mqtts://``: verify the broker (``tls_ca`` or the system's CAs),
+    present ``tls_cert``/``tls_key`` when set; ``tls_insecure`` skips only the host-name check."""
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=mqtt.tls_ca or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load CA {mqtt.tls_ca!r}: {_reason(exc)}", path="mqtt.tls_ca") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.sslsocket_class = _ClosingSSLSocket
+    if mqtt.tls_cert:
+        try:
+            context.load_cert_chain(mqtt.tls_cert, mqtt.tls_key or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load client certificate {mqtt.tls_cert!r} / key {mqtt.tls_key!r}: "
+                              f"{_reason(exc)}", path="mqtt.tls_cert") from None
+    if mqtt.tls_insecure:
+        context.check_hostname = False  # the chain is still verified (verify_mode stays CERT_REQUIRED)
+    return context
+
+
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """Closes itself when the handshake fails: paho leaves such a socket open (a file descriptor per
+    refused attempt until the garbage collector runs, e.g. against a broker with the wrong certificate)."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return type(exc).__name__
 
 
 async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
