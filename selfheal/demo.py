@@ -18,7 +18,10 @@ and narrates the healing from the controller's API:
    node-a's agent, restarted, keeps its own copy stopped.
 
 Everything lives in a temp dir; free ports are picked automatically. The API
-stays up until Ctrl-C or ``--duration``.
+stays up until Ctrl-C or ``--duration``. The embedded broker requires
+credentials: each process logs in as itself with a password generated under
+the temp dir, and each node may publish only its own topics; the demo prints
+what that broker cannot enforce, as the controller logged it.
 """
 
 from __future__ import annotations
@@ -171,12 +174,24 @@ class Demo:
         if not self.wait("the controller", lambda: self.client.get("/readyz").status_code == 200, 30):
             return False
         self.out(f"status: {self.client.base_url}")
+        self.broker()
         for node in self.layout.agents:
             self.spawn("agent", node)
         self.out("started 3 agents. node-a runs the pipeline: generate (lands batches every 30 s), etl (Spark, "
                  "local[2], every 20 s), train (every 20 s) and predict (the prediction service); node-b holds a "
                  "standby copy of predict; all three hold a replica of the dataset 'features'")
         return True
+
+    def broker(self) -> None:
+        """One line: the broker's credentials and what it cannot enforce (the controller's own log says)."""
+        files = self.layout.broker
+        if files is None:
+            return
+        limits = _logged(self.root / "controller.log", "broker.limitation", "what")
+        self.out(f"broker: requires credentials — controller and each node log in with their own password "
+                 f"({files.directory}/credentials); a node may publish only its own topics and read only its own "
+                 f"commands" + (f"; this embedded broker cannot enforce: {', '.join(limits)} (Mosquitto can, see "
+                                f"the README's Security section)" if limits else ""))
 
     def pipeline(self, flow: Pipeline) -> bool:
         """Wait for data → features → model → a service answering; False if the pipeline cannot run here."""
@@ -304,6 +319,23 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _logged(log: Path, event: str, field: str) -> list[str]:
+    """``field`` of every ``event`` in a JSON log, in order, once each."""
+    values: list[str] = []
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return values
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("event") == event and str(entry.get(field, "")) not in values:
+            values.append(str(entry.get(field, "")))
+    return values
 
 
 def run_demo(*, duration: float | None = None, keep: bool = False,

@@ -9,6 +9,13 @@ standby node; across hosts it must be a replicated dataset or shared storage).
 ``pipeline=False`` (``bench/mttr.py``): node-a and node-b each run a small
 HTTP service ``web``. In both, all three agents hold a replica of a small
 dataset ``features``; node-c holds only that.
+
+With the embedded broker, the demo's broker is the real trust boundary in
+small: ``init_broker`` writes a password per identity (``controller`` and each
+node) under ``<root>/broker``, the controller's broker refuses anonymous
+clients and holds each node to its own topics, and every process connects with
+its own credentials. An external ``broker_url`` (``bench/mttr.py``) is used as
+it is, without credentials.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfheal.broker_setup import BrokerFiles, init_broker
 from selfheal.keys import write_key
 
 NODES = ("node-a", "node-b")
@@ -63,6 +71,8 @@ class Layout:
     unit_ports: dict[str, int]
     """The HTTP port of each node's service (``web``, or ``predict`` with the pipeline)."""
     pipeline: Pipeline | None = None
+    broker: BrokerFiles | None = None
+    """The embedded broker's password file and each identity's credentials (None: an external broker)."""
 
     @property
     def service(self) -> str:
@@ -82,7 +92,13 @@ def write_configs(root: Path, *, broker_url: str | None = None, rulebook: Path |
     token.chmod(0o600)
     common = f'[security]\nkey_dir = {_q(str(keys))}\napi_token_file = {_q(str(root / "api.token"))}\n'
     controller = root / "controller.toml"
-    mqtt = f'url = {_q(broker_url)}' if broker_url else f'url = "embedded"\nembedded_listen = "127.0.0.1:{broker}"'
+    files: BrokerFiles | None = None
+    if broker_url:
+        mqtt = f"url = {_q(broker_url)}"
+    else:
+        files = init_broker(root / "broker", listen=f"127.0.0.1:{broker}", nodes=DATA_NODES, broker_user=None)
+        mqtt = (f'url = "embedded"\nembedded_listen = "127.0.0.1:{broker}"\n'
+                f"embedded_password_file = {_q(str(files.passwords))}\n" + _credentials(files, "controller"))
     rules = f"rulebooks = [{_q(str(rulebook))}]\n" if rulebook else ""
     controller.write_text(
         f'[mqtt]\n{mqtt}\n\n'
@@ -98,13 +114,21 @@ def write_configs(root: Path, *, broker_url: str | None = None, rulebook: Path |
             units = (_pipeline_units(flow, node, ports[node]) if flow is not None else _web_unit(ports[node]))
         path = root / f"{node}.toml"
         path.write_text(
-            f'[mqtt]\nurl = {_q(broker_url or f"mqtt://127.0.0.1:{broker}")}\nkeepalive = 2.0\n\n'
+            f'[mqtt]\nurl = {_q(broker_url or f"mqtt://127.0.0.1:{broker}")}\nkeepalive = 2.0\n'
+            f"{_credentials(files, node)}\n"
             f'[agent]\nnode_id = "{node}"\ninterval = 1.0\nstate_dir = {_q(str(root / node))}\n'
             f'listen = "127.0.0.1:0"\n\n{units}'
             f'[[agent.datasets]]\nname = "features"\npath = {_q(str(root / f"data-{node}"))}\n'
             f"chunk_size = 65536\nscan_interval = 1.0\n\n{common}")
         agents[node] = path
-    return Layout(controller, agents, api, {n: ports[n] for n in NODES}, flow)
+    return Layout(controller, agents, api, {n: ports[n] for n in NODES}, flow, files)
+
+
+def _credentials(files: BrokerFiles | None, user: str) -> str:
+    """``username`` / ``password_file`` lines of ``user`` (nothing for an external broker)."""
+    if files is None:
+        return ""
+    return f"username = {_q(user)}\npassword_file = {_q(str(files.credentials[user]))}\n"
 
 
 def _web_unit(port: int) -> str:

@@ -24,3 +24,28 @@ def test_every_config_the_demo_writes_loads(tmp_path: Path, pipeline: bool) -> N
     else:
         assert units == {"node-a": ["web"], "node-b": ["web"], "node-c": []}
     assert layout.service == ("predict" if pipeline else "web")
+
+
+def test_the_demo_broker_requires_each_process_to_log_in_as_itself(tmp_path: Path) -> None:
+    from controller.broker import read_password_file  # noqa: PLC0415 - the embedded broker reads the file
+    from selfheal.broker_setup import verify_password  # noqa: PLC0415
+
+    layout = write_configs(tmp_path, pipeline=False)
+    controller = load_config(layout.controller, env={}, role="controller").mqtt
+    assert (controller.url, controller.username) == ("embedded", "controller")
+    assert controller.embedded_password_file is not None
+    users = read_password_file(controller.embedded_password_file)
+    assert sorted(users) == ["controller", *sorted(layout.agents)]
+    for node, path in [("controller", layout.controller), *layout.agents.items()]:
+        mqtt = load_config(path, env={}, role="controller" if node == "controller" else "agent").mqtt
+        assert mqtt.username == node
+        assert mqtt.password_file is not None
+        assert verify_password(users[node], Path(mqtt.password_file).read_text().strip())
+
+
+def test_an_external_broker_is_used_as_it_is(tmp_path: Path) -> None:
+    layout = write_configs(tmp_path, broker_url="mqtt://127.0.0.1:1883", pipeline=False)
+    assert layout.broker is None
+    for path in layout.agents.values():
+        mqtt = load_config(path, env={}, role="agent").mqtt
+        assert (mqtt.url, mqtt.username, mqtt.password_file) == ("mqtt://127.0.0.1:1883", "", None)
