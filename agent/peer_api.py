@@ -1,8 +1,9 @@
 """The agent's HTTP API for the controller and peer agents: dataset trees, file chunk lists, chunks.
 
 Read-only, and every dataset request carries a transfer token
-(``selfheal.transfer_tokens``) signed with this node's command key for this
-node and this dataset, as ``Authorization: Bearer``:
+(``selfheal.transfer_tokens``) signed with this node's command key, as
+``Authorization: Bearer``, and names the puller in ``X-Selfheal-Puller``
+(the token covers it: a token handed to one node is refused from another):
 
 - ``GET /datasets/{name}/tree?path=<dir>`` — a directory node's entries
   (name, type, mode, hash, size), with the directory's own hash and the root
@@ -10,7 +11,20 @@ node and this dataset, as ``Authorization: Bearer``:
 - ``GET /datasets/{name}/file?path=<file>`` — a file's hash, size, mode,
   chunk size and chunk hashes;
 - ``GET /datasets/{name}/chunk?path=<file>&index=<i>`` — chunk ``i``'s bytes,
-  its hash in ``X-Selfheal-Chunk-Hash``.
+  its hash in ``X-Selfheal-Chunk-Hash``;
+- ``POST /datasets/{name}/transfers`` with ``{"paths": [...]}`` — opens a
+  transfer of those files.
+
+Two kinds of token. A *listings-only* token (signed for no paths; the
+controller's walk) is checked afresh on every ``tree`` and ``file`` request
+and never reads chunk bytes. A *file* token (signed for the fetch paths of
+one ``ResyncDataset`` command) must be valid when the puller opens the
+transfer with exactly that path list; the agent then remembers the open
+transfer (bounded: ``MAX_TRANSFERS``, least recently used evicted) and
+serves ``file`` and ``chunk`` for those paths only, to that puller only,
+while the transfer is in use: it lapses ``IDLE_TIMEOUT`` seconds after its
+last request and ``TRANSFER_LIFETIME`` after it opened. So a token lives at
+most a minute, yet a repair that takes hours completes.
 
 Answers come from the latest scan's tree, so a listing is always one
 consistent tree (the root and generation in every answer say which); while
@@ -21,9 +35,11 @@ identity the scan saw and the bytes hash to what the scan recorded —
 otherwise 409: a replica that changed since its scan is never a source.
 
 Errors are ``application/problem+json``: 401 (missing, bad or expired
-token), 400 (a path that is not plain and relative, or leads through a
-symlink or a non-directory), 404 (unknown dataset or path), 409 (not
-servable now). ``GET /healthz`` needs no token.
+token, another puller's, another dataset's, a transfer not open), 403 (a
+good token that does not cover this path or endpoint), 400 (a path that is
+not plain and relative, or leads through a symlink or a non-directory), 404
+(unknown dataset or path), 409 (not servable now), 413 (a transfer request
+body over ``MAX_OPEN_BYTES``). ``GET /healthz`` needs no token.
 """
 
 from __future__ import annotations
@@ -31,9 +47,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -45,11 +63,36 @@ from agent.digests.reading import identity, open_beneath, read_chunk, split_relp
 from agent.digests.scanner import DatasetView
 from agent.digests.trees import DatasetTree
 from selfheal.clocks import Clock
-from selfheal.transfer_tokens import bearer_token, check_transfer_token
+from selfheal.logs import RateLimiter, get_logger
+from selfheal.transfer_tokens import (
+    MAX_TTL,
+    PULLER_HEADER,
+    TransferGrant,
+    bearer_token,
+    check_transfer_token,
+    token_mac,
+)
 
 MAX_CONCURRENT_CHUNKS = 4
 """Chunks read at once (each up to ``chunk_size`` in memory); more requests wait."""
-_TITLES = {400: "Bad request", 401: "Unauthorized", 404: "Not Found", 409: "Conflict"}
+MAX_TRANSFERS = 256
+"""Open transfers remembered at once; the least recently used is forgotten first."""
+IDLE_TIMEOUT = MAX_TTL
+"""Seconds an open transfer lives after its last request (started or answered)."""
+TRANSFER_LIFETIME = 24 * 3600.0
+"""Seconds an open transfer lives at most, in use or not."""
+MAX_OPEN_BYTES = 512 * 1024
+"""Bytes a ``transfers`` request body may hold (a command lists at most 64 paths of at most 4 KiB)."""
+MAX_OPEN_PATHS = 1024
+_TITLES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 409: "Conflict",
+           413: "Content Too Large"}
+
+
+class _OpenRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    paths: list[str]
+
+
+_open_decoder = msgspec.json.Decoder(_OpenRequest)
 
 
 class _Problem(Exception):  # an HTTP answer in flight, caught in this module only
@@ -66,16 +109,73 @@ class PeerApiContext:
     datasets: Callable[[str], DatasetView | None]
     cache: DigestCache
     clock: Clock
+    refused: Counter[str] = field(default_factory=Counter)
+    """Refused requests by reason class (``token``, ``scope``, ``body``): the agent's metrics read it."""
 
 
-def create_peer_api(ctx: PeerApiContext) -> Starlette:
+@dataclass
+class _Transfer:
+    grant: TransferGrant
+    opened: float
+    used: float
+
+
+class OpenTransfers:
+    """The transfers pullers opened with a valid file token: bounded, each lapsing when idle (monotonic time)."""
+
+    def __init__(self, clock: Clock, *, limit: int = MAX_TRANSFERS, idle: float = IDLE_TIMEOUT,
+                 lifetime: float = TRANSFER_LIFETIME) -> None:
+        self.clock = clock
+        self.limit = limit
+        self.idle = idle
+        self.lifetime = lifetime
+        self._open: OrderedDict[str, _Transfer] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def open(self, grant: TransferGrant) -> None:
+        now = self.clock.monotonic()
+        self._expire(now)
+        known = self._open.get(grant.mac)
+        if known is None:
+            self._open[grant.mac] = _Transfer(grant, now, now)
+        else:
+            known.used = now
+        self._open.move_to_end(grant.mac)
+        while len(self._open) > self.limit:
+            self._open.popitem(last=False)
+
+    def use(self, mac: str) -> TransferGrant | None:
+        """The open transfer's grant (marked used now), or None: never opened, or lapsed."""
+        now = self.clock.monotonic()
+        self._expire(now)
+        known = self._open.get(mac)
+        if known is None:
+            return None
+        known.used = now
+        self._open.move_to_end(mac)
+        return known.grant
+
+    def _expire(self, now: float) -> None:
+        for mac in [m for m, t in self._open.items() if now - t.used > self.idle or now - t.opened > self.lifetime]:
+            del self._open[mac]
+
+
+def create_peer_api(ctx: PeerApiContext, *, transfers: OpenTransfers | None = None) -> Starlette:
     chunk_slots = asyncio.Semaphore(MAX_CONCURRENT_CHUNKS)
+    opened = transfers or OpenTransfers(ctx.clock)
+    log = get_logger("agent.peer_api", node=ctx.node_id)
+    limiter = RateLimiter(period=60.0)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "node": ctx.node_id})
 
+    async def open_transfer(request: Request) -> Response:
+        return await _open_transfer(ctx, opened, request)
+
     async def tree(request: Request) -> Response:
-        view, snapshot = _authorised(ctx, request)
+        view, snapshot = _authorised(ctx, opened, request, path=None)
         parts = _parts(request)
         digest, entries = _directory(snapshot, parts)
         return JSONResponse({
@@ -84,7 +184,7 @@ def create_peer_api(ctx: PeerApiContext) -> Starlette:
             "entries": [_entry(snapshot.alg, e) for e in entries]})
 
     async def file(request: Request) -> Response:
-        view, snapshot = _authorised(ctx, request)
+        view, snapshot = _authorised(ctx, opened, request, path=_path_param(request))
         path, entry = _file(snapshot, _parts(request))
         chunks = await _chunks(ctx, view, snapshot, path)
         return JSONResponse({
@@ -93,7 +193,7 @@ def create_peer_api(ctx: PeerApiContext) -> Starlette:
             "chunk_size": snapshot.chunk_size, "chunks": [render_digest(snapshot.alg, c) for c in chunks]})
 
     async def chunk(request: Request) -> Response:
-        view, snapshot = _authorised(ctx, request)
+        view, snapshot = _authorised(ctx, opened, request, path=_path_param(request), chunk=True)
         path, _ = _file(snapshot, _parts(request))
         index_text = request.query_params.get("index", "")
         if not index_text.isascii() or not index_text.isdigit():
@@ -104,6 +204,7 @@ def create_peer_api(ctx: PeerApiContext) -> Starlette:
             raise _Problem(400, f"{path} has {len(chunks)} chunks; there is no chunk {index}")
         async with chunk_slots:
             data = await asyncio.to_thread(_read_verified, view, snapshot, path, index, chunks[index])
+        opened.use(token_mac(bearer_token(request.headers.get("authorization")) or "") or "")  # answered: in use
         return Response(data, media_type="application/octet-stream", headers={
             "X-Selfheal-Chunk-Hash": render_digest(snapshot.alg, chunks[index]),
             "X-Selfheal-Root": snapshot.root_digest, "Cache-Control": "no-store"})
@@ -113,26 +214,88 @@ def create_peer_api(ctx: PeerApiContext) -> Starlette:
             try:
                 return await handler(request)
             except _Problem as problem:
+                if problem.status in (401, 403, 413):
+                    kind = {401: "token", 403: "scope", 413: "body"}[problem.status]
+                    ctx.refused[kind] += 1
+                    if limiter.allow(kind, request.url.path, ctx.clock.monotonic()):
+                        log.warning("peer_api.refused", status=problem.status, reason=problem.detail[:200],
+                                    path=request.url.path, client=request.client.host if request.client else None,
+                                    suppressed_so_far=limiter.suppressed)
                 return _problem(problem.status, problem.detail, request.url.path)
         return answer
 
     return Starlette(routes=[
         Route("/healthz", healthz),
+        Route("/datasets/{name}/transfers", guarded(open_transfer), methods=["POST"]),
         Route("/datasets/{name}/tree", guarded(tree)),
         Route("/datasets/{name}/file", guarded(file)),
         Route("/datasets/{name}/chunk", guarded(chunk)),
     ])
 
 
-def _authorised(ctx: PeerApiContext, request: Request) -> tuple[DatasetView, DatasetTree]:
-    """The dataset and its servable tree, once the token checks out; else the right ``_Problem``."""
+async def _open_transfer(ctx: PeerApiContext, opened: OpenTransfers, request: Request) -> Response:
+    """Check a file token against the path list the puller sends, and remember the transfer it opens."""
     name = request.path_params["name"]
+    token, puller = _credentials(request)
+    body = await _read_capped(request, MAX_OPEN_BYTES)
+    try:
+        paths = _open_decoder.decode(body).paths
+    except msgspec.DecodeError as exc:
+        raise _Problem(400, f"the body must be {{\"paths\": [...]}}: {exc}") from None
+    if not paths or len(paths) > MAX_OPEN_PATHS:
+        raise _Problem(400, f"a transfer lists 1 to {MAX_OPEN_PATHS} paths")
+    for path in paths:
+        try:
+            split_relpath(path)
+        except ValueError as exc:
+            raise _Problem(400, f"{path[:200]!r}: {exc}") from None
+    grant = check_transfer_token(ctx.key, token, node=ctx.node_id, puller=puller, dataset=name, paths=paths,
+                                 now=ctx.clock.wall())
+    if isinstance(grant, str):
+        raise _Problem(401, grant)
+    opened.open(grant)
+    return JSONResponse({"dataset": name, "puller": puller, "paths": len(grant.paths),
+                         "idle_timeout": opened.idle}, status_code=201)
+
+
+def _credentials(request: Request) -> tuple[str, str]:
     token = bearer_token(request.headers.get("authorization"))
     if token is None:
         raise _Problem(401, "a transfer token is required (Authorization: Bearer <token>)")
-    refused = check_transfer_token(ctx.key, token, node=ctx.node_id, dataset=name, now=ctx.clock.wall())
-    if refused is not None:
-        raise _Problem(401, refused)
+    puller = request.headers.get(PULLER_HEADER, "")
+    if not puller:
+        raise _Problem(401, f"the pulling node must name itself in {PULLER_HEADER}")
+    return token, puller
+
+
+def _authorised(ctx: PeerApiContext, opened: OpenTransfers, request: Request, *, path: str | None,
+                chunk: bool = False) -> tuple[DatasetView, DatasetTree]:
+    """The dataset and its servable tree, once the token allows this request; else the right ``_Problem``.
+
+    ``path``: the file asked for (None: a directory listing); ``chunk``: file bytes are asked for.
+    """
+    name = request.path_params["name"]
+    token, puller = _credentials(request)
+    grant = opened.use(token_mac(token) or "")
+    if grant is not None:  # an open transfer: its token may have expired since, the transfer has not
+        if grant.puller != puller:
+            raise _Problem(401, f"token is for puller {grant.puller!r}, not {puller!r}")
+        if grant.dataset != name:
+            raise _Problem(401, f"token is for dataset {grant.dataset!r}")
+        if path is None:
+            raise _Problem(403, "a file transfer's token does not list directories")
+        if path not in grant.paths:
+            raise _Problem(403, f"{path[:200]!r} is not among the paths this transfer was opened for")
+    else:
+        checked = check_transfer_token(ctx.key, token, node=ctx.node_id, puller=puller, dataset=name, paths=(),
+                                       now=ctx.clock.wall())
+        if isinstance(checked, str):
+            if chunk and checked.startswith("bad signature"):
+                checked = "no open transfer for this token (POST /datasets/{name}/transfers first) " \
+                          "and it is not a listings token"
+            raise _Problem(401, checked)
+        if chunk:
+            raise _Problem(403, "a listings-only token does not read file contents")
     view = ctx.datasets(name)
     if view is None:
         raise _Problem(404, f"no dataset {name!r} on node {ctx.node_id}")
@@ -141,6 +304,22 @@ def _authorised(ctx: PeerApiContext, request: Request) -> tuple[DatasetView, Dat
         state = view.summary.state if view.summary is not None else "not scanned yet"
         raise _Problem(409, f"dataset {name!r} is {state}: no verified tree to serve")
     return view, snapshot
+
+
+def _path_param(request: Request) -> str:
+    return request.query_params.get("path", "")
+
+
+async def _read_capped(request: Request, cap: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise _Problem(413, f"a transfer request holds at most {cap} bytes")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > cap:
+            raise _Problem(413, f"a transfer request holds at most {cap} bytes")
+    return bytes(body)
 
 
 def _parts(request: Request) -> tuple[str, ...]:

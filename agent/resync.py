@@ -4,7 +4,9 @@
 path, in the order the controller listed them:
 
 - ``fetch``: the file is rebuilt in a new file in its own directory: the
-  listed chunks are pulled from the source's HTTP with the transfer token,
+  listed chunks are pulled from the source's HTTP with the transfer token
+  (the command's fetch paths are first opened as one transfer, naming this
+  node as the puller: ``agent.peer_api``),
   the others are copied from the local file; *every* chunk is checked
   against the authority's hash list as it arrives or is read — the source is
   never trusted, and the answer must come from the authority's root
@@ -26,7 +28,16 @@ path, in the order the controller listed them:
   ``mkdir`` creates a directory; ``chmod`` sets a mode.
 
 Every path is opened beneath the dataset root without following symlinks
-(``agent.digests.reading``). One resync per dataset at a time; none while the
+(``agent.digests.reading``). Whatever mode a command carries, only the
+permission bits (``mode & 0o777``) are ever applied: a repaired file or
+directory never gets setuid, setgid or sticky bits (a refused bit is logged
+and counted in ``refused``). Chunk answers are read as a stream and dropped
+the moment they exceed the chunk's length (at most ``chunk_size``), each
+within a deadline (``request_timeout`` plus ``chunk_size`` at
+``MIN_CHUNK_RATE``); a ``Content-Encoding`` is refused, so no compressed
+answer expands in memory. The source is ``http://`` or
+``https://`` (verified against ``security.peer_tls_ca``, else the system
+CAs). One resync per dataset at a time; none while the
 dataset is being written (a fresh incremental scan must say ``ok`` first),
 and the digester is held off while files are swapped. Pulled bytes honour
 the dataset's ``read_bandwidth``. Afterwards the dataset is rescanned at once,
@@ -45,11 +56,14 @@ import errno
 import math
 import os
 import shutil
+import ssl
 import stat
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -66,6 +80,7 @@ from agent.digests.scanner import DatasetScanner
 from agent.digests.throttle import Throttle
 from selfheal.clocks import Clock
 from selfheal.logs import get_logger
+from selfheal.transfer_tokens import PULLER_HEADER
 from selfheal.wire import ResyncDataset, ResyncFile
 
 Status = Literal["done", "failed"]
@@ -76,6 +91,12 @@ _WRITE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os,
 _TMPFILE = getattr(os, "O_TMPFILE", 0)
 """Linux: open an unnamed file in a directory (0: not available here)."""
 _PROC_FD = Path("/proc/self/fd")
+PERMISSION_BITS = 0o777
+"""The only mode bits a repair applies: never setuid, setgid or sticky."""
+MIN_CHUNK_RATE = 64 * 1024
+"""Bytes/s a chunk answer must at least arrive at: with ``request_timeout`` it sets each chunk's deadline."""
+MAX_ERROR_BODY = 4096
+"""Bytes of an error answer read for the failure message."""
 
 
 class ResyncRefused(Exception):
@@ -90,13 +111,19 @@ class _Tally:
 
 
 class DatasetResyncer:
-    def __init__(self, *, scanner: DatasetScanner, state_dir: Path, clock: Clock, node_id: str = "",
-                 transport: httpx.AsyncBaseTransport | None = None, request_timeout: float = 30.0) -> None:
+    def __init__(self, *, scanner: DatasetScanner, state_dir: Path, clock: Clock, node_id: str,
+                 transport: httpx.AsyncBaseTransport | None = None, request_timeout: float = 30.0,
+                 verify: ssl.SSLContext | bool = True) -> None:
+        """``verify``: how an ``https://`` source's certificate is checked (``selfheal.peer_tls``)."""
         self.scanner = scanner
         self.quarantine = state_dir / "quarantine"
         self.clock = clock
+        self.node_id = node_id
         self.transport = transport
         self.request_timeout = request_timeout
+        self.verify = verify
+        self.refused: Counter[str] = Counter()
+        """Refused parts of commands by reason (``special_mode_bits``, ``oversized_chunk``)."""
         self._busy: set[str] = set()
         self._throttles = {name: Throttle(view.config.read_bandwidth) for name, view in scanner.views.items()}
         self.log = get_logger("agent.resync", node=node_id)
@@ -131,9 +158,16 @@ class DatasetResyncer:
                         f"reused {tally.reused_bytes} local bytes; the new root {verdict}")
 
     async def _repair(self, step: ResyncDataset, root: str, tally: _Tally) -> None:
+        if urlsplit(step.source_url).scheme not in ("http", "https"):
+            raise ResyncRefused(f"the source {step.source_url[:100]!r} is not an http:// or https:// address")
         async with httpx.AsyncClient(base_url=step.source_url, timeout=self.request_timeout,
-                                     transport=self.transport,
-                                     headers={"Authorization": f"Bearer {step.token}"}) as client:
+                                     transport=self.transport, verify=self.verify, follow_redirects=False,
+                                     headers={"Authorization": f"Bearer {step.token}",
+                                              PULLER_HEADER: self.node_id,
+                                              "Accept-Encoding": "identity"}) as client:
+            fetches = [item.path for item in step.files if item.action == "fetch"]
+            if fetches:
+                await self._open_transfer(client, step.dataset, fetches)
             for item in step.files:
                 try:
                     parts = split_relpath(item.path)
@@ -144,7 +178,8 @@ class DatasetResyncer:
                 if item.action == "fetch":
                     await self._fetch(client, step, root, parts=parts, item=item, tally=tally)
                 else:
-                    await asyncio.to_thread(self._apply, step.dataset, root, parts, item)
+                    await asyncio.to_thread(self._apply, step.dataset, root, parts, item,
+                                            self._permissions(step.dataset, item))
                 tally.paths.append(item.path)
 
     # --- fetch ----------------------------------------------------------------------------------
@@ -179,7 +214,8 @@ class DatasetResyncer:
                     await asyncio.to_thread(throttle.consume, len(data))
                     tally.pulled_bytes += length
                 await asyncio.to_thread(os.pwrite, out, data, index * step.chunk_size)
-            await asyncio.to_thread(_finish_temp, out, item, alg, step.chunk_size, [d for _, d in expected])
+            await asyncio.to_thread(_finish_temp, out, item, alg, step.chunk_size, [d for _, d in expected],
+                                    mode=self._permissions(step.dataset, item))
             if not named:
                 named = True  # from here on a failure removes the name (there may be none yet: fine)
                 await asyncio.to_thread(_name_temp, out, dfd, temp)
@@ -193,21 +229,59 @@ class DatasetResyncer:
                 if fd >= 0:
                     os.close(fd)
 
+    async def _open_transfer(self, client: httpx.AsyncClient, dataset: str, paths: list[str]) -> None:
+        """Open the command's fetches as one transfer: the token must be valid now, not for the whole repair."""
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                async with client.stream("POST", f"/datasets/{dataset}/transfers", json={"paths": paths}) as answer:
+                    if answer.status_code != 201:
+                        raise ResyncRefused(f"the source refused the transfer: HTTP {answer.status_code} "
+                                            f"{await _error_text(answer)}")
+        except TimeoutError:
+            raise ResyncRefused(f"the source did not open the transfer within {self.request_timeout:g} s") from None
+
     async def _pull(self, client: httpx.AsyncClient, step: ResyncDataset, path: str, *, index: int, length: int,
                     alg: Algorithm, digest: bytes) -> bytes:
-        response = await client.get(f"/datasets/{step.dataset}/chunk", params={"path": path, "index": str(index)})
-        if response.status_code != 200:
-            raise ResyncRefused(f"{path} chunk {index}: the source answered HTTP {response.status_code} "
-                                f"{response.text[:200]}")
-        served_root = response.headers.get("X-Selfheal-Root", "")
-        if served_root != step.expected_root:
-            raise ResyncRefused(f"{path} chunk {index}: the source serves root {served_root or '?'}, not the "
-                                f"authority's {step.expected_root}: it changed, not used")
-        data = response.content
+        deadline = self.request_timeout + step.chunk_size / MIN_CHUNK_RATE
+        try:
+            async with asyncio.timeout(deadline):
+                data = await self._pull_bounded(client, step, path, index=index, length=length)
+        except TimeoutError:
+            raise ResyncRefused(f"{path} chunk {index}: not received within {deadline:g} s") from None
         if len(data) != length or await asyncio.to_thread(hash_chunk, alg, data) != digest:  # off the loop
             raise ResyncRefused(f"{path} chunk {index} from the source does not verify against the authority: "
                                 "refused")
         return data
+
+    async def _pull_bounded(self, client: httpx.AsyncClient, step: ResyncDataset, path: str, *, index: int,
+                            length: int) -> bytes:
+        """Chunk ``index``'s bytes, read as a stream and never more than ``length`` of them."""
+        where = f"{path} chunk {index}"
+        async with client.stream("GET", f"/datasets/{step.dataset}/chunk",
+                                 params={"path": path, "index": str(index)}) as response:
+            if response.status_code != 200:
+                raise ResyncRefused(f"{where}: the source answered HTTP {response.status_code} "
+                                    f"{await _error_text(response)}")
+            served_root = response.headers.get("X-Selfheal-Root", "")
+            if served_root != step.expected_root:
+                raise ResyncRefused(f"{where}: the source serves root {served_root or '?'}, not the "
+                                    f"authority's {step.expected_root}: it changed, not used")
+            if response.headers.get("Content-Encoding", "identity").lower() != "identity":
+                raise ResyncRefused(f"{where}: the source sent an encoded answer: refused")
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > length:
+                self._oversized(step.dataset, where, int(declared), length)
+            data = bytearray()
+            async for piece in response.aiter_bytes():
+                data += piece
+                if len(data) > length:
+                    self._oversized(step.dataset, where, len(data), length)
+        return bytes(data)
+
+    def _oversized(self, dataset: str, where: str, size: int, length: int) -> None:
+        self.refused["oversized_chunk"] += 1
+        self.log.warning("resync.oversized_chunk", dataset=dataset, chunk=where, size=size, expected=length)
+        raise ResyncRefused(f"{where}: the source sent more than the chunk's {length} bytes: aborted")
 
     def _swap(self, dataset: str, dfd: int, name: str, temp: str, path: str) -> None:
         """Keep what stands at ``name`` in the quarantine, then rename the verified temp file over it."""
@@ -224,7 +298,15 @@ class DatasetResyncer:
 
     # --- delete, mkdir, chmod -------------------------------------------------------------------
 
-    def _apply(self, dataset: str, root: str, parts: tuple[str, ...], item: ResyncFile) -> None:
+    def _permissions(self, dataset: str, item: ResyncFile) -> int:
+        """The mode a fetch, mkdir or chmod applies: the permission bits only, whatever the command says."""
+        if item.action != "delete" and item.mode & ~PERMISSION_BITS:
+            self.refused["special_mode_bits"] += 1
+            self.log.warning("resync.special_mode_bits_refused", dataset=dataset, path=item.path,
+                             mode=oct(item.mode), applied=oct(item.mode & PERMISSION_BITS))
+        return item.mode & PERMISSION_BITS
+
+    def _apply(self, dataset: str, root: str, parts: tuple[str, ...], item: ResyncFile, mode: int) -> None:
         dfd = open_beneath(root, parts[:-1], directory=True)
         name = parts[-1]
         try:
@@ -242,9 +324,9 @@ class DatasetResyncer:
             elif item.action == "mkdir":
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(name, 0o700, dir_fd=dfd)
-                _chmod_beneath(root, parts, item.mode)
+                _chmod_beneath(root, parts, mode)
             else:
-                _chmod_beneath(root, parts, item.mode)
+                _chmod_beneath(root, parts, mode)
             os.fsync(dfd)
         finally:
             os.close(dfd)
@@ -306,7 +388,8 @@ def _name_temp(fd: int, dfd: int, temp: str) -> None:
     os.link(_PROC_FD / str(fd), temp, dst_dir_fd=dfd, follow_symlinks=True)
 
 
-def _finish_temp(fd: int, item: ResyncFile, alg: Algorithm, chunk_size: int, expected: list[bytes]) -> None:
+def _finish_temp(fd: int, item: ResyncFile, alg: Algorithm, chunk_size: int, expected: list[bytes], *,
+                 mode: int) -> None:
     """fsync, then re-read the whole temp file and check it against the authority before it may replace."""
     os.ftruncate(fd, item.size)
     os.fsync(fd)
@@ -315,7 +398,7 @@ def _finish_temp(fd: int, item: ResyncFile, alg: Algorithm, chunk_size: int, exp
                             abort=threading.Event(), buffer=new_buffer(chunk_size))
     if digest is None or digest.size != item.size or list(digest.chunks) != expected:
         raise ResyncRefused(f"{item.path}: the rebuilt file does not verify as a whole")
-    os.fchmod(fd, item.mode & 0o7777)
+    os.fchmod(fd, mode & PERMISSION_BITS)
 
 
 def _chmod_beneath(root: str, parts: tuple[str, ...], mode: int) -> None:
@@ -326,9 +409,19 @@ def _chmod_beneath(root: str, parts: tuple[str, ...], mode: int) -> None:
             raise
         fd = open_beneath(root, parts, directory=True)
     try:
-        os.fchmod(fd, mode & 0o7777)
+        os.fchmod(fd, mode & PERMISSION_BITS)
     finally:
         os.close(fd)
+
+
+async def _error_text(response: httpx.Response) -> str:
+    """The start of an error answer, read no further than ``MAX_ERROR_BODY`` bytes."""
+    text = bytearray()
+    async for piece in response.aiter_bytes():
+        text += piece
+        if len(text) >= MAX_ERROR_BODY:
+            break
+    return bytes(text[:200]).decode("utf-8", "replace")
 
 
 def _remove_tree(dfd: int, name: str) -> None:

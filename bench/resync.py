@@ -118,7 +118,7 @@ async def scenario(root: Path, build: Any, corrupt: Any) -> dict[str, float]:
             prepared = await planner.prepare(ResyncDataset("node-b", "ds", "node-a"), audit)
             localised = time.perf_counter()
             resyncer = DatasetResyncer(scanner=scanners["node-b"], state_dir=root / "state-node-b",
-                                       clock=SystemClock(), transport=pull)
+                                       clock=SystemClock(), node_id="node-b", transport=pull)
             for command in prepared.commands:
                 status, detail = await resyncer.resync(command)
                 if status != "done":

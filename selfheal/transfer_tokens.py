@@ -1,19 +1,34 @@
-"""Short-lived bearer tokens that let a peer read one dataset of one node, for one transfer.
+"""Short-lived bearer tokens that let one puller read listed files of one dataset of one node.
 
-The controller signs a token when it plans a transfer; the puller presents it
-to the serving agent as ``Authorization: Bearer <token>``; the serving agent
-checks it with its own command key (``selfheal.keys``). Format, all ASCII::
+The controller signs a token when it walks two replicas (for itself) and when
+it sends a ``ResyncDataset`` command (for the pulling node); the puller
+presents it to the serving agent as ``Authorization: Bearer <token>`` and
+names itself in ``X-Selfheal-Puller``; the serving agent checks it with its
+own command key (``selfheal.keys``). Format, all ASCII::
 
-    sht1.<node>.<dataset>.<expires_at>.<hex HMAC-SHA256>
+    sht2.<node>.<puller>.<dataset>.<expires_at>.<hex HMAC-SHA256>
 
-``node`` is the *serving* node (whose key signs), ``dataset`` the dataset
-name, ``expires_at`` whole seconds since the epoch (UTC). The MAC covers
-``"selfheal-transfer-v1\\n" node "\\n" dataset "\\n" expires_at`` — a domain
-tag of its own, so a transfer token can never pass for a command signature
-made with the same key, nor the other way round. Node and dataset names
-cannot hold a dot, so the token splits unambiguously. A token whose expiry
-lies further ahead than ``MAX_TTL`` is refused as well: tokens stay
-short-lived even if a controller's clock runs ahead.
+``node`` is the *serving* node (whose key signs), ``puller`` the node that
+pulls (or ``controller`` for the controller's walk), ``dataset`` the dataset
+name, ``expires_at`` whole seconds since the epoch (UTC). The MAC covers::
+
+    "selfheal-transfer-v2\\n" node "\\n" puller "\\n" dataset "\\n" paths_digest "\\n" expires_at
+
+where ``paths_digest`` is ``paths_digest(paths)``: SHA-256 over the sorted,
+de-duplicated allowed paths, each length-prefixed. The path list is not in
+the token (a command may list 64 long paths): the puller sends it once, when
+it opens the transfer (``agent.peer_api``), and the serving agent recomputes
+the digest. An empty list means *listings only* (trees and chunk lists, no
+chunk bytes): the controller's walk.
+
+A domain tag of its own, so a transfer token can never pass for a command
+signature (or a v1 token) made with the same key, nor the other way round.
+Names cannot hold a dot, so the token splits unambiguously. A token lives at
+most ``MAX_TTL`` (60 s): an expiry further ahead is refused, so tokens stay
+short-lived even if a controller's clock runs ahead. A transfer that takes
+longer still completes: the token only has to be valid when the puller opens
+the transfer; the serving agent then remembers the opened transfer while it
+is in use (see ``agent.peer_api``).
 
 Pure: no I/O, time comes in as ``now``.
 """
@@ -24,43 +39,94 @@ import hashlib
 import hmac
 import math
 import re
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
 
-PREFIX = "sht1"
-MAX_TTL = 3600.0
+PREFIX = "sht2"
+MAX_TTL = 60.0
 """Seconds ahead an expiry may lie at most."""
+CONTROLLER = "controller"
+"""The puller name the controller signs its own listing walk for."""
+PULLER_HEADER = "X-Selfheal-Puller"
+"""The request header naming the pulling node: the token covers it."""
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_TOKEN = re.compile(r"^sht1\.([a-z0-9][a-z0-9-]{0,62})\.([a-z0-9][a-z0-9-]{0,62})\.([0-9]{1,12})\.([0-9a-f]{64})$")
+_TOKEN = re.compile(r"^sht2\.([a-z0-9][a-z0-9-]{0,62})\.([a-z0-9][a-z0-9-]{0,62})\.([a-z0-9][a-z0-9-]{0,62})"
+                    r"\.([0-9]{1,12})\.([0-9a-f]{64})$")
+_DOMAIN = "selfheal-transfer-v2"
 
 
-def sign_transfer_token(key: bytes, *, node: str, dataset: str, expires_at: float) -> str:
-    """A token letting its bearer read ``dataset`` on ``node`` until ``expires_at`` (rounded up to a second)."""
-    if not (_NAME.match(node) and _NAME.match(dataset)):
-        raise ValueError(f"node and dataset must match [a-z0-9][a-z0-9-]{{0,62}}: {node!r}, {dataset!r}")
+@dataclass(frozen=True, slots=True)
+class TransferGrant:
+    """What a checked token allows: ``puller`` may read ``paths`` (none: listings only) of ``dataset``."""
+
+    node: str
+    puller: str
+    dataset: str
+    paths: frozenset[str]
+    expires_at: int
+    mac: str
+    """The token's MAC: identifies the transfer the token opens (not a secret once checked)."""
+
+
+def paths_digest(paths: Iterable[str]) -> str:
+    """The canonical digest of an allowed path list: order and duplicates do not matter."""
+    hasher = hashlib.sha256(b"selfheal-transfer-paths\0")
+    for path in sorted(set(paths)):
+        encoded = path.encode("utf-8")
+        hasher.update(struct.pack(">I", len(encoded)) + encoded)
+    return hasher.hexdigest()
+
+
+def sign_transfer_token(key: bytes, *, node: str, puller: str, dataset: str, paths: Iterable[str],
+                        expires_at: float) -> str:
+    """A token letting ``puller`` read ``paths`` of ``dataset`` on ``node`` until ``expires_at`` (rounded up)."""
+    for what, name in (("node", node), ("puller", puller), ("dataset", dataset)):
+        if not _NAME.match(name):
+            raise ValueError(f"{what} must match [a-z0-9][a-z0-9-]{{0,62}}: {name!r}")
     expiry = math.ceil(expires_at)
-    return f"{PREFIX}.{node}.{dataset}.{expiry}.{_mac(key, node, dataset, expiry)}"
+    mac = _mac(key, node, puller, dataset, paths_digest(paths), expiry)
+    return f"{PREFIX}.{node}.{puller}.{dataset}.{expiry}.{mac}"
 
 
-def check_transfer_token(key: bytes | None, token: str, *, node: str, dataset: str, now: float,
-                         max_ttl: float = MAX_TTL) -> str | None:
-    """None when ``token`` lets its bearer read ``dataset`` on ``node`` at ``now``; else why not."""
+def check_transfer_token(key: bytes | None, token: str, *, node: str, puller: str, dataset: str,
+                         paths: Iterable[str], now: float, max_ttl: float = MAX_TTL,
+                         ) -> TransferGrant | str:
+    """The grant when ``token`` lets ``puller`` read ``paths`` of ``dataset`` on ``node`` at ``now``; else why not.
+
+    ``paths`` is the list the puller claims the token was signed for (empty for a listings-only token);
+    a different list fails the signature check.
+    """
     if key is None:
         return "this node has no command key, so it cannot check transfer tokens"
+    if token.startswith("sht1."):
+        return "a version 1 transfer token (not bound to a puller and paths): refused"
     match = _TOKEN.match(token)
     if match is None:
         return "not a transfer token"
-    token_node, token_dataset, expiry_text, mac = match.groups()
+    token_node, token_puller, token_dataset, expiry_text, mac = match.groups()
     expiry = int(expiry_text)
-    if not hmac.compare_digest(mac.encode(), _mac(key, token_node, token_dataset, expiry).encode()):
-        return "bad signature"
+    allowed = frozenset(paths)
+    expected = _mac(key, token_node, token_puller, token_dataset, paths_digest(allowed), expiry)
+    if not hmac.compare_digest(mac.encode(), expected.encode()):
+        return "bad signature (or not signed for these paths)"
     if token_node != node:
         return f"token is for node {token_node!r}"
+    if token_puller != puller:
+        return f"token is for puller {token_puller!r}, not {puller!r}"
     if token_dataset != dataset:
         return f"token is for dataset {token_dataset!r}"
     if expiry <= now:
         return "token expired"
     if expiry > now + max_ttl:
         return f"token expires more than {max_ttl:g} s ahead"
-    return None
+    return TransferGrant(token_node, token_puller, token_dataset, allowed, expiry, mac)
+
+
+def token_mac(token: str) -> str | None:
+    """The MAC part of a well-formed token (the key of the transfer it opened), without checking it."""
+    match = _TOKEN.match(token)
+    return match.group(5) if match is not None else None
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -73,6 +139,7 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip() or None
 
 
-def _mac(key: bytes, node: str, dataset: str, expiry: int) -> str:
-    message = f"selfheal-transfer-v1\n{node}\n{dataset}\n{expiry}".encode()
+def _mac(key: bytes, node: str, puller: str, dataset: str, digest: str,  # noqa: PLR0917 - the fields, in order
+         expiry: int) -> str:
+    message = f"{_DOMAIN}\n{node}\n{puller}\n{dataset}\n{digest}\n{expiry}".encode()
     return hmac.new(key, message, hashlib.sha256).hexdigest()

@@ -14,7 +14,7 @@ from agent.digests.trees import scan_dataset
 from selfheal import wire
 from selfheal.config import AgentConfig, Config, DatasetConfig, MqttConfig, SecurityConfig
 from selfheal.keys import read_key, write_key
-from selfheal.transfer_tokens import sign_transfer_token
+from selfheal.transfer_tokens import PULLER_HEADER, sign_transfer_token
 from tests.conftest import Broker, eventually
 from tests.integration.test_agent_mqtt import Observer, running_agent, unique_node
 
@@ -88,8 +88,12 @@ async def test_the_agent_publishes_digests_notices_a_flipped_byte_and_serves_pee
         assert host == "127.0.0.1"
         assert int(port) > 0
 
-        token = sign_transfer_token(key, node=node, dataset="train", expires_at=time.time() + 30)
-        auth = {"Authorization": f"Bearer {token}"}
+        token = sign_transfer_token(key, node=node, puller="controller", dataset="train", paths=(),
+                                    expires_at=time.time() + 30)
+        auth = {"Authorization": f"Bearer {token}", PULLER_HEADER: "controller"}
+        files = sign_transfer_token(key, node=node, puller="node-z", dataset="train", paths=["shards/part-1.bin"],
+                                    expires_at=time.time() + 30)
+        file_auth = {"Authorization": f"Bearer {files}", PULLER_HEADER: "node-z"}
         async with httpx.AsyncClient(base_url=f"http://{birth.http}", timeout=5) as client:
             await eventually(lambda: app.digests.view("train").tree is not None  # type: ignore[union-attr]
                              and app.digests.view("train").tree.root_digest == flipped.root,  # type: ignore[union-attr]
@@ -101,8 +105,11 @@ async def test_the_agent_publishes_digests_notices_a_flipped_byte_and_serves_pee
             listing = await client.get("/datasets/train/file", params={"path": "shards/part-1.bin"}, headers=auth)
             assert listing.status_code == 200
             assert len(listing.json()["chunks"]) == 3
+            opened = await client.post("/datasets/train/transfers", json={"paths": ["shards/part-1.bin"]},
+                                       headers=file_auth)
+            assert opened.status_code == 201, opened.text
             chunk = await client.get("/datasets/train/chunk", params={"path": "shards/part-1.bin", "index": 1},
-                                     headers=auth)
+                                     headers=file_auth)
             assert chunk.status_code == 200
             assert chunk.content == bytes(content[CHUNK:2 * CHUNK])
             for endpoint, params in (("tree", {}), ("file", {"path": "README"}),

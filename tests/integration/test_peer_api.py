@@ -17,12 +17,13 @@ from agent.digests.scanner import DatasetScanner
 from agent.peer_api import PeerApiContext, create_peer_api
 from selfheal.clocks import SystemClock
 from selfheal.config import DatasetConfig
-from selfheal.transfer_tokens import sign_transfer_token
+from selfheal.transfer_tokens import PULLER_HEADER, sign_transfer_token
 from selfheal.wire import DatasetSummary
 
 pytestmark = pytest.mark.integration
 
 NODE = "node-a"
+PULLER = "node-b"
 KEY = bytes(range(32))
 CHUNK = 4096
 WEIGHTS = bytes(range(256)) * 40  # 10240 bytes: chunks of 4096, 4096, 2048
@@ -35,12 +36,28 @@ class Peer:
     scanner: DatasetScanner
     published: list[list[DatasetSummary]]
 
-    def auth(self, dataset: str = "ds", *, node: str = NODE, ttl: float = 60.0, key: bytes = KEY) -> dict[str, str]:
-        token = sign_transfer_token(key, node=node, dataset=dataset, expires_at=time.time() + ttl)
-        return {"Authorization": f"Bearer {token}"}
+    def auth(self, dataset: str = "ds", *, node: str = NODE, ttl: float = 30.0, key: bytes = KEY,
+             puller: str = "controller", paths: tuple[str, ...] = ()) -> dict[str, str]:
+        """A listings-only token for the controller, or with ``paths`` a file token for ``puller``."""
+        token = sign_transfer_token(key, node=node, puller=puller, dataset=dataset, paths=paths,
+                                    expires_at=time.time() + ttl)
+        return {"Authorization": f"Bearer {token}", PULLER_HEADER: puller}
+
+    async def open(self, paths: tuple[str, ...], *, dataset: str = "ds", puller: str = PULLER,
+                   headers: dict[str, str] | None = None) -> tuple[httpx.Response, dict[str, str]]:
+        """Open a transfer of ``paths`` for ``puller``: the answer, and the headers its requests carry."""
+        headers = headers or self.auth(dataset, puller=puller, paths=paths)
+        answer = await self.client.post(f"/datasets/{dataset}/transfers", json={"paths": list(paths)},
+                                        headers=headers)
+        return answer, headers
 
     async def get(self, endpoint: str, *, dataset: str = "ds", headers: dict[str, str] | None = None,
-                  **params: object) -> httpx.Response:
+                  **params: str | int) -> httpx.Response:
+        """Listings with a listings token; a chunk through a transfer opened for its path (as a puller does)."""
+        if headers is None and endpoint == "chunk":
+            opened, headers = await self.open((str(params.get("path", "")),), dataset=dataset)
+            if opened.status_code != 201:
+                return opened
         return await self.client.get(f"/datasets/{dataset}/{endpoint}", params=params,
                                      headers=self.auth(dataset) if headers is None else headers)
 
@@ -111,7 +128,7 @@ async def test_requests_without_a_good_token_are_refused(peer: Peer, case: str) 
         "other-dataset": peer.auth("other"),
         "other-node": peer.auth(node="node-b"),
         "other-key": peer.auth(key=bytes(32)),
-        "garbage": {"Authorization": "Bearer sht1.nonsense"},
+        "garbage": {"Authorization": "Bearer sht2.nonsense", PULLER_HEADER: "controller"},
     }[case]
     for endpoint, params in (("tree", {}), ("file", {"path": "a.txt"}), ("chunk", {"path": "a.txt", "index": 0})):
         answer = await peer.get(endpoint, headers=headers, **params)

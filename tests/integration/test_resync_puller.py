@@ -78,7 +78,7 @@ class Pair:
 
     def resyncer(self, transport: httpx.AsyncBaseTransport | None = None) -> DatasetResyncer:
         return DatasetResyncer(scanner=self.replica.scanner, state_dir=self.state_dir, clock=SystemClock(),
-                               transport=transport)
+                               node_id=self.replica.node, transport=transport)
 
 
 _ticks = [0.0]
