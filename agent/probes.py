@@ -14,6 +14,12 @@ flip. During the start period after a (re)start it probes at a fast cadence
 (``min(interval, 0.2s)``) until the first success, so a recovery is seen within
 a fraction of a second instead of a whole interval; failures are then counted
 at the configured interval.
+
+An ``exec`` check runs with the agent's environment minus its secrets
+(``agent.workload.unit_environment``: no ``SELFHEAL_*``, no
+``CREDENTIALS_DIRECTORY``, no ``NOTIFY_SOCKET``) and, for a unit with a
+``user``, as that user: a script the workload can write must not run with the
+agent's rights.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from contextlib import AsyncExitStack, suppress
 
 import httpx
 
+from agent.workload import Account, resolve_user, switch_args, unit_environment
 from selfheal.clocks import Clock
 from selfheal.config import ProbeConfig
 from selfheal.config_checks import split_host_port
@@ -94,8 +101,11 @@ class ProbeRunner:
     """Runs one unit's probe until stopped; ``unit_started`` restarts its start period."""
 
     def __init__(self, unit: str, config: ProbeConfig, *, emit: Callable[[EventBody], None],
-                 clock: Clock, node_id: str = "", active: Callable[[], bool] | None = None) -> None:
+                 clock: Clock, node_id: str = "", active: Callable[[], bool] | None = None,
+                 user: str | None = None) -> None:
         self.unit = unit
+        self.user = user
+        """Kind ``exec``: the unit's ``user``, whom the check runs as."""
         self.active = active
         """Whether the unit runs now; no checks while it does not (a standby copy, a stopped unit)."""
         self.config = config
@@ -176,7 +186,8 @@ class ProbeRunner:
         if self.config.kind == "tcp":
             return await _check_tcp(str(target))
         argv = target if isinstance(target, list) else [target]
-        return await _check_exec(argv)
+        account = None if self.user is None else await asyncio.to_thread(resolve_user, self.user)
+        return await _check_exec(argv, account)
 
 
 async def _check_http(client: httpx.AsyncClient, url: str) -> tuple[bool, str]:
@@ -194,10 +205,10 @@ async def _check_tcp(target: str) -> tuple[bool, str]:
     return True, ""
 
 
-async def _check_exec(argv: list[str]) -> tuple[bool, str]:
+async def _check_exec(argv: list[str], account: Account | None = None) -> tuple[bool, str]:
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
+        start_new_session=True, env=unit_environment(os.environ, account=account), **switch_args(account))
     try:
         returncode = await proc.wait()
     except asyncio.CancelledError:  # the timeout: do not leave the check running

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
+from agent.workload import work_dir
 from selfheal.clocks import Clock
 from selfheal.config import UnitConfig
 from selfheal.progress import read_progress
@@ -29,10 +30,10 @@ POLL = 0.5
 
 
 def progress_path(config: UnitConfig, state_dir: Path) -> Path | None:
-    """The unit's progress file, relative paths taken from its working directory."""
+    """The unit's progress file, relative paths taken from its working directory (``agent.workload.work_dir``)."""
     if config.progress_file is None:
         return None
-    return Path(config.cwd or state_dir) / config.progress_file
+    return work_dir(config, state_dir) / config.progress_file
 
 
 class ProgressTracker:

@@ -78,7 +78,7 @@ class Supervisor:
             probe = None
             if config.probe is not None:
                 probe = ProbeRunner(config.name, config.probe, emit=ctx.emit, clock=ctx.clock,
-                                    node_id=ctx.node_id, active=partial(_alive, unit))
+                                    node_id=ctx.node_id, active=partial(_alive, unit), user=config.user)
             entry = Supervised(unit, probe, config)
             path = progress_path(config, ctx.state_dir)
             if path is not None:

@@ -13,7 +13,12 @@ virtual environment that runs the command:
 - the agent gets ``ReadWritePaths=`` for what ``agent.toml`` says it writes:
   dataset replicas (repairs), unit working directories, a non-default state
   dir;
-- the polkit rule lists the agent's units of kind ``systemd``.
+- the polkit rule lists the agent's units of kind ``systemd``;
+- the agent's ``LoadCredential=command.key:`` names ``/etc/selfheal/keys/<node_id>.key`` for the
+  ``node_id`` of ``agent.toml`` (systemd reads the root-only file and gives the agent a private copy;
+  no unit or probe of the agent is told where it is), and its ``MemoryMax=`` becomes ``infinity`` when
+  it starts units of kind ``process`` or ``spark``, which share its cgroup (their memory is the
+  operator's figure, for a drop-in).
 
 Config skeletons (``/etc/selfheal/*.toml``, ``*.env``, the API token) are
 written only when missing; the rendered units, sysusers.d, tmpfiles.d and
@@ -50,6 +55,12 @@ HOME_PREFIXES = ("/home", "/root", "/run/user")
 TMP_PREFIXES = ("/tmp", "/var/tmp")  # noqa: S108 - prefixes compared with paths, never written
 """Hidden from the services by ``PrivateTmp=yes``: a venv or checkout there (a CI clone) is bound back in."""
 AGENT_USER = "selfheal-agent"
+KEY_CREDENTIAL = "command.key"
+"""The agent's key among its credentials: ``selfheal.keys.CREDENTIAL``."""
+AGENT_MEMORY_MAX = "512M"
+"""The agent's own bound (``MemoryMax=`` of its unit) when none of its units shares its cgroup."""
+CHILD_KINDS = frozenset({"process", "spark"})
+"""Unit kinds the agent starts as its own children, in its cgroup."""
 DEFAULT_AGENT_STATE = "/var/lib/selfheal-agent"
 
 
@@ -152,6 +163,18 @@ def agent_writable(config: Config) -> list[str]:
     return list(dict.fromkeys(os.path.normpath(p) for p in paths))
 
 
+def render_agent(unit: str, config: Config) -> str:
+    """The rendered agent unit, for what ``agent.toml`` says: its key credential, its memory bound."""
+    key = f"{CONFIG_DIR}/keys/{config.agent.node_id}.key"
+    text = _replace_line(unit, f"LoadCredential={KEY_CREDENTIAL}:{CONFIG_DIR}/keys/%H.key",
+                         f"LoadCredential={KEY_CREDENTIAL}:{key}")
+    if any(each.kind in CHILD_KINDS for each in config.agent.units):
+        text = _replace_line(text, f"MemoryMax={AGENT_MEMORY_MAX}",
+                             "# Units of kind process or spark share this cgroup: their bound is a drop-in's.\n"
+                             "MemoryMax=infinity")
+    return text
+
+
 def systemd_units(config: Config) -> list[str]:
     """The systemd services the agent manages: its units of kind ``systemd``, by service name."""
     return sorted({systemd_service(unit.systemd.unit) for unit in config.agent.units
@@ -205,8 +228,8 @@ ENV_SKELETON = {
     "controller": "# Environment of selfheal-controller.service (root-only).\n"
                   "# SELFHEAL_<SECTION>__<KEY>=value overrides a key of controller.toml.\n",
     "agent": "# Environment of selfheal-agent.service (root-only).\n"
-             "# This node's command key (hex), the same as the controller's keys/<node_id>.key:\n"
-             "# SELFHEAL_COMMAND_KEY=\n",
+             "# SELFHEAL_<SECTION>__<KEY>=value overrides a key of agent.toml. Not for secrets: the command key\n"
+             f"# goes in {CONFIG_DIR}/keys/<node_id>.key (mode 0600), loaded with LoadCredential=.\n",
 }
 
 
@@ -228,16 +251,23 @@ def plan_install(*, root: Path, roles: Sequence[Role], layout: Layout, templates
         plan.add(f"{CONFIG_DIR}/api.token", secrets.token_urlsafe(32) + "\n", mode=0o640, overwrite=False)
     for role in roles:
         template = (templates / f"selfheal-{role}.service").read_text(encoding="utf-8")
-        writable: list[str] = []
         if role == "agent":
             config = _agent_config(root, plan)
-            writable = agent_writable(config)
             units = systemd_units(config)
             rule = render_polkit((templates / "50-selfheal-agent.rules").read_text(encoding="utf-8"), units)
             plan.add("/etc/polkit-1/rules.d/50-selfheal-agent.rules", rule)
             plan.notes.append(f"polkit: {AGENT_USER} may start/stop/restart "
                               + (", ".join(units) if units else "no units (none of kind systemd in agent.toml)"))
-        plan.add(f"/etc/systemd/system/selfheal-{role}.service", render_unit(template, layout, writable=writable))
+            plan.notes.append(f"agent key: {CONFIG_DIR}/keys/{config.agent.node_id}.key (LoadCredential=, "
+                              "root-only; the same key as the controller's file for this node)")
+            as_users = sorted(each.name for each in config.agent.units if each.user is not None)
+            if as_users:
+                plan.notes.append(f"units {', '.join(as_users)} name a user: the agent must run as root to switch "
+                                  "to it (a drop-in, README \"Security\"); as selfheal-agent they fail to start")
+            unit = render_agent(render_unit(template, layout, writable=agent_writable(config)), config)
+        else:
+            unit = render_unit(template, layout)
+        plan.add(f"/etc/systemd/system/selfheal-{role}.service", unit)
     plan.add("/etc/sysusers.d/selfheal.conf", (templates / "selfheal.sysusers").read_text(encoding="utf-8"))
     plan.add("/etc/tmpfiles.d/selfheal.conf", (templates / "selfheal.tmpfiles").read_text(encoding="utf-8"))
     return plan

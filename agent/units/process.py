@@ -11,6 +11,11 @@ instead dies with the agent (``PR_SET_PDEATHSIG``). Output is
 appended to ``<state_dir>/logs/<unit>.log`` (rotated once to ``.log.1`` at
 start when it grew past ``LOG_ROTATE_BYTES``).
 
+The run's environment is the agent's without its secrets, plus the unit's
+``env`` (``agent.workload.unit_environment``); a unit with a ``user`` runs
+with that user's uid, gid and groups (``agent.workload.resolve_user``), and
+fails to start, saying why, when the agent cannot switch to it.
+
 ``watch`` awaits each run's exit, so an exit is seen the moment it happens and
 emitted as ``UnitExited``; ``expected`` says whether the agent caused it. The
 agent never restarts a crashed unit by itself: the controller decides.
@@ -36,6 +41,7 @@ from agent.progress import progress_path
 from agent.units import leftovers
 from agent.units.base import UnitContext, UnitState
 from agent.units.leftovers import signal_group
+from agent.workload import Account, prepare_work_dir, resolve_user, switch_args, unit_environment, work_dir
 from selfheal.clocks import iso
 from selfheal.config import UnitConfig
 from selfheal.errors import UnitError
@@ -86,6 +92,7 @@ class ProcessUnit:
         self._run: _Run | None = None
         self._runs: asyncio.Queue[_Run | None] = asyncio.Queue()
         self._lock = asyncio.Lock()
+        self._account: Account | None = None
         self.log = get_logger("agent.unit", node=ctx.node_id, unit=config.name)
 
     @staticmethod
@@ -154,10 +161,19 @@ class ProcessUnit:
 
         Kinds built on this one (``spark``) override it to check prerequisites and build their command.
         """
-        env = {**os.environ, **self.config.env}
+        account = None
+        if self.config.user is not None:
+            account = await asyncio.to_thread(resolve_user, self.config.user)
+        self._account = account
+        extra = {}
         progress = progress_path(self.config, self.ctx.state_dir)
         if progress is not None:
-            env[PROGRESS_ENV] = str(progress)
+            # In the default working directory of a unit with a user, relative to it: that user may not
+            # traverse the agent's state dir on the way to it.
+            relative = str(self.config.progress_file)
+            own_dir = account is not None and not self.config.cwd and not Path(relative).is_absolute()
+            extra[PROGRESS_ENV] = relative if own_dir else str(progress)
+        env = unit_environment(os.environ, self.config.env, extra=extra, account=account)
         return list(self.config.command), env
 
     async def _start(self) -> None:
@@ -173,7 +189,13 @@ class ProcessUnit:
             argv, env = await self.prepare()
         except UnitError as exc:
             raise self._failed(str(exc)) from None
-        cwd = self.config.cwd or str(self.ctx.state_dir)
+        account = self._account
+        cwd = str(work_dir(self.config, self.ctx.state_dir))
+        if account is not None and not self.config.cwd:
+            try:
+                await asyncio.to_thread(prepare_work_dir, Path(cwd), account)
+            except (OSError, UnitError) as exc:
+                raise self._failed(f"cannot prepare the working directory {cwd!r}: {exc}") from None
         try:
             log_file = await asyncio.to_thread(_open_log, self.ctx.state_dir, self.name, argv,
                                                self.ctx.clock.wall())
@@ -183,6 +205,7 @@ class ProcessUnit:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                 cwd=cwd, env=env, start_new_session=True,
+                **switch_args(account),
                 preexec_fn=(partial(_die_with_parent, os.getpid())
                             if self.config.stop_after_disconnect is not None else None),
             )

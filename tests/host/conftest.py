@@ -16,7 +16,11 @@ inside renders units for exactly this code. It also gets ``--cap-add
 SYS_ADMIN``: without it the container's systemd cannot build its services'
 mount namespaces and (systemd 252) starts them without ``ProtectSystem=``,
 ``ProtectHome=``, ``ReadWritePaths=`` and the like — the units would run,
-but not as hardened as on a host. With the host's network, the agent inside
+but not as hardened as on a host — and ``--cap-add DAC_READ_SEARCH``, which
+Podman leaves out of a container's bounding set and an agent running units
+as other users takes (README, "Security"). Once booted, ``mount --make-rshared /``
+does what systemd does on a host and skips in a container, so services'
+credentials (``LoadCredential=``) reach them. With the host's network, the agent inside
 reaches the test's Mosquitto and controller on loopback.
 
 When the engine cannot build or boot the system, the test fails with the
@@ -153,7 +157,7 @@ def systemd_host() -> Iterator[SystemdHost]:
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
     subprocess.run([podman, "rm", "-f", "-t", "0", name], capture_output=True, check=False)
     _run([podman, "--runtime", "runc", "run", "-d", "--name", name, "--systemd=always", "--network=host",
-          "--cap-add", "SYS_ADMIN",
+          "--cap-add", "SYS_ADMIN", "--cap-add", "DAC_READ_SEARCH",
           "--ulimit", f"nofile={nofile[0]}:{nofile[1]}", "--ulimit", "nproc=4096:4096",
           *_mounts(), image, "/lib/systemd/systemd"], what="podman run (booting systemd)")
     host = SystemdHost(name=name, podman=podman)
@@ -171,6 +175,10 @@ def systemd_host() -> Iterator[SystemdHost]:
                         f"{logs.stdout[-3000:]}{logs.stderr[-3000:]}")
         if state == "degraded":
             print("systemd degraded:", host.run("systemctl", "--failed", "--no-legend", check=False).stdout)
+        # systemd makes / shared at boot on a host, never in a container (Podman mounts it private). Its
+        # credentials (LoadCredential=) are mounted in a namespace of their own and moved into
+        # /run/credentials: without shared propagation the service finds an empty, root-only directory.
+        host.run("mount", "--make-rshared", "/")
         yield host
     finally:
         subprocess.run([podman, "rm", "-f", "-t", "0", name], capture_output=True, check=False, timeout=120)
@@ -200,7 +208,8 @@ def node(request: pytest.FixtureRequest) -> str:
 class HostController:
     api: str
     key_hex: str
-    """The node's command key, which the agent gets through agent.env."""
+    """The node's command key, which the agent gets as a systemd credential (``LoadCredential=``) of the root-only
+    ``/etc/selfheal/keys/<node>.key``."""
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +251,7 @@ def installed(systemd_host: SystemdHost, mosquitto: Broker, controller: HostCont
     """The agent's config and key in place, then ``selfheal install`` as an operator runs it."""
     host = systemd_host
     host.write("/etc/selfheal/agent.toml", agent_toml(mosquitto, node), "0640")
-    host.write("/etc/selfheal/agent.env", f"SELFHEAL_COMMAND_KEY={controller.key_hex}\n", "0600")
+    host.write(f"/etc/selfheal/keys/{node}.key", f"{controller.key_hex}\n", "0600")
     out = host.run(SELFHEAL, "install", "--role", "agent").stdout
     assert "kept     /etc/selfheal/agent.toml" in out, out
     assert "systemctl enable --now selfheal-agent.service" in out, out

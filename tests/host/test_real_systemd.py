@@ -134,3 +134,90 @@ def test_polkit_lets_the_agents_user_manage_only_its_units(installed: SystemdHos
     assert "Interactive authentication required" in done.stderr, done.stderr
     assert host.show("sh-other.service", "ActiveState")["ActiveState"] == "active"
 
+
+
+UNIT_ENV = "/var/lib/selfheal-agent/unit.env"
+
+
+def _with_unit(mosquitto: Broker, node: str, unit: str) -> str:
+    return agent_toml(mosquitto, node) + unit
+
+
+def _exists(host: SystemdHost, path: str) -> bool:
+    return host.sh(f"test -s {path}", check=False).returncode == 0
+
+
+def test_the_key_is_a_credential_no_unit_sees(installed: SystemdHost, mosquitto: Broker, node: str,
+                                              controller: HostController) -> None:
+    """Issue 13, "leaked key", under the real systemd: the agent has its key (LoadCredential=), a unit's
+    environment has neither it nor the credentials directory, and without the key file the agent still
+    starts (SetCredential= default) and refuses commands."""
+    host = installed
+    unit = ('[[agent.units]]\nname = "dump"\nkind = "process"\n'
+            f'command = ["/bin/sh", "-c", "env > {UNIT_ENV}; exec sleep 600"]\n')
+    host.write("/etc/selfheal/agent.toml", _with_unit(mosquitto, node, unit), "0640")
+    host.sh(f"rm -f {UNIT_ENV}")
+    host.run("systemctl", "restart", AGENT, timeout=120)
+    eventually_sync(lambda: _exists(host, UNIT_ENV), timeout=30, what="the unit's environment dump")
+    dumped = host.run("cat", UNIT_ENV).stdout
+    assert controller.key_hex not in dumped
+    for name in ("CREDENTIALS_DIRECTORY=", "NOTIFY_SOCKET=", "WATCHDOG_USEC=", "INVOCATION_ID=", "SELFHEAL_"):
+        assert name not in dumped, name
+    pid = host.show(AGENT, "MainPID")["MainPID"]
+    assert controller.key_hex not in host.run("cat", f"/proc/{pid}/environ").stdout
+    journal = host.journal(AGENT, 200)
+    assert "agent.no_command_key" not in journal, journal
+    assert "keys.deprecated_env" not in journal, journal
+
+    # No key file: the agent starts all the same, and says it has no key.
+    key = f"/etc/selfheal/keys/{node}.key"
+    host.run("mv", key, f"{key}.away")
+    try:
+        host.run("systemctl", "restart", AGENT, timeout=120)
+        assert host.show(AGENT, "ActiveState")["ActiveState"] == "active", host.journal(AGENT)
+        host.wait_show(AGENT, lambda _: "agent.no_command_key" in host.journal(AGENT, 100), "ActiveState",
+                       what="the no-key warning")
+    finally:
+        host.run("mv", f"{key}.away", key)
+        host.write("/etc/selfheal/agent.toml", agent_toml(mosquitto, node), "0640")
+        host.run("systemctl", "restart", AGENT, timeout=120)
+
+
+ROOT_DROP_IN = """\
+[Service]
+# Units with `user =`: the agent switches users, so it runs as root with just the capabilities that takes.
+User=root
+Group=root
+CapabilityBoundingSet=CAP_SETUID CAP_SETGID CAP_CHOWN CAP_DAC_READ_SEARCH CAP_KILL
+SystemCallFilter=@setuid @chown
+"""
+
+
+def test_a_unit_runs_as_its_user_under_the_documented_drop_in(installed: SystemdHost, mosquitto: Broker,
+                                                              node: str) -> None:
+    """README, "Security": the drop-in for an agent whose units name a user; the unit runs as nobody."""
+    host = installed
+    drop_in = f"/etc/systemd/system/{AGENT}.d/60-units-as-users.conf"
+    unit = ('[[agent.units]]\nname = "as-nobody"\nkind = "process"\nuser = "nobody"\n'
+            'progress_file = "progress.json"\n'
+            'command = ["/bin/sh", "-c", "id -u > uid; printf \\"{\\\\\\"done\\\\\\": 1}\\" > progress.json; '
+            'exec sleep 600"]\n')
+    work = "/var/lib/selfheal-agent/work/as-nobody"
+    host.write("/etc/selfheal/agent.toml", _with_unit(mosquitto, node, unit), "0640")
+    host.write(drop_in, ROOT_DROP_IN)
+    host.run("systemctl", "daemon-reload")
+    try:
+        host.run("systemctl", "restart", AGENT, timeout=120)
+        try:
+            eventually_sync(lambda: _exists(host, f"{work}/uid") and _exists(host, f"{work}/progress.json"),
+                            timeout=30, what="the unit run as nobody")
+        except AssertionError:
+            log = host.run("cat", "/var/lib/selfheal-agent/logs/as-nobody.log", check=False).stdout
+            raise AssertionError(f"{host.journal(AGENT, 30)}\n{log}") from None
+        assert host.run("cat", f"{work}/uid").stdout.strip() == host.run("id", "-u", "nobody").stdout.strip()
+        assert host.run("stat", "-c", "%U %a", work).stdout.strip() == "nobody 700"
+    finally:
+        host.run("rm", "-f", drop_in)
+        host.run("systemctl", "daemon-reload")
+        host.write("/etc/selfheal/agent.toml", agent_toml(mosquitto, node), "0640")
+        host.run("systemctl", "restart", AGENT, timeout=120)
