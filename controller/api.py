@@ -2,37 +2,53 @@
 
 Contract: docs/ARCHITECTURE.md and DESIGN.md §5. Lists are ``{"items": [...]}``,
 errors are ``application/problem+json`` (RFC 9457), times are ISO 8601 UTC,
-OpenAPI 3.1 is served at ``/api/v1/openapi.json``. Read-only for now: the
-mutating endpoints (approvals, silences) arrive with the remediation engine
-and take a bearer token.
+OpenAPI 3.1 is served at ``/api/v1/openapi.json`` and rendered as plain HTML
+at ``/api/v1/docs`` (no CDN, no JavaScript). Tokens and the 1 MiB body cap
+are enforced in front of the app by ``api_gate.ApiGate``, before any body is
+read; the OpenAPI document lists every problem response an operation can
+give (401/403/413/503 at the gate, 404 for unknown or out-of-range ids, 422
+for bad parameters and bodies, malformed JSON included).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
 import selfheal
 from controller.api_actions import create_actions
+from controller.api_gate import MUTATING, OPEN_PATHS, ApiGate, Tokens, problem
 from controller.datasets import describe_datasets
 from controller.engine import Engine
 from controller.fleet import Fleet
 from controller.metrics import ControllerMetrics
-from controller.page import render_incident_page, render_status_page
+from controller.page import render_api_docs, render_incident_page, render_status_page
 from controller.sources.alertmanager import create_alerts_router
 from controller.sources.alerts import ExternalAlerts
 from controller.store import Incident, PlanRecord, SqliteStore
 from detectors.presence import is_offline
 from selfheal.clocks import Clock, iso
+from selfheal.logs import get_logger
 
 T = TypeVar("T")
+log = get_logger("controller.api")
+MAX_ID = 2**63 - 1
+"""Ids are SQLite integers: anything beyond is no incident (404), not an overflow (500)."""
+BODY_NOT_PARSED = "There was an error parsing the body"
+"""FastAPI's 400 for a body it could not even decode (the issue's undocumented 400)."""
 
 
 @dataclass
@@ -50,6 +66,10 @@ class ApiContext:
     alerts: ExternalAlerts | None = None
     """Where ``POST /api/v1/alerts`` puts Alertmanager's alerts; None: the endpoint is not served."""
     alerts_ttl: float = 28800.0
+    read_token_file: str | None = None
+    """``security.api_read_token_file``: when set, reads need this token (or the mutating one)."""
+    unknown_nodes: Mapping[str, Any] | None = None
+    """Node ids heard without a key (``controller.app.UnknownNode`` by id): listed, never acted on."""
 
 
 class NodeOut(BaseModel):
@@ -160,18 +180,56 @@ class Items(BaseModel, Generic[T]):
     items: list[T]
 
 
+class UnknownNodeOut(BaseModel):
+    id: str
+    first_seen: str | None
+    last_seen: str | None
+    messages: int
+
+
+class NodesOut(BaseModel):
+    items: list[NodeOut]
+    unknown: list[UnknownNodeOut] = []
+    """Node ids heard on the broker with no key in ``security.key_dir`` (signed node traffic is on): their
+    messages are dropped, never acted on; the longest silent are forgotten beyond 256."""
+
+
 def create_api(ctx: ApiContext) -> FastAPI:
     app = FastAPI(title="selfheal controller", version=selfheal.__version__,
-                  openapi_url="/api/v1/openapi.json", docs_url="/api/v1/docs", redoc_url=None)
+                  openapi_url="/api/v1/openapi.json", docs_url=None, redoc_url=None)
+    tokens = Tokens(write=ctx.api_token, read=read_token(ctx.read_token_file),
+                    reads_protected=ctx.read_token_file is not None)
+
+    def refused(reason: str, path: str) -> None:
+        ctx.metrics.api_refused.labels(reason).inc()
+        if path == "/api/v1/alerts":  # the webhook's own outcome counter, as when the router refused
+            ctx.metrics.alerts_received.labels("malformed" if reason == "too_large" else "unauthorized").inc()
+
+    app.add_middleware(ApiGate, tokens=tokens, refused=refused)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_problems(
+                get_openapi(title=app.title, version=app.version, routes=app.routes),
+                reads_protected=tokens.reads_protected)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise it
 
     @app.exception_handler(HTTPException)
-    async def problem(request: Request, exc: HTTPException) -> JSONResponse:
-        return _problem(exc.status_code, str(exc.detail), request.url.path)
+    async def http_problem(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == BODY_NOT_PARSED:  # documented as a 422 like any bad body
+            return _problem(422, "the body is not valid JSON", request.url.path)
+        response = _problem(exc.status_code, str(exc.detail), request.url.path)
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names only the first route's methods; a path may have several
+            response.headers["Allow"] = ", ".join(_allowed(app, request.scope))
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return _problem(422, detail, request.url.path)
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:20])
+        return _problem(422, detail[:2000], request.url.path)
 
     app.include_router(create_actions(engine=ctx.engine, store=ctx.store, clock=ctx.clock, token=ctx.api_token))
     if ctx.alerts is not None:
@@ -189,13 +247,21 @@ def create_api(ctx: ApiContext) -> FastAPI:
             return _problem(503, "not connected to the MQTT broker", request.url.path)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics", response_class=Response)
+    @app.get("/api/v1/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(render_api_docs(app.openapi()))
+
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition"}})
     async def metrics() -> Response:
         return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/v1/nodes")
-    async def nodes() -> Items[NodeOut]:
-        return Items(items=_nodes(ctx))
+    async def nodes() -> NodesOut:
+        unknown = [UnknownNodeOut(id=n, first_seen=iso(u.first_seen), last_seen=iso(u.last_seen), messages=u.messages)
+                   for n, u in sorted((ctx.unknown_nodes or {}).items())]
+        return NodesOut(items=_nodes(ctx), unknown=unknown)
 
     @app.get("/api/v1/units")
     async def units() -> Items[UnitOut]:
@@ -213,7 +279,7 @@ def create_api(ctx: ApiContext) -> FastAPI:
 
     @app.get("/api/v1/incidents/{incident_id}", responses={404: {"description": "no such incident"}})
     async def incident(incident_id: int) -> IncidentDetailOut:
-        detail = await ctx.store.get_incident(incident_id)
+        detail = await ctx.store.get_incident(incident_id) if 0 <= incident_id <= MAX_ID else None
         if detail is None:
             raise HTTPException(404, f"no incident {incident_id}")
         return IncidentDetailOut(
@@ -240,7 +306,7 @@ def create_api(ctx: ApiContext) -> FastAPI:
 
     @app.get("/incidents/{incident_id}", response_class=HTMLResponse, responses={404: {}})
     async def incident_page(incident_id: int) -> HTMLResponse:
-        detail = await ctx.store.get_incident(incident_id)
+        detail = await ctx.store.get_incident(incident_id) if 0 <= incident_id <= MAX_ID else None
         if detail is None:
             raise HTTPException(404, f"no incident {incident_id}")
         found = detail.incident
@@ -254,11 +320,82 @@ def create_api(ctx: ApiContext) -> FastAPI:
 
 
 def _problem(status: int, detail: str, instance: str) -> JSONResponse:
-    titles = {401: "Unauthorized", 404: "Not Found", 409: "Conflict", 422: "Invalid request",
-              503: "Unavailable"}
-    return JSONResponse({"type": "about:blank", "title": titles.get(status, "Error"), "status": status,
-                         "detail": detail, "instance": instance},
-                        status_code=status, media_type="application/problem+json")
+    return JSONResponse(problem(status, detail, instance), status_code=status, media_type="application/problem+json")
+
+
+def read_token(path: str | None) -> str | None:
+    """The read token; None when unset or unreadable (then only the mutating token reads: closed, not open)."""
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        log.warning("api.read_token_missing", path=path, error=exc.strerror,
+                    effect="reads need the mutating token until the file is readable")
+        return None
+    return token or None
+
+
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object", "title": "Problem", "description": "RFC 9457 problem details",
+    "required": ["type", "title", "status", "detail", "instance"],
+    "properties": {"type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+                   "detail": {"type": "string"}, "instance": {"type": "string"}}}
+PROBLEMS = {401: "no or a wrong bearer token", 403: "the read token on a mutating endpoint",
+            404: "no such resource (or an id out of range)", 413: "the body is over 1 MiB",
+            422: "invalid parameters or body (malformed JSON included)",
+            503: "no API token is configured: mutating endpoints are disabled"}
+
+
+def document_problems(schema: dict[str, Any], *, reads_protected: bool) -> dict[str, Any]:
+    """List the problem responses each operation can give, as ``application/problem+json``, and the bearer
+    scheme; FastAPI's own 422 (a different body) is replaced."""
+    components = schema.setdefault("components", {})
+    components.setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+    components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    for path, item in schema.get("paths", {}).items():
+        for method, operation in item.items():
+            _lift_definitions(operation, components["schemas"])
+            operation["parameters"] = [p for p in operation.get("parameters", [])  # the security scheme says it
+                                       if (p.get("in"), p.get("name", "").lower()) != ("header", "authorization")]
+            if not operation["parameters"]:
+                del operation["parameters"]
+            mutating = method.upper() in MUTATING
+            statuses = {401, 403, 413, 503} if mutating else set()
+            if not mutating and reads_protected and path not in OPEN_PATHS:
+                statuses.add(401)
+            if mutating or (reads_protected and path not in OPEN_PATHS):
+                operation["security"] = [{"bearer": []}]
+            if operation.get("parameters") or operation.get("requestBody"):
+                statuses.add(422)
+            if "{" in path:
+                statuses.add(404)
+            responses = operation.setdefault("responses", {})
+            for status in sorted(statuses | {int(s) for s in responses if s.isdigit() and int(s) >= 400}):
+                responses[str(status)] = {
+                    "description": PROBLEMS.get(status, responses.get(str(status), {}).get("description", "")),
+                    "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+    text = str(schema.get("paths"))
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if f"/{unused}'" not in text:
+            components["schemas"].pop(unused, None)
+    return schema
+
+
+def _allowed(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route serves at this path."""
+    methods: set[str] = set()
+    for route in app.routes:
+        if isinstance(route, APIRoute | Route) and route.matches(scope)[0] != Match.NONE:
+            methods |= route.methods or set()
+    return sorted(methods)
+
+
+def _lift_definitions(operation: dict[str, Any], schemas: dict[str, Any]) -> None:
+    """A body schema given inline with its own ``$defs`` (refs pointing at components): move them there."""
+    for content in operation.get("requestBody", {}).get("content", {}).values():
+        for name, definition in content.get("schema", {}).pop("$defs", {}).items():
+            schemas.setdefault(name, definition)
 
 
 def _nodes(ctx: ApiContext) -> list[NodeOut]:

@@ -187,3 +187,57 @@ def render_incident_page(*, incident: dict[str, Any], timeline: list[dict[str, A
 def _compact(data: Any) -> str:
     text = json.dumps(data, sort_keys=True, default=str)
     return text if len(text) <= 600 else text[:600] + "…"
+
+
+def render_api_docs(openapi: dict[str, Any]) -> str:
+    """The OpenAPI document as one self-contained HTML page: no CDN, no JavaScript, every value escaped.
+
+    FastAPI's Swagger page loads its JavaScript and CSS from a CDN, which a
+    controller on an isolated network cannot reach and which would run
+    third-party code next to the token. This lists each operation with its
+    parameters, body schema and responses; the schemas follow as JSON.
+    """
+    info = openapi.get("info", {})
+    sections = []
+    for path, item in sorted(openapi.get("paths", {}).items()):
+        for method, operation in item.items():
+            params = [[p.get("name", ""), p.get("in", ""), "yes" if p.get("required") else "no",
+                       _schema_name(p.get("schema", {}))] for p in operation.get("parameters", [])]
+            body = operation.get("requestBody", {}).get("content", {})
+            bodies = "".join(f"<div>body ({escape(kind)}): <code>{escape(_schema_name(spec.get('schema', {})))}"
+                             f"</code></div>" for kind, spec in body.items())
+            responses = [[status, spec.get("description", ""), ", ".join(
+                f"{kind} {_schema_name(c.get('schema', {}))}".strip() for kind, c in spec.get("content", {}).items())]
+                for status, spec in sorted(operation.get("responses", {}).items())]
+            auth = " · bearer token" if operation.get("security") else ""
+            anchor = escape(f"{method}-{path}", quote=True)
+            sections.append(
+                f'<h2 id="{anchor}"><code>{escape(method.upper())} {escape(path)}</code></h2>'
+                f'<p>{escape(operation.get("summary", ""))}<span class="muted">{escape(auth)}</span></p>'
+                f'<p class="muted">{escape(operation.get("description", ""))}</p>'
+                + (_table(["parameter", "in", "required", "type"], params, "") if params else "")
+                + bodies + _table(["status", "meaning", "content"], responses, "no responses documented"))
+    schemas = "".join(f'<h3 id="schema-{escape(name, quote=True)}">{escape(name)}</h3><pre>'
+                      f"{escape(json.dumps(schema, indent=1, sort_keys=True))}</pre>"
+                      for name, schema in sorted(openapi.get("components", {}).get("schemas", {}).items()))
+    title = f"{info.get('title', 'API')} {info.get('version', '')}"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>{escape(title)}</title><style>{_STYLE}</style></head><body>
+<h1>{escape(title)}</h1><div class="muted">OpenAPI {escape(str(openapi.get("openapi", "")))} ·
+<a href="/api/v1/openapi.json">openapi.json</a> · <a href="/">status</a></div>
+{"".join(sections)}<h2>Schemas</h2>{schemas}
+</body></html>"""
+
+
+def _schema_name(schema: dict[str, Any]) -> str:
+    """A short name for a schema: its ``$ref`` name, its type, or the types of its alternatives."""
+    if "$ref" in schema:
+        return str(schema["$ref"]).rsplit("/", 1)[-1]
+    if "anyOf" in schema:
+        return " | ".join(_schema_name(s) for s in schema["anyOf"])
+    if schema.get("type") == "array":
+        return f"array of {_schema_name(schema.get('items', {}))}"
+    if "enum" in schema:
+        return " | ".join(json.dumps(v) for v in schema["enum"])
+    return str(schema.get("type", "any"))

@@ -5,7 +5,11 @@ They talk to a running controller over HTTP. The address comes from
 ``http://127.0.0.1:8080``. Mutating commands send the bearer token from
 ``$SELFHEAL_API_TOKEN``, else ``--token-file``, else the config's
 ``security.api_token_file``; and the caller's login name as the actor the
-audit trail records.
+audit trail records. Reads (when the controller sets
+``security.api_read_token_file``) send the read token from
+``$SELFHEAL_API_READ_TOKEN``, else ``--read-token-file``, else the config's
+``security.api_read_token_file``, else whatever mutating token the rules
+above find (the controller accepts it for reads too).
 
 Exit codes: 0 ok (status: healthy); 1 failed or refused (status: degraded);
 3 the controller could not be reached.
@@ -76,6 +80,8 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=None, help="controller API base URL")
     p.add_argument("--config", type=Path, default=None, help="read the API address and token file from this config")
     p.add_argument("--token-file", type=Path, default=None, help="file holding the API bearer token")
+    p.add_argument("--read-token-file", type=Path, default=None,
+                   help="file holding the API read token (security.api_read_token_file)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the API")
 
 
@@ -86,20 +92,32 @@ def _client(args: argparse.Namespace, *, auth: bool = False) -> httpx.Client:
         listen = config.controller.listen if config else "127.0.0.1:8080"
         url = f"http://{listen.replace('0.0.0.0', '127.0.0.1')}"  # noqa: S104 - rewriting, not binding
     headers = {"X-Selfheal-Actor": getpass.getuser()}
+    token_file = args.token_file or (Path(config.security.api_token_file) if config else None)
     if auth:
-        token = os.environ.get("SELFHEAL_API_TOKEN", "")
-        token_file = args.token_file or (Path(config.security.api_token_file) if config else None)
-        if not token and token_file is not None:
-            try:
-                token = token_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                print(f"selfheal: cannot read the API token from {token_file}: {exc.strerror}", file=sys.stderr)
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        else:
+        token = os.environ.get("SELFHEAL_API_TOKEN", "") or _read_token(token_file, quiet=False)
+        if not token:
             print("selfheal: no API token (set SELFHEAL_API_TOKEN, --token-file or --config); "
                   "the controller will refuse", file=sys.stderr)
+    else:
+        read_file = getattr(args, "read_token_file", None) or (
+            Path(config.security.api_read_token_file) if config and config.security.api_read_token_file else None)
+        token = (os.environ.get("SELFHEAL_API_READ_TOKEN", "") or _read_token(read_file, quiet=False)
+                 or os.environ.get("SELFHEAL_API_TOKEN", "") or _read_token(token_file, quiet=True))
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     return httpx.Client(base_url=url.rstrip("/"), timeout=args.timeout, headers=headers)
+
+
+def _read_token(path: Path | None, *, quiet: bool) -> str:
+    """The token in ``path`` ("" when there is none); a read failure is said unless ``quiet``."""
+    if path is None:
+        return ""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        if not quiet:
+            print(f"selfheal: cannot read the API token from {path}: {exc.strerror}", file=sys.stderr)
+        return ""
 
 
 def _call(args: argparse.Namespace, method: str, path: str, *, auth: bool = False,

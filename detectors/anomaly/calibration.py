@@ -21,6 +21,16 @@ from collections import deque
 
 from detectors.anomaly.model import Evidence, StreamingDetector
 from detectors.anomaly.rolling import RollingWindow
+from detectors.anomaly.state import (
+    DetectorState,
+    PeakGateState,
+    TailCalibratedState,
+    WarmUpState,
+    check_length,
+    expect,
+    inner_state,
+    load_inner,
+)
 
 
 class TailCalibrated:
@@ -49,6 +59,15 @@ class TailCalibrated:
     def evidence(self) -> Evidence:
         return {**self._inner.evidence(), "raw_score": self._raw}
 
+    def to_state(self) -> TailCalibratedState:
+        return TailCalibratedState(inner=inner_state(self._inner), history=self._history.to_state(), raw=self._raw)
+
+    def load_state(self, state: DetectorState) -> None:
+        saved = expect(state, TailCalibratedState)
+        load_inner(self._inner, saved.inner)
+        self._history.load_state(saved.history)
+        self._raw = saved.raw
+
 
 class WarmUp:
     """Score 0 until the inner detector has seen ``seconds`` of the series (it learns meanwhile).
@@ -75,6 +94,14 @@ class WarmUp:
 
     def evidence(self) -> Evidence:
         return self._inner.evidence()
+
+    def to_state(self) -> WarmUpState:
+        return WarmUpState(inner=inner_state(self._inner), first_ts=self._first_ts)
+
+    def load_state(self, state: DetectorState) -> None:
+        saved = expect(state, WarmUpState)
+        load_inner(self._inner, saved.inner)
+        self._first_ts = saved.first_ts
 
 
 class PeakGate:
@@ -106,3 +133,12 @@ class PeakGate:
 
     def evidence(self) -> Evidence:
         return self._inner.evidence()
+
+    def to_state(self) -> PeakGateState:
+        return PeakGateState(inner=inner_state(self._inner), peaks=list(self._peaks))
+
+    def load_state(self, state: DetectorState) -> None:
+        saved = expect(state, PeakGateState)
+        check_length("peaks", saved.peaks, at_most=self.max_entries)
+        load_inner(self._inner, saved.inner)
+        self._peaks = deque(saved.peaks)

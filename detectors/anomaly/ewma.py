@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 from detectors.anomaly.model import Evidence, squash_z
+from detectors.anomaly.state import DetectorState, EwmaZState, expect
 
 
 class EwmaZ:
@@ -51,3 +52,13 @@ class EwmaZ:
 
     def evidence(self) -> Evidence:
         return {"z": self._z, "mean": self._mean, "std": math.sqrt(self._var)} if self._samples else {}
+
+    def to_state(self) -> EwmaZState:
+        return EwmaZState(last_ts=self._last_ts, mean=self._mean, var=self._var, samples=self._samples, z=self._z)
+
+    def load_state(self, state: DetectorState) -> None:
+        saved = expect(state, EwmaZState)
+        if saved.samples < 0 or not saved.var >= 0:
+            raise ValueError("need samples >= 0 and var >= 0")
+        self._last_ts, self._mean, self._var = saved.last_ts, saved.mean, saved.var
+        self._samples, self._z = saved.samples, saved.z

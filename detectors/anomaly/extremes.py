@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 from detectors.anomaly.model import Evidence
+from detectors.anomaly.state import DecayingExtremesState, DetectorState, RunningExtremesState, expect
 
 
 class RunningExtremes:
@@ -42,6 +43,13 @@ class RunningExtremes:
 
     def evidence(self) -> Evidence:
         return {"high": self._high, "low": self._low} if self._high >= self._low else {}
+
+    def to_state(self) -> RunningExtremesState:
+        return RunningExtremesState(high=self._high, low=self._low)
+
+    def load_state(self, state: DetectorState) -> None:
+        saved = expect(state, RunningExtremesState)
+        self._high, self._low = saved.high, saved.low
 
 
 class DecayingExtremes:
@@ -101,3 +109,12 @@ class DecayingExtremes:
             return {}
         return {"high": self._high, "low": self._low, "centre": self._centre, "excess": self._excess,
                 "history_s": self._last_ts - self._first_ts}
+
+    def to_state(self) -> DecayingExtremesState:
+        return DecayingExtremesState(first_ts=self._first_ts, last_ts=self._last_ts, centre=self._centre,
+                                     high=self._high, low=self._low, excess=self._excess)
+
+    def load_state(self, state: DetectorState) -> None:
+        saved = expect(state, DecayingExtremesState)
+        self._first_ts, self._last_ts, self._centre = saved.first_ts, saved.last_ts, saved.centre
+        self._high, self._low, self._excess = saved.high, saved.low, saved.excess

@@ -22,6 +22,7 @@ from collections import deque
 from typing import Literal
 
 from detectors.anomaly.model import Evidence
+from detectors.anomaly.state import DetectorState, ExhaustionForecastState, check_length, expect
 
 
 class ExhaustionForecast:
@@ -66,6 +67,15 @@ class ExhaustionForecast:
 
     def evidence(self) -> Evidence:
         return dict(self._evidence)
+
+    def to_state(self) -> ExhaustionForecastState:
+        return ExhaustionForecastState(samples=list(self._samples), evidence=dict(self._evidence))
+
+    def load_state(self, state: DetectorState) -> None:
+        saved = expect(state, ExhaustionForecastState)
+        check_length("samples", saved.samples, at_most=self.max_samples)
+        self._samples = deque(saved.samples, maxlen=self.max_samples)
+        self._evidence = dict(saved.evidence)
 
 
 def fit_line(samples: deque[tuple[float, float]], at: float) -> tuple[float, float]:

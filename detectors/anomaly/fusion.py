@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from detectors.anomaly.model import Evidence, StreamingDetector
+from detectors.anomaly.state import DetectorState, MaxFusionState, check_length, expect, inner_state, load_inner
 
 
 class MaxFusion:
@@ -37,3 +38,15 @@ class MaxFusion:
 
     def evidence(self) -> Evidence:
         return {**self._parts[self._leader].evidence(), "part": self.names[self._leader]}
+
+    def to_state(self) -> MaxFusionState:
+        return MaxFusionState(parts=[inner_state(part) for part in self._parts], leader=self._leader)
+
+    def load_state(self, state: DetectorState) -> None:
+        saved = expect(state, MaxFusionState)
+        check_length("parts", saved.parts, exactly=len(self._parts))
+        if not 0 <= saved.leader < len(self._parts):
+            raise ValueError(f"leader {saved.leader} is not a part")
+        for part, part_state in zip(self._parts, saved.parts, strict=True):
+            load_inner(part, part_state)
+        self._leader = saved.leader

@@ -26,21 +26,28 @@ the score, the vector, the host's typical vector (per-feature medians of the
 training set) and the last scores. Pure and bounded: no I/O, no clock; at
 most ``max_hosts`` hosts (longest idle evicted first), ``history`` vectors and
 one forest each.
+
+``to_state``/``load_state`` keep the hosts' vectors, step sums and alert
+state across a controller restart as plain data (``state.py``). Forests are
+not saved (a fitted scikit-learn model can only be stored by pickling it):
+a restored host has its vectors and no model, so the first ``take_work``
+refits it from the saved vectors, and scoring resumes with that model.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections import OrderedDict, deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 
 from detectors.anomaly.multivariate import HostModel, HostVectorDetector, fit_host_model, score_host_vectors
 from detectors.anomaly.policy import AlertPolicy, AlertPolicySpec, HostAlertBudget
-from detectors.model import Finding, Severity
+from detectors.anomaly.state import HostState, check_length
+from detectors.model import Finding, Observation, Severity
 from detectors.thresholds import read_host_metric
-from selfheal.wire import Report
 
 MAX_HOSTS = 1000
 PENDING = 256
@@ -163,7 +170,7 @@ class HostVectorWatch:
         """Finished vectors (one per step per host)."""
         self.fits = 0
 
-    def observe(self, report: Report) -> None:
+    def observe(self, report: Observation) -> None:
         for spec in self.specs.values():
             values = [read_host_metric(report.host, name) for name in spec.features]
             if any(v is None or not math.isfinite(v) for v in values):
@@ -264,6 +271,38 @@ class HostVectorWatch:
                 scope=name))
         return out
 
+    def spec_fingerprints(self) -> dict[str, str]:
+        """What a host's state depends on, per model: a changed spec starts its hosts afresh."""
+        return {name: json.dumps(asdict(spec), sort_keys=True, default=str) for name, spec in self.specs.items()}
+
+    def to_state(self) -> list[HostState]:
+        return [HostState(model=name, node=node, vectors=host.detector.to_state(), index=host.index,
+                          sums=list(host.sums), count=host.count, last_ts=host.last_ts, typical=list(host.typical),
+                          policy=host.policy.to_state(), raised=host.raised, admitted=host.admitted,
+                          last=None if host.last is None else (host.last[0], list(host.last[1]), host.last[2]),
+                          window=list(host.window))
+                for (name, node), host in self._hosts.items()]
+
+    def load_state(self, hosts: Sequence[HostState], specs: Mapping[str, str]) -> tuple[int, int]:
+        """Adopt saved hosts whose model still exists with the same spec (``specs``: the fingerprints they
+        were saved under): ``(adopted, dropped)``. ``ValueError`` if one does not fit its spec; then nothing
+        is adopted."""
+        current = self.spec_fingerprints()
+        built: list[tuple[tuple[str, str], _Host]] = []
+        dropped = 0
+        for saved in hosts:
+            spec = self.specs.get(saved.model)
+            if (spec is None or specs.get(saved.model) != current[saved.model]
+                    or len(built) + len(self._hosts) >= self.max_hosts):
+                dropped += 1
+                continue
+            try:
+                built.append(((saved.model, saved.node), _rebuild_host(spec, saved)))
+            except ValueError as exc:
+                raise ValueError(f"host {saved.model}/{saved.node}: {exc}") from None
+        self._hosts.update(built)
+        return len(built), dropped
+
     def forget(self, node: str) -> None:
         for name in self.specs:
             self._hosts.pop((name, node), None)
@@ -271,3 +310,25 @@ class HostVectorWatch:
 
     def __len__(self) -> int:
         return len(self._hosts)
+
+
+def _rebuild_host(spec: HostModelSpec, saved: HostState) -> _Host:
+    """A host built from its spec, then given the saved numbers (``ValueError`` if they do not fit)."""
+    width = len(spec.features)
+    for what, values in (("sums", saved.sums), ("typical", saved.typical)):
+        if len(values) not in (0, width):
+            raise ValueError(f"{what}: {len(values)} values for {width} features")
+    if saved.count < 0 or (saved.count > 0 and (saved.index is None or len(saved.sums) != width)):
+        raise ValueError("step sums without a step")
+    if saved.last is not None:
+        check_length("last vector", saved.last[1], exactly=width)
+    check_length("window", saved.window, at_most=WINDOW)
+    detector = HostVectorDetector(spec.features, history=spec.history, refit_every=spec.refit_every,
+                                  min_samples=spec.min_samples)
+    detector.load_state(saved.vectors)
+    policy = AlertPolicy(spec.policy)
+    policy.load_state(saved.policy)
+    return _Host(detector, policy, index=saved.index, sums=list(saved.sums), count=saved.count,
+                 last_ts=saved.last_ts, typical=tuple(saved.typical), raised=saved.raised, admitted=saved.admitted,
+                 last=None if saved.last is None else (saved.last[0], tuple(saved.last[1]), saved.last[2]),
+                 window=deque(saved.window, maxlen=WINDOW))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
+from detectors.anomaly.state import DetectorState, OrderedInputState, expect, inner_state, load_inner
+
 Evidence = dict[str, float | str]
 
 
@@ -65,3 +67,13 @@ class OrderedInput:
 
     def evidence(self) -> Evidence:
         return self._inner.evidence()
+
+    def to_state(self) -> OrderedInputState:
+        return OrderedInputState(inner=inner_state(self._inner), last_ts=self._last_ts, dropped=self.dropped)
+
+    def load_state(self, state: DetectorState) -> None:
+        saved = expect(state, OrderedInputState)
+        if saved.dropped < 0:
+            raise ValueError("dropped must be >= 0")
+        load_inner(self._inner, saved.inner)
+        self._last_ts, self.dropped = saved.last_ts, saved.dropped

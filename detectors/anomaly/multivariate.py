@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 from sklearn.ensemble import IsolationForest  # type: ignore[import-untyped]
 
+from detectors.anomaly.state import HostVectorsState, check_length
+
 
 @dataclass(frozen=True, slots=True)
 class HostModel:
@@ -110,6 +112,20 @@ class HostVectorDetector:
     def training_set(self) -> list[tuple[float, ...]]:
         """A copy of the kept vectors, safe to hand to another thread."""
         return list(self._history)
+
+    def to_state(self) -> HostVectorsState:
+        """The kept vectors; the model is left out (it is refitted from them: ``refit_due`` holds at once)."""
+        return HostVectorsState(history=[list(row) for row in self._history], last_ts=self._last_ts)
+
+    def load_state(self, state: HostVectorsState) -> None:
+        check_length("vectors", state.history, at_most=self._history.maxlen)
+        for row in state.history:
+            check_length("vector", row, exactly=len(self.features))
+            if not all(math.isfinite(v) for v in row):
+                raise ValueError("a kept vector is not finite")
+        self._history = deque((tuple(row) for row in state.history), maxlen=self._history.maxlen)
+        self._last_ts = state.last_ts
+        self.model = None
 
     def install(self, model: HostModel) -> None:
         if model.features != self.features:

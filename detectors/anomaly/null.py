@@ -8,6 +8,7 @@ means the scorer is wrong.
 from __future__ import annotations
 
 from detectors.anomaly.model import Evidence
+from detectors.anomaly.state import DetectorState, NullState, expect
 
 
 class NullDetector:
@@ -23,3 +24,9 @@ class NullDetector:
 
     def evidence(self) -> Evidence:
         return {}
+
+    def to_state(self) -> NullState:
+        return NullState()
+
+    def load_state(self, state: DetectorState) -> None:
+        expect(state, NullState)

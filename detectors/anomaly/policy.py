@@ -21,6 +21,8 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from detectors.anomaly.state import PolicyState, check_length
+
 
 @dataclass(frozen=True, slots=True)
 class AlertPolicySpec:
@@ -75,6 +77,14 @@ class AlertPolicy:
         if self._up:
             self.peak = max(self.peak, score) if was_up else score
         return Verdict(raised=self._up, onset=self._up and not was_up)
+
+    def to_state(self) -> PolicyState:
+        return PolicyState(recent=list(self._recent), last_hit=self._last_hit, up=self._up, peak=self.peak)
+
+    def load_state(self, state: PolicyState) -> None:
+        check_length("policy window", state.recent, at_most=self.spec.window)
+        self._recent = deque(state.recent, maxlen=self.spec.window)
+        self._last_hit, self._up, self.peak = state.last_hit, state.up, state.peak
 
 
 class HostAlertBudget:

@@ -9,6 +9,11 @@ from __future__ import annotations
 import random
 
 from detectors.anomaly.model import Evidence
+from detectors.anomaly.state import DetectorState, RandomState, check_length, expect
+
+RNG_VERSION = 3
+RNG_WORDS = 625
+"""``random.Random.getstate()``: version 3, 624 state words and the position in them."""
 
 
 class RandomDetector:
@@ -24,3 +29,17 @@ class RandomDetector:
 
     def evidence(self) -> Evidence:
         return {}
+
+    def to_state(self) -> RandomState:
+        version, words, gauss_next = self._rng.getstate()
+        if version != RNG_VERSION:
+            raise TypeError(f"random.Random state version {version}, expected {RNG_VERSION}")
+        return RandomState(words=list(words), gauss_next=gauss_next)
+
+    def load_state(self, state: DetectorState) -> None:
+        saved = expect(state, RandomState)
+        check_length("words", saved.words, exactly=RNG_WORDS)
+        try:
+            self._rng.setstate((RNG_VERSION, tuple(saved.words), saved.gauss_next))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"not a Mersenne Twister state: {exc}") from None

@@ -22,6 +22,7 @@ from typing import Literal
 
 from detectors.anomaly.model import Evidence, squash_z
 from detectors.anomaly.rolling import RollingWindow
+from detectors.anomaly.state import DetectorState, RobustZState, check_length, expect
 
 MAD_TO_SIGMA = 1.4826
 """MAD times this estimates the standard deviation of a normal distribution."""
@@ -74,3 +75,14 @@ class RobustZ:
 
     def evidence(self) -> Evidence:
         return dict(self._evidence)
+
+    def to_state(self) -> RobustZState:
+        return RobustZState(window=self._window.to_state(), recent=list(self._recent), previous=self._previous,
+                            evidence=dict(self._evidence))
+
+    def load_state(self, state: DetectorState) -> None:
+        saved = expect(state, RobustZState)
+        check_length("recent", saved.recent, at_most=self._recent.maxlen)
+        self._window.load_state(saved.window)
+        self._recent = deque(saved.recent, maxlen=self._recent.maxlen)
+        self._previous, self._evidence = saved.previous, dict(saved.evidence)

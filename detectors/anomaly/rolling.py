@@ -14,6 +14,8 @@ import bisect
 import math
 from collections import deque
 
+from detectors.anomaly.state import RollingWindowState, check_length
+
 
 class RollingWindow:
     """Samples of the last ``horizon`` seconds, at most ``max_samples`` of them."""
@@ -85,6 +87,18 @@ class RollingWindow:
     def rank_above(self, value: float) -> int:
         """How many held values are ``>= value``."""
         return len(self._sorted) - bisect.bisect_left(self._sorted, value)
+
+    def to_state(self) -> RollingWindowState:
+        return RollingWindowState(times=list(self._times), values=list(self._values))
+
+    def load_state(self, state: RollingWindowState) -> None:
+        """Take the samples (times in order, no more than ``max_samples``); the sorted view is rebuilt."""
+        check_length("window times", state.times, exactly=len(state.values))
+        check_length("window values", state.values, at_most=self.max_samples)
+        if any(later < earlier for earlier, later in zip(state.times, state.times[1:], strict=False)):
+            raise ValueError("window times are not in order")
+        self._times, self._values = deque(state.times), deque(state.values)
+        self._sorted = sorted(state.values)
 
 
 def _kth_deviation(values: list[float], centre: float, split: int, k: int) -> float:

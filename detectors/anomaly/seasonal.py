@@ -19,6 +19,7 @@ import statistics
 from array import array
 
 from detectors.anomaly.model import Evidence, StreamingDetector
+from detectors.anomaly.state import DetectorState, SeasonalResidualState, check_length, expect, inner_state, load_inner
 
 
 class SeasonalResidual:
@@ -79,3 +80,23 @@ class SeasonalResidual:
     def evidence(self) -> Evidence:
         inner = self._inner.evidence()
         return {**inner, "expected": self._expected} if inner else {}
+
+    def to_state(self) -> SeasonalResidualState:
+        return SeasonalResidualState(inner=inner_state(self._inner), means=self._means.tolist(),
+                                     written=self._written.tolist(), slot=self._slot, slot_sum=self._slot_sum,
+                                     slot_count=self._slot_count, expected=self._expected)
+
+    def load_state(self, state: DetectorState) -> None:
+        saved = expect(state, SeasonalResidualState)
+        check_length("means", saved.means, exactly=self.bins * self.keep)
+        check_length("written", saved.written, exactly=self.bins)
+        if (saved.slot is not None and not 0 <= saved.slot < self.bins) or saved.slot_count < 0:
+            raise ValueError("slot out of range")
+        try:
+            written = array("L", saved.written)
+        except OverflowError:
+            raise ValueError("written counts must be >= 0") from None
+        load_inner(self._inner, saved.inner)
+        self._means, self._written = array("d", saved.means), written
+        self._slot, self._slot_sum, self._slot_count = saved.slot, saved.slot_sum, saved.slot_count
+        self._expected = saved.expected

@@ -19,6 +19,15 @@ import math
 from array import array
 
 from detectors.anomaly.model import Evidence, StreamingDetector
+from detectors.anomaly.state import (
+    DetectorState,
+    ResampledState,
+    RollingMeanState,
+    check_length,
+    expect,
+    inner_state,
+    load_inner,
+)
 
 
 class RollingMean:
@@ -61,6 +70,18 @@ class RollingMean:
     def evidence(self) -> Evidence:
         return self._inner.evidence()
 
+    def to_state(self) -> RollingMeanState:
+        return RollingMeanState(inner=inner_state(self._inner), index=self._index.tolist(), sums=self._sums.tolist(),
+                                counts=self._counts.tolist(), first_ts=self._first_ts)
+
+    def load_state(self, state: DetectorState) -> None:
+        saved = expect(state, RollingMeanState)
+        for what, values in (("index", saved.index), ("sums", saved.sums), ("counts", saved.counts)):
+            check_length(what, values, exactly=self.buckets)
+        load_inner(self._inner, saved.inner)
+        self._index, self._sums = array("q", saved.index), array("d", saved.sums)
+        self._counts, self._first_ts = array("d", saved.counts), saved.first_ts
+
 
 class Resampled:
     """The inner detector sees one mean per ``step`` seconds, timed at the end of its bucket."""
@@ -89,3 +110,14 @@ class Resampled:
 
     def evidence(self) -> Evidence:
         return self._inner.evidence()
+
+    def to_state(self) -> ResampledState:
+        return ResampledState(inner=inner_state(self._inner), index=self._index, sum=self._sum, count=self._count,
+                              score=self._score)
+
+    def load_state(self, state: DetectorState) -> None:
+        saved = expect(state, ResampledState)
+        if (saved.index is None) != (saved.count == 0) or saved.count < 0:
+            raise ValueError("a bucket index needs a positive count, and no index a count of 0")
+        load_inner(self._inner, saved.inner)
+        self._index, self._sum, self._count, self._score = saved.index, saved.sum, saved.count, saved.score

@@ -7,14 +7,17 @@ same state directory, and the watch's stream is back with its history.
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
+from prometheus_client import generate_latest
 
-from controller.anomaly_state import FILENAME
+from controller.anomaly_state import FILENAME, LEGACY_FILENAME, code_fingerprint
 from controller.app import Controller, running_controller
 from controller.lifecycle import controller_service
 from selfheal import wire
@@ -114,3 +117,37 @@ async def test_a_reload_keeps_the_streams_of_unchanged_watches(config: Config, m
 
 def write_rules(path: Path, text: str) -> None:
     path.write_text(text)
+
+
+class Plant:
+    """Unpickling this creates ``marker``: what an attacker would leave as a pickled state file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (Path.touch, (self.marker,))
+
+
+async def test_a_planted_pickle_is_set_aside_unread_and_never_runs(config: Config, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    crafted = pickle.dumps({"format": 1, "code": code_fingerprint(), "specs": {}, "streams": [Plant(marker)]})
+    legacy, current = plant(Path(config.controller.state_dir), crafted)  # the old name and the new one
+    async with running_controller(config) as controller:
+        assert history_of(controller) == 0
+        assert not marker.exists()
+        text = generate_latest(controller.metrics.registry).decode()
+        assert 'selfheal_state_files_rejected_total{reason="legacy_pickle"} 1.0' in text
+        assert 'selfheal_state_files_rejected_total{reason="unusable"} 1.0' in text
+    assert not marker.exists()
+    assert moved_aside(legacy) == crafted
+    assert moved_aside(current) == crafted
+    assert not legacy.exists()
+
+
+def plant(state_dir: Path, data: bytes) -> tuple[Path, Path]:
+    state_dir.mkdir(parents=True)
+    legacy, current = state_dir / LEGACY_FILENAME, state_dir / FILENAME
+    legacy.write_bytes(data)
+    current.write_bytes(data)
+    return legacy, current

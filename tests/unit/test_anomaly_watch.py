@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import pickle
-
+import msgspec
 import pytest
 
 from controller.app import build_watch
@@ -165,4 +164,4 @@ def test_streams_of_a_changed_watch_start_afresh_and_other_code_is_refused() -> 
     with pytest.raises(ValueError, match="unreadable"):
         fused_watch().restore(saved[: len(saved) // 2], "code-1")
     with pytest.raises(ValueError, match="format"):
-        fused_watch().restore(pickle.dumps({"format": 99}), "code-1")
+        fused_watch().restore(msgspec.msgpack.encode({"format": 99}), "code-1")
