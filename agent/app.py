@@ -2,8 +2,12 @@
 
 ``run_agent(config, stop=...)`` is the whole agent. At start it bumps the
 session number in ``<state_dir>/session`` (so a late last will from an older
-run never marks this one offline), opens the command ledger and reads the
-node's command key, then runs in one task group:
+run never marks this one offline; a copy lives in the command ledger), opens
+the command ledger and reads the node's key, then runs in one task group.
+Everything it sends the controller — status, its precomputed last will,
+reports, digests, events — is signed with that key (``wire.sign_node_message``);
+without a key it goes out unsigned, and a controller with keys drops it. The
+parts:
 
 - the MQTT link (``selfheal.mqtt.MqttLink``) with a retained ``offline`` last
   will; on every connect it subscribes to its ``commands`` topic and the
@@ -60,6 +64,7 @@ from selfheal.errors import SelfhealError, WireError
 from selfheal.keys import read_own_key
 from selfheal.logs import RateLimiter, get_logger
 from selfheal.mqtt import MqttLink, Outgoing
+from selfheal.peer_tls import peer_ssl_context
 from selfheal.wire import (
     CONTROLLER_STATUS_TOPIC,
     Command,
@@ -69,24 +74,33 @@ from selfheal.wire import (
     Event,
     EventBody,
     HostMetrics,
+    NodeChannel,
     NodeStatus,
     Report,
+    SignedNodeMessage,
     UnitReport,
     decode_controller_status,
     decode_node_message,
     encode,
+    fit_event,
+    fit_unit,
     node_topic,
+    sign_node_message,
 )
 
 COMMAND_QUEUE = 256
 """Commands waiting to execute at most; more are dropped (the controller's ack timeout retries)."""
 
 
-def next_session(state_dir: Path, wall: float) -> int:
+def next_session(state_dir: Path, wall: float, saved: int = 0) -> int:
     """Read, increment and durably store the session number (blocking).
 
-    An unreadable counter restarts from the wall clock in seconds, which is
-    above any count a real node reaches, so sessions still only grow.
+    ``saved``: the copy in the command ledger; the session is one more than the
+    higher of the two, so a lost or corrupt file does not send it back (the
+    controller takes a session far beyond the live one only from a node it
+    has stopped hearing, ``controller.fleet``). An unreadable counter without
+    a copy restarts from the wall clock in seconds, which is above any count a
+    real node reaches, so sessions still only grow.
     """
     path = state_dir / "session"
     try:
@@ -94,8 +108,8 @@ def next_session(state_dir: Path, wall: float) -> int:
     except FileNotFoundError:
         previous = 0
     except (ValueError, UnicodeDecodeError):
-        previous = int(wall)
-    session = previous + 1
+        previous = saved or int(wall)
+    session = max(previous, saved) + 1
     tmp = path.with_name("session.tmp")
     with tmp.open("w", encoding="ascii") as out:
         out.write(f"{session}\n")
@@ -118,6 +132,8 @@ class AgentApp:
         self.session = session
         self.clock = clock
         self.ledger = ledger
+        self.key = key
+        """The node's key: signs commands to it (checked by the executor) and everything it sends."""
         self.seq = 0
         self.counts: Counter[str] = Counter()
         """events, reports, and dropped input by reason (malformed, oversized, spoofed, queue_full)."""
@@ -127,11 +143,10 @@ class AgentApp:
         http_socket, self.http_address = http
         self.topics = {channel: node_topic(self.node_id, channel)
                        for channel in ("status", "report", "digests", "events", "commands")}
-        host, port = config.mqtt.host_port()
-        self.link = MqttLink(
-            host, port, client_id=f"selfheal-agent-{self.node_id}",
-            will=Outgoing(self.topics["status"], encode(self._status("offline")), qos=1, retain=True),
-            keepalive=config.mqtt.keepalive, reconnect_max=config.mqtt.reconnect_max,
+        self.link = MqttLink.from_config(
+            config.mqtt, client_id=f"selfheal-agent-{self.node_id}",
+            will=Outgoing(self.topics["status"], self._payload("status", self._status("offline")), qos=1,
+                          retain=True),
             name="agent.mqtt",
         )
         ctx = UnitContext(node_id=self.node_id, state_dir=self.state_dir, emit=self.emit, clock=clock)
@@ -145,12 +160,13 @@ class AgentApp:
         self.digests = DatasetScanner(agent.datasets, cache=cache, publish=self._publish_digests, clock=clock,
                                       node_id=self.node_id)
         self.resyncer = DatasetResyncer(scanner=self.digests, state_dir=self.state_dir, clock=clock,
-                                        node_id=self.node_id)
+                                        node_id=self.node_id, verify=peer_ssl_context(config.security.peer_tls_ca))
         self.executor = CommandExecutor(node_id=self.node_id, key=key, ledger=ledger,
                                         units=self.supervisor, clock=clock, limiter=self.limiter,
                                         datasets=self.resyncer)
         self.http = HttpServer(create_peer_api(PeerApiContext(
-            node_id=self.node_id, key=key, datasets=self.digests.view, cache=cache, clock=clock)), http_socket)
+            node_id=self.node_id, key=key, datasets=self.digests.view, cache=cache, clock=clock)), http_socket,
+            tls_cert=agent.tls_cert, tls_key=agent.tls_key)
         self._commands: asyncio.Queue[Command | None] = asyncio.Queue(maxsize=COMMAND_QUEUE)
         self._controller_session: str | None = None
         self._host: HostMetrics | None = None
@@ -163,13 +179,19 @@ class AgentApp:
         clock = clock or SystemClock()
         state_dir = Path(config.agent.state_dir)
         await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
-        session = await asyncio.to_thread(next_session, state_dir, clock.wall())
         key = await asyncio.to_thread(read_own_key, config.security.key_dir, config.agent.node_id)
         ledger = await asyncio.to_thread(Ledger(state_dir / "ledger.sqlite3").open, clock.wall())
+        try:
+            session = await asyncio.to_thread(next_session, state_dir, clock.wall(), ledger.session)
+            await asyncio.to_thread(ledger.save_session, session)
+        except BaseException:
+            await asyncio.to_thread(ledger.close)
+            raise
         cache = await asyncio.to_thread(DigestCache(state_dir / "digests.sqlite3").open,
                                         [d.name for d in config.agent.datasets])
         try:
-            http = bind_listen(config.agent.listen, broker_host=config.mqtt.host_port()[0])
+            http = bind_listen(config.agent.listen, broker_host=config.mqtt.host_port()[0],
+                               tls=config.agent.tls_cert is not None)
         except OSError as exc:
             await asyncio.to_thread(ledger.close)
             await asyncio.to_thread(cache.close)
@@ -177,7 +199,8 @@ class AgentApp:
         app = cls(config, session=session, key=key, ledger=ledger, cache=cache, http=http, clock=clock, kinds=kinds)
         if key is None:
             app.log.warning("agent.no_command_key", key_dir=config.security.key_dir,
-                            consequence="every command will be rejected")
+                            consequence="every command will be rejected, and what this agent sends goes out "
+                                        "unsigned: a controller with keys drops it")
         return app
 
     async def run(self, *, stop: asyncio.Event, ready: asyncio.Event | None = None,
@@ -215,7 +238,8 @@ class AgentApp:
             await fencing
             await digests
             await http
-            self.link.publish(self.topics["status"], encode(self._status("offline")), qos=1, retain=True)
+            self.link.publish(self.topics["status"], self._payload("status", self._status("offline")), qos=1,
+                              retain=True)
             units_stop.set()
             await units
             link_stop.set()
@@ -228,8 +252,8 @@ class AgentApp:
 
     def emit(self, body: EventBody) -> None:
         """Send one event (QoS 1); it waits in the outbox while the broker is away."""
-        event = Event(node=self.node_id, session=self.session, ts=self.clock.wall(), body=body)
-        self.link.publish(self.topics["events"], encode(event), qos=1)
+        event = Event(node=self.node_id, session=self.session, ts=self.clock.wall(), body=fit_event(body))
+        self.link.publish(self.topics["events"], self._payload("events", event), qos=1)
         self.counts["events"] += 1
 
     async def handle(self, topic: str, payload: bytes) -> None:
@@ -270,7 +294,7 @@ class AgentApp:
             self._publish_digests(summaries)
 
     def _announce(self) -> None:
-        self.link.publish(self.topics["status"], encode(self._status("online")), qos=1, retain=True)
+        self.link.publish(self.topics["status"], self._payload("status", self._status("online")), qos=1, retain=True)
 
     def _status(self, state: Literal["online", "offline"]) -> NodeStatus:
         return NodeStatus(node=self.node_id, state=state,
@@ -278,6 +302,13 @@ class AgentApp:
                           units=[unit.name for unit in self.config.agent.units],
                           labels=dict(self.config.agent.labels), http=self.http_address,
                           ts=self.clock.wall())
+
+    def _payload(self, channel: NodeChannel, message: SignedNodeMessage) -> bytes:
+        """The bytes to publish: signed with the node's key (the controller drops unsigned traffic once it
+        has keys); unsigned without a key, which ``open`` warned about."""
+        if self.key is None:
+            return encode(message)
+        return encode(sign_node_message(message, channel, self.key))
 
     def _drop(self, reason: str, detail: str, topic: str) -> None:
         self.counts[reason] += 1
@@ -288,7 +319,7 @@ class AgentApp:
     def _publish_digests(self, summaries: list[DatasetSummary]) -> None:
         """The node's dataset digests, retained: a (new) controller learns them on subscribing."""
         digest = DatasetDigest(node=self.node_id, session=self.session, ts=self.clock.wall(), datasets=summaries)
-        self.link.publish(self.topics["digests"], encode(digest), qos=1, retain=True)
+        self.link.publish(self.topics["digests"], self._payload("digests", digest), qos=1, retain=True)
         self.counts["digests"] += 1
 
     async def _signal_ready(self, units_started: asyncio.Event, ready: asyncio.Event | None,
@@ -334,7 +365,7 @@ class AgentApp:
             next_at = max(next_at + interval, loop.time())  # a slow round skips ticks, never bursts
             if self.link.connected.is_set():
                 report = await self._build_report()
-                self.link.publish(self.topics["report"], encode(report), qos=0)
+                self.link.publish(self.topics["report"], self._payload("report", report), qos=0)
                 self.counts["reports"] += 1
                 await asyncio.to_thread(self.contact.seen)
 
@@ -345,7 +376,7 @@ class AgentApp:
             self.sampler.collect_many, [unit.pid for unit in units if unit.pid is not None])
         self.seq += 1
         return Report(node=self.node_id, session=self.session, seq=self.seq, ts=self.clock.wall(),
-                      host=host, units=[_with_sample(unit, samples) for unit in units])
+                      host=host, units=[fit_unit(_with_sample(unit, samples)) for unit in units])
 
 
 def _with_sample(unit: UnitReport, samples: Mapping[int, tuple[float, int, int, int, str]]) -> UnitReport:

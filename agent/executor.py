@@ -4,7 +4,8 @@ A command runs only when it is authentic (HMAC with this node's key from
 ``security.key_dir``; no key file means every command is refused), addressed
 to this node, not expired (``expires_at`` against the injected wall clock) and
 not from a stale epoch (lower than the highest epoch accepted so far: a
-controller that lost its lease must not act). Each idempotency ``key`` runs at
+controller that lost its lease must not act; the highest epoch is kept in the
+ledger, so a restarted agent still refuses an older controller). Each idempotency ``key`` runs at
 most once, across agent restarts too (``agent.ledger``); a repeat is answered
 ``duplicate`` with the original outcome as ``"<status>: <detail>"``.
 
@@ -87,7 +88,8 @@ class CommandExecutor:
         self.units = units
         self.datasets = datasets
         self.clock = clock
-        self.highest_epoch = 0
+        self.highest_epoch = ledger.highest_epoch
+        """The highest epoch accepted, across restarts (the ledger persists it with each claim)."""
         self.counts: Counter[str] = Counter()
         """Outcomes by status (done, failed, rejected, duplicate)."""
         self.rejections: Counter[str] = Counter()
@@ -107,7 +109,8 @@ class CommandExecutor:
             rejection = check_fresh(command, now=self.clock.wall(), highest_epoch=self.highest_epoch)
             if rejection is not None:
                 return self._reject(command, rejection)
-            earlier = await asyncio.to_thread(self.ledger.claim, command.key, command.id, self.clock.wall())
+            earlier = await asyncio.to_thread(self.ledger.claim, command.key, command.id, self.clock.wall(),
+                                              command.epoch)
         except StoreError as exc:
             return self._result(command, "failed", f"not run: the command ledger failed: {exc}")
         if earlier is not None:

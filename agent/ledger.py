@@ -6,6 +6,13 @@ It is what makes "at most once" survive an agent restart: a key is *claimed*
 the middle of it is answered ``duplicate`` ("interrupted") rather than run a
 second time.
 
+It also keeps the two counters that must only grow across restarts: the
+highest command **epoch** accepted (written in the same transaction as the
+claim of the command that raised it, so an agent restarted after a newer
+controller spoke refuses commands of the older one), and a copy of the
+**session** number (``agent.app.next_session`` falls back to it when the
+``session`` file is unreadable).
+
 SQLite in WAL mode at ``<state_dir>/ledger.sqlite3``; every method blocks, so
 the agent calls them through ``asyncio.to_thread`` (one lock serializes them,
 whichever thread they land on). Bounded: entries older than ``max_age``
@@ -37,7 +44,13 @@ CREATE TABLE IF NOT EXISTS commands (
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS commands_at ON commands (at);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 """
+EPOCH = "highest_epoch"
+SESSION = "session"
 
 
 class Entry(NamedTuple):
@@ -59,6 +72,10 @@ class Ledger:
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._claims = 0
+        self.highest_epoch = 0
+        """The highest command epoch ever claimed here (read at ``open``, raised by ``claim``)."""
+        self.session = 0
+        """The last session number saved (``save_session``), 0 if none."""
 
     def open(self, now: float) -> Ledger:
         try:
@@ -67,9 +84,12 @@ class Ledger:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")  # a claim must survive a power cut, not just a crash
             db.executescript(_SCHEMA)
+            counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the command ledger {self.path}: {exc}") from None
         self._db = db
+        self.highest_epoch = int(counters.get(EPOCH, 0))
+        self.session = int(counters.get(SESSION, 0))
         self.prune(now)
         return self
 
@@ -86,23 +106,34 @@ class Ledger:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def claim(self, key: str, command_id: str, now: float) -> Entry | None:
-        """Claim ``key`` for execution: None when it is new (now ``running``), else the earlier entry."""
+    def claim(self, key: str, command_id: str, now: float, epoch: int = 0) -> Entry | None:
+        """Claim ``key`` for execution: None when it is new (now ``running``, and ``epoch`` the highest
+        accepted if it is higher), else the earlier entry."""
         with self._lock:
             db = self._conn()
             try:
-                cursor = db.execute(
-                    "INSERT OR IGNORE INTO commands (key, command_id, status, detail, at) "
-                    "VALUES (?, ?, ?, '', ?)", (key, command_id, RUNNING, now))
-                if cursor.rowcount == 1:
-                    self._claims += 1
-                    claimed = True
-                else:
-                    claimed = False
-                    row = db.execute("SELECT key, command_id, status, detail, at FROM commands WHERE key = ?",
-                                     (key,)).fetchone()
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    cursor = db.execute(
+                        "INSERT OR IGNORE INTO commands (key, command_id, status, detail, at) "
+                        "VALUES (?, ?, ?, '', ?)", (key, command_id, RUNNING, now))
+                    if cursor.rowcount == 1:
+                        self._claims += 1
+                        claimed = True
+                        if epoch > self.highest_epoch:
+                            self._set(db, EPOCH, epoch)
+                    else:
+                        claimed = False
+                        row = db.execute("SELECT key, command_id, status, detail, at FROM commands WHERE key = ?",
+                                         (key,)).fetchone()
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
             except sqlite3.Error as exc:
                 raise StoreError(f"command ledger: {exc}") from None
+            if claimed:
+                self.highest_epoch = max(self.highest_epoch, epoch)
         if claimed:
             if self._claims % PRUNE_EVERY == 0:
                 self.prune(now)
@@ -117,6 +148,20 @@ class Ledger:
                                      (status, detail, now, key))
             except sqlite3.Error as exc:
                 raise StoreError(f"command ledger: {exc}") from None
+
+    def save_session(self, session: int) -> None:
+        """Keep a copy of the agent's session number (durable: ``synchronous=FULL``)."""
+        with self._lock:
+            try:
+                self._set(self._conn(), SESSION, session)
+            except sqlite3.Error as exc:
+                raise StoreError(f"command ledger: {exc}") from None
+            self.session = session
+
+    @staticmethod
+    def _set(db: sqlite3.Connection, name: str, value: int) -> None:
+        db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
+                   "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (name, value))
 
     def get(self, key: str) -> Entry | None:
         with self._lock:

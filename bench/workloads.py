@@ -195,7 +195,8 @@ def migration(root: Path, n: int, models: Path) -> dict[str, Any]:
     (root / "controller.toml").write_text(
         f'[mqtt]\nurl = "embedded"\nembedded_listen = "127.0.0.1:{broker}"\n'
         f'[controller]\nlisten = "127.0.0.1:{api}"\nstate_dir = "{root / "controller"}"\noffline_after = 3.0\n'
-        f'rulebooks = ["{root / "rules.yaml"}"]\n'
+        # below the unit's fence_after (6.5 s), so the unit's own guarantee is what is measured
+        f'fence_floor = 5.0\nrulebooks = ["{root / "rules.yaml"}"]\n'
         + common)
     ports = {}
     for node, autostart in (("node-a", "true"), ("node-b", "false")):

@@ -5,6 +5,16 @@ engine, the HTTP server, and the chat notification router when
 ``controller.notify`` lists destinations, and the PromQL finding source when
 ``controller.promql`` lists queries. SIGTERM (handled by the CLI) sets ``stop``;
 each part winds down on it. The store is opened first and closed last.
+
+Ingest (``Controller._ingest``) is where node traffic is trusted or not: a
+message is decoded at the edge (``wire.decode_node_message``), then — when
+``security.key_dir`` holds keys (``controller.keyring``) — its signature is
+checked against its node's key, then its session (``Fleet.refuses_jump``),
+and only then folded into the fleet. Whatever fails is dropped, counted in
+``selfheal_messages_rejected_total{reason}`` (``unsigned``, ``bad_signature``,
+``unknown_node``, ``session_jump``, and the decoder's reasons) and logged at
+most once a minute per (node, reason); node ids heard without a key are kept
+in a bounded list (``unknown_nodes``) the API shows, and never acted on.
 """
 
 from __future__ import annotations
@@ -13,7 +23,9 @@ import asyncio
 import contextlib
 import socket
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
@@ -26,6 +38,7 @@ from controller.engine import Engine
 from controller.fleet import Fleet
 from controller.host_models import build_host_watch, run_host_models
 from controller.instrument import MeteredDispatcher, MeteredWatch
+from controller.keyring import KeyRing
 from controller.lifecycle import Routes, controller_service
 from controller.metrics import ControllerMetrics
 from controller.notify import FanoutNotifier, LogNotifier, Notifier
@@ -48,8 +61,20 @@ from selfheal.errors import RulebookError, WireError
 from selfheal.keys import read_key
 from selfheal.logs import RateLimiter, get_logger
 from selfheal.mqtt import MqttLink, Outgoing
+from selfheal.peer_tls import peer_ssl_context
 
 log = get_logger("controller")
+MAX_UNKNOWN_NODES = 256
+"""Node ids without a key remembered for the API at most; the longest silent is forgotten first."""
+
+
+@dataclass
+class UnknownNode:
+    """A node id heard on the broker with no key for it in ``security.key_dir``: listed, never acted on."""
+
+    first_seen: float
+    last_seen: float
+    messages: int = 0
 
 
 class Controller:
@@ -61,15 +86,17 @@ class Controller:
         self.anomalies = build_watch(self.rulebook, self.metrics)
         self.alerts = ExternalAlerts(max_alerts=config.controller.alerts.max_alerts)
         """External alerts (POST /api/v1/alerts, PromQL queries) the engine sees as findings."""
-        self.fleet = Fleet(history=config.controller.history, max_nodes=config.controller.max_nodes)
+        self.fleet = Fleet(history=config.controller.history, max_nodes=config.controller.max_nodes,
+                           state_bytes=config.controller.node_state_bytes)
         self.session = uuid.uuid4().hex[:12]
         self.rate_limit = RateLimiter(period=60.0)
-        host, port = config.mqtt.host_port()
+        self.keys = KeyRing(config.security.key_dir)
+        """Node keys, loaded at start, reloaded on SIGHUP and when the key directory changes."""
+        self.unknown_nodes: OrderedDict[str, UnknownNode] = OrderedDict()
         offline = wire.encode(wire.ControllerStatus(state="offline", session=self.session))
-        self.link = MqttLink(host, port, client_id=f"selfheal-controller-{self.session}",
-                             will=Outgoing(wire.CONTROLLER_STATUS_TOPIC, offline, 1, True),
-                             keepalive=config.mqtt.keepalive, reconnect_max=config.mqtt.reconnect_max,
-                             name="controller.mqtt")
+        self.link = MqttLink.from_config(config.mqtt, client_id=f"selfheal-controller-{self.session}",
+                                         will=Outgoing(wire.CONTROLLER_STATUS_TOPIC, offline, 1, True),
+                                         name="controller.mqtt")
         self.api_port: int | None = None
         self.notifier = LogNotifier()
         self.routes = Routes(None)
@@ -91,14 +118,15 @@ class Controller:
         async with contextlib.AsyncExitStack() as stack:
             if self.config.mqtt.url == "embedded":
                 host, port = split_host_port(self.config.mqtt.embedded_listen, what="mqtt.embedded_listen")
-                await stack.enter_async_context(embedded_broker(host, port))
+                await stack.enter_async_context(
+                    embedded_broker(host, port, password_file=self.config.mqtt.embedded_password_file))
             state_dir = Path(self.config.controller.state_dir)
             store = await SqliteStore.open(state_dir / "selfheal.sqlite3")
             stack.push_async_callback(store.close)
-            if self.anomalies is not None:
-                load_watch_state(self.anomalies, state_dir)
+            load_watch_state(self.anomalies, state_dir, lambda why: self.metrics.state_rejected.labels(why).inc())
             stack.callback(lambda: save_watch_state(self.anomalies, state_dir))  # the watch a reload left
             epoch = await store.next_epoch()
+            await asyncio.to_thread(self.keys.load, self.clock.wall())
             link_base = self.config.controller.public_url or f"http://{self.config.controller.listen}"
             self.routes.replace(self._router(link_base, self.config.controller.notify))
             notifier: Notifier = FanoutNotifier(self.notifier, self.routes)
@@ -107,7 +135,9 @@ class Controller:
                                     clock=self.clock, notifier=notifier, epoch=epoch,
                                     command_ttl=self.config.controller.command_ttl,
                                     ack_timeout=self.config.controller.ack_timeout,
-                                    offline_after=self.config.controller.offline_after)
+                                    offline_after=self.config.controller.offline_after,
+                                    fence_floor=self.config.controller.fence_floor,
+                                    peer_tls=peer_ssl_context(self.config.security.peer_tls_ca))
             budget = self.config.controller.budget
             engine = Engine(fleet=self.fleet, store=store, rulebook=self.rulebook, dispatcher=dispatcher,
                             clock=self.clock, settings=self.settings(), metrics=self.metrics, notifier=notifier,
@@ -124,8 +154,11 @@ class Controller:
             api_ctx = ApiContext(fleet=self.fleet, store=store, engine=engine, metrics=self.metrics,
                                  clock=self.clock, offline_after=self.config.controller.offline_after,
                                  broker_connected=self.link.connected, api_token=self._api_token(),
-                                 alerts=self.alerts, alerts_ttl=self.config.controller.alerts.ttl)
+                                 read_token_file=self.config.security.api_read_token_file,
+                                 alerts=self.alerts, alerts_ttl=self.config.controller.alerts.ttl,
+                                 unknown_nodes=self.unknown_nodes)
             self.metrics.add_dataset_collector(lambda: datasets_view(api_ctx))
+            self._bounds_metrics()
             api = create_api(api_ctx)
             server, sock = self._http_server(api)
             stack.callback(sock.close)
@@ -219,16 +252,67 @@ class Controller:
         try:
             message = wire.decode_node_message(topic, payload)
         except WireError as exc:
-            self.metrics.rejected.labels(exc.reason).inc()
-            source = topic.split("/")[5] if topic.count("/") >= 6 else topic[:64]
-            if self.rate_limit.allow(source, exc.reason, self.clock.monotonic()):
-                log.warning("message.rejected", topic=topic[:200], reason=exc.reason, error=str(exc)[:300])
+            self._reject(topic, exc.reason, str(exc))
             return
-        self.metrics.messages.labels(topic.rsplit("/", 1)[-1]).inc()
-        result = self.fleet.apply(message, self.clock.wall())
+        if isinstance(message, wire.Command):  # never subscribed to; a command is not node traffic
+            self._reject(topic, "malformed", "a command where node traffic belongs")
+            return
+        channel = topic.rsplit("/", 1)[-1]
+        if self.keys.changed(self.clock.monotonic()):
+            await asyncio.to_thread(self.keys.load, self.clock.wall())
+        if self.keys.configured:
+            refusal = self._authenticate(message, channel, payload)
+            if refusal is not None:
+                self._reject(topic, *refusal)
+                return
+        now = self.clock.wall()
+        if self.fleet.refuses_jump(message, now, self.config.controller.offline_after):
+            live = self.fleet.nodes[message.node].session
+            self._reject(topic, "session_jump", f"session {message.session} leaps beyond the live session {live} "
+                                                "of a node still heard")
+            return
+        self.metrics.messages.labels(channel).inc()
+        result = self.fleet.apply(message, now)
         if result is not None:
             dispatcher.on_result(message.node, result)
         await self.fleet.notify()
+
+    def _authenticate(self, message: wire.SignedNodeMessage, channel: str,
+                      payload: bytes) -> tuple[str, str] | None:
+        """Why ``message`` is not genuine traffic of its node (reason, detail), or None."""
+        key = self.keys.get(message.node)
+        if key is None:
+            self._note_unknown(message.node)
+            return "unknown_node", f"no key for node {message.node!r} in security.key_dir: not acted on"
+        if not message.sig:
+            return "unsigned", "unsigned node message"
+        if not wire.verify_node_message(message, channel, key, payload):
+            return "bad_signature", "bad signature"
+        return None
+
+    def _note_unknown(self, node: str) -> None:
+        now = self.clock.wall()
+        entry = self.unknown_nodes.get(node)
+        if entry is None:
+            entry = self.unknown_nodes[node] = UnknownNode(first_seen=now, last_seen=now)
+            while len(self.unknown_nodes) > MAX_UNKNOWN_NODES:
+                self.unknown_nodes.popitem(last=False)
+        self.unknown_nodes.move_to_end(node)
+        entry.last_seen = now
+        entry.messages += 1
+
+    def _reject(self, topic: str, reason: str, detail: str) -> None:
+        self.metrics.rejected.labels(reason).inc()
+        source = (topic.split("/")[5] if topic.count("/") >= 6 else topic)[:64]  # bounded: a topic level may be 64 KiB
+        if self.rate_limit.allow(source, reason, self.clock.monotonic()):
+            log.warning("message.rejected", topic=topic[:200], reason=reason, error=detail[:300],
+                        suppressed_so_far=self.rate_limit.suppressed)
+
+    def _bounds_metrics(self) -> None:
+        """What a flood is held to: the MQTT inbox's drops and the fleet's report history in bytes."""
+        inbox = self.link.inbox
+        self.metrics.add_inbox_collector(lambda: (inbox.dropped, inbox.dropped_bytes, inbox.queued_bytes))
+        self.metrics.add_history_collector(self.fleet.history_bytes)
 
     def _fleet_gauges(self, engine: Engine) -> tuple[dict[str, int], int]:
         counts = {"online": 0, "offline": 0}

@@ -9,8 +9,10 @@ cancelled, not executed. Migration is orchestrated here, never leaving two
 copies running: stop on the source when it is reachable; when it is not, only
 a movable singleton moves, and only once its node has been silent for the
 unit's ``fence_after`` (by then its agent has stopped it, or it died with the
-agent: ``agent.fencing``); then start on the target, unless some other node
-already runs the unit.
+agent: ``agent.fencing``) and never less than the controller's own
+``fence_floor`` — ``fence_after`` comes from the node's reports, which may
+lengthen the wait but never shorten it below the floor; then start on the
+target, unless some other node already runs the unit.
 Then it verifies the target (healthy, or the finding cleared) within the
 deadline and for the stable period. Every step lands in the audit trail.
 """
@@ -18,6 +20,7 @@ deadline and for the stable period. Every step lands in the audit trail.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -55,6 +58,8 @@ Outcome = Literal["succeeded", "failed", "escalated", "cancelled"]
 KeyLookup = Callable[[str], bytes | None]
 Recheck = Callable[[], bool]
 Audit = Callable[[str, dict[str, object]], Awaitable[None]]
+FENCE_FLOOR = 20.0
+"""``controller.fence_floor``'s default: seconds of silence before a standby copy may start, at least."""
 RESYNC_ACK_TIMEOUT = 600.0
 """Seconds to wait for an agent to finish one resync command (it acks when the repair is done)."""
 
@@ -69,8 +74,12 @@ class Dispatcher:
     def __init__(self, *, fleet: Fleet, store: SqliteStore, link: MqttLink, keys: KeyLookup, clock: Clock,
                  notifier: Notifier, epoch: int, command_ttl: float, ack_timeout: float,
                  localisations: Localisations | None = None, resync: ResyncPlanner | None = None,
-                 offline_after: float = 5.0, placements: Placements | None = None) -> None:
+                 offline_after: float = 5.0, placements: Placements | None = None,
+                 peer_tls: ssl.SSLContext | bool = True, fence_floor: float = FENCE_FLOOR) -> None:
         self.fleet = fleet
+        self.fence_floor = fence_floor
+        """Seconds an unreachable node must have been silent before its movable units start elsewhere, at
+        least (``controller.fence_floor``); a unit's reported ``fence_after`` may only lengthen it."""
         self.placements = placements or Placements()
         self.started_at = clock.wall()
         self.offline_after = offline_after
@@ -85,7 +94,8 @@ class Dispatcher:
         self._pending: dict[str, tuple[str, asyncio.Future[wire.CommandResult]]] = {}
         self._unacked: dict[int, float] = {}
         self.localisations = localisations or Localisations()
-        self.resync = resync or ResyncPlanner(fleet=fleet, keys=keys, clock=clock, localisations=self.localisations)
+        self.resync = resync or ResyncPlanner(fleet=fleet, keys=keys, clock=clock, localisations=self.localisations,
+                                              verify=peer_tls)
         self.log = get_logger("dispatcher")
 
     def on_result(self, node: str, result: wire.CommandResult) -> None:
@@ -177,18 +187,21 @@ class Dispatcher:
 
     async def _await_fence(self, step: MigrateUnit, audit: Audit) -> None:
         """Wait until the unreachable source's copy is surely stopped, or the source comes back."""
-        fence_after = self.placements.fence_after(step.unit)
-        if fence_after is None:
+        reported = self.placements.fence_after(step.unit)
+        if reported is None:
             raise PermanentRemediationError(
                 f"cannot migrate {step.unit}: its node {step.source} is unreachable and the unit is not a movable "
                 "singleton (no stop_after_disconnect), so a second copy could run")
+        # The node's word may lengthen the wait, never shorten it: a forged or buggy report cannot hurry it.
+        fence_after = max(reported, self.fence_floor)
         snapshot = self.fleet.snapshot(step.source)
         # never heard from since this controller started: count from its start
         heard = (snapshot.last_seen if snapshot is not None else 0.0) or self.started_at
         fenced_at = heard + fence_after
         wait = fenced_at - self.clock.wall()
         await audit("fence_wait", {"node": step.source, "unit": step.unit, "last_heard": heard,
-                                   "fence_after": fence_after, "fenced_at": fenced_at, "wait": max(0.0, wait)})
+                                   "fence_after": fence_after, "reported_fence_after": reported,
+                                   "fence_floor": self.fence_floor, "fenced_at": fenced_at, "wait": max(0.0, wait)})
         if wait > 0 and await self.fleet.wait_for(lambda: self._reachable(step.source), wait):
             await audit("fence_aborted", {"node": step.source, "reason": "the node came back: stopping it there"})
             return

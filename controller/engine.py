@@ -34,7 +34,7 @@ from controller.notify import ALERT_EVENTS, Notification, Notifier, incident_lab
 from controller.plan_records import plan_from_record, plan_record, record_fields, step_fields
 from controller.store import Incident, PlanRecord, SilenceRecord, SqliteStore
 from detectors.anomaly.watch import AnomalyWatch
-from detectors.model import DetectorSettings, Finding, NodeSnapshot
+from detectors.model import DetectorSettings, Finding, NodeSnapshot, ReportSample
 from detectors.placement import detect_lost_units
 from detectors.presence import is_offline
 from detectors.registry import detect_node
@@ -61,7 +61,6 @@ from rules.model import Rulebook
 from selfheal.clocks import Clock
 from selfheal.errors import SelfhealError
 from selfheal.logs import get_logger
-from selfheal.wire import Report
 
 
 class PlanConflict(SelfhealError):
@@ -222,7 +221,7 @@ class Engine:
         if self.anomalies is not None:
             self.anomalies.forget(node)
 
-    def _feed_anomalies(self, node: str, reports: tuple[Report, ...]) -> None:
+    def _feed_anomalies(self, node: str, reports: tuple[ReportSample, ...]) -> None:
         """Each report once, in order (reports are kept in arrival order per node)."""
         assert self.anomalies is not None  # noqa: S101 - checked by the caller
         last = self._fed.get(node, (0, -1))

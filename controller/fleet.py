@@ -4,8 +4,27 @@
 read frozen ``NodeSnapshot``s of it. Presence follows session numbers: a
 status or will from an older agent session never overrides a newer one, and
 handlers are idempotent (the embedded broker may deliver a retained message
-twice). Each node keeps at most ``history`` reports; beyond ``max_nodes`` the
+twice).
+
+Sessions only grow, and not by leaps: a message whose session is more than
+``MAX_SESSION_JUMP`` beyond the live session of a node that is online and was
+heard within ``offline_after`` is refused (``refuses_jump``, which the
+controller asks before ``apply``; counted ``session_jump``) — a real agent
+bumps its session by one per start, and one that restarts has stopped talking
+in its old session. An agent that lost its counter starts from the wall clock
+(``agent.app.next_session``): that leap is taken once the node has gone
+offline or quiet, and the status it announced meanwhile is held (one per
+node) and applied when its session begins. Replays of a node's own signed
+messages are limited too: a report at or below the last sequence number of its
+session refreshes nothing (not even ``last_seen``), and a unit event older
+than the last one applied for that unit is stale. Beyond ``max_nodes`` the
 longest-silent node is evicted.
+
+Bounded against a flood: of each report a node keeps only what detectors read
+(a ``ReportSample``: the numbers, no strings), at most ``history`` of them and
+``state_bytes`` bytes; its current state holds at most ``MAX_UNITS_PER_NODE``
+units, ``MAX_DATASETS_PER_NODE`` datasets and 32 labels, each string of them
+capped by the wire's decode-time limits.
 """
 
 from __future__ import annotations
@@ -17,7 +36,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from detectors.model import NodeSnapshot
+from detectors.model import NodeSnapshot, ReportSample
 from detectors.presence import is_offline
 from selfheal.wire import (
     CommandResult,
@@ -34,7 +53,10 @@ from selfheal.wire import (
     UnitStarted,
 )
 
-MAX_UNITS_PER_NODE = 1000
+MAX_UNITS_PER_NODE = 256
+"""Units kept per node (``wire.MAX_UNITS``: no report or status names more); an event naming one more is ignored."""
+MAX_SESSION_JUMP = 1000
+"""Sessions a live node may skip at once (agents count one per start)."""
 MAX_DATASETS_PER_NODE = 200
 """Datasets kept per node (the agent's config allows no more); beyond, the rest of a digest is ignored."""
 
@@ -49,7 +71,13 @@ class NodeState:
     labels: dict[str, str] = field(default_factory=dict)
     last_seen: float = 0.0
     units: dict[str, UnitReport] = field(default_factory=dict)
-    reports: deque[Report] = field(default_factory=deque)
+    reports: deque[ReportSample] = field(default_factory=deque)
+    """What detectors read of recent reports, oldest first: at most ``Fleet.history`` of them and
+    ``Fleet.state_bytes`` bytes (``ReportSample.nbytes``), the newest always kept."""
+    report_bytes: deque[int] = field(default_factory=deque)
+    """``nbytes`` of each sample in ``reports``, in the same order."""
+    history_bytes: int = 0
+    """Their sum."""
     last_seq: int = -1
     event_ts: dict[str, float] = field(default_factory=dict)
     """Agent time of the last event per unit: an older report does not undo it."""
@@ -57,11 +85,15 @@ class NodeState:
     """The latest ``DatasetDigest``: each dataset replica this node holds, by name (bounded)."""
     digests_ts: float = 0.0
     """Agent time of that digest: an older one (a redelivered retained message) does not undo it."""
+    held: NodeStatus | None = None
+    """The last status refused as a session jump: applied if that session begins (``Fleet.refuses_jump``)."""
 
 
 class Fleet:
-    def __init__(self, *, history: int = 120, max_nodes: int = 10_000) -> None:
+    def __init__(self, *, history: int = 120, max_nodes: int = 10_000, state_bytes: int = 256 * 1024) -> None:
         self.history = history
+        self.state_bytes = state_bytes
+        """Bytes of report history per node (``controller.node_state_bytes``)."""
         self.max_nodes = max_nodes
         self.nodes: dict[str, NodeState] = {}
         self.changed = asyncio.Condition()
@@ -70,6 +102,20 @@ class Fleet:
         self.on_evict: Callable[[str], None] | None = None
         """Told the id of each node evicted, so per-node state elsewhere is dropped with it."""
         self.stale = 0
+        self.jumps = 0
+        """Messages refused as a session jump."""
+
+    def refuses_jump(self, message: NodeStatus | Report | DatasetDigest | Event, now: float,
+                     offline_after: float) -> bool:
+        """Whether ``message`` leaps far beyond the live session of a node heard within ``offline_after``
+        (see the module docstring); a refused status is held for when its session begins."""
+        node = self.nodes.get(message.node)
+        if node is None or not session_jump(node, message.session, now, offline_after):
+            return False
+        self.jumps += 1
+        if isinstance(message, NodeStatus) and message.state == "online":
+            node.held = message
+        return True
 
     def apply(self, message: NodeMessage, now: float) -> CommandResult | None:
         """Fold a message in; returns a command result for the dispatcher, if it was one."""
@@ -78,37 +124,44 @@ class Fleet:
             return None
         node = self._node(message.node)
         if isinstance(message, DatasetDigest):
-            self._apply_digest(node, message)
+            self._apply_digest(node, message, now)
             return None
         if isinstance(message, Report):
             if message.session < node.session:
                 self.stale += 1
                 return None
-            self._enter_session(node, message.session)
+            if message.session == node.session and message.seq <= node.last_seq:
+                return None  # duplicate, reordered or replayed report: it says nothing about now
+            self._enter_session(node, message.session, now)
             node.last_seen = now
             node.online = True
-            if message.session == node.session and message.seq <= node.last_seq:
-                return None  # duplicate or reordered report
             node.last_seq = message.seq
-            node.reports.append(message)
-            while len(node.reports) > self.history:
-                node.reports.popleft()
+            self._keep(node, message)
             node.units = {
                 u.name: node.units.get(u.name, u) if node.event_ts.get(u.name, 0.0) > message.ts else u
                 for u in message.units[:MAX_UNITS_PER_NODE]
             }
+            if len(node.event_ts) > len(node.units):  # units the node no longer reports: forget their events
+                node.event_ts = {name: ts for name, ts in node.event_ts.items() if name in node.units}
             self._touch(node.id)
             return None
         if isinstance(message, Event):
             if message.session < node.session:
                 self.stale += 1
                 return None
-            self._enter_session(node, message.session)
+            body = message.body
+            if (not isinstance(body, CommandResult) and message.session == node.session
+                    and message.ts < node.event_ts.get(body.unit, message.ts)):
+                self.stale += 1  # older than the unit's last event: a replay (or a very late duplicate)
+                return None
+            self._enter_session(node, message.session, now)
             node.last_seen = now
             node.online = True  # it is talking, even if its birth message is still on the way
-            body = message.body
             if isinstance(body, CommandResult):
                 return body
+            if body.unit not in node.units and len(node.units) >= MAX_UNITS_PER_NODE:
+                self.stale += 1  # no agent runs more units: the state of a node stays bounded
+                return None
             self._apply_unit_event(node, body)
             node.event_ts[body.unit] = message.ts
             self._touch(node.id)
@@ -119,21 +172,24 @@ class Fleet:
         if status.session < node.session:
             self.stale += 1  # a will or birth from an older agent session
             return
-        self._enter_session(node, status.session)
+        self._enter_session(node, status.session, now, held=False)
+        if node.held is not None and node.held.session <= status.session:
+            node.held = None
         node.online = status.state == "online"
         node.version = status.version
         node.http = status.http
         node.labels = dict(list(status.labels.items())[:32])  # bounded: a node's labels are few
         node.last_seen = now
         for name in status.units:
-            node.units.setdefault(name, UnitReport(name=name, kind="process", state="starting"))
+            if name in node.units or len(node.units) < MAX_UNITS_PER_NODE:
+                node.units.setdefault(name, UnitReport(name=name, kind="process", state="starting"))
         self._touch(node.id)
 
-    def _apply_digest(self, node: NodeState, digest: DatasetDigest) -> None:
+    def _apply_digest(self, node: NodeState, digest: DatasetDigest, now: float) -> None:
         if digest.session < node.session or (digest.session == node.session and digest.ts < node.digests_ts):
             self.stale += 1
             return
-        self._enter_session(node, digest.session)
+        self._enter_session(node, digest.session, now)
         node.digests_ts = digest.ts
         node.datasets = {d.name: d for d in digest.datasets[:MAX_DATASETS_PER_NODE]}
         self._touch(node.id)
@@ -146,13 +202,17 @@ class Fleet:
                 out.setdefault(name, []).append((node, summary))
         return out
 
-    @staticmethod
-    def _enter_session(node: NodeState, session: int) -> None:
-        """A newer agent session starts its sequence numbers and clock afresh."""
+    def _enter_session(self, node: NodeState, session: int, now: float, *, held: bool = True) -> None:
+        """A newer agent session starts its sequence numbers and clock afresh; a status held back for it
+        (a session jump, refused while the old session was live) applies now."""
         if session > node.session:
             node.session = session
             node.last_seq = -1
             node.event_ts.clear()
+        if held and node.held is not None and node.held.session <= session:
+            status, node.held = node.held, None
+            if status.session == session:
+                self._apply_status(status, now)
 
     def _apply_unit_event(self, node: NodeState, body: UnitExited | UnitStarted | ProbeChanged) -> None:
         unit = node.units.get(body.unit) or UnitReport(name=body.unit, kind="process", state="starting")
@@ -167,6 +227,25 @@ class Fleet:
         else:
             unit = msgspec.structs.replace(unit, probe=body.probe)
         node.units[body.unit] = unit
+
+    def _keep(self, node: NodeState, report: Report) -> None:
+        """Add a report's sample to the node's history; drop the oldest beyond ``history`` or ``state_bytes``.
+
+        A value a sample shares with the next (``ReportSample.of``) is counted once, in the older; dropping
+        that one leaves it alive in the next, so a node may hold up to one sample's worth beyond its budget."""
+        previous = node.reports[-1] if node.reports else None
+        sample = ReportSample.of(report, previous)
+        size = sample.nbytes(previous)
+        node.reports.append(sample)
+        node.report_bytes.append(size)
+        node.history_bytes += size
+        while len(node.reports) > 1 and (len(node.reports) > self.history or node.history_bytes > self.state_bytes):
+            node.reports.popleft()
+            node.history_bytes -= node.report_bytes.popleft()
+
+    def history_bytes(self) -> int:
+        """Bytes of report history the fleet holds (``ReportSample.nbytes``), every node's together."""
+        return sum(node.history_bytes for node in self.nodes.values())
 
     def _node(self, node_id: str) -> NodeState:
         node = self.nodes.get(node_id)
@@ -212,6 +291,12 @@ class Fleet:
     def unit(self, node_id: str, unit: str) -> UnitReport | None:
         node = self.nodes.get(node_id)
         return node.units.get(unit) if node else None
+
+
+def session_jump(node: NodeState, session: int, now: float, offline_after: float) -> bool:
+    """``session`` leaps more than ``MAX_SESSION_JUMP`` beyond ``node``'s live session while the node is
+    online and was heard within ``offline_after`` seconds (pure)."""
+    return node.online and now - node.last_seen <= offline_after and session > node.session + MAX_SESSION_JUMP
 
 
 def _pending(probe: ProbeState | None) -> ProbeState | None:

@@ -18,8 +18,8 @@ from controller.dispatcher import Dispatcher, PlanOutcome
 from controller.metrics import ControllerMetrics
 from controller.store import Incident
 from detectors.anomaly.watch import AnomalyWatch, WatchSpec
+from detectors.model import Observation
 from remediations.plans import Plan
-from selfheal.wire import Report
 
 
 class MeteredDispatcher(Dispatcher):
@@ -45,7 +45,7 @@ class MeteredWatch(AnomalyWatch):
         self._samples = metrics.detector_samples.labels("anomaly")
         self._seconds = metrics.detector_seconds.labels("anomaly")
 
-    def observe(self, report: Report) -> None:
+    def observe(self, report: Observation) -> None:
         started = time.perf_counter()  # CPU-bound cost, not a deadline: a plain performance counter
         try:
             super().observe(report)

@@ -12,9 +12,12 @@ watchdog, SIGHUP). A reload applies live:
 - **notification routes** (``controller.notify``) — ``Routes`` stops the
   running router (its unsent changes get their last message, as at shutdown)
   and starts one over the new destinations; grouping starts afresh.
+- **node keys** — the files in ``security.key_dir`` are re-read (``controller.keyring``; the
+  ring also reloads by itself when the directory changes), so a key added or rotated applies
+  without a restart.
 - ``log`` (by ``Service`` itself).
 
-Everything else (broker, listen address, state dir, timeouts, budget, keys,
+Everything else (broker, listen address, state dir, timeouts, budget, the key_dir path,
 PromQL sources) is wired into running parts and named as needing a restart.
 Nothing is swapped until everything new has been built and validated, so a
 bad rulebook or destination keeps the running config whole.
@@ -105,7 +108,8 @@ def controller_service(controller: Controller, engine: Engine, *, source: Path |
             if watch is not None and controller.anomalies is not None:  # unchanged watches keep their streams
                 watch.adopt_streams(controller.anomalies)
             controller.anomalies = engine.anomalies = watch
-        applied = ["controller.rulebooks"]
+        await asyncio.to_thread(controller.keys.load, controller.clock.wall())  # key files added or rotated
+        applied = ["controller.rulebooks", "node keys"]
         if new_routes:
             routes.replace(router)
             applied.append("controller.notify")

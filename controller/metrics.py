@@ -3,6 +3,14 @@
 Names follow Prometheus conventions: ``selfheal_`` prefix, base units,
 ``_total`` for counters. Gauges about the fleet are computed at scrape time by
 a collector over the live state, so they can never drift from it.
+
+Label values come from fixed sets (channels, reasons, states, finding kinds,
+actions) or from configuration (PromQL entries, destination kinds), never from
+what a message says, with one exception: dataset names, which nodes report.
+Those are taken only from the fleet's state (nodes the controller accepts:
+with keys configured, signed traffic only) and at most ``MAX_DATASET_SERIES``
+of them are exported — the most replicated first — the rest counted in
+``selfheal_datasets_unexported``, so no sender can grow the series without bound.
 """
 
 from __future__ import annotations
@@ -11,8 +19,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+MAX_DATASET_SERIES = 200
+"""Datasets exported per dataset gauge (one agent holds at most 200)."""
 
 
 class ControllerMetrics:
@@ -43,6 +54,14 @@ class ControllerMetrics:
             "selfheal_notifications_dropped_total",
             "Notifications dropped because the notification queue was full (the engine never waits for chat)",
             registry=self.registry)
+        self.state_rejected = Counter(
+            "selfheal_state_files_rejected_total",
+            "State files set aside unread or unused at start, by reason (legacy_pickle, unusable, other_code)",
+            ["reason"], registry=self.registry)
+        self.api_refused = Counter(
+            "selfheal_api_requests_refused_total",
+            "HTTP requests refused before their body was read, by reason (unauthorized, forbidden, too_large)",
+            ["reason"], registry=self.registry)
         self.remediation_duration = Histogram(
             "selfheal_remediation_duration_seconds", "Plan execution time (commands, acks, verification), "
             "by action and outcome", ["action", "outcome"],
@@ -75,6 +94,16 @@ class ControllerMetrics:
         self.registry.register(_FleetCollector(read))
 
 
+    def add_history_collector(self, read: Callable[[], int]) -> None:
+        """``read`` returns the bytes of report history the fleet holds (``Fleet.history_bytes``)."""
+        self.registry.register(_GaugeCollector(
+            "selfheal_report_history_bytes", "Report history kept for detectors, every node's together "
+            "(each node at most controller.node_state_bytes)", read))
+
+    def add_inbox_collector(self, read: Callable[[], tuple[int, int, int]]) -> None:
+        """``read`` returns the MQTT inbox's (messages dropped, bytes dropped, bytes queued now)."""
+        self.registry.register(_InboxCollector(read))
+
     def add_dataset_collector(self, read: Callable[[], list[dict[str, Any]]]) -> None:
         """``read`` returns ``controller.datasets.describe_datasets``' view."""
         self.registry.register(_DatasetCollector(read))
@@ -82,6 +111,28 @@ class ControllerMetrics:
     def add_stats_collector(self, read: Callable[[], list[dict[str, object]]]) -> None:
         """``read`` returns the engine's outcome statistics per (finding kind, action)."""
         self.registry.register(_StatsCollector(read))
+
+
+class _GaugeCollector(Collector):
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]) -> None:
+        self._name, self._documentation, self._read = name, documentation, read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self._name, self._documentation, value=self._read())
+
+
+class _InboxCollector(Collector):
+    def __init__(self, read: Callable[[], tuple[int, int, int]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        dropped, dropped_bytes, queued = self._read()
+        yield CounterMetricFamily("selfheal_mqtt_inbox_dropped", "Incoming MQTT messages dropped on arrival "
+                                  "because the inbox was full (a flood faster than ingest)", value=dropped)
+        yield CounterMetricFamily("selfheal_mqtt_inbox_dropped_bytes", "Payload bytes of those messages",
+                                  value=dropped_bytes)
+        yield GaugeMetricFamily("selfheal_mqtt_inbox_bytes", "Incoming MQTT payload bytes waiting to be ingested",
+                                value=queued)
 
 
 class _StatsCollector(Collector):
@@ -116,7 +167,9 @@ class _DatasetCollector(Collector):
         files = GaugeMetricFamily("selfheal_dataset_files_agreement_ratio",
                                   "Share of a dataset's (replica, file) pairs matching the authority",
                                   labels=["dataset"])
-        for dataset in self._read():
+        datasets = self._read()
+        kept = sorted(datasets, key=lambda d: (-len(d.get("replicas", ())), str(d["name"])))[:MAX_DATASET_SERIES]
+        for dataset in sorted(kept, key=lambda d: str(d["name"])):
             agreement = dataset["agreement"]
             if agreement["replicas"] is not None:
                 replicas.add_metric([dataset["name"]], float(agreement["replicas"]))
@@ -124,6 +177,9 @@ class _DatasetCollector(Collector):
                 files.add_metric([dataset["name"]], float(agreement["files"]))
         yield replicas
         yield files
+        yield GaugeMetricFamily("selfheal_datasets_unexported",
+                                f"Datasets known but left out of the dataset gauges (at most {MAX_DATASET_SERIES} "
+                                "are exported, the most replicated first)", value=len(datasets) - len(kept))
 
 
 class _FleetCollector(Collector):

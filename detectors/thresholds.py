@@ -4,23 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from detectors.model import Finding, NodeSnapshot, Threshold
-from selfheal.wire import HostMetrics, Report, UnitReport
+from detectors.model import Finding, HostSample, NodeSnapshot, Observation, Threshold, UnitSample
+from selfheal.wire import HostMetrics, UnitReport
 
 
-def read_host_metric(host: HostMetrics, field: str) -> float | None:
-    if field == "disk_max_percent":
+def read_host_metric(host: HostMetrics | HostSample, field: str) -> float | None:
+    if field == "disk_max_percent" and isinstance(host, HostMetrics):
         return max((d.percent for d in host.disks), default=None)
     value = getattr(host, field, None)
     return float(value) if isinstance(value, int | float) else None
 
 
-def read_unit_metric(unit: UnitReport, field: str) -> float | None:
+def read_unit_metric(unit: UnitReport | UnitSample, field: str) -> float | None:
     value = getattr(unit, field, None)
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def detect_threshold(node: str, reports: Sequence[Report], rule: Threshold) -> list[Finding]:
+def detect_threshold(node: str, reports: Sequence[Observation], rule: Threshold) -> list[Finding]:
     """Findings for the host, or for each unit, whose last ``rule.samples`` values all exceed the limit."""
     if len(reports) < rule.samples:
         return []

@@ -364,7 +364,9 @@ class ControllerConfig(_Section, frozen=True, kw_only=True):
 
 class SecurityConfig(_Section, frozen=True, kw_only=True):
     key_dir: str = "/etc/selfheal/keys"
-    """``<node_id>.key`` files holding hex HMAC keys that sign commands to that node."""
+    """``<node_id>.key`` files holding hex HMAC keys that sign commands to that node and everything the node
+    sends. Once the controller's directory holds any key, it drops node traffic not signed with its node's
+    key (a node without a file is listed as unknown); with none, node traffic is unauthenticated."""
     api_token_file: str = "/etc/selfheal/api.token"  # noqa: S105 - a path, not a secret
     """Bearer token for mutating API endpoints."""
     api_read_token_file: str | None = None

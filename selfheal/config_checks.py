@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from selfheal import wire
 from selfheal.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ def _check_core(config: Config, source: str, role: str) -> None:
         fail(f"{agent.node_id!r} must match [a-z0-9][a-z0-9-]{{0,62}}", "agent.node_id")
     if agent.interval <= 0:
         fail("must be > 0", "agent.interval")
+    _check_wire_caps(agent, fail)
     seen: set[str] = set()
     for i, unit in enumerate(agent.units):
         at = f"agent.units[{i}]"
@@ -87,6 +89,17 @@ def _check_core(config: Config, source: str, role: str) -> None:
         if probe.kind == "tcp":
             split_host_port(str(probe.target), what=f"{at}.probe.target")
     _check_datasets(agent, fail)
+
+
+def _check_wire_caps(agent: AgentConfig, fail: Callable[[str, str], None]) -> None:
+    """What the controller's decoder caps (``wire.MAX_UNITS``...): an agent beyond would have its reports refused."""
+    if len(agent.units) > wire.MAX_UNITS:
+        fail(f"at most {wire.MAX_UNITS} units per agent (the controller refuses longer reports)", "agent.units")
+    if len(agent.labels) > wire.MAX_LABELS:
+        fail(f"at most {wire.MAX_LABELS} labels per agent", "agent.labels")
+    for key, value in agent.labels.items():
+        if not 0 < len(key) <= 64 or len(value) > 256:
+            fail(f"label {key[:64]!r}: names are 1-64 characters, values at most 256", "agent.labels")
 
 
 def _check_name(name: str, pattern: re.Pattern[str], seen: set[str], what: str, at: str,
@@ -327,6 +340,98 @@ def _check_identities(config: Config, source: str) -> None:
             fail(f"{key} needs an mqtts:// url", f"mqtt.{key}")
     if mqtt.embedded_password_file and mqtt.url != "embedded":
         fail("only for url = \"embedded\"", "mqtt.embedded_password_file")
+    # The files themselves, so a daemon fails at start (exit 78) naming the key, not at its first connect.
+    # Messages name paths and reasons, never a file's content.
+    if mqtt.username and mqtt.password_file:
+        _check_secret_file(mqtt.password_file, "mqtt.password_file", fail)
+    if mqtt.embedded_password_file and mqtt.url == "embedded":
+        _check_password_file(mqtt.embedded_password_file, "mqtt.embedded_password_file", fail)
+    if mqtt.tls:
+        _check_tls_files(mqtt.tls_ca, mqtt.tls_cert, mqtt.tls_key, "mqtt", fail)
     agent = config.agent
     if bool(agent.tls_cert) != bool(agent.tls_key):
         fail("tls_cert and tls_key go together", "agent.tls_cert" if agent.tls_key else "agent.tls_key")
+
+
+def _check_secret_file(path: str, key: str, fail: Callable[[str, str], None]) -> None:
+    """``path`` is a readable, non-empty UTF-8 text file (its content is never shown)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot read {path!r}: {exc.strerror or type(exc).__name__}", key)
+        return
+    except UnicodeDecodeError:
+        fail(f"{path!r} is not UTF-8 text", key)
+        return
+    if not text.strip():
+        fail(f"{path!r} is empty", key)
+
+
+def _check_password_file(path: str, key: str, fail: Callable[[str, str], None]) -> None:
+    """A Mosquitto password file: ``user:$7$...`` (or ``$6$``) lines, at least one."""
+    from selfheal.broker_setup import parse_password_file  # noqa: PLC0415 - only when the key is set
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot read {path!r}: {exc.strerror or type(exc).__name__}", key)
+        return
+    except UnicodeDecodeError:
+        fail(f"{path!r} is not UTF-8 text", key)
+        return
+    try:
+        users = parse_password_file(text)
+    except ValueError as exc:
+        fail(f"{path!r}: {exc}", key)
+        return
+    if not users:
+        fail(f"{path!r} holds no users", key)
+
+
+def _check_tls_files(ca: str | None, cert: str | None, key: str | None, section: str,
+                     fail: Callable[[str, str], None]) -> None:
+    """PEM files that load: a CA bundle, a certificate with its private key."""
+    import ssl  # noqa: PLC0415 - only when TLS is configured
+
+    if ca:
+        if not Path(ca).is_file():
+            fail(f"no such file {ca!r}", f"{section}.tls_ca")
+        try:
+            ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        except (OSError, ssl.SSLError) as exc:
+            fail(f"{ca!r} is not a PEM CA certificate: {_tls_reason(exc)}", f"{section}.tls_ca")
+    if cert and key:
+        for value, name in ((cert, "tls_cert"), (key, "tls_key")):
+            if not Path(value).is_file():
+                fail(f"no such file {value!r}", f"{section}.{name}")
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            reason = _tls_reason(exc)
+            # Which file is at fault: the key if the certificate alone parses as PEM.
+            bad = "tls_key" if _is_pem_cert(cert) else "tls_cert"
+            fail(f"{cert!r} and {key!r} do not load as a PEM certificate and its key: {reason}",
+                 f"{section}.{bad}")
+
+
+def _is_pem_cert(path: str) -> bool:
+    import ssl  # noqa: PLC0415
+
+    try:
+        text = Path(path).read_text(encoding="ascii", errors="replace")
+        start = text.index("-----BEGIN CERTIFICATE-----")
+        end = text.index("-----END CERTIFICATE-----", start) + len("-----END CERTIFICATE-----")
+        ssl.PEM_cert_to_DER_cert(text[start:end])
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _tls_reason(exc: BaseException) -> str:
+    import ssl  # noqa: PLC0415
+
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or exc.__class__.__name__)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return type(exc).__name__

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import aiomqtt
 
 from selfheal.errors import ConfigError
+from selfheal.inbox import InboxStats, inbox_type
 from selfheal.logs import get_logger
 
 if TYPE_CHECKING:
@@ -66,6 +67,8 @@ class MqttLink:
         self._client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
         self.dropped = 0
+        self.inbox = InboxStats()
+        """Incoming messages dropped because the inbox (``selfheal.inbox``) was full."""
         self.handler_errors = 0
         self.connects = 0
         self.log = get_logger(name, broker=f"{host}:{port}", user=self.username or "-",
@@ -112,7 +115,7 @@ class MqttLink:
                     self.host, self.port, identifier=self.client_id, will=will,
                     username=self.username, password=self._password, tls_context=self._tls_context,
                     keepalive=max(1, round(self.keepalive)), clean_session=True,
-                    protocol=aiomqtt.ProtocolVersion.V311, timeout=5,
+                    protocol=aiomqtt.ProtocolVersion.V311, timeout=5, queue_type=inbox_type(self.inbox),
                 ) as client:
                     self._client = client
                     attempt = 0

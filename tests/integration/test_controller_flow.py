@@ -22,6 +22,7 @@ from selfheal import wire
 from selfheal.config import load_config
 from selfheal.keys import read_key, write_key
 from tests.conftest import Broker, eventually, free_port
+from tests.node_messages import signed
 
 pytestmark = pytest.mark.integration
 
@@ -43,11 +44,15 @@ def _host() -> wire.HostMetrics:
 
 
 class ScriptedAgent:
-    def __init__(self, client: aiomqtt.Client, node: str) -> None:
-        self.client, self.node, self.session, self.seq = client, node, 1, 0
+    """Speaks for ``node``; signs what it sends with ``key``, as a real agent does (unsigned without one: for a
+    controller with no keys)."""
 
-    async def send(self, channel: wire.NodeChannel, message: wire.NodeMessage, *, retain: bool = False) -> None:
-        await self.client.publish(wire.node_topic(self.node, channel), wire.encode(message), qos=1, retain=retain)
+    def __init__(self, client: aiomqtt.Client, node: str, key: bytes | None = None) -> None:
+        self.client, self.node, self.session, self.seq, self.key = client, node, 1, 0, key
+
+    async def send(self, channel: wire.NodeChannel, message: wire.SignedNodeMessage, *, retain: bool = False) -> None:
+        await self.client.publish(wire.node_topic(self.node, channel), signed(message, channel, self.key), qos=1,
+                                  retain=retain)
 
     async def birth(self) -> None:
         await self.send("status", wire.NodeStatus(node=self.node, state="online", session=self.session,
@@ -86,7 +91,7 @@ async def test_unit_exit_is_restarted_with_a_signed_command_and_verified(
     key = read_key(tmp_path / "keys", node)
     assert key is not None
     config = load_config(_config(tmp_path, mosquitto, offline_after="60.0"))
-    agent = ScriptedAgent(mqtt_client, node)
+    agent = ScriptedAgent(mqtt_client, node, key)
     await mqtt_client.subscribe(wire.node_topic(node, "commands"), qos=1)
     async with running_controller(config) as controller:
         await agent.birth()

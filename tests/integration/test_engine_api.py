@@ -15,7 +15,7 @@ from controller.app import Controller, running_controller
 from selfheal import wire
 from selfheal.cli import main
 from selfheal.config import load_config
-from selfheal.keys import write_key
+from selfheal.keys import read_key, write_key
 from tests.conftest import Broker, eventually, free_port
 from tests.integration.test_controller_flow import ScriptedAgent, _running
 
@@ -70,7 +70,7 @@ async def test_pause_holds_restarts_and_persists_across_a_restart(
     node = "api-pause"
     write_key(tmp_path / "keys", node)
     config = load_config(_config(tmp_path, mosquitto))
-    agent = ScriptedAgent(mqtt_client, node)
+    agent = ScriptedAgent(mqtt_client, node, read_key(tmp_path / "keys", node))
     async with running_controller(config) as controller, _http(controller) as client:
         paused = await client.post("/api/v1/pause", json={"reason": "maintenance window"})
         assert paused.json() == {"paused": True, "reason": "maintenance window"}
@@ -96,7 +96,7 @@ async def test_silences_mute_matching_incidents_and_can_be_expired(
         tmp_path: Path, mosquitto: Broker, mqtt_client: aiomqtt.Client) -> None:
     node = "api-silence"
     write_key(tmp_path / "keys", node)
-    agent = ScriptedAgent(mqtt_client, node)
+    agent = ScriptedAgent(mqtt_client, node, read_key(tmp_path / "keys", node))
     async with running_controller(load_config(_config(tmp_path, mosquitto))) as controller, \
             _http(controller) as client:
         bad = await client.post("/api/v1/silences", json={"matchers": [], "comment": "x", "author": "me"})
@@ -173,7 +173,7 @@ async def test_stats_and_metrics_report_outcomes(tmp_path: Path, mosquitto: Brok
     node = "api-stats"
     write_key(tmp_path / "keys", node)
     await mqtt_client.subscribe(wire.node_topic(node, "commands"), qos=1)
-    agent = ScriptedAgent(mqtt_client, node)
+    agent = ScriptedAgent(mqtt_client, node, read_key(tmp_path / "keys", node))
     async with running_controller(load_config(_config(tmp_path, mosquitto))) as controller, \
             _http(controller) as client:
         await agent.birth()

@@ -19,7 +19,7 @@ import structlog
 from controller.app import running_controller
 from selfheal import wire
 from selfheal.config import load_config
-from selfheal.keys import write_key
+from selfheal.keys import read_key, write_key
 from tests.conftest import Broker, eventually, free_port
 from tests.integration.test_controller_flow import ScriptedAgent, _running
 from tests.webhook_receiver import WebhookReceiver, webhook_receiver
@@ -71,7 +71,7 @@ async def test_a_unit_exit_is_told_opened_then_resolved_and_audited(
     url = receiver.url(SECRET)
     write_key(tmp_path / "keys", node)
     receiver.answer(SECRET, 503, {"Retry-After": "0"})  # one hiccup: retried, and audited as such
-    agent = ScriptedAgent(mqtt_client, node)
+    agent = ScriptedAgent(mqtt_client, node, read_key(tmp_path / "keys", node))
     await mqtt_client.subscribe(wire.node_topic(node, "commands"), qos=1)
     async with running_controller(load_config(_config(tmp_path, mosquitto, url))) as controller, \
             httpx.AsyncClient(base_url=f"http://{controller.api_address}") as api:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from detectors.model import NodeSnapshot
+from detectors.model import NodeSnapshot, ReportSample
 from detectors.units import detect_unit_exited, detect_unit_stalled, detect_units, node_clock
 from selfheal.wire import HostMetrics, Report, UnitProgress, UnitReport
 
@@ -58,7 +58,8 @@ def test_a_stall_finding_says_where_the_job_stopped() -> None:
 def snapshot(units: tuple[UnitReport, ...], *, report_ts: float | None, last_seen: float) -> NodeSnapshot:
     host = HostMetrics(cpu_percent=1, load1=0, load5=0, load15=0, mem_total_bytes=1, mem_available_bytes=1,
                        mem_percent=1, swap_percent=0)
-    reports = () if report_ts is None else (Report(node=NODE, session=1, seq=1, ts=report_ts, host=host),)
+    reports = () if report_ts is None else (ReportSample.of(Report(node=NODE, session=1, seq=1, ts=report_ts,
+                                                                   host=host)),)
     return NodeSnapshot(node=NODE, online=True, last_seen=last_seen, units=units, reports=reports)
 
 

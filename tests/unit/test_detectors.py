@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from detectors.model import DetectorSettings, Finding, NodeSnapshot, Threshold
+from detectors.model import DetectorSettings, Finding, NodeSnapshot, ReportSample, Threshold
 from detectors.presence import detect_node_offline, is_offline
 from detectors.registry import detect_node
 from detectors.thresholds import detect_threshold, detect_thresholds
@@ -40,7 +40,8 @@ def report(seq: int, *, units: tuple[UnitReport, ...] = (), **host_fields: objec
 
 def snapshot(*, online: bool = True, last_seen: float = NOW, units: tuple[UnitReport, ...] = (),
              reports: tuple[Report, ...] = ()) -> NodeSnapshot:
-    return NodeSnapshot(node=NODE, online=online, last_seen=last_seen, units=units, reports=reports)
+    return NodeSnapshot(node=NODE, online=online, last_seen=last_seen, units=units,
+                        reports=tuple(ReportSample.of(r) for r in reports))
 
 
 # --- unit_exited --------------------------------------------------------------------------------
