@@ -12,7 +12,11 @@ unit's ``fence_after`` (by then its agent has stopped it, or it died with the
 agent: ``agent.fencing``) and never less than the controller's own
 ``fence_floor`` — ``fence_after`` comes from the node's reports, which may
 lengthen the wait but never shorten it below the floor; then start on the
-target, unless some other node already runs the unit.
+target, unless some other node already runs the unit. A source that comes back
+during that wait is asked again: if it runs the unit (the finding no longer
+holds: a network blip, or a replayed last will), the step ends without
+stopping or starting anything (``fence_aborted``/``source_returned``, plan
+cancelled); if not, it is stopped there by command before the start.
 Then it verifies the target (healthy, or the finding cleared) within the
 deadline and for the stable period. Every step lands in the audit trail.
 """
@@ -62,6 +66,11 @@ FENCE_FLOOR = 20.0
 """``controller.fence_floor``'s default: seconds of silence before a standby copy may start, at least."""
 RESYNC_ACK_TIMEOUT = 600.0
 """Seconds to wait for an agent to finish one resync command (it acks when the repair is done)."""
+
+
+class SourceReturned(Exception):
+    """A migration's source came back during the fence wait and runs the unit again: the step ends, nothing
+    stopped or started (the plan is cancelled, so the incident resolves once the finding clears)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +135,9 @@ class Dispatcher:
             if isinstance(step, DISRUPTIVE):
                 await audit("rechecked", {"step": step.kind, "symptom": "still present"})
             try:
-                await self._run_step(plan, incident, index, step, audit)
+                await self._run_step(plan, incident, index, step, audit, recheck)
+            except SourceReturned as exc:
+                return PlanOutcome("cancelled", str(exc))
             except RemediationError as exc:
                 log.warning("plan.step_failed", step=step.kind, reason=str(exc))
                 return PlanOutcome("failed", str(exc))
@@ -137,13 +148,19 @@ class Dispatcher:
         await on_verifying()
         return await self._verify(plan.verification, before, recheck, audit)
 
-    async def _run_step(self, plan: Plan, incident: Incident, index: int, step: Step, audit: Audit) -> None:
+    async def _run_step(self, plan: Plan, incident: Incident, index: int, step: Step, audit: Audit,  # noqa: PLR0917
+                        recheck: Recheck) -> None:
         if isinstance(step, RestartUnit | StopUnit | StartUnit):
             await self._command(plan, incident, index, step.node, _wire_step(step), audit=audit)
         elif isinstance(step, MigrateUnit):
             self._refuse_second_copy(step)
-            if not self._reachable(step.source):
-                await self._await_fence(step, audit)
+            if not self._reachable(step.source) and await self._await_fence(step, audit):
+                if not recheck():  # back, and running the unit again (a network blip, a replayed will)
+                    await audit("fence_aborted", {"node": step.source, "unit": step.unit,
+                                                  "reason": "source_returned"})
+                    raise SourceReturned(f"{step.source} came back running {step.unit}: nothing was moved")
+                await audit("fence_aborted", {"node": step.source, "unit": step.unit,
+                                              "reason": "the node came back without the unit: stopping it there"})
             if self._reachable(step.source):
                 await self._command(plan, incident, index, step.source, wire.StopUnit(unit=step.unit), audit=audit)
             self._refuse_second_copy(step)
@@ -185,8 +202,8 @@ class Dispatcher:
             raise PermanentRemediationError(f"{step.unit} already runs on {', '.join(others)}: starting it on "
                                             f"{step.target} would make a second copy")
 
-    async def _await_fence(self, step: MigrateUnit, audit: Audit) -> None:
-        """Wait until the unreachable source's copy is surely stopped, or the source comes back."""
+    async def _await_fence(self, step: MigrateUnit, audit: Audit) -> bool:
+        """Wait until the unreachable source's copy is surely stopped (False), or the source comes back (True)."""
         reported = self.placements.fence_after(step.unit)
         if reported is None:
             raise PermanentRemediationError(
@@ -203,11 +220,11 @@ class Dispatcher:
                                    "fence_after": fence_after, "reported_fence_after": reported,
                                    "fence_floor": self.fence_floor, "fenced_at": fenced_at, "wait": max(0.0, wait)})
         if wait > 0 and await self.fleet.wait_for(lambda: self._reachable(step.source), wait):
-            await audit("fence_aborted", {"node": step.source, "reason": "the node came back: stopping it there"})
-            return
+            return True
         await audit("fenced", {"node": step.source, "unit": step.unit,
                                "reason": f"silent for {fence_after:g}s: its agent has stopped the unit, or the "
                                          "unit died with the agent"})
+        return False
 
     async def _command(self, plan: Plan, incident: Incident, index: int, node: str, step: wire.CommandStep, *,
                        audit: Audit, timeout: float | None = None) -> None:

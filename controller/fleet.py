@@ -14,11 +14,26 @@ bumps its session by one per start, and one that restarts has stopped talking
 in its old session. An agent that lost its counter starts from the wall clock
 (``agent.app.next_session``): that leap is taken once the node has gone
 offline or quiet, and the status it announced meanwhile is held (one per
-node) and applied when its session begins. Replays of a node's own signed
-messages are limited too: a report at or below the last sequence number of its
-session refreshes nothing (not even ``last_seen``), and a unit event older
-than the last one applied for that unit is stale. Beyond ``max_nodes`` the
-longest-silent node is evicted.
+node) and applied when its session begins.
+
+Replays of a node's own genuine signed messages change nothing:
+
+- presence comes only from new messages: a report at or below the last
+  sequence number of its session, an event no newer (agent ``ts``) than the
+  newest event of the session, a status no newer than the last one of its
+  connection refresh neither ``online`` nor ``last_seen`` (a replayed
+  ``CommandResult`` still goes to the dispatcher, which takes an ack once);
+- unit events wait for a report: until this controller has seen a report of
+  the node's current session (e.g. just after it started), its unit events are
+  held (``MAX_HELD_EVENTS`` per node); the report reflects everything before
+  its ``ts``, so only newer held events apply, and from then on an event no
+  newer than the latest report, or older than the unit's last event, is stale;
+- statuses follow the agent's broker connections (``NodeStatus.conn``): a
+  status of a connection older than the last applied is stale, the
+  ``offline`` (last will) of a connection applies once, and an ``online`` of
+  a connection whose ``offline`` was applied is stale.
+
+Beyond ``max_nodes`` the longest-silent node is evicted.
 
 Bounded against a flood: of each report a node keeps only what detectors read
 (a ``ReportSample``: the numbers, no strings), at most ``history`` of them and
@@ -57,6 +72,8 @@ MAX_UNITS_PER_NODE = 256
 """Units kept per node (``wire.MAX_UNITS``: no report or status names more); an event naming one more is ignored."""
 MAX_SESSION_JUMP = 1000
 """Sessions a live node may skip at once (agents count one per start)."""
+MAX_HELD_EVENTS = 64
+"""Unit events held per node until a report of its session arrives; beyond, the oldest is dropped."""
 MAX_DATASETS_PER_NODE = 200
 """Datasets kept per node (the agent's config allows no more); beyond, the rest of a digest is ignored."""
 
@@ -87,6 +104,18 @@ class NodeState:
     """Agent time of that digest: an older one (a redelivered retained message) does not undo it."""
     held: NodeStatus | None = None
     """The last status refused as a session jump: applied if that session begins (``Fleet.refuses_jump``)."""
+    status_ts: float = -1.0
+    """Agent time of the last status applied in this session (-1: none yet): one no newer refreshes nothing."""
+    conn: int = 0
+    """The broker connection (``NodeStatus.conn``) of the last status applied in this session."""
+    closed_conn: int = -1
+    """The highest connection whose ``offline`` was applied: it and older ones are over."""
+    event_clock: float = 0.0
+    """Agent time of the newest event of this session: only a newer one refreshes presence."""
+    report_ts: float | None = None
+    """Agent time of the newest report of this session seen by this controller (None: none yet)."""
+    held_events: deque[Event] = field(default_factory=deque)
+    """Unit events that came before any report of this session, bounded (``MAX_HELD_EVENTS``)."""
 
 
 class Fleet:
@@ -143,29 +172,49 @@ class Fleet:
             }
             if len(node.event_ts) > len(node.units):  # units the node no longer reports: forget their events
                 node.event_ts = {name: ts for name, ts in node.event_ts.items() if name in node.units}
+            node.report_ts = message.ts if node.report_ts is None else max(node.report_ts, message.ts)
+            held, node.held_events = node.held_events, deque()
+            for event in held:  # what came before this report is in it; only what is newer still applies
+                self._unit_event(node, event)
             self._touch(node.id)
             return None
         if isinstance(message, Event):
             if message.session < node.session:
                 self.stale += 1
                 return None
-            body = message.body
-            if (not isinstance(body, CommandResult) and message.session == node.session
-                    and message.ts < node.event_ts.get(body.unit, message.ts)):
-                self.stale += 1  # older than the unit's last event: a replay (or a very late duplicate)
-                return None
             self._enter_session(node, message.session, now)
-            node.last_seen = now
-            node.online = True  # it is talking, even if its birth message is still on the way
+            if message.ts > node.event_clock:  # a replayed (older) event says nothing about now
+                node.event_clock = message.ts
+                node.last_seen = now
+                node.online = True  # it is talking, even if its birth message is still on the way
+            body = message.body
             if isinstance(body, CommandResult):
-                return body
-            if body.unit not in node.units and len(node.units) >= MAX_UNITS_PER_NODE:
-                self.stale += 1  # no agent runs more units: the state of a node stays bounded
+                return body  # the dispatcher takes each command's first ack only
+            if node.report_ts is None:
+                # Nothing of this session seen yet (e.g. this controller just started): the event may be a
+                # replay the node's state has long moved past. Held until a report says where it stands.
+                if len(node.held_events) >= MAX_HELD_EVENTS:
+                    node.held_events.popleft()
+                    self.stale += 1
+                node.held_events.append(message)
                 return None
-            self._apply_unit_event(node, body)
-            node.event_ts[body.unit] = message.ts
-            self._touch(node.id)
+            self._unit_event(node, message)
         return None
+
+    def _unit_event(self, node: NodeState, message: Event) -> None:
+        """Apply a unit event unless a report or a later event of its unit already covers it."""
+        body = message.body
+        assert not isinstance(body, CommandResult)  # noqa: S101 - callers route acks to the dispatcher
+        if (node.report_ts is not None and message.ts <= node.report_ts) or \
+                message.ts < node.event_ts.get(body.unit, message.ts):
+            self.stale += 1  # older than a report or the unit's last event: a replay (or a very late duplicate)
+            return
+        if body.unit not in node.units and len(node.units) >= MAX_UNITS_PER_NODE:
+            self.stale += 1  # no agent runs more units: the state of a node stays bounded
+            return
+        self._apply_unit_event(node, body)
+        node.event_ts[body.unit] = message.ts
+        self._touch(node.id)
 
     def _apply_status(self, status: NodeStatus, now: float) -> None:
         node = self._node(status.node)
@@ -175,6 +224,15 @@ class Fleet:
         self._enter_session(node, status.session, now, held=False)
         if node.held is not None and node.held.session <= status.session:
             node.held = None
+        if status.conn < node.conn or status.conn <= node.closed_conn:
+            self.stale += 1  # a will or birth of a connection already over: a replay
+            return
+        if status.state == "online" and status.conn == node.conn and status.ts <= node.status_ts:
+            return  # this connection's birth again (a retained redelivery, a re-announce or a replay): nothing new
+        node.conn = status.conn
+        node.status_ts = max(node.status_ts, status.ts)
+        if status.state == "offline":
+            node.closed_conn = status.conn  # applied once
         node.online = status.state == "online"
         node.version = status.version
         node.http = status.http
@@ -209,6 +267,9 @@ class Fleet:
             node.session = session
             node.last_seq = -1
             node.event_ts.clear()
+            node.status_ts, node.conn, node.closed_conn, node.event_clock = -1.0, 0, -1, 0.0
+            node.report_ts = None
+            node.held_events.clear()
         if held and node.held is not None and node.held.session <= session:
             status, node.held = node.held, None
             if status.session == session:

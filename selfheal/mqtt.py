@@ -6,6 +6,8 @@ event. When the broker goes away it logs, backs off with jitter and
 reconnects; queued messages wait in the outbox (oldest dropped and counted
 when it is full), so a broker restart loses nothing that fits. ``handle`` must
 not raise: its errors are logged and counted, never allowed to stop the loop.
+The last will may be a callable, asked before each connect: a will per
+connection (the agent numbers its connections, ``wire.NodeStatus.conn``).
 
 Identity: ``MqttLink.from_config`` reads the broker password from
 ``mqtt.password_file`` once, at the edge, and builds the TLS context for
@@ -48,7 +50,7 @@ class Outgoing:
 
 
 class MqttLink:
-    def __init__(self, host: str, port: int, *, client_id: str, will: Outgoing | None = None,
+    def __init__(self, host: str, port: int, *, client_id: str, will: Outgoing | Callable[[], Outgoing] | None = None,
                  keepalive: float = 10.0, reconnect_max: float = 5.0, outbox_size: int = 10_000,
                  name: str = "mqtt", username: str | None = None, password: str | None = None,
                  tls_context: ssl.SSLContext | None = None) -> None:
@@ -58,6 +60,7 @@ class MqttLink:
         self._tls_context = tls_context
         self.client_id = client_id
         self.will = will
+        """The last will: fixed, or a callable asked before each connect (a will per connection)."""
         self.keepalive = keepalive
         self.reconnect_max = reconnect_max
         self._outbox: deque[Outgoing] = deque()
@@ -75,7 +78,7 @@ class MqttLink:
                               tls=tls_context is not None)
 
     @classmethod
-    def from_config(cls, mqtt: MqttConfig, *, client_id: str, will: Outgoing | None = None,
+    def from_config(cls, mqtt: MqttConfig, *, client_id: str, will: Outgoing | Callable[[], Outgoing] | None = None,
                     name: str = "mqtt") -> MqttLink:
         """A link to the broker ``mqtt`` names, with its identity and TLS; reads the files now.
 
@@ -108,8 +111,9 @@ class MqttLink:
         attempt = 0
         while not stop.is_set():
             will = None
-            if self.will is not None:
-                will = aiomqtt.Will(self.will.topic, self.will.payload, self.will.qos, self.will.retain)
+            outgoing = self.will() if callable(self.will) else self.will
+            if outgoing is not None:
+                will = aiomqtt.Will(outgoing.topic, outgoing.payload, outgoing.qos, outgoing.retain)
             try:
                 async with aiomqtt.Client(
                     self.host, self.port, identifier=self.client_id, will=will,

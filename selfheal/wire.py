@@ -97,6 +97,10 @@ class NodeStatus(_Msg, frozen=True, kw_only=True):
         default_factory=dict)
     http: PathText = ""
     ts: float = 0.0
+    conn: int = 0
+    """The agent's connection to the broker within its session, counted from 1 at each (re)connect: its
+    ``online`` birth and its ``offline`` last will carry the same number, so a replayed will or birth of an
+    earlier connection is told from the current one (``controller.fleet``)."""
 
     sig: Short = ""
     """HMAC of the node's key over the message (``sign_node_message``); empty when the node has no key."""

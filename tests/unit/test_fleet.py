@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from controller.fleet import Fleet, unit_is_healthy
+from controller.fleet import MAX_HELD_EVENTS, Fleet, unit_is_healthy
 from selfheal.wire import (
     CommandResult,
     Event,
@@ -29,9 +29,9 @@ def host(cpu: float = 5.0) -> HostMetrics:
 
 
 def status(state: str = "online", *, session: int = 1, node: str = NODE, units: tuple[str, ...] = ("web",),
-           version: str = "0.1.0") -> NodeStatus:
+           version: str = "0.1.0", conn: int = 0, ts: float = T0) -> NodeStatus:
     return NodeStatus(node=node, state=state, session=session, version=version, units=list(units),  # type: ignore[arg-type]
-                      http="127.0.0.1:8731", ts=T0)
+                      http="127.0.0.1:8731", ts=ts, conn=conn)
 
 
 def running(name: str = "web", *, pid: int = 100, restarts: int = 0, probe: ProbeState | None = None) -> UnitReport:
@@ -235,7 +235,8 @@ def test_a_probe_change_updates_the_probe(fleet: Fleet) -> None:
 
 
 def test_an_event_for_an_unknown_unit_creates_it(fleet: Fleet) -> None:
-    fleet.apply(event(UnitStarted(unit="new", pid=5, restarts=0), ts=T0), now=T0)
+    fleet.apply(report(1, ts=T0), now=T0)
+    fleet.apply(event(UnitStarted(unit="new", pid=5, restarts=0), ts=T0 + 1), now=T0 + 1)
     unit = fleet.unit(NODE, "new")
     assert unit is not None
     assert (unit.state, unit.pid, unit.kind) == ("running", 5, "process")
@@ -290,6 +291,67 @@ def test_a_command_result_is_returned_for_the_dispatcher(fleet: Fleet) -> None:
     assert fleet.apply(event(result, ts=T0), now=T0) == result
     assert fleet.nodes[NODE].last_seen == T0
     assert fleet.nodes[NODE].units == {}
+
+
+# --- replays of a node's own signed messages -----------------------------------------------------
+
+
+def test_a_replayed_event_does_not_refresh_presence(fleet: Fleet) -> None:
+    result = CommandResult(command_id="c1", key="k1", status="done", detail="restarted")
+    fleet.apply(report(1, ts=T0), now=T0)
+    fleet.apply(event(result, ts=T0 + 1), now=T0 + 1)
+    fleet.apply(event(UnitStarted(unit="web", pid=101, restarts=1), ts=T0 + 2), now=T0 + 2)
+    for now in (T0 + 30, T0 + 31):  # the agent is gone; its old messages come again
+        assert fleet.apply(event(result, ts=T0 + 1), now=now) == result  # the dispatcher ignores a known ack
+        fleet.apply(event(UnitStarted(unit="web", pid=101, restarts=1), ts=T0 + 2), now=now)
+    assert fleet.nodes[NODE].last_seen == T0 + 2
+    fleet.apply(event(ProbeChanged(unit="web", probe=probe_state(True)), ts=T0 + 40), now=T0 + 40)
+    assert fleet.nodes[NODE].last_seen == T0 + 40  # a new one does
+
+
+def test_a_replayed_status_does_not_refresh_presence(fleet: Fleet) -> None:
+    fleet.apply(status(conn=1, ts=T0), now=T0)
+    fleet.apply(status(conn=1, ts=T0), now=T0 + 30)  # a redelivered or replayed birth
+    assert fleet.nodes[NODE].last_seen == T0
+
+
+def test_unit_events_wait_for_a_report_of_their_session(fleet: Fleet) -> None:
+    fleet.apply(status(session=3), now=T0)  # a controller that just started knows nothing of session 3
+    fleet.apply(event(UnitExited(unit="web", pid=100, exit_signal=9), ts=T0 + 5, session=3), now=T0 + 20)
+    assert fleet.unit(NODE, "web").state == "starting"  # type: ignore[union-attr]
+    # The report (sampled after that exit: the unit was restarted since) covers it: the replay is stale.
+    fleet.apply(report(40, session=3, ts=T0 + 19, units=(running(pid=101, restarts=1),)), now=T0 + 21)
+    assert (fleet.unit(NODE, "web").state, fleet.unit(NODE, "web").pid) == ("running", 101)  # type: ignore[union-attr]
+    # After a report, an event older than it is stale.
+    fleet.apply(event(UnitExited(unit="web", pid=100, exit_signal=9), ts=T0 + 5, session=3), now=T0 + 22)
+    assert fleet.unit(NODE, "web").state == "running"  # type: ignore[union-attr]
+
+
+def test_a_held_event_newer_than_the_first_report_applies(fleet: Fleet) -> None:
+    fleet.apply(event(UnitExited(unit="web", pid=100, exit_code=1), ts=T0 + 10), now=T0 + 10)
+    fleet.apply(report(1, ts=T0 + 9, units=(running(pid=100),)), now=T0 + 11)  # sampled before the exit
+    assert fleet.unit(NODE, "web").state == "exited"  # type: ignore[union-attr]
+
+
+def test_held_events_are_bounded(fleet: Fleet) -> None:
+    for i in range(MAX_HELD_EVENTS + 10):
+        fleet.apply(event(ProbeChanged(unit="web", probe=probe_state(True)), ts=T0 + i), now=T0 + i)
+    assert len(fleet.nodes[NODE].held_events) == MAX_HELD_EVENTS
+
+
+def test_a_will_of_an_earlier_connection_is_stale(fleet: Fleet) -> None:
+    fleet.apply(status(conn=2, ts=T0 + 2), now=T0 + 2)
+    fleet.apply(status("offline", conn=1, ts=T0 + 1), now=T0 + 3)  # replayed will of connection 1
+    assert fleet.nodes[NODE].online
+    fleet.apply(status("offline", conn=2, ts=T0 + 2), now=T0 + 4)  # connection 2 ends
+    assert not fleet.nodes[NODE].online
+    fleet.apply(status(conn=2, ts=T0 + 2), now=T0 + 5)  # its birth replayed: that connection is over
+    fleet.apply(status(conn=1, ts=T0 + 1), now=T0 + 5)
+    assert not fleet.nodes[NODE].online
+    fleet.apply(status(conn=3, ts=T0 + 6), now=T0 + 6)  # the next connection
+    assert fleet.nodes[NODE].online
+    fleet.apply(status("offline", conn=2, ts=T0 + 2), now=T0 + 7)  # applied once only
+    assert fleet.nodes[NODE].online
 
 
 # --- bounds -------------------------------------------------------------------------------------
