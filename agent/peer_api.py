@@ -26,6 +26,17 @@ while the transfer is in use: it lapses ``IDLE_TIMEOUT`` seconds after its
 last request and ``TRANSFER_LIFETIME`` after it opened. So a token lives at
 most a minute, yet a repair that takes hours completes.
 
+A token is a bearer secret that travels inside a ``ResyncDataset`` command
+(readable on a broker without ACLs), and ``X-Selfheal-Puller`` is only what
+the client says. So a file token opens **one** transfer, **once**: its MAC is
+remembered as spent until the token expires, and a second open is refused
+(401) — even after the transfer lapsed. The transfer is bound to the client
+address (IP) that opened it: a request from any other address is refused
+(403) and does not keep the transfer alive. Whoever copies a token off the
+broker can at best race the puller to the open — the puller's repair then
+fails and the controller retries with a fresh token; it can never share a
+transfer already open.
+
 Answers come from the latest scan's tree, so a listing is always one
 consistent tree (the root and generation in every answer say which); while
 the latest scan is not ``ok`` (settling, error) the dataset answers 409. A
@@ -39,12 +50,15 @@ token, another puller's, another dataset's, a transfer not open), 403 (a
 good token that does not cover this path or endpoint), 400 (a path that is
 not plain and relative, or leads through a symlink or a non-directory), 404
 (unknown dataset or path), 409 (not servable now), 413 (a transfer request
-body over ``MAX_OPEN_BYTES``). ``GET /healthz`` needs no token.
+body over ``MAX_OPEN_BYTES``). A token already spent on an open is 401; a
+request on an open transfer from another client address is 403.
+``GET /healthz`` needs no token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 from collections import Counter, OrderedDict
@@ -79,8 +93,9 @@ MAX_TRANSFERS = 256
 """Open transfers remembered at once; the least recently used is forgotten first."""
 IDLE_TIMEOUT = MAX_TTL
 """Seconds an open transfer lives after its last request (started or answered)."""
-TRANSFER_LIFETIME = 24 * 3600.0
-"""Seconds an open transfer lives at most, in use or not."""
+TRANSFER_LIFETIME = 6 * 3600.0
+"""Seconds an open transfer lives at most, in use or not: one command's fetches (at most the chunks its
+256 KiB payload can list, ~14 GiB at 4 MiB chunks) at ~1 MB/s; the controller waits far less for the ack."""
 MAX_OPEN_BYTES = 512 * 1024
 """Bytes a ``transfers`` request body may hold (a command lists at most 64 paths of at most 4 KiB)."""
 MAX_OPEN_PATHS = 1024
@@ -116,12 +131,25 @@ class PeerApiContext:
 @dataclass
 class _Transfer:
     grant: TransferGrant
+    client: str
+    """The address (IP) that opened it: the only one it answers."""
     opened: float
     used: float
 
 
+class TransferElsewhere(Exception):
+    """A request on an open transfer from another client address than the one that opened it."""
+
+    def __init__(self, client: str) -> None:
+        self.client = client
+        super().__init__(f"this transfer was opened from another address, not {client}")
+
+
 class OpenTransfers:
-    """The transfers pullers opened with a valid file token: bounded, each lapsing when idle (monotonic time)."""
+    """The transfers pullers opened with a valid file token: bounded, each lapsing when idle (monotonic time),
+    each answering only the address that opened it; and the tokens spent on opens, each remembered until it
+    expires (wall time) so that it never opens a second transfer. The spent set needs no cap of its own:
+    only tokens the node's key signed get there, and none lives longer than ``MAX_TTL``."""
 
     def __init__(self, clock: Clock, *, limit: int = MAX_TRANSFERS, idle: float = IDLE_TIMEOUT,
                  lifetime: float = TRANSFER_LIFETIME) -> None:
@@ -130,29 +158,37 @@ class OpenTransfers:
         self.idle = idle
         self.lifetime = lifetime
         self._open: OrderedDict[str, _Transfer] = OrderedDict()
+        self._spent: dict[str, int] = {}  # token MAC -> the token's expiry (wall seconds)
 
     def __len__(self) -> int:
         return len(self._open)
 
-    def open(self, grant: TransferGrant) -> None:
+    def open(self, grant: TransferGrant, client: str) -> str | None:
+        """Open the transfer ``grant`` allows, for ``client``; or why not (the token already opened one)."""
         now = self.clock.monotonic()
         self._expire(now)
-        known = self._open.get(grant.mac)
-        if known is None:
-            self._open[grant.mac] = _Transfer(grant, now, now)
-        else:
-            known.used = now
-        self._open.move_to_end(grant.mac)
+        wall = self.clock.wall()
+        for mac in [m for m, expires in self._spent.items() if expires + MAX_TTL < wall]:  # a margin for clock steps
+            del self._spent[mac]
+        if grant.mac in self._spent:
+            return "this token already opened a transfer: a token opens one, once"
+        self._spent[grant.mac] = grant.expires_at
+        self._open[grant.mac] = _Transfer(grant, client, now, now)
         while len(self._open) > self.limit:
             self._open.popitem(last=False)
+        return None
 
-    def use(self, mac: str) -> TransferGrant | None:
-        """The open transfer's grant (marked used now), or None: never opened, or lapsed."""
+    def use(self, mac: str, client: str) -> TransferGrant | None:
+        """The open transfer's grant (marked used now), or None: never opened, or lapsed.
+
+        Raises ``TransferElsewhere`` (and leaves the transfer as it was) when ``client`` did not open it."""
         now = self.clock.monotonic()
         self._expire(now)
         known = self._open.get(mac)
         if known is None:
             return None
+        if known.client != client:
+            raise TransferElsewhere(client)
         known.used = now
         self._open.move_to_end(mac)
         return known.grant
@@ -204,7 +240,8 @@ def create_peer_api(ctx: PeerApiContext, *, transfers: OpenTransfers | None = No
             raise _Problem(400, f"{path} has {len(chunks)} chunks; there is no chunk {index}")
         async with chunk_slots:
             data = await asyncio.to_thread(_read_verified, view, snapshot, path, index, chunks[index])
-        opened.use(token_mac(bearer_token(request.headers.get("authorization")) or "") or "")  # answered: in use
+        with contextlib.suppress(TransferElsewhere):  # answered: in use (the address was checked above)
+            opened.use(token_mac(bearer_token(request.headers.get("authorization")) or "") or "", _client(request))
         return Response(data, media_type="application/octet-stream", headers={
             "X-Selfheal-Chunk-Hash": render_digest(snapshot.alg, chunks[index]),
             "X-Selfheal-Root": snapshot.root_digest, "Cache-Control": "no-store"})
@@ -253,9 +290,16 @@ async def _open_transfer(ctx: PeerApiContext, opened: OpenTransfers, request: Re
                                  now=ctx.clock.wall())
     if isinstance(grant, str):
         raise _Problem(401, grant)
-    opened.open(grant)
+    spent = opened.open(grant, _client(request))
+    if spent is not None:
+        raise _Problem(401, spent)
     return JSONResponse({"dataset": name, "puller": puller, "paths": len(grant.paths),
                          "idle_timeout": opened.idle}, status_code=201)
+
+
+def _client(request: Request) -> str:
+    """The address the request came from (no proxy sits in front of the peer API)."""
+    return request.client.host if request.client is not None else ""
 
 
 def _credentials(request: Request) -> tuple[str, str]:
@@ -276,7 +320,10 @@ def _authorised(ctx: PeerApiContext, opened: OpenTransfers, request: Request, *,
     """
     name = request.path_params["name"]
     token, puller = _credentials(request)
-    grant = opened.use(token_mac(token) or "")
+    try:
+        grant = opened.use(token_mac(token) or "", _client(request))
+    except TransferElsewhere as exc:
+        raise _Problem(403, str(exc)) from None
     if grant is not None:  # an open transfer: its token may have expired since, the transfer has not
         if grant.puller != puller:
             raise _Problem(401, f"token is for puller {grant.puller!r}, not {puller!r}")

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -191,7 +192,7 @@ class ResyncPlanner:
         def sign(command: wire.ResyncDataset) -> str:
             return sign_transfer_token(source.key, node=source.node, puller=step.node, dataset=step.dataset,
                                        paths=[f.path for f in command.files if f.action == "fetch"],
-                                       expires_at=self.clock.wall() + TOKEN_TTL)
+                                       expires_at=self.clock.wall() + TOKEN_TTL, nonce=secrets.token_hex(8))
 
         return Prepared(SignedOnAccess(unsigned, sign), localisation, fetch_bytes, unrepairable)
 

@@ -3,12 +3,18 @@
 Pure: roots and listings in, decisions out; the controller does the I/O.
 
 **Authority** (``decide_authority``). A manifest root, recorded when the
-dataset was published, wins when the replicas report one (and only one);
-otherwise a *strict* majority of all replicas holding the dataset must share
-a root; otherwise there is none (1 vs 1, 2 vs 2, every replica settling...)
-and nothing may be repaired — a human decides. Replicas that are settling,
-in error, or hashed with another algorithm are *unknown*: neither a source
-nor a target.
+dataset was published, wins when a *strict* majority of all replicas holding
+the dataset report that same manifest root and no replica reports another;
+a manifest reported by fewer (or manifests that disagree) leaves no authority:
+a manifest is one node's word like its root, so a single compromised node
+reporting one must not make every honest replica "divergent" and resynced
+from its tree. Without any manifest, a *strict* majority of all replicas
+holding the dataset must share a root; otherwise there is none (1 vs 1,
+2 vs 2, every replica settling...) and nothing may be repaired — a human
+decides. Either way the authority is a root most replicas vouch for; which
+replica then serves the data does not matter, since every listing and chunk
+is verified against that root. Replicas that are settling, in error, or
+hashed with another algorithm are *unknown*: neither a source nor a target.
 
 **Localisation** (``localise``). Two trees, the reference (the authority's
 replica) and a divergent replica, are walked level by level: each round
@@ -99,6 +105,11 @@ def decide_authority(replicas: Sequence[ReplicaDigest]) -> Authority:
                          f"the replicas' manifests disagree ({', '.join(manifests)}): a human must decide")
     if manifests:
         root = manifests[0]
+        reporting = sum(1 for r in replicas if r.manifest_root == root)
+        if 2 * reporting <= len(replicas):
+            return Authority("none", None, (), (), not_ok, groups,
+                             f"only {reporting} of {len(replicas)} replicas report the manifest {root}, "
+                             "not a strict majority: a human must decide")
         kind: Literal["manifest", "majority"] = "manifest"
         reason = "the published manifest"
         if root not in by_root:
@@ -297,7 +308,8 @@ def detect_divergence(dataset: str, replicas: Sequence[ReplicaDigest], *,
     groups = [{"root": root, "nodes": list(nodes)} for root, nodes in authority.groups]
     if authority.kind == "none":
         manifests = {r.manifest_root for r in replicas if r.manifest_root}
-        if len(authority.groups) < 2 and len(manifests) < 2:
+        roots = {root for root, _ in authority.groups}
+        if len(roots) < 2 and len(manifests) < 2 and not (roots and manifests - roots):
             return []  # nothing disagrees (e.g. every replica in error): not a divergence
         node = min(r.node for r in replicas)
         return [Finding(

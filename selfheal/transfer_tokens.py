@@ -6,7 +6,7 @@ presents it to the serving agent as ``Authorization: Bearer <token>`` and
 names itself in ``X-Selfheal-Puller``; the serving agent checks it with its
 own command key (``selfheal.keys``). Format, all ASCII::
 
-    sht2.<node>.<puller>.<dataset>.<expires_at>.<hex HMAC-SHA256>
+    sht2.<node>.<puller>.<dataset>.<expires_at>[.<nonce>].<hex HMAC-SHA256>
 
 ``node`` is the *serving* node (whose key signs), ``puller`` the node that
 pulls (or ``controller`` for the controller's walk), ``dataset`` the dataset
@@ -14,8 +14,9 @@ name, ``expires_at`` whole seconds since the epoch (UTC). The MAC covers::
 
     "selfheal-transfer-v2\\n" node "\\n" puller "\\n" dataset "\\n" paths_digest "\\n" expires_at
 
-where ``paths_digest`` is ``paths_digest(paths)``: SHA-256 over the sorted,
-de-duplicated allowed paths, each length-prefixed. The path list is not in
+followed by ``"\\n" nonce`` when the token has one, where ``paths_digest`` is
+``paths_digest(paths)``: SHA-256 over the sorted, de-duplicated allowed
+paths, each length-prefixed. The path list is not in
 the token (a command may list 64 long paths): the puller sends it once, when
 it opens the transfer (``agent.peer_api``), and the serving agent recomputes
 the digest. An empty list means *listings only* (trees and chunk lists, no
@@ -28,7 +29,10 @@ most ``MAX_TTL`` (60 s): an expiry further ahead is refused, so tokens stay
 short-lived even if a controller's clock runs ahead. A transfer that takes
 longer still completes: the token only has to be valid when the puller opens
 the transfer; the serving agent then remembers the opened transfer while it
-is in use (see ``agent.peer_api``).
+is in use (see ``agent.peer_api``). A file token opens one transfer, once, so
+two commands must never carry the same token: the controller gives each file
+token a random ``nonce`` (16 hex digits), else two commands for the same
+puller, dataset and paths signed within one second would be identical.
 
 Pure: no I/O, time comes in as ``now``.
 """
@@ -52,7 +56,8 @@ PULLER_HEADER = "X-Selfheal-Puller"
 """The request header naming the pulling node: the token covers it."""
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _TOKEN = re.compile(r"^sht2\.([a-z0-9][a-z0-9-]{0,62})\.([a-z0-9][a-z0-9-]{0,62})\.([a-z0-9][a-z0-9-]{0,62})"
-                    r"\.([0-9]{1,12})\.([0-9a-f]{64})$")
+                    r"\.([0-9]{1,12})(?:\.([0-9a-f]{16}))?\.([0-9a-f]{64})$")
+_NONCE = re.compile(r"^[0-9a-f]{16}$")
 _DOMAIN = "selfheal-transfer-v2"
 
 
@@ -79,14 +84,18 @@ def paths_digest(paths: Iterable[str]) -> str:
 
 
 def sign_transfer_token(key: bytes, *, node: str, puller: str, dataset: str, paths: Iterable[str],
-                        expires_at: float) -> str:
-    """A token letting ``puller`` read ``paths`` of ``dataset`` on ``node`` until ``expires_at`` (rounded up)."""
+                        expires_at: float, nonce: str | None = None) -> str:
+    """A token letting ``puller`` read ``paths`` of ``dataset`` on ``node`` until ``expires_at`` (rounded up).
+
+    ``nonce`` (16 hex digits, e.g. ``secrets.token_hex(8)``) makes the token unique: file tokens need one."""
     for what, name in (("node", node), ("puller", puller), ("dataset", dataset)):
         if not _NAME.match(name):
             raise ValueError(f"{what} must match [a-z0-9][a-z0-9-]{{0,62}}: {name!r}")
+    if nonce is not None and not _NONCE.match(nonce):
+        raise ValueError("a nonce is 16 lowercase hex digits")
     expiry = math.ceil(expires_at)
-    mac = _mac(key, node, puller, dataset, paths_digest(paths), expiry)
-    return f"{PREFIX}.{node}.{puller}.{dataset}.{expiry}.{mac}"
+    mac = _mac(key, node, puller, dataset, paths_digest(paths), expiry, nonce)
+    return f"{PREFIX}.{node}.{puller}.{dataset}.{expiry}{'.' + nonce if nonce else ''}.{mac}"
 
 
 def check_transfer_token(key: bytes | None, token: str, *, node: str, puller: str, dataset: str,
@@ -104,10 +113,10 @@ def check_transfer_token(key: bytes | None, token: str, *, node: str, puller: st
     match = _TOKEN.match(token)
     if match is None:
         return "not a transfer token"
-    token_node, token_puller, token_dataset, expiry_text, mac = match.groups()
+    token_node, token_puller, token_dataset, expiry_text, nonce, mac = match.groups()
     expiry = int(expiry_text)
     allowed = frozenset(paths)
-    expected = _mac(key, token_node, token_puller, token_dataset, paths_digest(allowed), expiry)
+    expected = _mac(key, token_node, token_puller, token_dataset, paths_digest(allowed), expiry, nonce)
     if not hmac.compare_digest(mac.encode(), expected.encode()):
         return "bad signature (or not signed for these paths)"
     if token_node != node:
@@ -126,7 +135,7 @@ def check_transfer_token(key: bytes | None, token: str, *, node: str, puller: st
 def token_mac(token: str) -> str | None:
     """The MAC part of a well-formed token (the key of the transfer it opened), without checking it."""
     match = _TOKEN.match(token)
-    return match.group(5) if match is not None else None
+    return match.group(6) if match is not None else None
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -140,6 +149,6 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 def _mac(key: bytes, node: str, puller: str, dataset: str, digest: str,  # noqa: PLR0917 - the fields, in order
-         expiry: int) -> str:
-    message = f"{_DOMAIN}\n{node}\n{puller}\n{dataset}\n{digest}\n{expiry}".encode()
+         expiry: int, nonce: str | None = None) -> str:
+    message = f"{_DOMAIN}\n{node}\n{puller}\n{dataset}\n{digest}\n{expiry}{chr(10) + nonce if nonce else ''}".encode()
     return hmac.new(key, message, hashlib.sha256).hexdigest()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -35,6 +35,8 @@ class Peer:
     root: Path
     scanner: DatasetScanner
     published: list[list[DatasetSummary]]
+    transfers: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    """Open transfers by (dataset, path): a token opens one transfer, once; its chunks are read through it."""
 
     def auth(self, dataset: str = "ds", *, node: str = NODE, ttl: float = 30.0, key: bytes = KEY,
              puller: str = "controller", paths: tuple[str, ...] = ()) -> dict[str, str]:
@@ -55,9 +57,13 @@ class Peer:
                   **params: str | int) -> httpx.Response:
         """Listings with a listings token; a chunk through a transfer opened for its path (as a puller does)."""
         if headers is None and endpoint == "chunk":
-            opened, headers = await self.open((str(params.get("path", "")),), dataset=dataset)
-            if opened.status_code != 201:
-                return opened
+            key = (dataset, str(params.get("path", "")))
+            if key not in self.transfers:
+                opened, self.transfers[key] = await self.open((key[1],), dataset=dataset)
+                if opened.status_code != 201:
+                    del self.transfers[key]
+                    return opened
+            headers = self.transfers[key]
         return await self.client.get(f"/datasets/{dataset}/{endpoint}", params=params,
                                      headers=self.auth(dataset) if headers is None else headers)
 

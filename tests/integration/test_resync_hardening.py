@@ -12,6 +12,8 @@ worked before the hardening (``controller.resync``, ``detectors.listings``,
 - a command's mode 0o6755 became a setuid/setgid file;
 - an endless listing or chunk answer was read whole into memory;
 - a token was good for any puller, any path of its dataset, for 15 minutes;
+- a token copied off the broker opened a transfer of its own, or shared the
+  puller's open one from another address, for up to 24 h;
 - peers spoke plain HTTP only.
 """
 
@@ -41,7 +43,7 @@ from agent import resync as agent_resync
 from agent.digests.cache import DigestCache
 from agent.digests.scanner import DatasetScanner
 from agent.http_server import HttpServer, bind_listen
-from agent.peer_api import PeerApiContext, create_peer_api
+from agent.peer_api import TRANSFER_LIFETIME, OpenTransfers, PeerApiContext, create_peer_api
 from agent.resync import DatasetResyncer
 from controller import resync as controller_resync
 from controller.datasets import Localisations
@@ -54,7 +56,7 @@ from selfheal.clocks import ManualClock, SystemClock
 from selfheal.config import DatasetConfig
 from selfheal.errors import ConfigError, PermanentRemediationError, RemediationError
 from selfheal.peer_tls import peer_base_url, peer_ssl_context
-from selfheal.transfer_tokens import PULLER_HEADER, sign_transfer_token
+from selfheal.transfer_tokens import PULLER_HEADER, TransferGrant, sign_transfer_token
 from tests.conftest import eventually
 
 pytestmark = pytest.mark.integration
@@ -518,6 +520,71 @@ async def test_an_open_transfer_outlives_its_token_while_in_use_and_lapses_when_
     lapsed = await api.chunk(mine)
     assert lapsed.status_code == 401
     assert "no open transfer" in lapsed.json()["detail"]
+
+
+@pytest.fixture
+async def elsewhere(fleet2: Fleet2) -> AsyncIterator[httpx.AsyncClient]:
+    """A second client of node-a's peer API from another address (127.0.0.2, on loopback too)."""
+    transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+    async with httpx.AsyncClient(base_url=peer_base_url(fleet2.source.address), transport=transport) as client:
+        yield client
+
+
+async def test_a_token_opens_one_transfer_once(api: Api, elsewhere: httpx.AsyncClient) -> None:
+    """A token seen on the broker (it travels in the ResyncDataset command) cannot open a second transfer."""
+    mine = api.headers(ttl=55)
+    assert (await api.open(mine)).status_code == 201
+    again = await api.open(mine)
+    assert again.status_code == 401, again.text
+    assert "already opened a transfer" in again.json()["detail"]
+    copied = await elsewhere.post("/datasets/ds/transfers", json={"paths": ["a.txt"]}, headers=mine)
+    assert copied.status_code == 401, copied.text
+    api.clock.advance(61 + 1)  # the transfer lapsed (idle): the token stays spent while it could be valid
+    assert (await api.open(mine)).status_code == 401
+    assert (await api.chunk(mine)).status_code == 401
+
+
+async def test_an_open_transfer_answers_only_the_address_that_opened_it(api: Api,
+                                                                       elsewhere: httpx.AsyncClient) -> None:
+    mine = api.headers(ttl=5)
+    assert (await api.open(mine)).status_code == 201
+    stolen = await elsewhere.get("/datasets/ds/chunk", params={"path": "a.txt", "index": "0"}, headers=mine)
+    assert stolen.status_code == 403, stolen.text
+    assert "opened from another address" in stolen.json()["detail"]
+    assert stolen.headers["content-type"] == "application/problem+json"
+    listing = await elsewhere.get("/datasets/ds/file", params={"path": "a.txt"}, headers=mine)
+    assert listing.status_code == 403
+    assert (await api.chunk(mine)).content == b"alpha\n"  # the puller itself is unaffected
+    api.clock.advance(35)  # the other address's requests do not keep the transfer alive
+    assert (await elsewhere.get("/datasets/ds/chunk", params={"path": "a.txt", "index": "0"},
+                                headers=mine)).status_code == 403
+    api.clock.advance(30)
+    assert (await api.chunk(mine)).status_code == 401  # 65 s idle as far as its opener goes: lapsed
+
+
+async def test_a_forwarded_for_header_does_not_move_a_transfer_to_another_address(
+        api: Api, elsewhere: httpx.AsyncClient) -> None:
+    """No proxy sits in front of the peer API: a client on the source's own loopback naming the puller's
+    address in ``X-Forwarded-For`` is still itself."""
+    mine = api.headers(ttl=30)
+    opened = await elsewhere.post("/datasets/ds/transfers", json={"paths": ["a.txt"]}, headers=mine)
+    assert opened.status_code == 201, opened.text
+    spoofed = await api.chunk({**mine, "X-Forwarded-For": "127.0.0.2", "Forwarded": "for=127.0.0.2"})
+    assert spoofed.status_code == 403, spoofed.text
+
+
+def test_an_open_transfer_in_use_lapses_after_its_lifetime() -> None:
+    clock = ManualClock(1_000_000.0)
+    transfers = OpenTransfers(clock)
+    grant = TransferGrant(node="node-a", puller="node-b", dataset="ds", paths=frozenset({"a.txt"}),
+                          expires_at=int(clock.wall()) + 30, mac="m" * 64)
+    assert transfers.open(grant, "127.0.0.1") is None
+    used = 0.0
+    while transfers.use(grant.mac, "127.0.0.1") is not None:  # used every 50 s, never idle
+        clock.advance(50)
+        used += 50
+    assert TRANSFER_LIFETIME - 50 <= used <= TRANSFER_LIFETIME + 50
+    assert TRANSFER_LIFETIME <= 6 * 3600  # was 24 h
 
 
 async def test_a_repair_that_takes_longer_than_a_token_lives_completes(fleet2: Fleet2) -> None:

@@ -57,6 +57,19 @@ def test_a_manifest_decides_even_against_a_majority() -> None:
     assert findings[0].evidence["authority"] == "manifest"
 
 
+def test_one_node_reporting_a_manifest_cannot_make_the_honest_replicas_divergent() -> None:
+    """A compromised node reports its own tree's root as the "published manifest": before, that manifest
+    decided, every honest replica was ``dataset_divergent`` and the built-in rule resynced it from the
+    attacker. Now a manifest needs a strict majority of the replicas behind it: a human is asked."""
+    honest = [ReplicaDigest("node-a", GOOD), ReplicaDigest("node-b", GOOD), ReplicaDigest("node-c", GOOD)]
+    findings = detect_divergence("train", [*honest, ReplicaDigest("node-evil", BAD, manifest_root=BAD)])
+    assert [(f.kind, f.node) for f in findings] == [("dataset_no_authority", "node-a")]
+    assert "not a strict majority" in findings[0].evidence["reason"]
+    # Even agreeing with the honest roots, a lone manifest for a root nobody holds is flagged, not obeyed.
+    findings = detect_divergence("train", [*honest, ReplicaDigest("node-evil", GOOD, manifest_root=BAD)])
+    assert [f.kind for f in findings] == ["dataset_no_authority"]
+
+
 def test_no_finding_is_raised_on_an_offline_node() -> None:
     assert detect_divergence("train", replicas(GOOD, BAD, GOOD), offline=frozenset({"node-b"})) == []
 

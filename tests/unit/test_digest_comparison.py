@@ -48,8 +48,19 @@ def replica(node: str, root: str, state: str = "ok", manifest: str | None = None
                  "none", None, (), (), (), id="three-way"),
     pytest.param([replica("n1", A, manifest=B), replica("n2", A, manifest=B), replica("n3", B, manifest=B)],
                  "manifest", B, ("n3",), ("n1", "n2"), (), id="manifest-beats-majority"),
+    pytest.param([replica("n1", A, manifest=B), replica("n2", C, manifest=B), replica("n3", C)],
+                 "manifest", B, (), ("n1", "n2", "n3"), (), id="manifest-without-a-source"),
     pytest.param([replica("n1", A, manifest=B), replica("n2", C)],
-                 "manifest", B, (), ("n1", "n2"), (), id="manifest-without-a-source"),
+                 "none", None, (), (), (), id="manifest-of-one-of-two-is-not-enough"),
+    # One compromised node reporting a manifest of its own tree is one node's word, whatever it claims:
+    pytest.param([replica("n1", A), replica("n2", A), replica("n3", A), replica("evil", B, manifest=B)],
+                 "none", None, (), (), (), id="a-lone-manifest-does-not-rule-the-honest-replicas"),
+    pytest.param([replica("n1", A, manifest=A), replica("n2", A, manifest=A), replica("evil", B, manifest=B)],
+                 "none", None, (), (), (), id="a-rival-manifest-blocks-but-never-wins"),
+    pytest.param([replica("n1", C, manifest=B), replica("n2", C, manifest=B), replica("n3", B)],
+                 "manifest", B, ("n3",), ("n1", "n2"), (), id="a-majority-of-manifests-decides"),
+    pytest.param([replica("n1", B, manifest=B), replica("n2", C, manifest=B), replica("n3", C), replica("n4", C)],
+                 "none", None, (), (), (), id="half-the-replicas-reporting-a-manifest-is-not-a-majority"),
     pytest.param([replica("n1", A, manifest=A), replica("n2", B, manifest=B)],
                  "none", None, (), (), (), id="manifests-disagree"),
     pytest.param([replica("n1", A), replica("n2", A), replica("n3", "", "settling")],
@@ -73,6 +84,8 @@ def test_no_authority_says_why_and_shows_the_groups() -> None:
     assert "no strict majority among 2 replicas: 1 vs 1" in authority.reason
     assert authority.groups == ((A, ("n1",)), (B, ("n2",)))
     assert "no repair source" in decide_authority([replica("n1", A, manifest=B)]).reason
+    lone = decide_authority([replica("n1", A), replica("n2", A), replica("evil", B, manifest=B)])
+    assert "only 1 of 3 replicas report the manifest" in lone.reason
 
 
 # --- agreement ------------------------------------------------------------------------------------

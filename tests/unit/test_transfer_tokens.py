@@ -46,6 +46,22 @@ def test_a_signed_token_checks_out_and_reads_plainly() -> None:
     assert isinstance(check(value, paths=tuple(reversed(PATHS))), TransferGrant)
 
 
+def test_a_nonce_makes_each_token_unique_and_is_covered_by_the_mac() -> None:
+    """A file token opens one transfer, once: two commands signed in the same second must differ."""
+    first, second = token(nonce="0123456789abcdef"), token(nonce="fedcba9876543210")
+    assert first != second != token()
+    assert first.split(".")[4:6] == [str(int(NOW) + 30), "0123456789abcdef"]
+    grant = check(first)
+    assert isinstance(grant, TransferGrant)
+    assert grant.mac == token_mac(first) == first.rsplit(".", 1)[1] != token_mac(second)
+    swapped = first.replace("0123456789abcdef", "fedcba9876543210")  # another nonce under the same MAC
+    assert check(swapped) == "bad signature (or not signed for these paths)"
+    dropped = first.replace(".0123456789abcdef", "")
+    assert check(dropped) == "bad signature (or not signed for these paths)"
+    with pytest.raises(ValueError, match="16 lowercase hex"):
+        token(nonce="not-hex")
+
+
 def test_the_path_list_digest_is_canonical_and_unambiguous() -> None:
     assert paths_digest(["b", "a", "a"]) == paths_digest(["a", "b"])
     assert paths_digest(["ab"]) != paths_digest(["a", "b"])
