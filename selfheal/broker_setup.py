@@ -229,6 +229,9 @@ def render_conf(directory: Path, *, host: str, port: int, nodes: int, tls: Liste
         "",
         f"# The listener: port {port} on {host}" + (", TLS only." if tls else ", plain TCP (use --tls off loopback)."),
         f"listener {port} {host}",
+        "# The client id is the user name: one node's login cannot take over another node's session",
+        "# (a takeover disconnects the node, which then fences its movable units). A listener setting.",
+        "use_username_as_clientid true",
     ]
     if tls is not None:
         out += ["# The broker's certificate chain and key (clients verify it against the CA).",

@@ -198,7 +198,7 @@ def _cmd_broker_add_node(args: argparse.Namespace) -> int:
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from controller.audit import verify_database  # noqa: PLC0415
 
-    path = args.db or Path(load_config(args.config).controller.state_dir) / "selfheal.sqlite3"
+    path = args.db or Path(load_config(args.config, role="client").controller.state_dir) / "selfheal.sqlite3"
     if not path.exists():
         print(f"selfheal: no controller database at {path}", file=sys.stderr)
         return EXIT_FAILURE

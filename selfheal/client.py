@@ -24,12 +24,13 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from selfheal.config import load_config
 from selfheal.errors import EXIT_FAILURE, EXIT_OK
+
+if TYPE_CHECKING:
+    import httpx
 
 EXIT_UNREACHABLE = 3
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
@@ -86,7 +87,7 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace, *, auth: bool = False) -> httpx.Client:
-    config = load_config(args.config) if args.config else None
+    config = load_config(args.config, role="client") if args.config else None
     url = args.url
     if url is None:
         listen = config.controller.listen if config else "127.0.0.1:8080"
@@ -105,6 +106,8 @@ def _client(args: argparse.Namespace, *, auth: bool = False) -> httpx.Client:
                  or os.environ.get("SELFHEAL_API_TOKEN", "") or _read_token(token_file, quiet=True))
     if token:
         headers["Authorization"] = f"Bearer {token}"
+    import httpx  # noqa: PLC0415 - `selfheal agent` (this module's importer, the CLI) never loads it
+
     return httpx.Client(base_url=url.rstrip("/"), timeout=args.timeout, headers=headers)
 
 
@@ -120,13 +123,19 @@ def _read_token(path: Path | None, *, quiet: bool) -> str:
         return ""
 
 
+def _http_error() -> type[Exception]:
+    import httpx  # noqa: PLC0415 - loaded by _client already
+
+    return httpx.HTTPError
+
+
 def _call(args: argparse.Namespace, method: str, path: str, *, auth: bool = False,
           body: dict[str, Any] | None = None) -> tuple[int, Any]:
     """(exit code, decoded body); problems are printed for the user."""
     with _client(args, auth=auth) as client:
         try:
             response = client.request(method, path, json=body)
-        except httpx.HTTPError as exc:
+        except _http_error() as exc:
             if not getattr(args, "json", False):
                 print(f"selfheal: cannot reach the controller at {client.base_url}: {exc}", file=sys.stderr)
             return EXIT_UNREACHABLE, {"url": str(client.base_url), "error": str(exc)}

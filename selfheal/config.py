@@ -392,8 +392,11 @@ class Config(_Section, frozen=True, kw_only=True):
 
 
 def load_config(path: Path | str | None = None, *, env: Mapping[str, str] | None = None,
-                role: Literal["agent", "controller", "any"] = "any") -> Config:
-    """Read, merge and validate a config; raises ``ConfigError`` naming the key path."""
+                role: Literal["agent", "controller", "any", "client"] = "any") -> Config:
+    """Read, merge and validate a config; raises ``ConfigError`` naming the key path.
+
+    ``role="client"``: for commands that only read addresses from it (``selfheal status``...): the files
+    the daemons need (broker password, TLS keys) are not opened."""
     source = str(path) if path is not None else "<defaults>"
     raw: dict[str, Any] = {}
     if path is not None:

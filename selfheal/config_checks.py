@@ -32,7 +32,7 @@ def split_host_port(value: str, *, what: str) -> tuple[str, int]:
 def check_config(config: Config, source: str, role: str) -> None:
     """Every rule of ``config`` that its types cannot express; ``ConfigError`` names the key path."""
     _check_core(config, source, role)
-    _check_identities(config, source)
+    _check_identities(config, source, files=role != "client")
     _check_notify(config.controller.notify, source)
     _check_promql(config.controller, source)
 
@@ -323,7 +323,7 @@ def _check_promql(controller: ControllerConfig, source: str) -> None:
         fail("must be >= 1", "controller.alerts.max_alerts")
 
 
-def _check_identities(config: Config, source: str) -> None:
+def _check_identities(config: Config, source: str, *, files: bool = True) -> None:
     """Broker credentials and TLS files: pairs that go together, schemes that allow them."""
     def fail(message: str, path: str) -> None:
         raise ConfigError(message, source=source, path=path)
@@ -341,16 +341,24 @@ def _check_identities(config: Config, source: str) -> None:
     if mqtt.embedded_password_file and mqtt.url != "embedded":
         fail("only for url = \"embedded\"", "mqtt.embedded_password_file")
     # The files themselves, so a daemon fails at start (exit 78) naming the key, not at its first connect.
-    # Messages name paths and reasons, never a file's content.
+    # Messages name paths and reasons, never a file's content. A client command (``selfheal status``) only
+    # reads the API address: an operator who may not read the daemon's secrets can still use it.
+    agent = config.agent
+    if bool(agent.tls_cert) != bool(agent.tls_key):
+        fail("tls_cert and tls_key go together", "agent.tls_cert" if agent.tls_key else "agent.tls_key")
+    if files:
+        _check_identity_files(config, fail)
+
+
+def _check_identity_files(config: Config, fail: Callable[[str, str], None]) -> None:
+    """The files the daemon will open: readable, non-empty, in the expected format."""
+    mqtt = config.mqtt
     if mqtt.username and mqtt.password_file:
         _check_secret_file(mqtt.password_file, "mqtt.password_file", fail)
     if mqtt.embedded_password_file and mqtt.url == "embedded":
         _check_password_file(mqtt.embedded_password_file, "mqtt.embedded_password_file", fail)
     if mqtt.tls:
         _check_tls_files(mqtt.tls_ca, mqtt.tls_cert, mqtt.tls_key, "mqtt", fail)
-    agent = config.agent
-    if bool(agent.tls_cert) != bool(agent.tls_key):
-        fail("tls_cert and tls_key go together", "agent.tls_cert" if agent.tls_key else "agent.tls_key")
 
 
 def _check_secret_file(path: str, key: str, fail: Callable[[str, str], None]) -> None:

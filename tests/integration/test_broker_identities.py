@@ -161,7 +161,8 @@ async def test_anonymous_and_wrong_passwords_are_refused(plain: Setup) -> None:
 async def test_a_node_cannot_publish_another_nodes_topics(plain: Setup) -> None:
     channels: tuple[wire.NodeChannel, ...] = ("status", "report", "digests", "events")
     filters = [f"{wire.PREFIX}/p/+/nodes/+/{c}" for c in channels]
-    async with listening(plain.client("controller"), filters) as controller, \
+    real = plain.client("controller")  # one connection per user: the broker's client id is the user name
+    async with listening(real, filters) as controller, \
             listening(plain.client("node-b"), [wire.CONTROLLER_STATUS_TOPIC,
                                                wire.node_topic("node-b", "commands")]) as node_b:
         async with plain.client("node-a") as attacker:
@@ -174,9 +175,8 @@ async def test_a_node_cannot_publish_another_nodes_topics(plain: Setup) -> None:
             # Same connection, QoS 1, so once these arrive everything before them was dealt with.
             for channel in channels:
                 await attacker.publish(wire.node_topic("node-a", channel), b"own", qos=1)
-        async with plain.client("controller") as real:
-            await real.publish(wire.node_topic("node-b", "commands"), b"real", qos=1)
-            await real.publish(wire.CONTROLLER_STATUS_TOPIC, b"real", qos=1, retain=True)
+        await real.publish(wire.node_topic("node-b", "commands"), b"real", qos=1)
+        await real.publish(wire.CONTROLLER_STATUS_TOPIC, b"real", qos=1, retain=True)
 
         await eventually(lambda: len(controller.messages) >= 4, what="node-a's own messages")
         await eventually(lambda: len(node_b.messages) >= 2, what="the controller's messages")
@@ -190,6 +190,26 @@ async def test_a_node_cannot_publish_another_nodes_topics(plain: Setup) -> None:
         await eventually(lambda: bool(late_b.messages), what="retained controller status")
         assert late_b.messages == [(wire.CONTROLLER_STATUS_TOPIC, b"real")]
         assert late.messages == []
+
+
+async def test_a_node_cannot_take_over_another_nodes_session(plain: Setup) -> None:
+    """A takeover by client id would disconnect node-a (which then fences its movable units): the broker
+    uses the user name as the client id, so node-b's login claiming node-a's client id stays node-b."""
+    victim = aiomqtt.Client(plain.broker.host, plain.broker.port, identifier="selfheal-agent-node-a",
+                            username="node-a", password=plain.password("node-a"), timeout=5,
+                            protocol=aiomqtt.ProtocolVersion.V311)
+    own = wire.node_topic("node-a", "commands")
+    async with listening(victim, [own]) as node_a:
+        thief = aiomqtt.Client(plain.broker.host, plain.broker.port, identifier="selfheal-agent-node-a",
+                               username="node-b", password=plain.password("node-b"), timeout=5,
+                               protocol=aiomqtt.ProtocolVersion.V311)
+        async with thief:
+            pass
+        async with plain.client("controller") as controller:
+            await controller.publish(own, b"still here", qos=1)
+        await eventually(lambda: bool(node_a.messages), what="node-a still connected and subscribed")
+        assert node_a.task is not None
+        assert not node_a.task.done(), "node-a's connection was taken over"
 
 
 async def test_a_node_cannot_read_another_nodes_commands(plain: Setup) -> None:

@@ -183,7 +183,7 @@ def test_controller_notify_lifecycle(tmp_path: Path, own_mosquitto: Broker, rece
         done = receiver.wait_for(is_ready, after=receiver.wait_for(lambda m: m.get("RELOADING") == "1", after=mark),
                                  what="READY=1 after reload")
         status = receiver.messages[done].get("STATUS")
-        assert "applied controller.rulebooks, controller.notify" in status, status
+        assert "applied controller.rulebooks, node keys, controller.notify" in status, status
         assert "restart needed for controller.listen" in status, status
         assert "hook" not in status  # a webhook URL is a secret
         log = (tmp_path / "controller.log").read_text()

@@ -116,3 +116,11 @@ def test_config_check_reports_the_key(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["config", "check", str(path)]) == EXIT_OK
     out = capsys.readouterr()
     assert SECRET not in out.out + out.err
+
+
+def test_a_client_command_does_not_open_the_daemons_secrets(tmp_path: Path) -> None:
+    """``selfheal status --config`` needs the API address only: an operator who may not read the
+    broker password (0600, the daemon's) can still use the config; the daemon itself cannot start."""
+    path = mqtt(tmp_path, f'username = "node-a"\npassword_file = "{tmp_path / "missing.password"}"\n')
+    assert load_config(path, role="client").mqtt.username == "node-a"
+    assert error(path).path == "mqtt.password_file"
