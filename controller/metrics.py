@@ -22,6 +22,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from selfheal.inbox import LABELS as INBOX_LABELS
+from selfheal.inbox import InboxStats
+
 MAX_DATASET_SERIES = 200
 """Datasets exported per dataset gauge (one agent holds at most 200)."""
 
@@ -100,8 +103,8 @@ class ControllerMetrics:
             "selfheal_report_history_bytes", "Report history kept for detectors, every node's together "
             "(each node at most controller.node_state_bytes)", read))
 
-    def add_inbox_collector(self, read: Callable[[], tuple[int, int, int]]) -> None:
-        """``read`` returns the MQTT inbox's (messages dropped, bytes dropped, bytes queued now)."""
+    def add_inbox_collector(self, read: Callable[[], InboxStats]) -> None:
+        """``read`` returns the MQTT inbox's counts (``selfheal.inbox.InboxStats``)."""
         self.registry.register(_InboxCollector(read))
 
     def add_dataset_collector(self, read: Callable[[], list[dict[str, Any]]]) -> None:
@@ -122,17 +125,24 @@ class _GaugeCollector(Collector):
 
 
 class _InboxCollector(Collector):
-    def __init__(self, read: Callable[[], tuple[int, int, int]]) -> None:
+    def __init__(self, read: Callable[[], InboxStats]) -> None:
         self._read = read
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        dropped, dropped_bytes, queued = self._read()
-        yield CounterMetricFamily("selfheal_mqtt_inbox_dropped", "Incoming MQTT messages dropped on arrival "
-                                  "because the inbox was full (a flood faster than ingest)", value=dropped)
+        stats = self._read()
+        dropped = CounterMetricFamily(
+            "selfheal_mqtt_inbox_dropped", "Incoming MQTT messages that never reached ingest, by channel and "
+            "reason: a report superseded by its node's newer one or shed over the report budget, any "
+            "message beyond the inbox's hard cap (full) or its node's share (node_full)", labels=["channel", "reason"])
+        for channel, reason in INBOX_LABELS:
+            dropped.add_metric([channel, reason], stats.by_reason.get((channel, reason), 0))
+        yield dropped
         yield CounterMetricFamily("selfheal_mqtt_inbox_dropped_bytes", "Payload bytes of those messages",
-                                  value=dropped_bytes)
+                                  value=stats.dropped_bytes)
         yield GaugeMetricFamily("selfheal_mqtt_inbox_bytes", "Incoming MQTT payload bytes waiting to be ingested",
-                                value=queued)
+                                value=stats.queued_bytes)
+        yield GaugeMetricFamily("selfheal_mqtt_inbox_messages", "Incoming MQTT messages waiting to be ingested",
+                                value=stats.queued_messages)
 
 
 class _StatsCollector(Collector):

@@ -237,8 +237,11 @@ async def test_a_flood_of_junk_leaves_rss_within_the_bound(tmp_path: Path, broke
             flood = NODES + NODES * REPORTS + DIGESTS
             rejected = {dict(labels)["reason"]: v for (name, labels), v in metrics.items()
                         if name == "selfheal_messages_rejected_total"}
+            # Junk on a report topic may be superseded in the inbox by the next message on it, never read.
+            superseded = sum(v for (name, labels), v in metrics.items()
+                             if name == "selfheal_mqtt_inbox_dropped_total" and dict(labels)["reason"] == "superseded")
             for reason, count in junk.items():
-                assert rejected.get(reason, 0) >= count, (reason, rejected)
+                assert rejected.get(reason, 0) + superseded >= count, (reason, rejected, superseded)
             datasets = [labels for (name, labels), _ in metrics.items() if name == "selfheal_dataset_agreement_ratio"]
             assert len(datasets) <= 200
             # Label values come from fixed sets, never from the flood: only dataset names (bounded) carry its names.

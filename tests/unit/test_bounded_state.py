@@ -360,12 +360,13 @@ def _text(metrics: ControllerMetrics) -> str:
 
 
 def _message(size: int) -> aiomqtt.Message:
-    return aiomqtt.Message("selfheal/v1/p/1/nodes/n/report", b"x" * size, 1, False, 1, None)
+    return aiomqtt.Message("selfheal/v1/p/1/nodes/n/events", b"x" * size, 1, False, 1, None)  # reports: test_inbox.py
 
 
 async def test_the_inbox_drops_what_arrives_beyond_its_byte_budget_and_counts_it() -> None:
     stats = InboxStats()
-    inbox = inbox_type(stats, max_bytes=10 * (1000 + OVERHEAD + 30))(maxsize=0)
+    budget = 10 * (1000 + OVERHEAD + 30)
+    inbox = inbox_type(stats, max_bytes=budget, hard_max_bytes=budget)(maxsize=0)
     for _ in range(25):
         inbox.put_nowait(_message(1000))  # aiomqtt's on_message: never raises, so it logs nothing per drop
     assert inbox.qsize() == 10
