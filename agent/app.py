@@ -10,13 +10,16 @@ without a key it goes out unsigned, and a controller with keys drops it. The
 parts:
 
 - the MQTT link (``selfheal.mqtt.MqttLink``) with a retained ``offline`` last
-  will; on every connect it subscribes to its ``commands`` topic and the
-  controller's status, and publishes its retained ``online`` birth, again
+  will built per connection: each (re)connect gets the next connection number
+  (``NodeStatus.conn``), shared by its will and its ``online`` birth, so a
+  replayed will of an earlier connection cannot close the current one; on
+  every connect it subscribes to its ``commands`` topic and the controller's
+  status, and publishes its retained ``online`` birth, the same bytes again
   whenever a (new) controller comes online;
 - the supervisor (units, their watchers and probes);
 - the digester (``agent.digests``): a Merkle tree per dataset, scanned on
   schedule in a thread, its roots published retained on ``digests``;
-- the HTTP server on ``agent.listen`` (``agent.peer_api``): dataset trees,
+- the HTTP server on ``agent.listen`` (``agent.peer_api``; ``/healthz`` only without datasets): dataset trees,
   chunk lists and chunks for the controller and peers, behind transfer
   tokens; its address goes out in every status message;
 - the reporter: one ``Report`` per ``agent.interval`` while connected;
@@ -50,10 +53,9 @@ from agent.digests.cache import DigestCache
 from agent.digests.scanner import DatasetScanner
 from agent.executor import CommandExecutor
 from agent.fencing import Contact, fence_after, run_fencing
-from agent.http_server import HttpServer, bind_listen
+from agent.http_server import bind_listen, peer_server
 from agent.ledger import Ledger
 from agent.lifecycle import agent_service
-from agent.peer_api import PeerApiContext, create_peer_api
 from agent.resync import DatasetResyncer
 from agent.supervisor import DEFAULT_KINDS, Supervisor
 from agent.units.base import UnitContext, UnitFactory
@@ -130,6 +132,10 @@ class AgentApp:
         self.node_id = agent.node_id
         self.state_dir = Path(agent.state_dir)
         self.session = session
+        self.conn = 0
+        """The broker connection within this session, counted at each (re)connect (``NodeStatus.conn``)."""
+        self._birth = b""
+        """The current connection's signed ``online`` status (``_next_connection``)."""
         self.clock = clock
         self.ledger = ledger
         self.key = key
@@ -145,8 +151,7 @@ class AgentApp:
                        for channel in ("status", "report", "digests", "events", "commands")}
         self.link = MqttLink.from_config(
             config.mqtt, client_id=f"selfheal-agent-{self.node_id}",
-            will=Outgoing(self.topics["status"], self._payload("status", self._status("offline")), qos=1,
-                          retain=True),
+            will=self._next_connection,
             name="agent.mqtt",
         )
         ctx = UnitContext(node_id=self.node_id, state_dir=self.state_dir, emit=self.emit, clock=clock)
@@ -164,9 +169,9 @@ class AgentApp:
         self.executor = CommandExecutor(node_id=self.node_id, key=key, ledger=ledger,
                                         units=self.supervisor, clock=clock, limiter=self.limiter,
                                         datasets=self.resyncer)
-        self.http = HttpServer(create_peer_api(PeerApiContext(
-            node_id=self.node_id, key=key, datasets=self.digests.view, cache=cache, clock=clock)), http_socket,
-            tls_cert=agent.tls_cert, tls_key=agent.tls_key)
+        self.http = peer_server(http_socket, node_id=self.node_id, key=key, datasets=self.digests.view, cache=cache,
+                                clock=clock, serves_datasets=bool(agent.datasets), tls_cert=agent.tls_cert,
+                                tls_key=agent.tls_key)
         self._commands: asyncio.Queue[Command | None] = asyncio.Queue(maxsize=COMMAND_QUEUE)
         self._controller_session: str | None = None
         self._host: HostMetrics | None = None
@@ -293,15 +298,25 @@ class AgentApp:
         if summaries := self.digests.summaries():  # a broker restarted without persistence forgot them
             self._publish_digests(summaries)
 
+    def _next_connection(self) -> Outgoing:
+        """Before each (re)connect: count the connection, sign its ``online`` birth and return its ``offline``
+        last will, both carrying its number (a will replayed from an earlier connection is then stale)."""
+        self.conn += 1
+        self._birth = self._payload("status", self._status("online"))
+        return Outgoing(self.topics["status"], self._payload("status", self._status("offline")), qos=1, retain=True)
+
     def _announce(self) -> None:
-        self.link.publish(self.topics["status"], self._payload("status", self._status("online")), qos=1, retain=True)
+        """The current connection's birth, the same bytes again when a (new) controller comes online."""
+        if not self._birth:
+            self._birth = self._payload("status", self._status("online"))
+        self.link.publish(self.topics["status"], self._birth, qos=1, retain=True)
 
     def _status(self, state: Literal["online", "offline"]) -> NodeStatus:
         return NodeStatus(node=self.node_id, state=state,
                           session=self.session, version=__version__,
                           units=[unit.name for unit in self.config.agent.units],
                           labels=dict(self.config.agent.labels), http=self.http_address,
-                          ts=self.clock.wall())
+                          ts=self.clock.wall(), conn=self.conn)
 
     def _payload(self, channel: NodeChannel, message: SignedNodeMessage) -> bytes:
         """The bytes to publish: signed with the node's key (the controller drops unsigned traffic once it
@@ -371,11 +386,12 @@ class AgentApp:
 
     async def _build_report(self) -> Report:
         self._host = host = await asyncio.to_thread(collect_host, self._host)
+        ts = self.clock.wall()  # before the units are read: every event older than the report is in it
         units = self.supervisor.reports()
         samples = await asyncio.to_thread(
             self.sampler.collect_many, [unit.pid for unit in units if unit.pid is not None])
         self.seq += 1
-        return Report(node=self.node_id, session=self.session, seq=self.seq, ts=self.clock.wall(),
+        return Report(node=self.node_id, session=self.session, seq=self.seq, ts=ts,
                       host=host, units=[fit_unit(_with_sample(unit, samples)) for unit in units])
 
 

@@ -8,11 +8,16 @@ CPU percentages are deltas between calls (``interval=None``), which is why
 ``ProcessSampler`` keeps one ``psutil.Process`` per pid across calls: a fresh
 object would always answer 0.0. The cache is bounded and forgets pids that
 were not asked about in the latest round.
+
+The mounted partitions are listed again at most every ``MOUNTS_TTL`` seconds
+(their usage is read every time): at a 1 s interval, parsing the mount table
+each round was a fifth of a host sample, and mounts rarely change.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -24,6 +29,26 @@ from selfheal.wire import DiskUsage, HostMetrics
 # Read-only images whose "usage" is always 100% and says nothing about free space.
 # (overlay stays: it is the root filesystem inside a container.)
 _SKIP_FSTYPES = frozenset({"squashfs", "iso9660"})
+MOUNTS_TTL = 60.0
+"""Seconds a listing of the mounted partitions is reused; a new or removed mount shows within this."""
+
+
+class _Mounts:
+    """The mount points ``collect_disks`` reads, listed again once ``MOUNTS_TTL`` has passed."""
+
+    def __init__(self) -> None:
+        self._listed_at: float | None = None
+        self._mounts: list[str] = []
+
+    def get(self, now: float) -> list[str]:
+        if self._listed_at is None or now - self._listed_at >= MOUNTS_TTL or now < self._listed_at:
+            partitions = psutil.disk_partitions(all=False)  # OSError: the caller reports no disks this round
+            self._mounts = list(dict.fromkeys(p.mountpoint for p in partitions if p.fstype not in _SKIP_FSTYPES))
+            self._listed_at = now
+        return self._mounts
+
+
+_MOUNTS = _Mounts()
 
 
 def collect_host(prev: HostMetrics | None = None) -> HostMetrics:
@@ -52,23 +77,21 @@ def collect_host(prev: HostMetrics | None = None) -> HostMetrics:
     )
 
 
-def collect_disks() -> list[DiskUsage]:
-    """Usage of each real mounted partition (one entry per mount point); unreadable mounts are skipped."""
+def collect_disks(now: float | None = None) -> list[DiskUsage]:
+    """Usage of each real mounted partition (one entry per mount point); unreadable mounts are skipped.
+
+    ``now``: monotonic seconds, for the reuse of the mount listing (default: the clock)."""
     disks: list[DiskUsage] = []
-    seen: set[str] = set()
     try:
-        partitions = psutil.disk_partitions(all=False)
+        mounts = _MOUNTS.get(time.monotonic() if now is None else now)
     except OSError:
         return disks
-    for part in partitions:
-        if part.mountpoint in seen or part.fstype in _SKIP_FSTYPES:
-            continue
-        seen.add(part.mountpoint)
+    for mount in mounts:
         try:
-            usage = psutil.disk_usage(part.mountpoint)
+            usage = psutil.disk_usage(mount)
         except OSError:
             continue
-        disks.append(DiskUsage(mount=part.mountpoint, total_bytes=int(usage.total),
+        disks.append(DiskUsage(mount=mount, total_bytes=int(usage.total),
                                used_bytes=int(usage.used), percent=float(usage.percent)))
     return disks
 

@@ -20,6 +20,13 @@ An ``exec`` check runs with the agent's environment minus its secrets
 ``CREDENTIALS_DIRECTORY``, no ``NOTIFY_SOCKET``) and, for a unit with a
 ``user``, as that user: a script the workload can write must not run with the
 agent's rights.
+
+An ``http`` check of a plain ``http://`` URL is one short HTTP/1.1 GET on its
+own connection (``Connection: close``, like Kubernetes' probes), read up to
+its status line, headers and a small body: httpx (a connection pool, an SSL
+context with the CA bundle, h11 and anyio, ~6 MiB resident) loads only for an
+``https://`` target or a URL the short path does not take (user info,
+non-ASCII).
 """
 
 from __future__ import annotations
@@ -28,10 +35,11 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack, suppress
-
-import httpx
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from agent.workload import Account, resolve_user, switch_args, unit_environment
 from selfheal.clocks import Clock
@@ -40,6 +48,14 @@ from selfheal.config_checks import split_host_port
 from selfheal.errors import SelfhealError
 from selfheal.logs import get_logger
 from selfheal.wire import EventBody, ProbeChanged, ProbeState
+
+if TYPE_CHECKING:
+    import httpx
+
+MAX_HEAD = 64 * 1024
+"""Bytes of status line and headers a plain HTTP check reads at most."""
+MAX_DRAINED = 64 * 1024
+"""A body up to this size (by ``Content-Length``) is read before closing; a longer one is not waited for."""
 
 FAST_CADENCE = 0.2
 """Seconds between probes right after a (re)start, until the first verdict."""
@@ -128,7 +144,9 @@ class ProbeRunner:
         fast = min(self.config.interval, FAST_CADENCE)
         async with AsyncExitStack() as stack:
             client = None
-            if self.config.kind == "http":
+            if self.config.kind == "http" and _plain_http(str(self.config.target)) is None:
+                import httpx  # noqa: PLC0415 - only an https (or unusual) target needs it
+
                 # trust_env=False: a proxy from the environment must not sit between us and a local unit.
                 client = await stack.enter_async_context(
                     httpx.AsyncClient(trust_env=False, follow_redirects=False))
@@ -172,14 +190,18 @@ class ProbeRunner:
                 ok, error = await self._check(client)
         except TimeoutError:
             ok, error = False, f"timeout after {self.config.timeout}s"
-        except (OSError, ValueError, httpx.HTTPError, httpx.InvalidURL, SelfhealError) as exc:
+        except _check_errors() as exc:
             ok, error = False, f"{type(exc).__name__}: {exc}".rstrip(": ")
         return ok, error, loop.time() - began
 
     async def _check(self, client: httpx.AsyncClient | None) -> tuple[bool, str]:
         target = self.config.target
         if self.config.kind == "http":
+            if (plain := _plain_http(str(target))) is not None:
+                return await _check_plain_http(*plain)
             if client is None:
+                import httpx  # noqa: PLC0415
+
                 async with httpx.AsyncClient(trust_env=False) as own:
                     return await _check_http(own, str(target))
             return await _check_http(client, str(target))
@@ -195,6 +217,78 @@ async def _check_http(client: httpx.AsyncClient, url: str) -> tuple[bool, str]:
     if response.status_code < 400:
         return True, ""
     return False, f"HTTP {response.status_code}"
+
+
+def _check_errors() -> tuple[type[Exception], ...]:
+    """What a failed check raises: httpx's errors too once it is loaded (an https target)."""
+    httpx: Any = sys.modules.get("httpx")
+    base: tuple[type[Exception], ...] = (OSError, ValueError, SelfhealError)
+    return base if httpx is None else (*base, httpx.HTTPError, httpx.InvalidURL)
+
+
+def _plain_http(url: str) -> tuple[str, int, str, str] | None:
+    """(host, port, Host header, request target) of a plain ``http://`` URL the short path takes, else None."""
+    if not url.isascii() or any(c in url for c in " \r\n\t"):
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme.lower() != "http" or not parts.hostname or "@" in parts.netloc:
+        return None
+    host = parts.hostname
+    header = f"[{host}]" if ":" in host else host
+    if port is not None:
+        header = f"{header}:{port}"
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return host, port if port is not None else 80, header, path
+
+
+class ConnectError(OSError):
+    """No connection to an http target (named like httpx's, so the probe's ``last_error`` reads the same)."""
+
+
+async def _check_plain_http(host: str, port: int, header: str, path: str) -> tuple[bool, str]:
+    try:
+        reader, writer = await asyncio.open_connection(host, port, limit=MAX_HEAD)
+    except OSError as exc:
+        raise ConnectError(str(exc) or type(exc).__name__) from exc
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {header}\r\nAccept: */*\r\nUser-Agent: selfheal-probe\r\n"
+                     f"Connection: close\r\n\r\n".encode("ascii"))
+        await writer.drain()
+        while True:
+            status = await reader.readline()
+            version, _, rest = status.partition(b" ")
+            code = rest[:3]
+            if not version.startswith(b"HTTP/") or not code.isdigit():
+                raise ConnectionError(f"not an HTTP response: {status[:80]!r}")
+            length = await _skip_headers(reader)
+            if not 100 <= int(code) < 200:
+                break
+        if 0 < length <= MAX_DRAINED:
+            await reader.readexactly(length)
+    finally:
+        writer.close()
+        with suppress(OSError):
+            await writer.wait_closed()
+    if int(code) < 400:
+        return True, ""
+    return False, f"HTTP {int(code)}"
+
+
+async def _skip_headers(reader: asyncio.StreamReader) -> int:
+    """Read the headers up to the blank line; the ``Content-Length`` (0 when absent or unreadable)."""
+    length, read = 0, 0
+    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+        read += len(line)
+        if read > MAX_HEAD:
+            raise ConnectionError("response headers too long")
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            length = int(value.strip())
+    return length
 
 
 async def _check_tcp(target: str) -> tuple[bool, str]:

@@ -62,10 +62,8 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
-
-import httpx
 
 from agent.digests.hashing import Algorithm, algorithm_named, hash_chunk, parse_digest
 from agent.digests.reading import (
@@ -82,6 +80,9 @@ from selfheal.clocks import Clock
 from selfheal.logs import get_logger
 from selfheal.transfer_tokens import PULLER_HEADER
 from selfheal.wire import ResyncDataset, ResyncFile
+
+if TYPE_CHECKING:
+    import httpx
 
 Status = Literal["done", "failed"]
 TEMP_SUFFIX = RESYNC_TEMP_SUFFIX
@@ -129,6 +130,8 @@ class DatasetResyncer:
         self.log = get_logger("agent.resync", node=node_id)
 
     async def resync(self, step: ResyncDataset) -> tuple[Status, str]:
+        import httpx  # noqa: PLC0415 - a node that never repairs a dataset does not load it
+
         view = self.scanner.view(step.dataset)
         if view is None:
             return "failed", f"no dataset {step.dataset!r} on this node"
@@ -158,6 +161,8 @@ class DatasetResyncer:
                         f"reused {tally.reused_bytes} local bytes; the new root {verdict}")
 
     async def _repair(self, step: ResyncDataset, root: str, tally: _Tally) -> None:
+        import httpx  # noqa: PLC0415
+
         if urlsplit(step.source_url).scheme not in ("http", "https"):
             raise ResyncRefused(f"the source {step.source_url[:100]!r} is not an http:// or https:// address")
         async with httpx.AsyncClient(base_url=step.source_url, timeout=self.request_timeout,

@@ -30,18 +30,35 @@ import msgspec
 from agent.probes import ProbeRunner
 from agent.progress import ProgressTracker, ProgressWatcher, progress_path
 from agent.units.base import Unit, UnitContext, UnitFactory
-from agent.units.docker import DockerUnit
 from agent.units.process import ProcessUnit
 from agent.units.schedule import ScheduledUnit
-from agent.units.spark import SparkUnit
-from agent.units.systemd import SystemdUnit
 from selfheal.config import ProbeConfig, UnitConfig
 from selfheal.errors import UnitError
 from selfheal.logs import get_logger
 from selfheal.wire import ProbeState, UnitReport
 
-DEFAULT_KINDS: Mapping[str, UnitFactory] = {"process": ProcessUnit, "spark": SparkUnit, "docker": DockerUnit,
-                                             "systemd": SystemdUnit}
+
+def _spark(config: UnitConfig, ctx: UnitContext) -> Unit:
+    from agent.units.spark import SparkUnit  # noqa: PLC0415 - loaded only on a node with a spark unit
+
+    return SparkUnit(config, ctx)
+
+
+def _docker(config: UnitConfig, ctx: UnitContext) -> Unit:
+    from agent.units.docker import DockerUnit  # noqa: PLC0415 - loaded only on a node with a docker unit
+
+    return DockerUnit(config, ctx)
+
+
+def _systemd(config: UnitConfig, ctx: UnitContext) -> Unit:
+    from agent.units.systemd import SystemdUnit  # noqa: PLC0415 - loaded only on a node with a systemd unit
+
+    return SystemdUnit(config, ctx)
+
+
+DEFAULT_KINDS: Mapping[str, UnitFactory] = {"process": ProcessUnit, "spark": _spark, "docker": _docker,
+                                             "systemd": _systemd}
+"""Each kind's module loads when a unit of that kind is built (spark brings httpx, docker its executor)."""
 OUTLIVE_AGENT = frozenset({"docker", "systemd"})
 """Kinds whose units another manager runs (the container engine, systemd): the agent's own shutdown leaves
 them running — an agent upgrade or a watchdog restart must not take the services down with it."""

@@ -44,9 +44,8 @@ import subprocess
 import sys
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import msgspec
 
 from agent.units.base import UnitContext
@@ -54,6 +53,9 @@ from agent.units.process import ProcessUnit
 from selfheal.config import SparkConfig, UnitConfig
 from selfheal.errors import UnitError
 from selfheal.wire import SparkStatus, UnitProgress, UnitReport
+
+if TYPE_CHECKING:
+    import httpx
 
 MIN_JAVA = 17
 JAVA_VERSION_TIMEOUT = 15.0
@@ -211,6 +213,8 @@ class SparkUnit(ProcessUnit):
         return msgspec.structs.replace(report, spark=status, progress=progress)
 
     async def _track(self) -> None:
+        import httpx  # noqa: PLC0415 - loaded once a spark run is tracked
+
         async with httpx.AsyncClient(timeout=STATUS_TIMEOUT) as client:
             while not self._closed.is_set():
                 if self.pid is not None and self._ui_port is not None:
@@ -221,6 +225,8 @@ class SparkUnit(ProcessUnit):
                     await asyncio.wait_for(self._closed.wait(), STATUS_POLL)
 
     async def _read_status(self, client: httpx.AsyncClient, port: int) -> SparkStatus | None:
+        import httpx  # noqa: PLC0415 - already loaded by _track
+
         base = f"http://127.0.0.1:{port}/api/v1/applications"
         try:
             apps = (await client.get(base)).raise_for_status().json()
