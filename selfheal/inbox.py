@@ -5,10 +5,12 @@ reader empties one by one. When the controller falls behind a large fleet the ba
 that queue decides what an overload costs. A report is a snapshot that the node's next report makes
 obsolete; an event, a status, a digest, a command (the agent's inbox) is not. So ``Inbox``:
 
-- coalesces reports: a report for a node that already has one waiting replaces it in its slot (counted
-  ``superseded``). The slot keeps its place in the queue: a node that reports faster than the queue
-  drains is still handled within one queue length, with its newest report (moving it to the back
-  would starve exactly such a node). At most one report per node waits.
+- coalesces reports once it is behind (``coalesce_bytes`` waiting): a report for a node that already
+  has one waiting replaces it in its slot (counted ``superseded``). Below that, every report is kept, so
+  a short burst (an agent's backlog after a reconnect) reaches the detectors whole. The slot keeps its
+  place in the queue: a node that reports faster than the queue drains is still handled within one
+  queue length, with its newest report (moving it to the back would starve exactly such a node). While
+  behind, at most one new report per node waits.
 - holds reports (and messages on topics it does not know) within ``max_bytes``; beyond, it sheds the
   waiting reports whose content is oldest first (``shed``), and only then refuses the arrival.
 - holds events, statuses, digests, commands and the controller's status up to ``hard_max_bytes``,
@@ -45,6 +47,8 @@ DEFAULT_HARD_MAX_BYTES = 64 * 1024 * 1024
 """Everything waiting at most: events, statuses, digests and commands are dropped only beyond this."""
 OVERHEAD = 512
 """What a queued message costs beyond its payload (its objects and topic), counted against the budget."""
+DEFAULT_COALESCE_BYTES = 1024 * 1024
+"""Waiting bytes from which a node's newer report replaces its waiting one (~400 reports behind)."""
 DEFAULT_NODE_MAX_BYTES = 2 * 1024 * 1024
 """Events, statuses, digests and commands of one node waiting at most (8 messages at the wire's cap)."""
 COMPACT_SLACK = 64
@@ -112,9 +116,10 @@ class _Slot:
 class Inbox(asyncio.Queue[aiomqtt.Message]):
     def __init__(self, maxsize: int = 0, *, max_bytes: int = DEFAULT_MAX_BYTES,
                  hard_max_bytes: int | None = None, node_max_bytes: int = DEFAULT_NODE_MAX_BYTES,
-                 stats: InboxStats | None = None) -> None:
+                 coalesce_bytes: int = DEFAULT_COALESCE_BYTES, stats: InboxStats | None = None) -> None:
         super().__init__(maxsize)
         self.max_bytes = max_bytes
+        self.coalesce_bytes = min(coalesce_bytes, max_bytes)
         self.hard_max_bytes = max(max_bytes, hard_max_bytes if hard_max_bytes is not None
                                   else max(max_bytes, DEFAULT_HARD_MAX_BYTES))
         self.node_max_bytes = node_max_bytes
@@ -161,7 +166,8 @@ class Inbox(asyncio.Queue[aiomqtt.Message]):
         size = _size(item)
         channel, key, node = _classify(str(item.topic))
         stats = self.stats
-        if channel == "report" and key is not None and (slot := self._waiting.get(key)) is not None:
+        if (channel == "report" and key is not None and stats.queued_bytes >= self.coalesce_bytes
+                and (slot := self._waiting.get(key)) is not None):
             stats.count("report", "superseded", slot.size)
             stats.queued_bytes += size - slot.size
             self._report_bytes += size - slot.size
@@ -216,7 +222,8 @@ class Inbox(asyncio.Queue[aiomqtt.Message]):
         self.stats.queued_messages -= 1
         self.stats.queued_bytes -= slot.size
         if slot.key is not None:
-            self._waiting.pop(slot.key, None)
+            if self._waiting.get(slot.key) is slot:  # below coalesce_bytes a node may have several waiting
+                del self._waiting[slot.key]
             self._live_reports -= 1
             self._report_bytes -= slot.size
         elif slot.node is not None:
@@ -246,10 +253,12 @@ class Inbox(asyncio.Queue[aiomqtt.Message]):
 
 
 def inbox_type(stats: InboxStats, max_bytes: int = DEFAULT_MAX_BYTES, hard_max_bytes: int = DEFAULT_HARD_MAX_BYTES,
-               node_max_bytes: int = DEFAULT_NODE_MAX_BYTES) -> type[asyncio.Queue[aiomqtt.Message]]:
+               node_max_bytes: int = DEFAULT_NODE_MAX_BYTES,
+               coalesce_bytes: int = DEFAULT_COALESCE_BYTES) -> type[asyncio.Queue[aiomqtt.Message]]:
     """What aiomqtt's ``queue_type`` takes: it calls it with ``maxsize``."""
     factory: Callable[..., Any] = partial(Inbox, max_bytes=max_bytes, hard_max_bytes=hard_max_bytes,
-                                          node_max_bytes=node_max_bytes, stats=stats)
+                                          node_max_bytes=node_max_bytes, coalesce_bytes=coalesce_bytes,
+                                          stats=stats)
     return cast("type[asyncio.Queue[aiomqtt.Message]]", factory)
 
 

@@ -32,7 +32,8 @@ async def test_a_paused_reader_gets_every_event_in_order_and_each_nodes_last_rep
     nodes = [f"inbox-{run}-{i}" for i in range(NODES)]
     stats = InboxStats()
     async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier=f"reader-{run}",
-                              queue_type=inbox_type(stats, max_bytes=1 << 20, hard_max_bytes=4 << 20)) as reader:
+                              queue_type=inbox_type(stats, max_bytes=1 << 20, hard_max_bytes=4 << 20,
+                                                                   coalesce_bytes=0)) as reader:
         assert isinstance(reader._queue, Inbox)
         for node in nodes:
             await reader.subscribe(_topic(node, "+"), qos=1)

@@ -34,7 +34,8 @@ def msg(node: str, channel: str, tag: str, cost: int = COST) -> aiomqtt.Message:
 
 def inbox(soft: int, hard: int | None = None, node: int | None = None) -> Inbox:
     """Budgets in messages: reports ``soft``, everything ``hard``, one node's non-reports ``node`` (no limit)."""
-    return Inbox(max_bytes=soft * COST, hard_max_bytes=(hard or soft) * COST, node_max_bytes=(node or 10**6) * COST)
+    return Inbox(max_bytes=soft * COST, hard_max_bytes=(hard or soft) * COST, node_max_bytes=(node or 10**6) * COST,
+                 coalesce_bytes=0)
 
 
 def drain(queue: Inbox) -> list[tuple[str, str]]:
@@ -195,7 +196,8 @@ async def test_a_waiting_reader_is_woken_and_join_does_not_wait_for_shed_reports
 
 async def test_inbox_type_is_what_aiomqtt_instantiates() -> None:
     stats = InboxStats()
-    client = aiomqtt.Client("127.0.0.1", 1, queue_type=inbox_type(stats, max_bytes=2 * COST, hard_max_bytes=3 * COST))
+    client = aiomqtt.Client("127.0.0.1", 1, queue_type=inbox_type(stats, max_bytes=2 * COST, hard_max_bytes=3 * COST,
+                                                                         coalesce_bytes=0))
     queue = client._queue
     assert isinstance(queue, Inbox)
     assert (queue.max_bytes, queue.hard_max_bytes, queue.stats) == (2 * COST, 3 * COST, stats)
@@ -305,3 +307,16 @@ def test_a_message_that_cannot_fit_even_with_every_report_shed_sheds_none() -> N
     assert queue.stats.by_reason == {("events", "full"): 1, ("report", "shed"): 1}
     assert drain(queue) == [(topic("n1", "report"), "r"), (topic("n3", "events"), "e1"),
                             (topic("n3", "events"), "e2")]
+
+
+def test_below_its_coalescing_mark_every_report_is_kept() -> None:
+    """A short burst (an agent's backlog after a reconnect, a test's scripted reports) reaches the detectors
+    whole; only once ``coalesce_bytes`` wait does a node's newer report replace its waiting one."""
+    queue = Inbox(max_bytes=100 * COST, hard_max_bytes=100 * COST, coalesce_bytes=4 * COST)
+    for i in range(4):
+        queue.put_nowait(msg("n1", "report", f"r{i}"))
+    assert queue.stats.superseded == 0
+    queue.put_nowait(msg("n1", "report", "r4"))  # 4 waiting: behind, so this one replaces the newest
+    assert queue.stats.superseded == 1
+    assert [tag for _, tag in drain(queue)] == ["r0", "r1", "r2", "r4"]
+    assert queue.stats.queued_messages == 0
