@@ -71,7 +71,7 @@ class MqttLink:
         self.connected = asyncio.Event()
         self.dropped = 0
         self.inbox = InboxStats()
-        """Incoming messages dropped because the inbox (``selfheal.inbox``) was full."""
+        """What the inbox (``selfheal.inbox``) holds and dropped: superseded or shed reports, full caps."""
         self.handler_errors = 0
         self.connects = 0
         self.log = get_logger(name, broker=f"{host}:{port}", user=self.username or "-",
