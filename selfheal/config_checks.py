@@ -361,21 +361,17 @@ def _check_identity_files(config: Config, fail: Callable[[str, str], None]) -> N
         _check_tls_files(mqtt.tls_ca, mqtt.tls_cert, mqtt.tls_key, "mqtt", fail)
 
 
-def _read_text(path: str, key: str, fail: Callable[[str, str], None]) -> str | None:
-    """The UTF-8 text of ``path``, or None after ``fail`` says why not (never showing the content)."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        fail(f"cannot read {path!r}: {exc.strerror or type(exc).__name__}", key)
-    except UnicodeDecodeError:
-        fail(f"{path!r} is not UTF-8 text", key)
-    return None
-
-
 def _check_secret_file(path: str, key: str, fail: Callable[[str, str], None]) -> None:
     """``path`` is a readable, non-empty UTF-8 text file (its content is never shown)."""
-    text = _read_text(path, key, fail)
-    if text is not None and not text.strip():
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot read {path!r}: {exc.strerror or type(exc).__name__}", key)
+        return
+    except UnicodeDecodeError:
+        fail(f"{path!r} is not UTF-8 text", key)
+        return
+    if not text.strip():
         fail(f"{path!r} is empty", key)
 
 
@@ -383,8 +379,13 @@ def _check_password_file(path: str, key: str, fail: Callable[[str, str], None]) 
     """A Mosquitto password file: ``user:$7$...`` (or ``$6$``) lines, at least one."""
     from selfheal.broker_setup import parse_password_file  # noqa: PLC0415 - only when the key is set
 
-    text = _read_text(path, key, fail)
-    if text is None:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot read {path!r}: {exc.strerror or type(exc).__name__}", key)
+        return
+    except UnicodeDecodeError:
+        fail(f"{path!r} is not UTF-8 text", key)
         return
     try:
         users = parse_password_file(text)
