@@ -16,13 +16,16 @@ Rejected commands are not recorded, so a forged key cannot block a real one.
 
 The checks are pure functions; ``CommandExecutor`` is the thin edge that
 reads the clock, talks to the ledger off the loop and calls the supervisor.
+It has one branch per command of the wire's closed ``CommandStep`` union
+(mypy rejects a missing one); which remediation action sends which command is
+``remediations.actions`` on the controller's side.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol, assert_never
 
 from agent.ledger import RUNNING, Ledger
 from selfheal.clocks import Clock
@@ -141,7 +144,7 @@ class CommandExecutor:
                     return "failed", "this agent holds no datasets"
                 return await self.datasets.resync(step)
             else:
-                return "failed", f"step {type(step).__name__} is not supported by this agent"
+                assert_never(step)
         except UnitError as exc:
             return "failed", str(exc)
         pid = getattr(unit, "pid", None)

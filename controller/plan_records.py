@@ -3,7 +3,7 @@
 The store keeps plans as rows with a JSON ``detail``; the engine writes them at
 every state change and rebuilds a plan from its row when one awaiting approval
 must survive a controller restart. Steps are serialised field by field and
-rebuilt through the closed set of step types.
+rebuilt through the steps the action registry (``remediations.actions``) names.
 """
 
 from __future__ import annotations
@@ -11,18 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from controller.store import PlanRecord
-from remediations.plans import (
-    MigrateUnit,
-    Notify,
-    Plan,
-    RestartUnit,
-    ResyncDataset,
-    StartUnit,
-    Step,
-    StopUnit,
-    Verification,
-    WaitHealthy,
-)
+from remediations.actions import ACTIONS
+from remediations.plans import Plan, Step, Verification
 
 
 def record_fields(record: PlanRecord) -> dict[str, Any]:
@@ -43,8 +33,7 @@ def plan_record(plan: Plan, state: str, now: float) -> PlanRecord:
 
 
 STEP_TYPES: dict[str, type[Step]] = {t.__dataclass_fields__["kind"].default: t  # type: ignore[misc]
-                                     for t in (RestartUnit, StopUnit, StartUnit, MigrateUnit, ResyncDataset,
-                                               WaitHealthy, Notify)}
+                                     for action in ACTIONS.values() for t in action.steps}
 
 
 def plan_from_record(record: PlanRecord) -> Plan:

@@ -8,7 +8,8 @@ exponential backoff and deterministic jitter between them, then the next rung
 is taken. A rung is skipped — and the skip is recorded — when it cannot apply
 (no unit to restart, no healthy standby node to migrate to, no dataset to
 resync) or when its recent success rate for this kind of finding is below the
-rung's floor.
+rung's floor. What an action needs, whether it disrupts and how its plan is
+verified is ``remediations.actions.ACTIONS``; the steps it makes are ``_steps``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, assert_never
 
+from remediations.actions import Action, named
 from remediations.guards import (
     Check,
     check_backoff,
@@ -47,8 +49,6 @@ from remediations.plans import (
 )
 from remediations.policy import BackoffPolicy, Policy, RungPolicy
 from remediations.state import Budget, OutcomeStats, Running, Silence, TargetState
-
-DISRUPTIVE_ACTIONS = frozenset({"restart", "stop_start", "migrate", "resync"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,11 +181,12 @@ def choose_rung(rule: Policy, target: Target, state: TargetState,
 
 
 def _cannot_apply(rung: RungPolicy, target: Target, ctx: Context) -> str:
-    if rung.action in ("restart", "stop_start", "migrate") and target.unit is None:
-        return f"{rung.action} needs a unit; the finding names none"
-    if rung.action == "migrate" and not ctx.standby:
+    action = named(rung.action)
+    if action.needs_unit and target.unit is None:
+        return f"{action.name} needs a unit; the finding names none"
+    if action.name == "migrate" and not ctx.standby:
         return "no healthy online node holds a standby copy of the unit"
-    if rung.action == "resync":
+    if action.name == "resync":
         if target.kind != "dataset_divergent" or not ctx.dataset:
             return f"resync repairs dataset replicas; a {target.kind} finding names none"
         source, why = choose_source(ctx.dataset_replicas, target=target.node, authority_root=ctx.authority_root)
@@ -208,8 +209,9 @@ def plan_remediation(target: Target, rule: Policy, state: TargetState, ctx: Cont
     if index < 0:
         return Exhausted(f"every remaining rung of {rule.name} was skipped", skipped)
     rung = rule.ladder[index]
-    if rung.action == "none":
-        return None
+    action = named(rung.action)
+    if not action.steps:
+        return None  # "none": the rule watches, nothing acts
     attempt = ctx.incident_plans + 1
     ladder = state.ladder_attempts()
     since = ladder[-1].at if ladder else target.first_seen
@@ -224,7 +226,7 @@ def plan_remediation(target: Target, rule: Policy, state: TargetState, ctx: Cont
         check_backoff(since + delay, now, delay),
         check_rate_limit(ctx.rule_starts, rule.rate_limit, now),
     ]
-    if rung.action in DISRUPTIVE_ACTIONS:
+    if action.disruptive:
         checks += [
             check_exclusive(ctx.running, target.node, target.unit),
             check_pause(ctx.paused, ctx.pause_reason),
@@ -234,40 +236,61 @@ def plan_remediation(target: Target, rule: Policy, state: TargetState, ctx: Cont
     blocking = first_blocking(checks)
     if blocking is not None:
         return (Refuse if blocking.verdict == "refuse" else Hold)(tuple(checks), blocking)
-    steps, verification = _steps(rung.action, target, rule, ctx)
+    steps, verification = _steps(action, target, rule, ctx)
     plan = Plan(id=plan_id(target.incident_id, attempt), incident_id=target.incident_id, rule=rule.name,
                 rule_digest=rule.digest, rung=index, attempt=attempt, steps=steps, verification=verification,
-                cooldown_key=f"{target.node}/{target.unit or '-'}", mode=_mode(rule.mode, rung.action),
+                cooldown_key=f"{target.node}/{target.unit or '-'}", mode=_mode(rule.mode, action),
                 created_at=now, deadline=now + rule.approval_timeout + rule.verify_within + 120.0)
     return Propose(plan, tuple(checks), skipped)
 
 
-def _mode(mode: str, action: str) -> Mode:
-    if action == "notify" and mode == "approve":
+def _mode(mode: str, action: Action) -> Mode:
+    if not action.disruptive and mode == "approve":
         return "auto"  # paging a human needs no human's approval
     return "shadow" if mode == "shadow" else "approve" if mode == "approve" else "auto"
 
 
-def _steps(action: str, target: Target, rule: Policy,
+def _steps(action: Action, target: Target, rule: Policy,
            ctx: Context) -> tuple[tuple[Step, ...], Verification | None]:
+    """The action's steps, and its verification on the node the unit ends up on (the target's, or the
+    standby a migration moves it to)."""
     node, unit = target.node, target.unit
-    kind: Literal["healthy", "cleared"] = "cleared" if rule.verify_kind == "cleared" else "healthy"
-    verify = Verification(kind, node, unit, rule.verify_within, rule.stable_for)
-    if action == "notify":
-        return (Notify(node=node, message=target.summary, severity=_severity(target.severity)),), None
-    if action == "resync":
-        source, _ = choose_source(ctx.dataset_replicas, target=node, authority_root=ctx.authority_root)
-        assert source is not None  # noqa: S101 - _cannot_apply skipped the rung otherwise
-        return (ResyncDataset(node, ctx.dataset, source),), Verification("cleared", node, None, rule.verify_within,
-                                                                         rule.stable_for)
-    assert unit is not None  # noqa: S101 - _cannot_apply skipped unit-less rungs
-    if action == "restart":
-        return (RestartUnit(node, unit),), verify
-    if action == "stop_start":
-        return (StopUnit(node, unit), StartUnit(node, unit)), verify
-    destination = ctx.standby[0]
-    return ((MigrateUnit(unit=unit, source=node, target=destination),),
-            Verification(kind, destination, unit, rule.verify_within, rule.stable_for))
+    steps: tuple[Step, ...]
+    match action.name:
+        case "restart":
+            assert unit is not None  # noqa: S101 - _cannot_apply skipped unit-less rungs
+            steps = (RestartUnit(node, unit),)
+        case "stop_start":
+            assert unit is not None  # noqa: S101 - _cannot_apply skipped unit-less rungs
+            steps = (StopUnit(node, unit), StartUnit(node, unit))
+        case "migrate":
+            assert unit is not None  # noqa: S101 - _cannot_apply skipped unit-less rungs
+            node = ctx.standby[0]
+            steps = (MigrateUnit(unit=unit, source=target.node, target=node),)
+        case "resync":
+            source, _ = choose_source(ctx.dataset_replicas, target=node, authority_root=ctx.authority_root)
+            assert source is not None  # noqa: S101 - _cannot_apply skipped the rung otherwise
+            steps = (ResyncDataset(node, ctx.dataset, source),)
+        case "notify":
+            steps = (Notify(node=node, message=target.summary, severity=_severity(target.severity)),)
+        case "none":
+            steps = ()
+        case _:
+            assert_never(action.name)
+    return steps, _verification(action, rule, node, unit)
+
+
+def _verification(action: Action, rule: Policy, node: str, unit: str | None) -> Verification | None:
+    match action.verify:
+        case "rule":
+            kind: Literal["healthy", "cleared"] = "cleared" if rule.verify_kind == "cleared" else "healthy"
+            return Verification(kind, node, unit, rule.verify_within, rule.stable_for)
+        case "cleared":
+            return Verification("cleared", node, None, rule.verify_within, rule.stable_for)
+        case "escalated" | "nothing":
+            return None
+        case _:
+            assert_never(action.verify)
 
 
 def _severity(severity: str) -> Literal["info", "warning", "critical"]:

@@ -23,7 +23,7 @@ from typing import Literal
 
 @dataclass(frozen=True, slots=True)
 class RestartUnit:
-    """Restart a unit on its node (stop with grace, then start). Disruptive."""
+    """Restart a unit on its node (stop with grace, then start)."""
 
     node: str
     unit: str
@@ -32,7 +32,7 @@ class RestartUnit:
 
 @dataclass(frozen=True, slots=True)
 class StopUnit:
-    """Stop a unit on its node. Disruptive."""
+    """Stop a unit on its node."""
 
     node: str
     unit: str
@@ -50,7 +50,7 @@ class StartUnit:
 
 @dataclass(frozen=True, slots=True)
 class MigrateUnit:
-    """Move a singleton unit: stop it on ``source`` (if reachable), start it on ``target``. Disruptive."""
+    """Move a singleton unit: stop it on ``source`` (if reachable), start it on ``target``."""
 
     unit: str
     source: str
@@ -64,22 +64,12 @@ class MigrateUnit:
 
 @dataclass(frozen=True, slots=True)
 class ResyncDataset:
-    """Repair a dataset replica on ``node`` from a verified peer. Disruptive."""
+    """Repair a dataset replica on ``node`` from a verified peer."""
 
     node: str
     dataset: str
     source: str
     kind: Literal["resync_dataset"] = "resync_dataset"
-
-
-@dataclass(frozen=True, slots=True)
-class WaitHealthy:
-    """Wait until a unit is healthy, up to ``within`` seconds."""
-
-    node: str
-    unit: str
-    within: float
-    kind: Literal["wait_healthy"] = "wait_healthy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,9 +82,9 @@ class Notify:
     kind: Literal["notify"] = "notify"
 
 
-Step = RestartUnit | StopUnit | StartUnit | MigrateUnit | ResyncDataset | WaitHealthy | Notify
-DISRUPTIVE = (RestartUnit, StopUnit, MigrateUnit, ResyncDataset)
-"""Steps re-checked just before they run: if the symptom cleared, the plan is cancelled instead."""
+Step = RestartUnit | StopUnit | StartUnit | MigrateUnit | ResyncDataset | Notify
+"""Every step a plan may hold; which action makes which steps, and whether it disrupts, is
+``remediations.actions.ACTIONS``."""
 
 Mode = Literal["auto", "approve", "shadow"]
 PlanState = Literal["proposed", "awaiting_approval", "running", "verifying", "succeeded", "failed",
@@ -144,6 +134,8 @@ class Plan:
 
     @property
     def action(self) -> str:
+        """The first step's kind (``restart_unit``...), as the store, the API, metrics and notifications
+        show it; ``remediations.actions.action_of(plan)`` is the action it carries out."""
         return self.steps[0].kind if self.steps else "none"
 
 

@@ -16,14 +16,15 @@ incident on an offline node is neither healed nor resolved on stale data.
 
 from __future__ import annotations
 
+import math
 from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from remediations.actions import action_of
 from remediations.guards import Check
 from remediations.planner import (
-    DISRUPTIVE_ACTIONS,
     Context,
     Exhausted,
     Hold,
@@ -67,6 +68,8 @@ class FleetView:
     offline: frozenset[str] = frozenset()
     groups: Mapping[str, str] = field(default_factory=dict)
     """node → group label value."""
+    group_sizes: Mapping[str, int] = field(default_factory=dict)
+    """group label value → its nodes (counted from ``groups`` when left empty)."""
     replicas: Mapping[str, int] = field(default_factory=dict)
     """unit name → nodes that run a copy."""
     standby: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -164,11 +167,16 @@ class Reconciler:
         self._resetting: set[tuple[str, str]] = set()
         self.unit_rules: dict[str, set[str]] = {}
         """node/unit → rules that have a history for it (to merge their attempts cheaply)."""
+        self.wake_at = math.inf
+        """After ``evaluate``: the earliest time at which time alone could change one of its decisions (a
+        hold, cooldown or backoff lifting, a cleared incident resolving, a ladder resetting); the engine
+        evaluates again then. Holds without an end (pause, budget, another plan) lift on a change."""
 
     # --- inputs ---------------------------------------------------------------------------------
 
     def evaluate(self, symptoms: Mapping[str, Symptom], fleet: FleetView, now: float) -> list[Effect]:
         effects: list[Effect] = []
+        self.wake_at = math.inf
         for key, symptom in symptoms.items():
             incident = self.incidents.get(key)
             if incident is None:
@@ -184,8 +192,10 @@ class Reconciler:
                     effects.append(Relapsed(incident.id, symptom))
                 self._note_refire(symptom, self._rule(symptom), now)
         unhealthy = {i.symptom.node for i in self.incidents.values()}
-        group_sizes = Counter(fleet.groups.values())
+        group_sizes = fleet.group_sizes or Counter(fleet.groups.values())
         for key, incident in list(self.incidents.items()):
+            if incident.busy_until > now:
+                self._wake(incident.busy_until)
             if incident.id is None or incident.running_plan is not None or incident.busy_until > now:
                 continue
             if key not in symptoms:
@@ -252,6 +262,10 @@ class Reconciler:
 
     # --- internals ------------------------------------------------------------------------------
 
+    def _wake(self, at: float | None) -> None:
+        if at is not None:
+            self.wake_at = min(self.wake_at, at)
+
     def _rule(self, symptom: Symptom) -> Policy | None:
         labels = {"kind": symptom.kind, "node": symptom.node, "unit": symptom.unit or "",
                   "severity": symptom.severity, **symptom.labels}
@@ -301,6 +315,7 @@ class Reconciler:
                 target.healthy_since = incident.cleared_since
             self._resetting.add((rule.name, f"{symptom.node}/{symptom.unit or '-'}"))
         if rule is not None and now - incident.cleared_since < rule.resolve_after:
+            self._wake(incident.cleared_since + rule.resolve_after)
             return []
         del self.incidents[incident.key]
         assert incident.id is not None  # noqa: S101 - only bound incidents reach here
@@ -317,8 +332,10 @@ class Reconciler:
                 target.refires.clear()
                 target.healthy_since = None
                 self._resetting.discard(key)
+            else:
+                self._wake(target.healthy_since + rule.reset_after)
 
-    def _decide(self, incident: IncidentState, fleet: FleetView, unhealthy: set[str], group_sizes: Counter[str],
+    def _decide(self, incident: IncidentState, fleet: FleetView, unhealthy: set[str], group_sizes: Mapping[str, int],
                 now: float) -> list[Effect]:
         assert incident.id is not None  # noqa: S101 - only bound incidents are decided
         rule = self.rules.by_name(incident.rule) if incident.rule else None
@@ -361,6 +378,7 @@ class Reconciler:
             incident.state = "failed"
             return [Failed(incident.id, f"{decision.blocking.guard}: {decision.blocking.reason}", decision.checks)]
         if isinstance(decision, Hold):
+            self._wake(decision.blocking.until)
             blocking = decision.blocking.guard
             if blocking == incident.last_hold:
                 return []  # recorded once per blocking guard, not once per tick
@@ -375,7 +393,7 @@ class Reconciler:
         target.attempts.append(Attempt(plan.id, plan.rung, now, action))
         self.rule_starts.setdefault(rule.name, deque(maxlen=10_000)).append(now)
         self.running[plan.id] = Running(plan.id, rule.name, symptom.node, symptom.unit, group,
-                                        disruptive=action in DISRUPTIVE_ACTIONS)
+                                        disruptive=action_of(plan).disruptive)
         self.plan_incident[plan.id] = incident.key
         return [Started(incident.id, plan, decision.checks, decision.skipped)]
 

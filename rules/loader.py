@@ -17,6 +17,7 @@ import jsonschema
 import msgspec
 import yaml
 
+from remediations.actions import ACTIONS
 from remediations.state import HISTORY
 from rules.model import AnomalyWatchSpec, Backoff, HostModelWatchSpec, LoopBreaker, Rule, Rulebook, Rung, ThresholdSpec
 from selfheal.errors import RulebookError
@@ -53,7 +54,7 @@ _RUNG: dict[str, Any] = {
     "additionalProperties": False,
     "required": ["action"],
     "properties": {
-        "action": {"enum": ["restart", "stop_start", "migrate", "resync", "notify", "none"]},
+        "action": {"enum": list(ACTIONS)},
         "attempts": {"type": "integer", "minimum": 1, "maximum": 100},
         "backoff": {
             "type": "object", "additionalProperties": False,

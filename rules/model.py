@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Literal
 
+from remediations.actions import ActionName
 from remediations.plans import Mode
 
-RungAction = Literal["restart", "stop_start", "migrate", "resync", "notify", "none"]
+RungAction = ActionName
+"""The actions a rung may name: the registry's (``remediations.actions.ACTIONS``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +34,8 @@ class Backoff:
 class Rung:
     action: RungAction
     """``restart`` the unit; ``stop_start`` it (stop, then start); ``migrate`` it to a healthy standby node;
-    ``resync`` the dataset from a verified peer; ``notify`` a human (ends the ladder); ``none``."""
+    ``resync`` the dataset from a verified peer; ``notify`` a human (ends the ladder); ``none``
+    (``remediations.actions.ACTIONS`` says what each one sends, disrupts and verifies)."""
     attempts: int = 1
     """Plans on this rung before the ladder climbs to the next."""
     backoff: Backoff = field(default_factory=Backoff)

@@ -367,6 +367,9 @@ class ResyncDataset(_Msg, tag="resync_dataset", frozen=True, kw_only=True):
 
 
 CommandStep = RestartUnit | StopUnit | StartUnit | ResyncDataset
+"""The closed set of commands an agent runs, told apart by their tags (``restart_unit``...), which are the
+wire format: never renamed. ``agent.executor`` has a branch for each (mypy checks none is missing);
+``remediations.actions`` says which remediation action sends which."""
 
 
 class Command(_Msg, frozen=True, kw_only=True):

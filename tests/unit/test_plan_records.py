@@ -15,12 +15,11 @@ from remediations.plans import (
     Step,
     StopUnit,
     Verification,
-    WaitHealthy,
 )
 
 STEPS: list[Step] = [RestartUnit("n1", "web"), StopUnit("n1", "web"), StartUnit("n2", "web"),
                      MigrateUnit(unit="web", source="n1", target="n2"), ResyncDataset("n1", "features", "n2"),
-                     WaitHealthy("n2", "web", 30.0), Notify("n1", "a human is needed", "critical")]
+                     Notify("n1", "a human is needed", "critical")]
 
 
 @pytest.mark.parametrize("step", STEPS, ids=lambda s: s.kind)

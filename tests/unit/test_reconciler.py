@@ -16,7 +16,8 @@ from typing import TypeVar
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from remediations.plans import DISRUPTIVE, idempotency_key
+from remediations.actions import action_of
+from remediations.plans import idempotency_key
 from remediations.reconciler import (
     Effect,
     Failed,
@@ -484,7 +485,7 @@ def test_safety_properties_hold_on_every_step(*, rules: tuple[Rule, ...], groups
         step = plan.steps[0]
         node = step.node
         unit = getattr(step, "unit", None)
-        disruptive = isinstance(step, DISRUPTIVE)
+        disruptive = action_of(plan).disruptive
         running[plan.id] = (effect.incident_id, node, disruptive)
         if disruptive and unit is not None:
             healed_by[plan.id] = (node, unit)
@@ -573,3 +574,46 @@ def test_a_lost_unit_resolves_once_it_runs_elsewhere_though_its_node_is_still_of
     sim.finish(started)
     effects = sim.run([offline()], until=sim.now - T0 + 10.0)  # the finding cleared; node-1 stays offline
     assert [e.incident_id for e in only(effects, Resolved)] == [sim.keys["unit_lost/node-1/predict"]]
+
+
+# --- time: wake_at ------------------------------------------------------------------------------
+
+
+def drive(sim: Sim, *, polling: float | None, clear_at: float = 40.0, end: float = 60.0) -> list[tuple[float, str]]:
+    """A unit that crashes at T0, each restart failing 0.5 s after it started, healthy from ``clear_at``:
+    evaluated every ``polling`` s, or (None) only after a change and at ``wake_at``."""
+    effects: list[tuple[float, str]] = []
+    finishing: list[tuple[float, str]] = []
+    at = T0
+    while at <= T0 + end:
+        for when, plan in [f for f in finishing if f[0] <= at]:
+            finishing.remove((when, plan))
+            sim.engine.finish(plan, "failed", when)
+        symptoms = [exited()] if at < T0 + clear_at else []
+        for effect in sim.tick(symptoms, at=at):
+            effects.append((at, type(effect).__name__))
+            if isinstance(effect, Started):
+                finishing.append((at + 0.5, effect.plan.id))
+        changes = [when for when, _ in finishing] + ([T0 + clear_at] if at < T0 + clear_at else [])
+        timed = at + polling if polling is not None else sim.engine.wake_at  # a change wakes either at once
+        at = min([timed, *changes, T0 + end + 1])
+    return effects
+
+
+def test_every_time_based_decision_comes_due_at_wake_at() -> None:
+    """Backoff, cooldown, the next rung's delay, resolve_after: a controller that evaluates only after a
+    change and at ``wake_at`` does what one polling every 1/8 s does, at the instants the rules name."""
+    polled = drive(Sim(), polling=0.125)  # exact in binary: the polled instants do not drift
+    woken = drive(Sim(), polling=None)
+    assert [kind for _, kind in woken] == [kind for _, kind in polled]
+    assert "Resolved" in [kind for _, kind in woken]
+    assert [k for _, k in woken].count("Started") == 5
+    for (t_woken, _), (t_polled, _) in zip(woken, polled, strict=True):
+        assert t_woken <= t_polled < t_woken + 0.125
+
+
+def test_a_hold_that_only_a_change_lifts_sets_no_wake() -> None:
+    sim = Sim()
+    sim.engine.paused = True
+    assert only(sim.tick([exited()]), Held)[0].blocking.guard == "pause"
+    assert sim.engine.wake_at == math.inf
