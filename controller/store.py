@@ -4,13 +4,31 @@ Everything the controller must not lose across a restart goes through this
 one class. SQLite calls run on one dedicated worker thread, so the event loop
 only waits and writes are serialised. A PostgreSQL store for HA controllers
 would implement the same methods (see docs/ARCHITECTURE.md).
+
+Writes group-commit. A write is queued; the worker takes every write queued
+while it was busy (up to ``max_batch``) and runs them, in the order they were
+made, in one transaction, each inside its own savepoint: a write that fails
+(a unique key already taken, an unknown incident) is rolled back to its
+savepoint and fails its own caller only, and the others commit. A write's
+await returns only once its transaction has committed, so whatever a caller
+was told is written is on disk as far as ``synchronous=NORMAL`` promises,
+and every read made after that sees it. When a rack of nodes goes down at
+once, hundreds of incidents open together and their writes share a handful
+of commits instead of paying one each (``bench/store.py``). Reads are not
+queued: they run on the worker between two batches. A batch is one
+transaction, so a crash in the middle of one keeps none of it; the hash
+chains of the audit trail stay whole because each append reads the head
+that the writes before it in the same transaction left.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +39,13 @@ from selfheal.errors import StoreError
 
 IncidentState = Literal["open", "failed", "resolved"]
 T = TypeVar("T")
+
+MAX_BATCH = 128
+"""Most writes in one transaction: bounds how long a batch holds the worker (and a read waits behind it)."""
+
+_Write = tuple[Callable[[], Any], "asyncio.Future[Any]"]
+_Outcome = tuple["asyncio.Future[Any]", Any, Exception | None]
+"""A write's future, its result and its error (``None`` when it committed)."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -177,14 +202,28 @@ class IncidentDetail:
 
 
 class SqliteStore:
-    """Open with ``await SqliteStore.open(path)``; close with ``await store.close()``."""
+    """Open with ``await SqliteStore.open(path)``; close with ``await store.close()``.
 
-    def __init__(self, connection: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+    ``max_batch`` bounds a group commit; 1 gives every write its own transaction.
+    """
+
+    def __init__(self, connection: sqlite3.Connection, executor: ThreadPoolExecutor, *,
+                 max_batch: int = MAX_BATCH) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         self._db = connection
         self._executor = executor
+        self._max_batch = max_batch
+        self._queued: deque[_Write] = deque()
+        """Writes waiting for the worker: appended on the event loop, taken by the worker (deque ops are atomic)."""
+        self._idle = asyncio.Event()
+        """Set while no batch is with the worker; the next write then hands one over itself."""
+        self._idle.set()
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteStore:
+    async def open(cls, path: Path, *, max_batch: int = MAX_BATCH) -> SqliteStore:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
 
         def connect() -> sqlite3.Connection:
@@ -202,30 +241,121 @@ class SqliteStore:
         except sqlite3.Error as exc:
             executor.shutdown(wait=False)
             raise StoreError(f"cannot open {path}: {exc}") from exc
-        return cls(db, executor)
+        return cls(db, executor, max_batch=max_batch)
 
     async def close(self) -> None:
+        """Commit the writes already queued, then close."""
+        await self._idle.wait()
         await self._run(self._db.close)
         self._executor.shutdown(wait=True)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
+        """Run a read on the worker (reads are not queued with the writes)."""
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, fn, *args)
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from exc
 
+    async def _write(self, fn: Callable[[], T]) -> T:
+        """Queue a write (run on the worker, inside its own savepoint); returns once its transaction committed.
+
+        ``fn`` must not begin or end transactions itself. Its ``sqlite3.Error`` reaches the caller as a
+        ``StoreError``, any other exception as it is; either way only its own changes are rolled back.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        self._queued.append((fn, done))
+        if self._idle.is_set():
+            self._idle.clear()
+            self._hand_over(loop)
+        return await done
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Give the worker a batch to take; its outcomes come back to ``_settle`` on the loop.
+
+        A callback, not a task awaiting the worker: nothing can cancel it halfway and leave callers waiting.
+        """
+        try:
+            batch = self._executor.submit(self._commit_batch)
+        except RuntimeError as exc:  # the worker is shut down: nothing queued can run
+            refused: list[_Outcome] = [(done, None, StoreError(f"the store is closed: {exc}"))
+                                       for _, done in self._queued]
+            self._queued.clear()
+            self._settle(loop, refused)
+            return
+        batch.add_done_callback(lambda ran: loop.call_soon_threadsafe(self._settle, loop, ran.result()))
+
+    def _settle(self, loop: asyncio.AbstractEventLoop, outcomes: list[_Outcome]) -> None:
+        """Answer each caller of a finished batch (event loop), then hand over the next batch if any."""
+        for done, value, error in outcomes:
+            if done.done():  # its caller was cancelled while it ran: the write stands regardless
+                continue
+            if error is None:
+                done.set_result(value)
+            elif isinstance(error, sqlite3.Error):
+                failure = StoreError(str(error))
+                failure.__cause__ = error
+                done.set_exception(failure)
+            else:
+                done.set_exception(error)
+        if self._queued:
+            self._hand_over(loop)
+        else:
+            self._idle.set()
+
+    def _commit_batch(self) -> list[_Outcome]:
+        """Take up to ``max_batch`` queued writes and run them in one transaction (worker thread only).
+
+        Each write runs in a savepoint; one that raises is rolled back to it and keeps its error, the rest
+        commit together. If the transaction itself fails (BEGIN, COMMIT, or SQLite aborting it on an I/O
+        error or a full disk), none of the batch is kept and every write without an error of its own gets
+        that failure.
+        """
+        batch: list[_Write] = []
+        while self._queued and len(batch) < self._max_batch:
+            fn, done = self._queued.popleft()
+            if not done.cancelled():  # a caller that gave up before its write started: it does not run
+                batch.append((fn, done))
+        if not batch:
+            return []
+        db = self._db
+        outcomes: list[_Outcome] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for fn, done in batch:
+                db.execute("SAVEPOINT write")
+                try:
+                    value = fn()
+                except Exception as exc:  # the write's own failure, handed to its caller
+                    outcomes.append((done, None, exc))
+                    if not db.in_transaction:  # SQLite aborted the whole transaction
+                        raise
+                    db.execute("ROLLBACK TO write")
+                    db.execute("RELEASE write")
+                else:
+                    db.execute("RELEASE write")
+                    outcomes.append((done, value, None))
+            db.execute("COMMIT")
+        except Exception as exc:  # noqa: BLE001 - the transaction failed: every caller hears of it
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            own = [error for _, _, error in outcomes]
+            return [(done, None, own[i] if i < len(own) and own[i] is not None else exc)
+                    for i, (_, done) in enumerate(batch)]
+        return outcomes
+
     # --- epochs ---------------------------------------------------------------------------------
 
     async def next_epoch(self) -> int:
         """A number that grows with every controller start: the fencing token on commands."""
         def bump() -> int:
-            with self._db:
-                self._db.execute("INSERT INTO meta(name, value) VALUES ('epoch', 1) "
-                                 "ON CONFLICT(name) DO UPDATE SET value = value + 1")
-                row = self._db.execute("SELECT value FROM meta WHERE name = 'epoch'").fetchone()
+            self._db.execute("INSERT INTO meta(name, value) VALUES ('epoch', 1) "
+                             "ON CONFLICT(name) DO UPDATE SET value = value + 1")
+            row = self._db.execute("SELECT value FROM meta WHERE name = 'epoch'").fetchone()
             return int(row[0])
-        return int(await self._run(bump))
+        return await self._write(bump)
 
     # --- incidents ------------------------------------------------------------------------------
 
@@ -234,43 +364,40 @@ class SqliteStore:
                             evidence: dict[str, Any], details: dict[str, Any] | None = None) -> Incident:
         """Open an incident and its first timeline entry, or return the unresolved one for ``key``."""
         opening = {"summary": summary, "rule": rule, "evidence": evidence, **(details or {})}
-        def insert() -> int:
-            with self._db:
-                row = self._db.execute(
-                    "SELECT id FROM incidents WHERE key = ? AND state != 'resolved'", (key,)).fetchone()
-                if row is not None:
-                    return int(row[0])
-                cursor = self._db.execute(
-                    "INSERT INTO incidents(key, kind, node, unit, severity, summary, rule, state, opened_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, 'open', ?)",
-                    (key, kind, node, unit, severity, summary, rule, opened_at))
-                incident_id = int(cursor.lastrowid or 0)
-                self._chain(incident_id, opened_at, "opened", _json(opening))
-                return incident_id
-        incident_id = await self._run(insert)
-        incident = await self.get_incident_row(incident_id)
-        assert incident is not None  # noqa: S101 - just written in the same thread
-        return incident
+        def insert() -> Incident:
+            row = self._db.execute(f"SELECT {_INCIDENT_COLUMNS} FROM incidents "  # noqa: S608
+                                   "WHERE key = ? AND state != 'resolved'", (key,)).fetchone()
+            if row is not None:
+                return _incident(row)
+            cursor = self._db.execute(
+                "INSERT INTO incidents(key, kind, node, unit, severity, summary, rule, state, opened_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'open', ?)",
+                (key, kind, node, unit, severity, summary, rule, opened_at))
+            incident_id = int(cursor.lastrowid or 0)
+            self._chain(incident_id, opened_at, "opened", _json(opening))
+            return _incident(self._db.execute(f"SELECT {_INCIDENT_COLUMNS} FROM incidents "  # noqa: S608
+                                              "WHERE id = ?", (incident_id,)).fetchone())
+        return await self._write(insert)
 
     async def set_incident_state(self, incident_id: int, state: IncidentState, *, at: float,
                                  reason: str) -> None:
         def update() -> None:
-            with self._db:
-                self._db.execute("UPDATE incidents SET state = ?, resolved_at = ? WHERE id = ?",
-                                 (state, at if state == "resolved" else None, incident_id))
-                self._chain(incident_id, at, state, _json({"reason": reason}))
-        await self._run(update)
+            self._db.execute("UPDATE incidents SET state = ?, resolved_at = ? WHERE id = ?",
+                             (state, at if state == "resolved" else None, incident_id))
+            self._chain(incident_id, at, state, _json({"reason": reason}))
+        await self._write(update)
 
     async def append_timeline(self, incident_id: int, *, at: float, kind: str, data: dict[str, Any]) -> str:
         """Append one audit entry; returns its hash (the incident's new chain head)."""
         def append() -> str:
-            with self._db:
-                return self._chain(incident_id, at, kind, _json(data))
-        result: str = await self._run(append)
-        return result
+            return self._chain(incident_id, at, kind, _json(data))
+        return await self._write(append)
 
     def _chain(self, incident_id: int, at: float, kind: str, data: str) -> str:
-        """Append a hash-chained entry; the caller holds the transaction (writer thread only)."""
+        """Append a hash-chained entry; the caller holds the transaction (worker thread only).
+
+        The head is read inside that transaction, so appends to one incident in the same batch chain in order.
+        """
         row = self._db.execute("SELECT audit_head, audit_count FROM incidents WHERE id = ?", (incident_id,)).fetchone()
         if row is None:
             raise sqlite3.IntegrityError(f"no incident {incident_id}")
@@ -329,14 +456,13 @@ class SqliteStore:
 
     async def save_plan(self, plan: PlanRecord) -> None:
         def upsert() -> None:
-            with self._db:
-                self._db.execute(
-                    "INSERT INTO plans(id, incident_id, rule, attempt, rung, action, mode, deadline, state, created_at,"
-                    " updated_at, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE"
-                    " SET state = excluded.state, updated_at = excluded.updated_at, detail = excluded.detail",
-                    (plan.id, plan.incident_id, plan.rule, plan.attempt, plan.rung, plan.action, plan.mode,
-                     plan.deadline, plan.state, plan.created_at, plan.updated_at, _json(plan.detail)))
-        await self._run(upsert)
+            self._db.execute(
+                "INSERT INTO plans(id, incident_id, rule, attempt, rung, action, mode, deadline, state, created_at,"
+                " updated_at, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE"
+                " SET state = excluded.state, updated_at = excluded.updated_at, detail = excluded.detail",
+                (plan.id, plan.incident_id, plan.rule, plan.attempt, plan.rung, plan.action, plan.mode,
+                 plan.deadline, plan.state, plan.created_at, plan.updated_at, _json(plan.detail)))
+        await self._write(upsert)
 
     async def plans_for(self, incident_id: int) -> list[PlanRecord]:
         def select() -> list[PlanRecord]:
@@ -395,12 +521,11 @@ class SqliteStore:
 
     async def set_pause(self, paused: bool, reason: str) -> None:
         def write() -> None:
-            with self._db:
-                self._db.execute("INSERT INTO meta(name, value) VALUES ('paused', ?) ON CONFLICT(name) "
-                                 "DO UPDATE SET value = excluded.value", (int(paused),))
-                self._db.execute("INSERT INTO notes(name, text) VALUES ('pause_reason', ?) ON CONFLICT(name) "
-                                 "DO UPDATE SET text = excluded.text", (reason,))
-        await self._run(write)
+            self._db.execute("INSERT INTO meta(name, value) VALUES ('paused', ?) ON CONFLICT(name) "
+                             "DO UPDATE SET value = excluded.value", (int(paused),))
+            self._db.execute("INSERT INTO notes(name, text) VALUES ('pause_reason', ?) ON CONFLICT(name) "
+                             "DO UPDATE SET text = excluded.text", (reason,))
+        await self._write(write)
 
     async def get_pause(self) -> tuple[bool, str]:
         def read() -> tuple[bool, str]:
@@ -412,13 +537,12 @@ class SqliteStore:
 
     async def save_silence(self, silence: SilenceRecord) -> None:
         def write() -> None:
-            with self._db:
-                self._db.execute(
-                    "INSERT INTO silences(id, matchers, starts_at, ends_at, comment, author, created_at) VALUES "
-                    "(?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET ends_at = excluded.ends_at",
-                    (silence.id, _json(silence.matchers), silence.starts_at, silence.ends_at, silence.comment,
-                     silence.author, silence.created_at))
-        await self._run(write)
+            self._db.execute(
+                "INSERT INTO silences(id, matchers, starts_at, ends_at, comment, author, created_at) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET ends_at = excluded.ends_at",
+                (silence.id, _json(silence.matchers), silence.starts_at, silence.ends_at, silence.comment,
+                 silence.author, silence.created_at))
+        await self._write(write)
 
     async def list_silences(self) -> list[SilenceRecord]:
         def select() -> list[SilenceRecord]:
@@ -430,11 +554,10 @@ class SqliteStore:
 
     async def save_quarantine(self, rule: str, target: str, until: float, reason: str) -> None:
         def write() -> None:
-            with self._db:
-                self._db.execute("INSERT INTO quarantines(rule, target, until, reason) VALUES (?, ?, ?, ?) "
-                                 "ON CONFLICT(rule, target) DO UPDATE SET until = excluded.until, "
-                                 "reason = excluded.reason", (rule, target, until, reason))
-        await self._run(write)
+            self._db.execute("INSERT INTO quarantines(rule, target, until, reason) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT(rule, target) DO UPDATE SET until = excluded.until, "
+                             "reason = excluded.reason", (rule, target, until, reason))
+        await self._write(write)
 
     async def list_quarantines(self) -> list[tuple[str, str, float, str]]:
         def select() -> list[tuple[str, str, float, str]]:
@@ -445,12 +568,11 @@ class SqliteStore:
 
     async def save_placement(self, placement: PlacementRecord) -> None:
         def write() -> None:
-            with self._db:
-                self._db.execute("INSERT INTO placements(unit, node, fence_after, since) VALUES (?, ?, ?, ?) "
-                                 "ON CONFLICT(unit) DO UPDATE SET node = excluded.node, "
-                                 "fence_after = excluded.fence_after, since = excluded.since",
-                                 (placement.unit, placement.node, placement.fence_after, placement.since))
-        await self._run(write)
+            self._db.execute("INSERT INTO placements(unit, node, fence_after, since) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT(unit) DO UPDATE SET node = excluded.node, "
+                             "fence_after = excluded.fence_after, since = excluded.since",
+                             (placement.unit, placement.node, placement.fence_after, placement.since))
+        await self._write(write)
 
     async def list_placements(self) -> list[PlacementRecord]:
         def select() -> list[PlacementRecord]:
@@ -464,15 +586,13 @@ class SqliteStore:
         """Record a command before it is published; False if its idempotency key was already issued."""
         def insert() -> bool:
             try:
-                with self._db:
-                    self._db.execute(
-                        "INSERT INTO commands(key, command_id, plan_id, node, epoch, issued_at, payload)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)", (key, command_id, plan_id, node, epoch, issued_at,
-                                                         payload))
-            except sqlite3.IntegrityError:
+                self._db.execute(
+                    "INSERT INTO commands(key, command_id, plan_id, node, epoch, issued_at, payload)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)", (key, command_id, plan_id, node, epoch, issued_at, payload))
+            except sqlite3.IntegrityError:  # the failed statement undid itself; the batch goes on
                 return False
             return True
-        return bool(await self._run(insert))
+        return await self._write(insert)
 
 
 _INCIDENT_COLUMNS = "id, key, kind, node, unit, severity, summary, rule, state, opened_at, resolved_at"
