@@ -13,14 +13,15 @@ still the current ones.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from controller.fleet import Fleet
+from controller.fleet import Fleet, NodeState
 from detectors.digests import Localisation, ReplicaDigest, decide_authority, detect_divergence, measure_agreement
 from detectors.model import Finding
 from remediations.planner import Replica
+from selfheal.wire import DatasetSummary
 
 MAX_LOCALISATIONS = 1000
 
@@ -38,10 +39,13 @@ class Localisations:
     def __init__(self, limit: int = MAX_LOCALISATIONS) -> None:
         self.limit = limit
         self._items: OrderedDict[tuple[str, str], Localised] = OrderedDict()
+        self.version = 0
+        """Bumped by every ``record``: a view built from these is current while it has not moved."""
 
     def record(self, dataset: str, node: str, item: Localised) -> None:
         self._items[(dataset, node)] = item
         self._items.move_to_end((dataset, node))
+        self.version += 1
         while len(self._items) > self.limit:
             self._items.popitem(last=False)
 
@@ -57,27 +61,33 @@ def replica_digests(fleet: Fleet) -> dict[str, list[ReplicaDigest]]:
             for name, holders in sorted(fleet.replicas().items())}
 
 
-def observe_datasets(fleet: Fleet, offline: Collection[str]) -> tuple[list[Finding], dict[str, tuple[Replica, ...]]]:
-    """The dataset findings that hold now, and every dataset's replicas as resync source candidates."""
-    findings: list[Finding] = []
-    gone = frozenset(offline)
-    for name, replicas in replica_digests(fleet).items():
-        findings += detect_divergence(name, replicas, offline=gone)
-    datasets = {name: tuple(Replica(node.id, s.root, s.state, node.online and node.id not in gone)
-                            for node, s in holders)
-                for name, holders in fleet.replicas().items()}
-    return findings, datasets
+def observe_dataset(name: str, holders: Sequence[tuple[NodeState, DatasetSummary]],
+                    offline: Collection[str]) -> tuple[list[Finding], tuple[Replica, ...]]:
+    """One dataset's findings that hold now, and its replicas as resync source candidates."""
+    digests = [ReplicaDigest(node.id, s.root, s.state, s.manifest_root, s.files, s.bytes) for node, s in holders]
+    findings = detect_divergence(name, digests, offline=frozenset(offline))
+    return findings, tuple(Replica(node.id, s.root, s.state, node.online and node.id not in offline)
+                           for node, s in holders)
 
 
-def describe_datasets(fleet: Fleet, offline: Collection[str], localisations: Localisations) -> list[dict[str, Any]]:
-    """Per dataset: replicas, authority, agreement and divergent replicas (the API's and metrics' view)."""
+def describe_datasets(fleet: Fleet, offline: Collection[str], localisations: Localisations, *,
+                      holders: Iterable[NodeState] | None = None) -> list[dict[str, Any]]:
+    """Per dataset: replicas, authority, agreement and divergent replicas (the API's and metrics' view).
+
+    ``holders``: the nodes that hold any replica, when the caller keeps track of them (``FleetIndex``);
+    otherwise every node of the fleet is looked at. Replicas are taken in node order, so the view does not
+    depend on the order nodes were first heard."""
+    replicas: dict[str, list[tuple[NodeState, DatasetSummary]]] = {}
+    for node in sorted(fleet.nodes.values() if holders is None else holders, key=lambda n: n.id):
+        for name, summary in node.datasets.items():
+            replicas.setdefault(name, []).append((node, summary))
     out = []
-    for name, holders in sorted(fleet.replicas().items()):
-        digests = [ReplicaDigest(node.id, s.root, s.state, s.manifest_root, s.files, s.bytes) for node, s in holders]
+    for name, held in sorted(replicas.items()):
+        digests = [ReplicaDigest(node.id, s.root, s.state, s.manifest_root, s.files, s.bytes) for node, s in held]
         authority = decide_authority(digests)
-        reference = next((s for node, s in holders if node.id in authority.matching), None)
+        reference = next((s for node, s in held if node.id in authority.matching), None)
         localised = {}
-        for node, summary in holders:
+        for node, summary in held:
             if node.id in authority.divergent and authority.root:
                 found = localisations.get(name, node.id, reference_root=authority.root, replica_root=summary.root)
                 if found is not None:
@@ -88,8 +98,7 @@ def describe_datasets(fleet: Fleet, offline: Collection[str], localisations: Loc
             "name": name,
             "replicas": [{"node": node.id, "root": s.root, "state": s.state, "files": s.files, "bytes": s.bytes,
                           "generation": s.generation, "online": node.online and node.id not in offline,
-                          "scanned_at": s.scanned_at, "error": s.error}
-                         for node, s in sorted(holders, key=lambda h: h[0].id)],
+                          "scanned_at": s.scanned_at, "error": s.error} for node, s in held],
             "authority": {"kind": authority.kind, "root": authority.root, "reason": authority.reason,
                           "matching": list(authority.matching)},
             "agreement": {"replicas": agreement.replicas, "files": agreement.files},

@@ -1,7 +1,8 @@
 """The engine loop: fleet state → findings → the pure reconciler → effects applied with I/O.
 
-On every fleet change, and on a short tick for time-based conditions, the
-engine runs the detectors over every node, hands the findings that hold to
+On every fleet change the engine has ``controller.observe.Observer`` look
+again at the nodes that changed (and at those a timer says are due: a node
+falling silent, a job stalling), hands the findings that hold to
 ``remediations.reconciler.Reconciler`` and applies what it decides: incidents
 opened, relapsed, resolved or failed in the store; plans recorded and run
 (auto), parked for a human (approve) or recorded only (shadow); holds and
@@ -22,22 +23,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import defaultdict
+import math
 from collections.abc import Callable
 from typing import Any
 
-from controller.datasets import observe_datasets
 from controller.dispatcher import Dispatcher, PlanOutcome
 from controller.fleet import Fleet
 from controller.metrics import ControllerMetrics
 from controller.notify import ALERT_EVENTS, Notification, Notifier, incident_labels
+from controller.observe import Observer
 from controller.plan_records import plan_from_record, plan_record, record_fields, step_fields
 from controller.store import Incident, PlanRecord, SilenceRecord, SqliteStore
 from detectors.anomaly.watch import AnomalyWatch
-from detectors.model import DetectorSettings, Finding, NodeSnapshot, ReportSample
-from detectors.placement import detect_lost_units
-from detectors.presence import is_offline
-from detectors.registry import detect_node
+from detectors.model import DetectorSettings, Finding
+from remediations.actions import action_of
 from remediations.plans import (
     Plan,
     can_transition,
@@ -45,7 +44,6 @@ from remediations.plans import (
 from remediations.reconciler import (
     Effect,
     Failed,
-    FleetView,
     Held,
     IncidentState,
     Opened,
@@ -70,37 +68,34 @@ class PlanConflict(SelfhealError):
 class Engine:
     def __init__(self, *, fleet: Fleet, store: SqliteStore, rulebook: Rulebook, dispatcher: Dispatcher,
                  clock: Clock, settings: DetectorSettings, metrics: ControllerMetrics, notifier: Notifier,
-                 budget: Budget | None = None, command_ttl: float = 15.0, tick: float = 0.25,
+                 budget: Budget | None = None, command_ttl: float = 15.0, tick: float = 1.0,
                  link_base: str = "", anomalies: AnomalyWatch | None = None,
                  external: Callable[[float], list[Finding]] | None = None) -> None:
         self.fleet = fleet
-        self.external = external
-        """External findings that hold at ``now`` (controller/sources: Alertmanager, PromQL)."""
         self.store = store
         self.rulebook = rulebook
         self.dispatcher = dispatcher
         self.clock = clock
-        self.settings = settings
         self.metrics = metrics
         self.notifier = notifier
         self.command_ttl = command_ttl
         self.tick = tick
+        """Longest sleep between passes: a heartbeat for what has no timer (external alerts running out)."""
         self.link_base = link_base.rstrip("/")
         """Base URL of the API as people reach it, for links in notifications."""
         self.placements = dispatcher.placements
         """Where each movable singleton runs (``controller.placement``), shared with the dispatcher."""
         self.reconciler = Reconciler(rulebook, budget)
-        self.anomalies = anomalies
-        fleet.on_evict = self._forget_node
-        self._fed: dict[str, tuple[int, int]] = {}
-        """node → (session, seq) of the last report fed to the anomaly watch."""
+        self.observer = Observer(fleet, settings, placements=self.placements, anomalies=anomalies,
+                                 external=external, group_label=self.reconciler.budget.group_label)
+        fleet.on_evict = self.observer.forget
         self.incidents: dict[int, Incident] = {}
         self.awaiting: dict[str, tuple[Plan, float]] = {}
         """Plans waiting for a human: plan id → (plan, expires at)."""
         self._plans: asyncio.TaskGroup | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.errors = 0
-        """Evaluations that failed (and were retried on the next tick)."""
+        """Evaluations that failed (and were retried on the next pass)."""
         self._silence_reported: set[str] = set()
         self.log = get_logger("engine")
 
@@ -146,7 +141,7 @@ class Engine:
             if state.symptom.node in self.fleet.nodes else ""
         self.reconciler.restore_running(state.key, Running(
             plan.id, plan.rule, state.symptom.node, state.symptom.unit, group,
-            disruptive=record.action not in ("notify", "wait_healthy")))
+            disruptive=action_of(plan).disruptive))
 
     async def run(self, *, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as plans:
@@ -154,12 +149,13 @@ class Engine:
             while not stop.is_set():
                 try:
                     await self.evaluate()
-                except SelfhealError as exc:  # e.g. the store is locked or the disk full: retry next tick
+                except SelfhealError as exc:  # e.g. the store is locked or the disk full: retry next pass
                     self.errors += 1
                     self.log.error("engine.evaluate_failed", error=str(exc))  # noqa: TRY400 - the message is it
+                sleep = min(self.tick, max(0.001, self.wake_at() - self.clock.wall()))
                 with contextlib.suppress(TimeoutError):
                     async with self.fleet.changed:
-                        await asyncio.wait_for(self.fleet.changed.wait(), self.tick)
+                        await asyncio.wait_for(self.fleet.changed.wait(), sleep)
             for task in self._tasks.values():
                 task.cancel()
 
@@ -168,85 +164,32 @@ class Engine:
             now = self.clock.wall()
             await self._expire_approvals(now)
             await self._report_expired_silences(now)
-            symptoms, fleet = self._observe(now)
+            self.observer.refresh(now)
             await self.placements.save(self.store)
-            effects = self.reconciler.evaluate(symptoms, fleet, now)
+            effects = self.reconciler.evaluate(self.observer.symptoms, self.observer.view(), now)
             for effect in effects:
                 await self._apply(effect, now)
             if not any(isinstance(e, Opened) for e in effects):
                 return
 
-    def _observe(self, now: float) -> tuple[dict[str, Symptom], FleetView]:
-        symptoms: dict[str, Symptom] = {}
-        offline: set[str] = set()
-        groups: dict[str, str] = {}
-        replicas: dict[str, int] = defaultdict(int)
-        standby: dict[str, list[str]] = defaultdict(list)
-        label = self.reconciler.budget.group_label
-        snapshots: dict[str, NodeSnapshot] = {}
-        for node_id, node in list(self.fleet.nodes.items()):
-            snapshot = self.fleet.snapshot(node_id)
-            if snapshot is None:
-                continue
-            snapshots[node_id] = snapshot
-            groups[node_id] = node.labels.get(label, "")
-            if is_offline(snapshot, now, self.settings.offline_after):
-                offline.add(node_id)
-            for unit in node.units.values():
-                if unit.state == "stopped" and node_id not in offline:
-                    standby[unit.name].append(node_id)
-                else:
-                    replicas[unit.name] += 1
-            findings = detect_node(snapshot, now, self.settings)
-            if self.anomalies is not None and node_id not in offline:
-                self._feed_anomalies(node_id, snapshot.reports)
-                findings += self.anomalies.findings(node_id)
-            for finding in findings:
-                symptoms[finding.key] = _from_finding(finding, node.labels)
-        for finding in self.external(now) if self.external is not None else ():
-            known = self.fleet.nodes.get(finding.node)
-            symptoms[finding.key] = _from_finding(finding, {**(known.labels if known else {}), **finding.labels})
-        self.placements.observe(self.fleet, offline, now)
-        for finding in detect_lost_units(self.placements.placements(), snapshots, offline):
-            known = self.fleet.nodes.get(finding.node)
-            symptoms[finding.key] = _from_finding(finding, known.labels if known else {})
-        dataset_findings, datasets = observe_datasets(self.fleet, offline)
-        for finding in dataset_findings:
-            symptoms[finding.key] = _from_finding(finding, self.fleet.nodes[finding.node].labels)
-        return symptoms, FleetView(offline=frozenset(offline), groups=groups, replicas=dict(replicas),
-                                   standby={u: tuple(sorted(n)) for u, n in standby.items()}, datasets=datasets)
+    def reload(self, rulebook: Rulebook, settings: DetectorSettings, anomalies: AnomalyWatch | None) -> None:
+        """New rules, detector settings or anomaly watches (SIGHUP): every node is looked at again."""
+        self.rulebook = self.reconciler.rules = rulebook
+        self.observer.settings = settings
+        self.observer.anomalies = anomalies
+        self.observer.observe_all()
 
-    def _forget_node(self, node: str) -> None:
-        self._fed.pop(node, None)
-        if self.anomalies is not None:
-            self.anomalies.forget(node)
+    def wake_at(self) -> float:
+        """When the next pass is due with no change to the fleet: a node's timer, a hold lifting, an
+        approval or a silence running out."""
+        return min(self.observer.next_due(), self.reconciler.wake_at,
+                   min((expires for _, expires in self.awaiting.values()), default=math.inf),
+                   min((s.ends_at for s in self.reconciler.silences if s.id not in self._silence_reported),
+                       default=math.inf))
 
-    def _feed_anomalies(self, node: str, reports: tuple[ReportSample, ...]) -> None:
-        """Each report once, in order (reports are kept in arrival order per node)."""
-        assert self.anomalies is not None  # noqa: S101 - checked by the caller
-        last = self._fed.get(node, (0, -1))
-        for report in reports:
-            if (report.session, report.seq) > last:
-                self.anomalies.observe(report)
-                last = (report.session, report.seq)
-        self._fed[node] = last
-
-    def symptom_holds(self, key: str, node: str) -> bool:
-        """Re-run the detectors on the node's current state: does the finding still hold?"""
-        if key.startswith("external_alert/"):  # its node may be unknown to the fleet: ask the source
-            return self.external is not None and any(f.key == key for f in self.external(self.clock.wall()))
-        snapshot = self.fleet.snapshot(node)
-        if snapshot is None:
-            return False
-        if key.startswith(("dataset_", "unit_lost/")):  # fleet-wide findings
-            snapshots, offline = self.fleet.snapshots(self.clock.wall(), self.settings.offline_after)
-            findings = (detect_lost_units(self.placements.placements(), snapshots, offline)
-                        if key.startswith("unit_lost/") else observe_datasets(self.fleet, offline)[0])
-            return any(f.key == key for f in findings)
-        findings = detect_node(snapshot, self.clock.wall(), self.settings)
-        if self.anomalies is not None:
-            findings += self.anomalies.findings(node)
-        return any(f.key == key for f in findings)
+    def symptom_holds(self, key: str) -> bool:
+        """Does the finding still hold, with every change to the fleet looked at?"""
+        return self.observer.holds(key, self.clock.wall())
 
     # --- effects --------------------------------------------------------------------------------
 
@@ -373,7 +316,7 @@ class Engine:
                 await self._notify(incident, "action", f"{plan.action} (rule {plan.rule}, attempt {plan.attempt})",
                                    action=plan.action)
             outcome = await self.dispatcher.execute(
-                plan, incident, recheck=lambda: self.symptom_holds(incident.key, incident.node), audit=audit,
+                plan, incident, recheck=lambda: self.symptom_holds(incident.key), audit=audit,
                 on_verifying=verifying)
         except Exception as exc:  # a failed plan must never take the engine down
             self.log.exception("plan.crashed", plan=plan.id, incident=incident.id)
@@ -509,12 +452,6 @@ class Engine:
     def stats(self) -> list[dict[str, object]]:
         return [{"kind": kind, "action": action, **stats.summary()}
                 for (kind, action), stats in sorted(self.reconciler.stats.items())]
-
-
-def _from_finding(finding: Finding, node_labels: dict[str, str]) -> Symptom:
-    return Symptom(key=finding.key, kind=finding.kind, node=finding.node, unit=finding.unit,
-                   severity=finding.severity, summary=finding.summary, evidence=finding.evidence,
-                   labels=dict(node_labels))
 
 
 def _symptom(incident: Incident) -> Symptom:

@@ -101,13 +101,11 @@ def controller_service(controller: Controller, engine: Engine, *, source: Path |
         router = build_router(new.controller.notify) if new_routes else None
         # Everything is built: swap.
         controller.rulebook = rulebook
-        engine.rulebook = rulebook
-        engine.reconciler.rules = rulebook
-        engine.settings = controller.settings()
         if rebuild_watch:
             if watch is not None and controller.anomalies is not None:  # unchanged watches keep their streams
                 watch.adopt_streams(controller.anomalies)
-            controller.anomalies = engine.anomalies = watch
+            controller.anomalies = watch
+        engine.reload(rulebook, controller.settings(), watch)
         await asyncio.to_thread(controller.keys.load, controller.clock.wall())  # key files added or rotated
         applied = ["controller.rulebooks", "node keys"]
         if new_routes:

@@ -11,13 +11,11 @@ long to wait before it may start a copy elsewhere.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
-from controller.fleet import Fleet
 from controller.store import PlacementRecord, SqliteStore
-from detectors.placement import RUNNING, Placement
+from detectors.placement import Placement
 from selfheal.logs import get_logger
-from selfheal.wire import UnitReport
 
 
 class Placements:
@@ -29,24 +27,24 @@ class Placements:
     async def load(self, store: SqliteStore) -> None:
         self.current = {p.unit: p for p in await store.list_placements()}
 
-    def observe(self, fleet: Fleet, offline: Collection[str], now: float) -> None:
-        """Record the node each movable singleton runs on now (one node: the first, sorted, if two do)."""
-        for node_id in sorted(fleet.nodes):
-            if node_id in offline:
-                continue
-            for unit in fleet.nodes[node_id].units.values():
-                if unit.fence_after is None or unit.state not in RUNNING:
+    def observe(self, movable: Mapping[str, Mapping[str, float]], running: Mapping[str, Collection[str]],
+                now: float) -> None:
+        """Record the node each movable singleton runs on now (one node: the first, sorted, if two do).
+
+        ``movable``: unit → the online nodes that run it as a movable singleton → its ``fence_after``
+        there; ``running``: unit → the online nodes that run it at all."""
+        for unit, copies in movable.items():
+            for node_id in sorted(copies):
+                fence_after = copies[node_id]
+                known = self.current.get(unit)
+                if known is not None and known.node == node_id and known.fence_after == fence_after:
                     continue
-                known = self.current.get(unit.name)
-                if known is not None and known.node == node_id and known.fence_after == unit.fence_after:
+                if known is not None and known.node != node_id and known.node in running.get(unit, ()):
+                    self.log.error("placement.two_copies", unit=unit, nodes=[known.node, node_id])
                     continue
-                if known is not None and known.node != node_id and known.node not in offline \
-                        and _running(fleet.unit(known.node, unit.name)):
-                    self.log.error("placement.two_copies", unit=unit.name, nodes=[known.node, node_id])
-                    continue
-                record = PlacementRecord(unit.name, node_id, unit.fence_after, now)
-                self.current[unit.name] = self._unsaved[unit.name] = record
-                self.log.info("placement.recorded", unit=unit.name, node=node_id,
+                record = PlacementRecord(unit, node_id, fence_after, now)
+                self.current[unit] = self._unsaved[unit] = record
+                self.log.info("placement.recorded", unit=unit, node=node_id,
                               previous=known.node if known else None)
 
     async def save(self, store: SqliteStore) -> None:
@@ -62,6 +60,3 @@ class Placements:
         record = self.current.get(unit)
         return record.fence_after if record is not None else None
 
-
-def _running(report: UnitReport | None) -> bool:
-    return report is not None and report.state in RUNNING

@@ -14,7 +14,7 @@ A unit that merely exited or failed on an online node is not lost: the
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from detectors.model import Finding, NodeSnapshot
@@ -36,21 +36,23 @@ def runners(unit: str, snapshots: Iterable[NodeSnapshot], offline: Collection[st
             and any(u.name == unit and u.state in RUNNING for u in s.units)]
 
 
-def detect_lost_units(placements: Iterable[Placement], snapshots: Mapping[str, NodeSnapshot],
-                      offline: Collection[str]) -> list[Finding]:
+def detect_lost_units(placements: Iterable[Placement], running: Mapping[str, Collection[str]],
+                      snapshot: Callable[[str], NodeSnapshot | None], offline: Collection[str]) -> list[Finding]:
+    """``running``: unit → the online nodes that run it (``runners``, kept up to date by the controller);
+    ``snapshot`` is asked only for the node a unit that runs nowhere was placed on."""
     findings = []
     for placement in placements:
-        if runners(placement.unit, snapshots.values(), offline):
+        if running.get(placement.unit):
             continue
-        snapshot = snapshots.get(placement.node)
+        placed = snapshot(placement.node)
         evidence: dict[str, object] = {"placed_on": placement.node, "fence_after": placement.fence_after}
-        if snapshot is None or placement.node in offline:
-            last_seen = snapshot.last_seen if snapshot is not None else 0.0
+        if placed is None or placement.node in offline:
+            last_seen = placed.last_seen if placed is not None else 0.0
             evidence |= {"reason": "node_offline", "last_seen": last_seen,
                          "fenced_at": last_seen + placement.fence_after if last_seen else None}
             why = f"its node {placement.node} is offline"
         else:
-            report = next((u for u in snapshot.units if u.name == placement.unit), None)
+            report = next((u for u in placed.units if u.name == placement.unit), None)
             if report is None or not report.fenced:
                 continue
             evidence |= {"reason": "fenced"}

@@ -65,16 +65,10 @@ def detect_unit_stalled(node: str, unit: UnitReport, node_now: float) -> Finding
     ``node_now`` is the node's own clock now (see ``node_clock``): ``progress_at`` comes from the
     agent's clock, so comparing it with the node's clock keeps clock skew out of the verdict.
     """
-    if unit.state != "running" or unit.stall_after is None or unit.pid is None:
+    deadline = stall_deadline(unit)
+    if deadline is None or node_now <= deadline or unit.stall_after is None:
         return None
-    if unit.proc_status == "zombie":
-        return None  # it is exiting: the exit is the finding that follows
-    moved_at = max(unit.progress_at or 0.0, unit.started_at)
-    if moved_at <= 0:
-        return None  # never started as far as we know: nothing to measure from
-    still = node_now - moved_at
-    if still <= unit.stall_after:
-        return None
+    still = node_now - (deadline - unit.stall_after)
     progress = unit.progress
     where = "no progress reported"
     if progress is not None:
@@ -89,6 +83,17 @@ def detect_unit_stalled(node: str, unit: UnitReport, node_now: float) -> Finding
                   "done": progress.done if progress else None, "total": progress.total if progress else None,
                   "stage": progress.stage if progress else None},
     )
+
+
+def stall_deadline(unit: UnitReport) -> float | None:
+    """The node-clock time after which ``detect_unit_stalled`` fires for ``unit`` if nothing changes
+    (None: it cannot stall as it stands)."""
+    if unit.state != "running" or unit.stall_after is None or unit.pid is None:
+        return None
+    if unit.proc_status == "zombie":
+        return None  # it is exiting: the exit is the finding that follows
+    moved_at = max(unit.progress_at or 0.0, unit.started_at)
+    return moved_at + unit.stall_after if moved_at > 0 else None  # never started as far as we know: no stall
 
 
 def node_clock(snapshot: NodeSnapshot, now: float) -> float:

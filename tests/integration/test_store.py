@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import sqlite3
-from collections.abc import AsyncIterator
-from contextlib import closing
+import sys
+import threading
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager, closing
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from controller.fleet import Fleet
+from controller.audit import verify_database
 from controller.placement import Placements
-from controller.store import PlanRecord, SqliteStore
-from selfheal.wire import HostMetrics, NodeStatus, Report, UnitReport
+from controller.store import MAX_BATCH, PlanRecord, SqliteStore
+from selfheal.errors import StoreError
 
 pytestmark = pytest.mark.integration
 
@@ -226,14 +230,9 @@ async def test_open_creates_the_state_directory(db_path: Path) -> None:
 
 async def test_placements_survive_a_controller_restart_and_follow_each_move(db_path: Path) -> None:
     """Where a movable singleton ran is what a restarted controller needs to migrate it off a dead node."""
-    fleet = Fleet()
-    for node, state in (("node-a", "running"), ("node-b", "stopped")):
-        fleet.apply(NodeStatus(node=node, session=1, state="online", ts=T0), T0)
-        fleet.apply(Report(node=node, session=1, seq=1, ts=T0, host=_host(),
-                           units=[UnitReport(name="predict", kind="process", state=state, fence_after=12.0)]), T0)
     store = await SqliteStore.open(db_path)
     placements = Placements()
-    placements.observe(fleet, offline=set(), now=T0)
+    placements.observe({"predict": {"node-a": 12.0}}, {"predict": {"node-a"}}, now=T0)
     await placements.save(store)
     await store.close()
 
@@ -241,14 +240,233 @@ async def test_placements_survive_a_controller_restart_and_follow_each_move(db_p
     restored = Placements()
     await restored.load(store)
     assert [(p.unit, p.node, p.fence_after) for p in restored.placements()] == [("predict", "node-a", 12.0)]
-    fleet.apply(Report(node="node-b", session=1, seq=2, ts=T0 + 5, host=_host(),
-                       units=[UnitReport(name="predict", kind="process", state="running", fence_after=12.0)]), T0 + 5)
-    restored.observe(fleet, offline={"node-a"}, now=T0 + 5)  # migrated: node-a is gone, node-b runs it
+    restored.observe({"predict": {"node-b": 12.0}}, {"predict": {"node-b"}}, now=T0 + 5)  # migrated: node-a is gone
     await restored.save(store)
     assert [(p.unit, p.node) for p in await store.list_placements()] == [("predict", "node-b")]
     await store.close()
 
 
-def _host() -> HostMetrics:
-    return HostMetrics(cpu_percent=1, load1=0, load5=0, load15=0, mem_total_bytes=1, mem_available_bytes=1,
-                       mem_percent=1, swap_percent=0)
+
+# --- group commit -------------------------------------------------------------------------------
+
+
+class Gate:
+    """A timeline value whose encoding (done on the store's worker) holds the worker until released."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __str__(self) -> str:
+        self.entered.set()
+        if not self.release.wait(timeout=30):
+            raise TimeoutError("the gate was never released")
+        return "gate"
+
+
+@asynccontextmanager
+async def worker_held(store: SqliteStore) -> AsyncIterator[None]:
+    """Inside, the worker is busy with one write, so the writes made meanwhile queue up for one batch."""
+    hold = await store.open_incident(**incident_fields("hold/worker"))
+    gate = Gate()
+    held = asyncio.ensure_future(store.append_timeline(hold.id, at=T0, kind="held", data={"gate": gate}))
+    assert await asyncio.to_thread(gate.entered.wait, 10), "the worker never took the gated write"
+    try:
+        yield
+    finally:
+        gate.release.set()
+        await held
+
+
+def queued(*writes: Coroutine[Any, Any, Any]) -> list[asyncio.Future[Any]]:
+    return [asyncio.ensure_future(write) for write in writes]
+
+
+class Unencodable:
+    def __str__(self) -> str:
+        raise ValueError("this value cannot be written")
+
+
+@pytest.mark.parametrize("max_batch", [1, 3, MAX_BATCH])
+async def test_writes_made_at_once_all_commit_in_order_and_the_chains_verify(db_path: Path, max_batch: int) -> None:
+    """Each await returns only once its write is committed: another connection (which sees only committed
+    data) already finds it. Appends to one incident sharing a batch chain in the order they were made."""
+    store = await SqliteStore.open(db_path, max_batch=max_batch)
+    with closing(sqlite3.connect(db_path)) as other:
+        def committed(sql: str, *args: Any) -> Any:
+            return other.execute(sql, args).fetchone()
+
+        async def opening(i: int) -> None:
+            incident = await store.open_incident(**incident_fields(f"node_offline/n{i}", opened_at=T0 + i))
+            assert committed("SELECT key FROM incidents WHERE id = ?", incident.id) == (f"node_offline/n{i}",)
+            for seq in range(2, 5):
+                digest = await store.append_timeline(incident.id, at=T0 + i, kind="notice", data={"seq": seq})
+                assert committed("SELECT hash FROM timeline WHERE incident_id = ? AND seq = ?",
+                                 incident.id, seq) == (digest,)
+            await store.save_plan(plan(f"{incident.id}-1", incident.id, 1))
+            assert committed("SELECT state FROM plans WHERE id = ?", f"{incident.id}-1") == ("running",)
+
+        try:
+            await asyncio.gather(*(opening(i) for i in range(40)))
+            shared = await store.open_incident(**incident_fields("shared"))
+            async with worker_held(store):
+                appends = queued(*(store.append_timeline(shared.id, at=T0 + n, kind="step", data={"n": n})
+                                   for n in range(30)))
+                await asyncio.sleep(0)  # every append is queued behind the held write
+            digests = await asyncio.gather(*appends)
+            detail = await store.get_incident(shared.id)
+        finally:
+            await store.close()
+    assert detail is not None
+    assert [e.data for e in detail.timeline[1:]] == [{"n": n} for n in range(30)]
+    assert [e.hash for e in detail.timeline[1:]] == digests
+    assert verify_database(db_path) == (42, [])  # 40 openings, the shared incident, the held one
+
+
+async def test_a_write_that_fails_in_a_batch_fails_only_its_caller(store: SqliteStore, db_path: Path) -> None:
+    incident = await store.open_incident(**incident_fields())
+    await store.save_plan(plan("1-1", incident.id, 1))
+    command: dict[str, Any] = {"command_id": "c1", "plan_id": "1-1", "node": "node-a", "epoch": 1,
+                               "issued_at": T0, "payload": b"{}"}
+    assert await store.record_command(key="key-1", **command)
+    async with worker_held(store):
+        writes = queued(
+            store.append_timeline(incident.id, at=T0 + 1, kind="step", data={"n": 1}),
+            store.record_command(key="key-1", **command),  # already issued
+            store.append_timeline(4242, at=T0 + 2, kind="step", data={}),  # no such incident
+            store.open_incident(**incident_fields("k/broken", evidence={"bad": Unencodable()})),  # after its INSERT
+            store.record_command(key="key-2", **command),
+            store.append_timeline(incident.id, at=T0 + 3, kind="step", data={"n": 2}),
+        )
+        await asyncio.sleep(0)  # all six are queued for one batch
+    first, duplicate, unknown, broken, second_key, second = await asyncio.gather(*writes, return_exceptions=True)
+    assert duplicate is False  # "already recorded", as the dispatcher expects, and the batch went on
+    assert second_key is True
+    assert isinstance(unknown, StoreError)
+    assert "no incident 4242" in str(unknown)
+    assert isinstance(broken, ValueError)
+    detail = await store.get_incident(incident.id)
+    assert detail is not None
+    assert [(e.kind, e.data, e.hash) for e in detail.timeline[1:]] == [
+        ("step", {"n": 1}, first), ("step", {"n": 2}, second)]
+    with closing(sqlite3.connect(db_path)) as other:  # the broken opening's INSERT was rolled back with it
+        assert other.execute("SELECT count(*) FROM incidents WHERE key = 'k/broken'").fetchone() == (0,)
+        assert other.execute("SELECT key FROM commands ORDER BY key").fetchall() == [("key-1",), ("key-2",)]
+    assert (await store.open_incident(**incident_fields("k/broken"))).state == "open"
+    assert verify_database(db_path)[1] == []
+
+
+async def test_close_commits_the_queued_writes_and_later_writes_are_refused(db_path: Path) -> None:
+    store = await SqliteStore.open(db_path)
+    incident = await store.open_incident(**incident_fields())
+    async with worker_held(store):
+        appends = queued(*(store.append_timeline(incident.id, at=T0 + n, kind="step", data={"n": n})
+                           for n in range(5)))
+        closed = asyncio.ensure_future(store.close())
+        await asyncio.sleep(0)
+    await closed
+    assert all(len(digest) == 64 for digest in await asyncio.gather(*appends))
+    with pytest.raises(StoreError, match="closed"):
+        await store.append_timeline(incident.id, at=T0 + 9, kind="step", data={})
+    assert verify_database(db_path) == (2, [])
+    with closing(sqlite3.connect(db_path)) as other:
+        assert other.execute("SELECT count(*) FROM timeline WHERE incident_id = ?", (incident.id,)).fetchone() == (6,)
+
+
+async def test_a_batch_bound_below_one_is_refused(db_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_batch must be at least 1"):
+        await SqliteStore.open(db_path, max_batch=0)
+
+
+CRASH_IN_A_BATCH = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from controller.store import SqliteStore
+from tests.integration.test_store import incident_fields, queued, worker_held
+
+class Crash:
+    def __str__(self):
+        os.kill(os.getpid(), signal.SIGKILL)  # on the worker, in the middle of the batch's transaction
+
+async def main():
+    store = await SqliteStore.open(Path(sys.argv[1]))
+    a = await store.open_incident(**incident_fields("k/a"))
+    async with worker_held(store):
+        batch = queued(store.append_timeline(a.id, at=1.0, kind="step", data={"n": 1}),
+                       store.open_incident(**incident_fields("k/b")),
+                       store.append_timeline(a.id, at=2.0, kind="step", data={"n": 2}),
+                       store.append_timeline(a.id, at=3.0, kind="step", data={"crash": Crash()}),
+                       store.append_timeline(a.id, at=4.0, kind="step", data={"n": 3}))
+        await asyncio.sleep(0)
+    await asyncio.gather(*batch)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_crash_in_the_middle_of_a_batch_keeps_none_of_it(db_path: Path) -> None:
+    """The writes of the batch that ran before the crash are gone with it (their callers were never told
+    they were written); everything committed before stays, and the chains verify and go on."""
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", CRASH_IN_A_BATCH, str(db_path),
+                                                   cwd=Path(__file__).parents[2])
+    assert await asyncio.wait_for(process.wait(), 60) == -signal.SIGKILL
+    assert verify_database(db_path) == (2, [])  # k/a and the held incident; no k/b
+    store = await SqliteStore.open(db_path)
+    try:
+        a = await store.open_incident(**incident_fields("k/a"))
+        detail = await store.get_incident(a.id)
+        assert detail is not None
+        assert [e.kind for e in detail.timeline] == ["opened"]
+        assert [i.key for i in await store.unresolved_incidents()] == ["k/a", "hold/worker"]
+        await store.append_timeline(a.id, at=5.0, kind="step", data={"n": 4})
+        assert (await store.open_incident(**incident_fields("k/b"))).state == "open"
+    finally:
+        await store.close()
+    assert verify_database(db_path) == (3, [])
+
+
+WRITE_UNTIL_KILLED = """
+import asyncio, itertools, sys
+from pathlib import Path
+from controller.store import SqliteStore
+from tests.integration.test_store import incident_fields, plan
+
+async def writer(store, w):
+    for i in itertools.count():
+        incident = await store.open_incident(**incident_fields(f"w{w}/{i}"))
+        print("incident", incident.id, flush=True)
+        for n in range(3):
+            print("entry", await store.append_timeline(incident.id, at=float(n), kind="step", data={"n": n}),
+                  flush=True)
+        await store.save_plan(plan(f"{incident.id}-1", incident.id, 1))
+        print("plan", f"{incident.id}-1", flush=True)
+
+async def main():
+    store = await SqliteStore.open(Path(sys.argv[1]))
+    await asyncio.gather(*(writer(store, w) for w in range(16)))
+
+asyncio.run(main())
+"""
+
+
+async def test_every_acknowledged_write_survives_a_kill_and_the_chains_verify(db_path: Path) -> None:
+    """A writer killed at an arbitrary moment (most likely inside a batch: its worker is always busy)."""
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", WRITE_UNTIL_KILLED, str(db_path),
+                                                   cwd=Path(__file__).parents[2],
+                                                   stdout=asyncio.subprocess.PIPE)
+    assert process.stdout is not None
+    lines = [await asyncio.wait_for(process.stdout.readline(), 60) for _ in range(400)]
+    process.kill()
+    rest, _ = await process.communicate()
+    acknowledged = [line.decode().split() for line in lines + rest.splitlines(keepends=True) if line.endswith(b"\n")]
+    assert len(acknowledged) >= 400
+    count, problems = verify_database(db_path)
+    assert problems == []
+    with closing(sqlite3.connect(db_path)) as db:
+        incidents = {row[0] for row in db.execute("SELECT id FROM incidents")}
+        entries = {row[0] for row in db.execute("SELECT hash FROM timeline")}
+        plans = {row[0] for row in db.execute("SELECT id FROM plans")}
+    for kind, value in acknowledged:
+        assert value in {"incident": {str(i) for i in incidents}, "entry": entries, "plan": plans}[kind], (
+            f"acknowledged {kind} {value} is not in the database")
+    assert count == len(incidents) >= 16

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from detectors.model import NodeSnapshot
-from detectors.placement import Placement, detect_lost_units
+from detectors.placement import Placement, detect_lost_units, runners
 from selfheal.config import load_config
 from selfheal.errors import ConfigError
 from selfheal.wire import UnitReport, UnitStateName
@@ -21,14 +21,15 @@ def node(name: str, state: UnitStateName | None, *, fenced: bool = False, seen: 
 
 
 def lost(*snapshots: NodeSnapshot, offline: set[str]) -> list[tuple[str, str | None, str]]:
-    found = detect_lost_units([PLACED], {s.node: s for s in snapshots}, offline)
+    by_node = {s.node: s for s in snapshots}
+    found = detect_lost_units([PLACED], {"predict": runners("predict", snapshots, offline)}, by_node.get, offline)
     return [(f.node, f.unit, f.evidence["reason"]) for f in found]
 
 
 def test_its_node_offline_and_no_other_runs_it() -> None:
     assert lost(node("node-a", "running"), node("node-b", "stopped"), offline={"node-a"}) == [
         ("node-a", "predict", "node_offline")]
-    (finding,) = detect_lost_units([PLACED], {"node-a": node("node-a", "running")}, {"node-a"})
+    (finding,) = detect_lost_units([PLACED], {}, {"node-a": node("node-a", "running")}.get, {"node-a"})
     assert finding.evidence["fenced_at"] == 110.0
     assert finding.key == "unit_lost/node-a/predict"
 
