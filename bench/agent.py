@@ -218,7 +218,7 @@ def harness(args: argparse.Namespace) -> int:  # noqa: PLR0915 - one straight se
     import tempfile  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
-    from bench.ingest import free_port, selfheal_command, start_broker, start_process, stop_process  # noqa: PLC0415
+    from bench.simulated import free_port, selfheal_command, start_broker, start_process, stop_process  # noqa: PLC0415
     from selfheal.keys import write_key  # noqa: PLC0415
 
     root = Path(tempfile.mkdtemp(prefix="selfheal-bench-agent-"))

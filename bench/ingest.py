@@ -3,10 +3,11 @@
 Everything is real and on loopback: a Mosquitto this script starts on a free
 port (``max_queued_messages`` above the fleet size, as ``selfheal broker init``
 writes it), simulated agents in separate publisher processes speaking the real
-wire format, and the real controller (``selfheal controller``) as a
-subprocess with the built-in rulebook, a key for every simulated node in
-``security.key_dir`` and every message signed with ``wire.sign_node_message``
-(when ``selfheal.wire`` has it; otherwise unsigned, and the output says so).
+wire format (``bench/simulated.py``, shared with ``bench/mttr.py``), and the
+real controller (``selfheal controller``) as a subprocess with the built-in
+rulebook, a key for every simulated node in ``security.key_dir`` and every
+message signed with ``wire.sign_node_message`` (when ``selfheal.wire`` has it;
+otherwise unsigned, and the output says so).
 
 For each fleet size:
 
@@ -62,16 +63,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
-import functools
 import json
 import multiprocessing as mp
 import os
 import random
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -79,187 +76,46 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
-import msgspec
 import psutil
 
+from bench.simulated import (
+    GENERATOR_OK,
+    KEEP_UP,
+    SIGN,
+    Fleet,
+    Samples,
+    SimNode,
+    by_label,
+    child_setup,
+    cpu_seconds,
+    end_mp,
+    free_port,
+    max_queued,
+    metric,
+    node_name,
+    parse_metrics,
+    selfheal_command,
+    start_broker,
+    start_process,
+    stop_process,
+    wait_statuses,
+    write_keys,
+)
 from selfheal import wire
 from selfheal.errors import WireError
-from selfheal.keys import read_key, write_key
 
 DEFAULT_FLEETS = (100, 1000, 10_000)
 DEFAULT_STEPS = (10, 25, 50, 100, 200, 400, 800, 1600, 3200, 6400)
 QUICK_FLEETS = (20,)
 QUICK_STEPS = (20, 40)
-KEEP_UP = 0.95
-"""A target keeps up when it accepts at least this share of what was sent, and its backlog stays flat."""
-GENERATOR_OK = 0.97
-"""Below this share of the offered rate actually sent, the generator is the bottleneck: stepping stops."""
 REPORT_FILTER = f"{wire.PREFIX}/p/+/nodes/+/report"
-UNITS = ("web", "etl", "train")
-MOUNTS = ("/",)
-SESSION = 1
-MOSQUITTO = next((p for p in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/bin/mosquitto")
-                  if p and os.access(p, os.X_OK)), None)
-SIGN: Callable[..., Any] | None = getattr(wire, "sign_node_message", None)
-"""``wire.sign_node_message(message, channel, key)``, when this version of selfheal signs node traffic."""
-PR_SET_PDEATHSIG = 1
 Target = Literal["count", "decode", "controller"]
 TARGETS: tuple[Target, ...] = ("count", "decode", "controller")
-
-
-# --- the simulated agents ---------------------------------------------------------------------------------
-
-
-def node_name(index: int) -> str:
-    return f"sim-{index:05d}"
-
-
-def node_status(node: str, now: float) -> wire.NodeStatus:
-    """What an agent publishes retained when it connects (``agent.app``'s ``_status``)."""
-    return wire.NodeStatus(node=node, state="online", session=SESSION, version="bench", units=list(UNITS),
-                           labels={"group": f"g{wire.bucket_of(node) % 8}", "bench": "ingest"},
-                           http="http://127.0.0.1:9", ts=now)
-
-
-def report_template(node: str, now: float) -> wire.Report:
-    """A node's report: host metrics with one mount, three running units each with a healthy HTTP probe."""
-    index = int(node.rsplit("-", 1)[-1])
-    host = wire.HostMetrics(
-        cpu_percent=23.7, load1=1.42, load5=1.17, load15=0.98, mem_total_bytes=67_353_923_584,
-        mem_available_bytes=41_238_138_880, mem_percent=38.8, swap_percent=0.4,
-        disks=[wire.DiskUsage(mount=m, total_bytes=1_967_317_549_056, used_bytes=812_361_728_000, percent=41.3)
-               for m in MOUNTS],
-        disk_read_bytes=98_234_880_512, disk_write_bytes=411_202_371_584, net_sent_bytes=18_311_892_301,
-        net_recv_bytes=92_114_551_098)
-    units = [wire.UnitReport(
-        name=name, kind="process", state="running", pid=40_000 + 3 * index + i, restarts=0, started_at=now - 3600.25,
-        cpu_percent=12.5 + i, rss_bytes=1_241_513_984, num_fds=87, num_threads=23, proc_status="sleeping",
-        probe=wire.ProbeState(kind="http", healthy=True, consecutive_failures=0, failures_threshold=3,
-                              last_latency_s=round(0.0031 + i / 1000, 4), checked_at=now - 0.4))
-        for i, name in enumerate(UNITS)]
-    return wire.Report(node=node, session=SESSION, seq=0, ts=now, host=host, units=units)
-
-
-class SimNode:
-    """One simulated agent: its topic, its key and its next report."""
-
-    def __init__(self, node: str, key: bytes | None, now: float, rng: random.Random) -> None:
-        self.node, self.key, self.rng = node, key, rng
-        self.topic = wire.node_topic(node, "report")
-        self.template = report_template(node, now)
-        self.seq = 0
-
-    def status_payload(self, now: float) -> bytes:
-        return self._encode(node_status(self.node, now), "status")
-
-    def next_report(self, now: float) -> bytes:
-        self.seq += 1
-        host = msgspec.structs.replace(self.template.host, cpu_percent=round(20 + 10 * self.rng.random(), 1),
-                                       load1=round(1 + self.rng.random(), 2),
-                                       mem_percent=round(38 + self.rng.random(), 1))
-        units = [msgspec.structs.replace(u, cpu_percent=round(10 + 5 * self.rng.random(), 1),
-                                         probe=msgspec.structs.replace(u.probe, checked_at=now - 0.4))
-                 if u.probe is not None else u for u in self.template.units]
-        report = msgspec.structs.replace(self.template, seq=self.seq, ts=now, host=host, units=units)
-        return self._encode(report, "report")
-
-    def _encode(self, message: wire.NodeStatus | wire.Report, channel: wire.NodeChannel) -> bytes:
-        if self.key is not None and SIGN is not None:
-            message = SIGN(message, channel, self.key)
-        return wire.encode(message)
-
-
-def _child_setup() -> int:
-    """In a child process: leave Ctrl-C to the parent (it stops us in order); return the parent's pid."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    return os.getppid()
-
-
-def publisher_main(*, index: int, nodes: list[str], key_dir: str, signed: bool, host: str, port: int,
-                   conn: Connection, sent: Synchronized[int]) -> None:
-    """A publisher process: its share of the fleet, round-robin, at the rate the parent sets.
-
-    Commands on ``conn``: ``("statuses",)`` publishes every node's status retained (QoS 1) and answers
-    ``("statuses", published, seconds)``; ``("rate", r)`` sets reports/s for this process (0: idle);
-    ``("stop",)`` ends. ``sent`` counts reports handed to the socket."""
-    parent = _child_setup()
-    now = time.time()
-    rng = random.Random(index)
-    sims = [SimNode(n, read_key(key_dir, n) if signed else None, now, rng) for n in nodes]
-    client = _connect(f"bench-ingest-pub-{index}-{os.getpid()}", host, port)
-    if client is None:
-        conn.send(("error", f"publisher {index}: no connection to the broker"))
-        return
-    conn.send(("ready", len(sims)))
-    rate, started, sent_here, cursor, total = 0.0, time.monotonic(), 0, 0, 0
-    try:
-        while True:
-            if conn.poll():
-                command = conn.recv()
-                if command[0] == "stop":
-                    break
-                if command[0] == "rate":
-                    rate, started, sent_here = float(command[1]), time.monotonic(), 0
-                elif command[0] == "statuses":
-                    conn.send(("statuses", *_publish_statuses(client, sims)))
-                continue
-            if os.getppid() != parent:
-                break  # the harness died without stopping us
-            if rate <= 0:
-                client.loop(timeout=0.05)
-                continue
-            elapsed = time.monotonic() - started
-            due = int(elapsed * rate) - sent_here
-            if due <= 0:
-                client.loop(timeout=min(0.05, max(0.0, (sent_here + 1) / rate - elapsed)))
-                continue
-            batch = min(due, max(1, int(rate * 0.05)))  # at most 50 ms worth, then look at the pipe again
-            wall = time.time()
-            for _ in range(batch):
-                sim = sims[cursor]
-                cursor = (cursor + 1) % len(sims)
-                client.publish(sim.topic, sim.next_report(wall), qos=0)
-            sent_here += batch
-            total += batch
-            sent.value = total
-            client.loop(timeout=0)
-    finally:
-        with contextlib.suppress(Exception):
-            client.disconnect()
-
-
-def _connect(client_id: str, host: str, port: int) -> Any:
-    """A paho client without a network thread (this loop drives it), connected; None if the broker is not there."""
-    import paho.mqtt.client as paho  # noqa: PLC0415 - only the publisher processes need paho directly
-    from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
-
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
-                         protocol=paho.MQTTv311)
-    client.max_inflight_messages_set(100)
-    client.connect(host, port, keepalive=30)
-    deadline = time.monotonic() + 15
-    while not client.is_connected():
-        client.loop(timeout=0.05)
-        if time.monotonic() > deadline:
-            return None
-    return client
-
-
-def _publish_statuses(client: Any, sims: list[SimNode]) -> tuple[int, float]:
-    started = time.monotonic()
-    now = time.time()
-    infos = [client.publish(wire.node_topic(s.node, "status"), s.status_payload(now), qos=1, retain=True)
-             for s in sims]
-    deadline = started + 120
-    while not all(i.is_published() for i in infos) and time.monotonic() < deadline:
-        client.loop(timeout=0.05)
-    return sum(1 for i in infos if i.is_published()), time.monotonic() - started
 
 
 # --- the anchors ------------------------------------------------------------------------------------------
@@ -268,7 +124,7 @@ def _publish_statuses(client: Any, sims: list[SimNode]) -> tuple[int, float]:
 def anchor_main(kind: str, host: str, port: int, received: Synchronized[int], ready: Any) -> None:
     """A bare aiomqtt subscriber on every node's report topic, with the controller's client settings; counts
     each report (``count``) or also decodes it with ``wire.decode_node_message`` (``decode``)."""
-    parent = _child_setup()
+    parent = child_setup()
     import aiomqtt  # noqa: PLC0415 - only the anchor processes use aiomqtt
 
     async def run() -> None:
@@ -299,106 +155,7 @@ def anchor_main(kind: str, host: str, port: int, received: Synchronized[int], re
     asyncio.run(run())
 
 
-# --- processes we own -------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """In a child before exec: SIGTERM when this script dies, however it dies (Linux)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def start_process(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                preexec_fn=_die_with_parent)  # noqa: PLW1509 - no threads run yet at these points
-
-
-def stop_process(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
-def max_queued(nodes: int) -> int:
-    try:
-        from selfheal.broker_setup import max_queued as selfheal_max_queued  # noqa: PLC0415 - optional module
-    except ImportError:
-        return max(10_000, 4 * nodes)
-    return selfheal_max_queued(nodes)
-
-
-def start_broker(root: Path, nodes: int) -> tuple[subprocess.Popen[bytes], int]:
-    if MOSQUITTO is None:
-        raise SystemExit("mosquitto not found: apt-get install -y mosquitto")
-    port = free_port()
-    conf = root / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    f"max_queued_messages {max_queued(nodes)}\nmax_inflight_messages 100\n"
-                    f"max_packet_size {wire.MAX_PAYLOAD + 16 * 1024}\nset_tcp_nodelay true\n")
-    proc = start_process([MOSQUITTO, "-c", str(conf)], root / "mosquitto.log")
-    deadline = time.monotonic() + 10
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return proc, port
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"mosquitto did not start: {(root / 'mosquitto.log').read_text()[-2000:]}")
-        time.sleep(0.05)
-
-
-def selfheal_command() -> list[str]:
-    script = Path(sys.executable).with_name("selfheal")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "selfheal"]
-
-
 # --- measuring --------------------------------------------------------------------------------------------
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
-
-
-def parse_metrics(text: str) -> dict[str, list[tuple[str, float]]]:
-    """Prometheus text exposition → {name: [(labels, value)]}."""
-    out: dict[str, list[tuple[str, float]]] = {}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match is not None:
-            out.setdefault(match.group(1), []).append((match.group(2) or "", float(match.group(3))))
-    return out
-
-
-def metric(samples: dict[str, list[tuple[str, float]]], name: str, **labels: str) -> float:
-    wanted = [f'{k}="{v}"' for k, v in labels.items()]
-    return sum(v for lab, v in samples.get(name, []) if all(w in lab for w in wanted))
-
-
-def by_label(samples: dict[str, list[tuple[str, float]]], name: str, label: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for lab, value in samples.get(name, []):
-        match = re.search(rf'{label}="([^"]*)"', lab)
-        if match is not None and value:
-            out[match.group(1)] = value
-    return out
-
-
-def cpu_seconds(proc: psutil.Process | None) -> float:
-    if proc is None:
-        return 0.0
-    try:
-        times = proc.cpu_times()
-    except psutil.Error:
-        return 0.0
-    return float(times.user + times.system)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -472,36 +229,6 @@ class Settings:
     retries: int
 
 
-@dataclass
-class Fleet:
-    """The publisher processes of one fleet size, with their sent counters."""
-
-    nodes: int
-    procs: list[Any] = field(default_factory=list)
-    conns: list[Connection] = field(default_factory=list)
-    counters: list[Any] = field(default_factory=list)
-
-    def sent(self) -> int:
-        return sum(int(c.value) for c in self.counters)
-
-    def set_rate(self, rate: float) -> None:
-        share = rate / len(self.conns)
-        for conn in self.conns:
-            conn.send(("rate", share))
-
-    def cpu(self) -> float:
-        return sum(cpu_seconds(psutil.Process(p.pid)) for p in self.procs if p.is_alive())
-
-    def request(self, command: tuple[Any, ...], timeout: float) -> list[tuple[Any, ...]]:
-        for conn in self.conns:
-            conn.send(command)
-        replies = []
-        for conn in self.conns:
-            if not conn.poll(timeout):
-                raise RuntimeError(f"a publisher did not answer {command[0]!r} within {timeout}s")
-            replies.append(conn.recv())
-        return replies
-
 
 class Subject:
     """A target as the stepping loop sees it: a process, a received-reports counter."""
@@ -528,9 +255,9 @@ class ControllerSubject(Subject):
         self.popen, self.api = proc, api
         self.proc = psutil.Process(proc.pid)
         self.http = httpx.Client(base_url=api, timeout=30.0)
-        self.last: dict[str, list[tuple[str, float]]] = {}
+        self.last: Samples = {}
 
-    def scrape(self) -> dict[str, list[tuple[str, float]]]:
+    def scrape(self) -> Samples:
         self.last = parse_metrics(self.http.get("/metrics").text)
         return self.last
 
@@ -556,7 +283,7 @@ def step_figures(rate: int, a: dict[str, float], b: dict[str, float], base: floa
     backlog_end = b["sent"] - base - b["received"]
     grown = backlog_end - backlog_start
     generator_ok = achieved >= GENERATOR_OK * rate
-    kept_up = accepted >= KEEP_UP * achieved and grown <= (1 - KEEP_UP) * achieved * wall
+    kept_up = accepted >= KEEP_UP * achieved and grown <= (1 - KEEP_UP) * achieved * wall  # and the backlog is flat
     try:
         rss = subject.proc.memory_info().rss
     except psutil.Error:
@@ -638,23 +365,17 @@ class Run:
         root = self.root / f"fleet-{nodes}"
         root.mkdir()
         key_dir = root / "keys"
-        key_dir.mkdir()
         names = [node_name(i) for i in range(nodes)]
-        if self.signed:
-            for name in names:
-                write_key(key_dir, name)
-        settled = time.time() - 60  # keys written a while ago: the controller's first load is not "racy"
-        os.utime(key_dir, (settled, settled))
+        write_keys(key_dir, names if self.signed else [])
         broker_proc, port = start_broker(root, nodes)
         self.cleanup.append(lambda: stop_process(broker_proc))
         broker = psutil.Process(broker_proc.pid)
-        fleet = self.start_publishers(names, key_dir, port)
+        fleet = Fleet.start(names, key_dir, port, publishers=self.publishers, signed=self.signed,
+                            cleanup=self.cleanup)
         result: dict[str, Any] = {"nodes": nodes, "broker_max_queued_messages": max_queued(nodes)}
-        replies = fleet.request(("statuses",), timeout=180)
-        published = sum(r[1] for r in replies)
-        result["statuses"] = {"published": published, "publish_seconds": round(max(r[2] for r in replies), 2)}
-        self.say(f"fleet {nodes}: {published} statuses published retained in {result['statuses']['publish_seconds']}s "
-                 f"(broker max_queued_messages {max_queued(nodes)})")
+        result["statuses"] = fleet.publish_statuses()
+        self.say(f"fleet {nodes}: {result['statuses']['published']} statuses published retained in "
+                 f"{result['statuses']['publish_seconds']}s (broker max_queued_messages {max_queued(nodes)})")
         targets: dict[str, Any] = {}
         for name in self.targets:
             if name == "controller":
@@ -668,38 +389,9 @@ class Run:
             result["ratio_controller_to_decode"] = round(ctl["ceiling"] / decode["ceiling"], 4)
             result["ratio_is"] = "exact" if decode["fell_behind"] and ctl["fell_behind"] else (
                 "upper bound" if ctl["fell_behind"] else "lower bound" if decode["fell_behind"] else "unbounded")
-        for conn in fleet.conns:
-            with contextlib.suppress(OSError):
-                conn.send(("stop",))
-        for proc in fleet.procs:
-            proc.join(5)
-            if proc.is_alive():
-                proc.terminate()
+        fleet.stop()
         stop_process(broker_proc)
         return result
-
-    def start_publishers(self, names: list[str], key_dir: Path, port: int) -> Fleet:
-        ctx = mp.get_context("spawn")
-        fleet = Fleet(nodes=len(names))
-        count = max(1, min(self.publishers, len(names)))
-        for index in range(count):
-            parent_end, child_end = ctx.Pipe()
-            counter = ctx.Value("q", 0, lock=False)
-            proc = ctx.Process(target=publisher_main, name=f"bench-pub-{index}", daemon=True, kwargs={
-                "index": index, "nodes": names[index::count], "key_dir": str(key_dir), "signed": self.signed,
-                "host": "127.0.0.1", "port": port, "conn": child_end, "sent": counter})
-            proc.start()
-            self.cleanup.append(functools.partial(_end_mp, proc))
-            fleet.procs.append(proc)
-            fleet.conns.append(parent_end)
-            fleet.counters.append(counter)
-        for conn in fleet.conns:
-            if not conn.poll(120):
-                raise RuntimeError("a publisher did not start")
-            reply = conn.recv()
-            if reply[0] != "ready":
-                raise RuntimeError(str(reply[1]))
-        return fleet
 
     def anchor_run(self, name: Target, fleet: Fleet, broker: psutil.Process, port: int) -> dict[str, Any]:
         ctx = mp.get_context("spawn")
@@ -708,14 +400,14 @@ class Run:
         proc = ctx.Process(target=anchor_main, name=f"bench-{name}", daemon=True,
                            args=(name, "127.0.0.1", port, counter, ready))
         proc.start()
-        self.cleanup.append(lambda: _end_mp(proc))
+        self.cleanup.append(lambda: end_mp(proc))
         if not ready.wait(60):
             raise RuntimeError(f"the {name} anchor did not subscribe")
         subject = AnchorSubject(name, proc, counter)
         try:
             return run_steps(fleet, subject, broker, self.settings, poller=None, say=self.say)
         finally:
-            _end_mp(proc)
+            end_mp(proc)
 
     def controller_run(self, root: Path, fleet: Fleet, broker: psutil.Process, *, port: int, nodes: int,
                        key_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
@@ -746,7 +438,9 @@ class Run:
             time.sleep(0.1)
         ready_s = time.monotonic() - started
         subject = ControllerSubject(popen, api)
-        statuses = self.wait_statuses(subject, nodes)
+        # Reports wait meanwhile: the steps measure a controller that knows its fleet.
+        statuses = wait_statuses(subject.scrape, nodes, stall=self.settings.status_wait,
+                                 timeout=self.settings.status_timeout)
         statuses["ready_seconds"] = round(ready_s, 2)
         result["statuses"].update(statuses)
         self.say(f"  controller ready in {ready_s:.1f}s; statuses reached it: {statuses['received']:.0f}/{nodes} "
@@ -761,33 +455,6 @@ class Run:
         finally:
             subject.http.close()
             stop_process(popen)
-
-    def wait_statuses(self, subject: ControllerSubject, nodes: int) -> dict[str, Any]:
-        """Until every status arrived, or none arrived for a while (or ``--status-timeout``): how many reached
-        the controller. Reports wait meanwhile: the steps measure a controller that knows its fleet."""
-        started = time.monotonic()
-        last, last_change = -1.0, started
-        while True:
-            samples = subject.scrape()
-            received = metric(samples, "selfheal_messages_received_total", channel="status")
-            now = time.monotonic()
-            if received != last:
-                last, last_change = received, now
-            if (received >= nodes or now - last_change > self.settings.status_wait
-                    or now - started > self.settings.status_timeout):
-                return {"received": received, "nodes_known": metric(samples, "selfheal_nodes"),
-                        "rejected": by_label(samples, "selfheal_messages_rejected_total", "reason"),
-                        "seconds": round(now - started, 2)}
-            time.sleep(0.2)
-
-
-def _end_mp(proc: Any) -> None:
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
 
 
 # --- output -----------------------------------------------------------------------------------------------
