@@ -17,7 +17,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from controller.api_gate import NO_TOKEN
-from controller.engine import Engine, PlanConflict
+from controller.engine import Engine
+from controller.operations import PlanConflict
 from controller.store import SilenceRecord, SqliteStore
 from selfheal.clocks import Clock, iso
 

@@ -198,7 +198,7 @@ class Controller:
 
         async def record(incident_id: int, kind: str, data: dict[str, object]) -> None:
             if self.engine is not None:
-                await self.engine._audit(incident_id, kind, data)
+                await self.engine.effects.audit(incident_id, kind, data)
 
         def silenced(labels: Mapping[str, str]) -> bool:
             now = self.clock.wall()
