@@ -8,11 +8,19 @@ are enforced in front of the app by ``api_gate.ApiGate``, before any body is
 read; the OpenAPI document lists every problem response an operation can
 give (401/403/413/503 at the gate, 404 for unknown or out-of-range ids, 422
 for bad parameters and bodies, malformed JSON included).
+
+Reads answer from state kept up to date as messages come
+(``controller.fleet_index``), never by walking the fleet: the node and unit
+lists are pages (``?limit=``, at most ``MAX_PAGE``; ``?after=`` the cursor
+the previous page gave as ``next``), the status page shows the fleet's
+counts, its nodes with a problem and one page of nodes, and the datasets
+view is recomputed only when a digest, a replica's presence or a
+localisation changed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
@@ -31,17 +39,17 @@ from starlette.types import Scope
 import selfheal
 from controller.api_actions import create_actions
 from controller.api_gate import MUTATING, OPEN_PATHS, ApiGate, Tokens, problem
-from controller.datasets import describe_datasets
 from controller.engine import Engine
-from controller.fleet import Fleet
+from controller.fleet import Fleet, NodeState
+from controller.fleet_index import FleetCounts, FleetIndex, node_offline, unit_unhealthy
 from controller.metrics import ControllerMetrics
 from controller.page import render_api_docs, render_incident_page, render_status_page
 from controller.sources.alertmanager import create_alerts_router
 from controller.sources.alerts import ExternalAlerts
 from controller.store import Incident, PlanRecord, SqliteStore
-from detectors.presence import is_offline
 from selfheal.clocks import Clock, iso
 from selfheal.logs import get_logger
+from selfheal.wire import UnitReport
 
 T = TypeVar("T")
 log = get_logger("controller.api")
@@ -49,6 +57,16 @@ MAX_ID = 2**63 - 1
 """Ids are SQLite integers: anything beyond is no incident (404), not an overflow (500)."""
 BODY_NOT_PARSED = "There was an error parsing the body"
 """FastAPI's 400 for a body it could not even decode (the issue's undocumented 400)."""
+DEFAULT_PAGE = 500
+"""Nodes (or units) a list answers with when ``limit`` is not given."""
+MAX_PAGE = 5000
+"""The most a client may ask for at once: a 10,000-node fleet is never serialised in one response."""
+PAGE_NODES = 100
+"""Nodes the status page lists per page (``/?after=`` for the next)."""
+PAGE_PROBLEMS = 50
+"""Nodes with a problem the status page lists (the first in order; the count says how many there are)."""
+MAX_CURSOR = 200
+"""Longest ``after`` (or ``node``) accepted: ids are at most 63 characters, a unit cursor twice that."""
 
 
 @dataclass
@@ -70,6 +88,12 @@ class ApiContext:
     """``security.api_read_token_file``: when set, reads need this token (or the mutating one)."""
     unknown_nodes: Mapping[str, Any] | None = None
     """Node ids heard without a key (``controller.app.UnknownNode`` by id): listed, never acted on."""
+    index: FleetIndex | None = None
+    """Counts and orderings kept up to date as messages are applied (the controller shares its own with its
+    metrics); made here when not given."""
+
+    def __post_init__(self) -> None:
+        self.view: FleetIndex = self.index or FleetIndex(self.fleet, offline_after=self.offline_after)
 
 
 class NodeOut(BaseModel):
@@ -189,9 +213,23 @@ class UnknownNodeOut(BaseModel):
 
 class NodesOut(BaseModel):
     items: list[NodeOut]
+    """One page of nodes, in id order."""
     unknown: list[UnknownNodeOut] = []
     """Node ids heard on the broker with no key in ``security.key_dir`` (signed node traffic is on): their
     messages are dropped, never acted on; the longest silent are forgotten beyond 256."""
+    total: int = 0
+    """Nodes the controller knows, on every page."""
+    next: str | None = None
+    """The cursor of the next page (pass it as ``after``); null on the last page."""
+
+
+class UnitsOut(BaseModel):
+    items: list[UnitOut]
+    """One page of units, in (node, name) order."""
+    total: int = 0
+    """Units the listing covers (the fleet's, or the node's with ``node=``)."""
+    next: str | None = None
+    """The cursor of the next page, ``node/unit`` (pass it as ``after``); null on the last page."""
 
 
 def create_api(ctx: ApiContext) -> FastAPI:
@@ -258,14 +296,18 @@ def create_api(ctx: ApiContext) -> FastAPI:
         return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/v1/nodes")
-    async def nodes() -> NodesOut:
-        unknown = [UnknownNodeOut(id=n, first_seen=iso(u.first_seen), last_seen=iso(u.last_seen), messages=u.messages)
-                   for n, u in sorted((ctx.unknown_nodes or {}).items())]
-        return NodesOut(items=_nodes(ctx), unknown=unknown)
+    async def nodes(limit: int = Query(DEFAULT_PAGE, ge=1, le=MAX_PAGE),
+                    after: str | None = Query(None, max_length=MAX_CURSOR)) -> NodesOut:
+        """One page of nodes in id order: those after the cursor ``after`` (the previous page's ``next``)."""
+        return _nodes(ctx, after, limit)
 
     @app.get("/api/v1/units")
-    async def units() -> Items[UnitOut]:
-        return Items(items=_units(ctx))
+    async def units(limit: int = Query(DEFAULT_PAGE, ge=1, le=MAX_PAGE),
+                    after: str | None = Query(None, max_length=MAX_CURSOR),
+                    node: str | None = Query(None, max_length=MAX_CURSOR)) -> UnitsOut:
+        """One page of units in (node, name) order, after the cursor ``after`` (``node/unit``, the previous
+        page's ``next``); ``node``: that node's units only."""
+        return _units(ctx, after, limit, node)
 
     @app.get("/api/v1/datasets")
     async def datasets() -> Items[DatasetOut]:
@@ -294,15 +336,11 @@ def create_api(ctx: ApiContext) -> FastAPI:
         return Items(items=[_plan(p) for p in rows])
 
     @app.get("/", response_class=HTMLResponse)
-    async def page() -> HTMLResponse:
-        now = ctx.clock.wall()
+    async def page(after: str | None = Query(None, max_length=MAX_CURSOR)) -> HTMLResponse:
+        """The fleet's counts, its nodes with a problem, one page of nodes (after ``after``) and their units."""
         history = await ctx.store.list_incidents(limit=1000)  # newest first: the plots' bounded window
         plans = await ctx.store.list_plans(limit=20)
-        return HTMLResponse(render_status_page(
-            nodes=[n.model_dump() for n in _nodes(ctx)], units=[u.model_dump() for u in _units(ctx)],
-            incidents=[_incident(i).model_dump() for i in history[:30]], version=selfheal.__version__,
-            now=iso(now) or "", plans=[_plan(p).model_dump() for p in plans], datasets=_page_datasets(ctx),
-            history=[(i.opened_at, i.resolved_at) for i in history], now_ts=now))
+        return HTMLResponse(_status_page(ctx, after, history, plans))
 
     @app.get("/incidents/{incident_id}", response_class=HTMLResponse, responses={404: {}})
     async def incident_page(incident_id: int) -> HTMLResponse:
@@ -398,36 +436,81 @@ def _lift_definitions(operation: dict[str, Any], schemas: dict[str, Any]) -> Non
             schemas.setdefault(name, definition)
 
 
-def _nodes(ctx: ApiContext) -> list[NodeOut]:
+def _status_page(ctx: ApiContext, after: str | None, history: list[Incident], plans: list[PlanRecord]) -> str:
     now = ctx.clock.wall()
-    out = []
-    for node_id in sorted(ctx.fleet.nodes):
-        snapshot = ctx.fleet.snapshot(node_id)
-        node = ctx.fleet.nodes[node_id]
-        if snapshot is None:
-            continue
-        offline = is_offline(snapshot, now, ctx.offline_after)
-        out.append(NodeOut(id=node_id, state="offline" if offline else "online",
-                           last_seen=iso(node.last_seen) if node.last_seen else None, session=node.session,
-                           version=node.version, units=sorted(node.units)))
-    return out
+    ids, cursor = ctx.view.page(after, PAGE_NODES)
+    listed = [ctx.fleet.nodes[n] for n in ids]
+    problems = [ctx.fleet.nodes[n] for n in ctx.view.problems(now, PAGE_PROBLEMS)]
+    return render_status_page(
+        counts=_counts(ctx.view.counts(now)),
+        nodes=[_node(n, now, ctx.offline_after).model_dump() for n in listed],
+        units=[_unit(n.id, u).model_dump() for n in listed for u in _sorted_units(n)],
+        problems=[{**_node(n, now, ctx.offline_after).model_dump(),
+                   "sick": [_unit(n.id, u).model_dump() for u in _sorted_units(n) if unit_unhealthy(u)]}
+                  for n in problems],
+        after=after, next_after=cursor,
+        incidents=[_incident(i).model_dump() for i in history[:30]], version=selfheal.__version__,
+        now=iso(now) or "", plans=[_plan(p).model_dump() for p in plans], datasets=_page_datasets(ctx),
+        history=[(i.opened_at, i.resolved_at) for i in history], now_ts=now)
+
+
+def _node(node: NodeState, now: float, offline_after: float) -> NodeOut:
+    return NodeOut(id=node.id, state="offline" if node_offline(node, now, offline_after) else "online",
+                   last_seen=iso(node.last_seen) if node.last_seen else None, session=node.session,
+                   version=node.version, units=sorted(node.units))
 
 
 def datasets_view(ctx: ApiContext) -> list[dict[str, Any]]:
+    """``describe_datasets``' view, as kept by the index (recomputed only when something it reads changed)."""
+    return ctx.view.datasets(ctx.clock.wall(), ctx.engine.dispatcher.localisations)
+
+
+def _nodes(ctx: ApiContext, after: str | None, limit: int) -> NodesOut:
+    unknown = [UnknownNodeOut(id=n, first_seen=iso(u.first_seen), last_seen=iso(u.last_seen), messages=u.messages)
+               for n, u in sorted((ctx.unknown_nodes or {}).items())]
+    ids, cursor = ctx.view.page(after, limit)
     now = ctx.clock.wall()
-    offline = {n for n in ctx.fleet.nodes if (s := ctx.fleet.snapshot(n)) is None
-               or is_offline(s, now, ctx.offline_after)}
-    return describe_datasets(ctx.fleet, offline, ctx.engine.dispatcher.localisations)
+    return NodesOut(items=[_node(ctx.fleet.nodes[n], now, ctx.offline_after) for n in ids], unknown=unknown,
+                    total=len(ctx.fleet.nodes), next=cursor)
 
 
-def _units(ctx: ApiContext) -> list[UnitOut]:
-    return [
-        UnitOut(node=node_id, name=unit.name, kind=unit.kind, state=unit.state, pid=unit.pid,
-                restarts=unit.restarts, healthy=unit.probe.healthy if unit.probe else None,
-                cpu_percent=unit.cpu_percent, rss_bytes=unit.rss_bytes, fenced=unit.fenced)
-        for node_id in sorted(ctx.fleet.nodes)
-        for unit in sorted(ctx.fleet.nodes[node_id].units.values(), key=lambda u: u.name)
-    ]
+def _units(ctx: ApiContext, after: str | None, limit: int, node: str | None) -> UnitsOut:
+    """Up to ``limit`` units after the cursor ``node/unit`` in (node, name) order, and the next page's cursor.
+
+    A cursor without ``/`` starts at that node's first unit. The next cursor is given only when a unit
+    follows, so the last page says so (looking for it passes over nodes without units)."""
+    after_node, _, after_unit = (after or "").partition("/")
+    if node is not None:
+        known = ctx.fleet.nodes.get(node)
+        ids: Iterator[str] = iter([node] if known is not None and node >= after_node else [])
+        total = len(known.units) if known is not None else 0
+    else:
+        ids, total = ctx.view.ids_from(after_node), ctx.view.units
+    out: list[UnitOut] = []
+    for node_id in ids:
+        for unit in _sorted_units(ctx.fleet.nodes[node_id]):
+            if node_id == after_node and unit.name <= after_unit:
+                continue
+            if len(out) == limit:
+                return UnitsOut(items=out, total=total, next=f"{out[-1].node}/{out[-1].name}")
+            out.append(_unit(node_id, unit))
+    return UnitsOut(items=out, total=total, next=None)
+
+
+def _sorted_units(node: NodeState) -> list[UnitReport]:
+    return sorted(node.units.values(), key=lambda u: u.name)
+
+
+def _unit(node_id: str, unit: UnitReport) -> UnitOut:
+    return UnitOut(node=node_id, name=unit.name, kind=unit.kind, state=unit.state, pid=unit.pid,
+                   restarts=unit.restarts, healthy=unit.probe.healthy if unit.probe else None,
+                   cpu_percent=unit.cpu_percent, rss_bytes=unit.rss_bytes, fenced=unit.fenced)
+
+
+def _counts(counts: FleetCounts) -> dict[str, Any]:
+    return {"nodes": counts.nodes, "online": counts.online, "offline": counts.offline, "units": counts.units,
+            "unhealthy": counts.unhealthy, "unit_states": dict(counts.unit_states),
+            "problem_nodes": counts.problem_nodes}
 
 
 def _plan(plan: PlanRecord) -> PlanOut:

@@ -36,6 +36,7 @@ from controller.broker import embedded_broker
 from controller.dispatcher import Dispatcher
 from controller.engine import Engine
 from controller.fleet import Fleet
+from controller.fleet_index import FleetIndex
 from controller.host_models import build_host_watch, run_host_models
 from controller.instrument import MeteredDispatcher, MeteredWatch
 from controller.keyring import KeyRing
@@ -88,6 +89,8 @@ class Controller:
         """External alerts (POST /api/v1/alerts, PromQL queries) the engine sees as findings."""
         self.fleet = Fleet(history=config.controller.history, max_nodes=config.controller.max_nodes,
                            state_bytes=config.controller.node_state_bytes)
+        self.index = FleetIndex(self.fleet, offline_after=config.controller.offline_after)
+        """Fleet-wide counts kept up to date as messages are applied: the API, the page and /metrics read them."""
         self.session = uuid.uuid4().hex[:12]
         self.rate_limit = RateLimiter(period=60.0)
         self.keys = KeyRing(config.security.key_dir)
@@ -156,7 +159,7 @@ class Controller:
                                  broker_connected=self.link.connected, api_token=self._api_token(),
                                  read_token_file=self.config.security.api_read_token_file,
                                  alerts=self.alerts, alerts_ttl=self.config.controller.alerts.ttl,
-                                 unknown_nodes=self.unknown_nodes)
+                                 unknown_nodes=self.unknown_nodes, index=self.index)
             self.metrics.add_dataset_collector(lambda: datasets_view(api_ctx))
             self._bounds_metrics()
             api = create_api(api_ctx)
@@ -317,16 +320,14 @@ class Controller:
         self.metrics.add_history_collector(self.fleet.history_bytes)
 
     def _fleet_gauges(self, engine: Engine) -> tuple[dict[str, int], int]:
-        counts = {"online": 0, "offline": 0}
-        for node in self.fleet.nodes.values():
-            counts["online" if node.online else "offline"] += 1
-        return counts, engine.open_count()
+        """Nodes online and offline (``is_offline``: silent ones too), from the counts the index keeps."""
+        counts = self.index.counts(self.clock.wall())
+        return {"online": counts.online, "offline": counts.offline}, engine.open_count()
 
     def _state_gauges(self, engine: Engine) -> tuple[dict[str, int], dict[str, int], int]:
-        units: dict[str, int] = {}
-        for node in self.fleet.nodes.values():
-            for unit in node.units.values():
-                units[unit.state] = units.get(unit.state, 0) + 1
+        """Units by state from the index; findings from the reconciler's incidents (as many as there are
+        problems, not nodes)."""
+        units = dict(self.index.counts(self.clock.wall()).unit_states)
         findings: dict[str, int] = {}
         for state in engine.reconciler.incidents.values():
             if state.cleared_since is None:  # the finding holds now (cleared ones await resolve_after)

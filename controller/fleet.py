@@ -130,6 +130,9 @@ class Fleet:
         self.evicted = 0
         self.on_evict: Callable[[str], None] | None = None
         """Told the id of each node evicted, so per-node state elsewhere is dropped with it."""
+        self.watchers: list[Callable[[str], None]] = []
+        """Told the id of the node each message concerned, once applied, and of each node evicted (then gone
+        from ``nodes``): views kept up to date one node at a time (``controller.fleet_index``)."""
         self.stale = 0
         self.jumps = 0
         """Messages refused as a session jump."""
@@ -148,6 +151,13 @@ class Fleet:
 
     def apply(self, message: NodeMessage, now: float) -> CommandResult | None:
         """Fold a message in; returns a command result for the dispatcher, if it was one."""
+        try:
+            return self._fold(message, now)
+        finally:
+            for watch in self.watchers:
+                watch(message.node)
+
+    def _fold(self, message: NodeMessage, now: float) -> CommandResult | None:
         if isinstance(message, NodeStatus):
             self._apply_status(message, now)
             return None
@@ -317,6 +327,8 @@ class Fleet:
                 self.evicted += 1
                 if self.on_evict is not None:
                     self.on_evict(victim.id)
+                for watch in self.watchers:
+                    watch(victim.id)
             node = self.nodes[node_id] = NodeState(id=node_id, reports=deque())
         return node
 

@@ -1,11 +1,13 @@
 """The human status pages: server-rendered HTML, refreshed every few seconds.
 
-``/`` shows the fleet (nodes, units), open incidents, recent remediations
-with their outcome, dataset agreement and plots (MTTR over time, incidents
-per hour); ``/incidents/{id}`` shows one incident's timeline (the audit
-trail), its plans and its unit's metrics around the moment it opened. No
-JavaScript and no external assets — plots are inline SVG (``plots.py``) — so
-it works through any proxy and on any browser; every value is HTML-escaped.
+``/`` shows the fleet (its counts, the nodes with a problem, one page of
+nodes and their units: never the whole of a large fleet), open incidents,
+recent remediations with their outcome, dataset agreement and plots (MTTR
+over time, incidents per hour); ``/incidents/{id}`` shows one incident's
+timeline (the audit trail), its plans and its unit's metrics around the
+moment it opened. No JavaScript and no external assets — plots are inline
+SVG (``plots.py``) — so it works through any proxy and on any browser; every
+value is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from html import escape
 from typing import Any
+from urllib.parse import quote
 
 from controller.plots import render_bars, render_lines
 
@@ -86,26 +89,33 @@ def mttr_points(history: Sequence[tuple[float, float | None]]) -> list[tuple[flo
     return sorted((resolved, resolved - opened) for opened, resolved in history if resolved is not None)
 
 
-def render_status_page(*, nodes: list[dict[str, Any]], units: list[dict[str, Any]],
+def render_status_page(*, counts: dict[str, Any], nodes: list[dict[str, Any]], units: list[dict[str, Any]],
                        incidents: list[dict[str, Any]], version: str, now: str,
+                       problems: Sequence[dict[str, Any]] = (), after: str | None = None,
+                       next_after: str | None = None,
                        plans: list[dict[str, Any]] | None = None, datasets: list[dict[str, Any]] | None = None,
                        history: Sequence[tuple[float, float | None]] = (), now_ts: float | None = None) -> str:
-    offline = sum(1 for n in nodes if n["state"] == "offline")
-    # stopped on purpose (a standby copy, a unit stopped by the controller or fenced) is not unhealthy
-    unhealthy = sum(1 for u in units if u["state"] in ("exited", "failed")
-                    or (u["state"] == "running" and u["healthy"] is False))
+    """``counts``: the fleet's (``nodes``, ``online``, ``offline``, ``units``, ``unhealthy``, ``unit_states``,
+    ``problem_nodes``); ``problems``: the first nodes with a problem, each with its unhealthy units
+    (``sick``); ``nodes``: one page of nodes (after the cursor ``after``; ``next_after`` the next page's)
+    and ``units`` theirs."""
+    offline, unhealthy = counts["offline"], counts["unhealthy"]
     open_incidents = [i for i in incidents if i["state"] != "resolved"]
-    if not nodes and not open_incidents:
+    if not counts["nodes"] and not open_incidents:
         verdict, css = "No agents have reported yet.", "warn"
     elif offline or unhealthy or open_incidents:
         verdict, css = (f"Degraded: {offline} node(s) offline, {unhealthy} unit(s) unhealthy, "
                         f"{len(open_incidents)} incident(s) unresolved."), "bad"
     else:
-        verdict, css = f"Healthy: {len(nodes)} node(s), {len(units)} unit(s), no open incidents.", "ok"
+        verdict, css = f"Healthy: {counts['nodes']} node(s), {counts['units']} unit(s), no open incidents.", "ok"
     node_rows = [[n["id"], n["state"], n["last_seen"], ", ".join(n["units"])] for n in nodes]
     unit_rows = [[u["node"], u["name"], u["state"] + (" (fenced)" if u.get("fenced") else ""),
                   "—" if u["healthy"] is None else ("healthy" if u["healthy"] else "unhealthy"),
                   u["pid"], u["restarts"], f'{u["rss_bytes"] / 2**20:.1f} MiB'] for u in units]
+    problem_rows = [[n["id"], n["state"], n["last_seen"],
+                     ", ".join(f'{u["name"]} {u["state"] if u["state"] != "running" else "unhealthy"}'
+                               for u in n["sick"]) or "—"] for n in problems]
+    more = counts["problem_nodes"] - len(problems)
 
     def row(i: dict[str, Any]) -> list[Any]:
         return [Link(f'/incidents/{int(i["id"])}', f'#{i["id"]}'), i["state"], i["kind"],
@@ -116,8 +126,15 @@ def render_status_page(*, nodes: list[dict[str, Any]], units: list[dict[str, Any
                          p["rule"], p["attempt"], p["mode"], p["state"], (p.get("detail") or {}).get("result", ""),
                          p["updated_at"]] for p in (plans or [])]
     body = f"""<p class="summary {css}">{escape(verdict)}</p>
-<h2>Nodes</h2>{_table(["node", "state", "last seen", "units"], node_rows, "No nodes yet.")}
-<h2>Units</h2>{_table(["node", "unit", "state", "probe", "pid", "restarts", "memory"], unit_rows, "No units yet.")}
+<p>{escape(_fleet_line(counts))}</p>
+<h2 id="problems">Nodes with a problem ({counts["problem_nodes"]})</h2>{_table(
+        ["node", "state", "last seen", "unhealthy units"], problem_rows, "No node has a problem.")}{
+        f'<p class="muted">and {more} more: <a href="/api/v1/nodes">the nodes API</a> lists them all, page by page.</p>'
+        if more > 0 else ""}
+<h2 id="nodes">Nodes{escape(_page_range(counts["nodes"], len(nodes), after))}</h2>{
+        _table(["node", "state", "last seen", "units"], node_rows, "No nodes yet.")}{_pager(after, next_after)}
+<h2>Units of these nodes</h2>{
+        _table(["node", "unit", "state", "probe", "pid", "restarts", "memory"], unit_rows, "No units yet.")}
 <h2 id="open">Unresolved incidents</h2>{_table(headers, [row(i) for i in open_incidents], "No unresolved incidents.",
                                                   "open")}
 <h2>Recent remediations</h2>{_table(["incident", "action", "rule", "attempt", "mode", "outcome", "detail",
@@ -126,6 +143,28 @@ def render_status_page(*, nodes: list[dict[str, Any]], units: list[dict[str, Any
 <h2>Trends</h2><div class="plots">{_trend_plots(history, now_ts)}</div>
 <h2>Recent incidents</h2>{_table(headers, [row(i) for i in incidents], "No incidents.")}"""
     return _document("selfheal", body, version=version, now=now)
+
+
+def _fleet_line(counts: dict[str, Any]) -> str:
+    states = ", ".join(f"{n} {s}" for s, n in sorted(counts["unit_states"].items(), key=lambda x: (-x[1], x[0])))
+    return (f'{counts["nodes"]} node(s): {counts["online"]} online, {counts["offline"]} offline · '
+            f'{counts["units"]} unit(s)' + (f": {states}" if states else "") + f' · {counts["unhealthy"]} unhealthy')
+
+
+def _page_range(total: int, shown: int, after: str | None) -> str:
+    if total <= shown and after is None:
+        return ""
+    return f" ({shown} of {total}" + (f", after {after})" if after is not None else ", from the first)")
+
+
+def _pager(after: str | None, next_after: str | None) -> str:
+    """Links to the first and the next page of nodes (cursor in the query string, escaped)."""
+    links = []
+    if after is not None:
+        links.append('<a href="/#nodes">first page</a>')
+    if next_after is not None:
+        links.append(f'<a href="/?after={escape(quote(next_after, safe=""), quote=True)}#nodes">next page</a>')
+    return f'<p>{" · ".join(links)}</p>' if links else ""
 
 
 def _trend_plots(history: Sequence[tuple[float, float | None]], now_ts: float | None) -> str:

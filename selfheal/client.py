@@ -25,6 +25,7 @@ import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from selfheal.config import load_config
 from selfheal.errors import EXIT_FAILURE, EXIT_OK
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     import httpx
 
 EXIT_UNREACHABLE = 3
+PAGE = 1000
+"""Items asked for per request when a listing is read whole: each request stays short for a controller
+under load (the API allows up to 5000)."""
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 
 
@@ -147,18 +151,36 @@ def _call(args: argparse.Namespace, method: str, path: str, *, auth: bool = Fals
     return EXIT_OK, data
 
 
+def _listing(args: argparse.Namespace, path: str) -> tuple[int, Any]:
+    """(exit code, every item) of a paged listing, following its ``next`` cursors; a listing without
+    them (an older controller) is one page. On failure, the failed call's body instead of the items."""
+    items: list[Any] = []
+    cursor: str | None = None
+    while True:
+        query = f"?limit={PAGE}" + (f"&after={quote(cursor, safe='')}" if cursor is not None else "")
+        code, data = _call(args, "GET", path + query)
+        if code != EXIT_OK:
+            return code, data
+        items += data["items"]
+        following = data.get("next")
+        if following is None or following == cursor or not data["items"]:
+            return EXIT_OK, items
+        cursor = following
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     found: dict[str, Any] = {}
-    for name, path in (("nodes", "/api/v1/nodes"), ("units", "/api/v1/units"),
-                       ("open", "/api/v1/incidents?state=open"), ("failed", "/api/v1/incidents?state=failed")):
-        code, data = _call(args, "GET", path)
+    for name, path, paged in (("nodes", "/api/v1/nodes", True), ("units", "/api/v1/units", True),
+                              ("open", "/api/v1/incidents?state=open", False),
+                              ("failed", "/api/v1/incidents?state=failed", False)):
+        code, data = _listing(args, path) if paged else _call(args, "GET", path)
         if code == EXIT_UNREACHABLE:
             if args.json:
                 print(json.dumps({"status": "unreachable", **data}))
             return EXIT_UNREACHABLE
         if code != EXIT_OK:
             return code
-        found[name] = data["items"]
+        found[name] = data if paged else data["items"]
     nodes, units, incidents = found["nodes"], found["units"], found["open"] + found["failed"]
     degraded = (any(n["state"] != "online" for n in nodes) or bool(incidents)
                 or any(u["state"] not in ("running", "stopped") or u["healthy"] is False for u in units))

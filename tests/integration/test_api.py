@@ -17,10 +17,13 @@ import httpx
 import pytest
 import uvicorn
 
+from controller import api as api_module
 from controller.api import ApiContext, create_api
 from controller.fleet import Fleet
+from controller.fleet_index import FleetIndex
 from controller.metrics import ControllerMetrics
 from controller.store import SqliteStore
+from selfheal import client as client_module
 from selfheal import wire
 from selfheal.cli import main
 from selfheal.client import EXIT_UNREACHABLE
@@ -74,23 +77,21 @@ def feed(fleet: Fleet, topic_node: str, channel: wire.NodeChannel, message: wire
     fleet.apply(decoded, time.time())
 
 
-def fleet_gauges(fleet: Fleet, engine: FakeEngine) -> tuple[dict[str, int], int]:
-    counts = {"online": 0, "offline": 0}
-    for node in fleet.nodes.values():
-        counts["online" if node.online else "offline"] += 1
-    return counts, engine.open_count()
+def fleet_gauges(index: FleetIndex, engine: FakeEngine) -> tuple[dict[str, int], int]:
+    counts = index.counts(time.time())
+    return {"online": counts.online, "offline": counts.offline}, engine.open_count()
 
 
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
     store = await SqliteStore.open(tmp_path / "selfheal.db")
-    fleet = Fleet(history=10, max_nodes=100)
+    fleet = Fleet(history=10, max_nodes=1000)
     metrics = ControllerMetrics()
     engine = FakeEngine()
-    metrics.add_fleet_collector(lambda: fleet_gauges(fleet, engine))
     connected = asyncio.Event()
     ctx = ApiContext(fleet=fleet, store=store, engine=engine, metrics=metrics, clock=SystemClock(),  # type: ignore[arg-type]
                      offline_after=5.0, broker_connected=connected)
+    metrics.add_fleet_collector(lambda: fleet_gauges(ctx.view, engine))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -187,7 +188,7 @@ async def test_metrics_expose_fleet_gauges(api: Api) -> None:
 
 
 async def test_nodes_list(api: Api) -> None:
-    assert (await api.client.get("/api/v1/nodes")).json() == {"items": [], "unknown": []}
+    assert (await api.client.get("/api/v1/nodes")).json() == {"items": [], "unknown": [], "total": 0, "next": None}
     fill_fleet(api.ctx.fleet)
     response = await api.client.get("/api/v1/nodes")
     assert response.status_code == 200
@@ -225,6 +226,76 @@ async def test_units_list(api: Api) -> None:
     assert web["healthy"] is True
     exited = by_name[EVIL_UNIT]
     assert (exited["state"], exited["pid"], exited["healthy"]) == ("exited", None, None)
+
+
+def fill_many(fleet: Fleet, count: int, units: dict[int, list[wire.UnitReport]] | None = None) -> list[str]:
+    """``count`` online nodes ``n-000``...; node ``i`` runs ``units[i]`` (default: one healthy ``web``)."""
+    names = [f"n-{i:03d}" for i in range(count)]
+    for i, name in enumerate(names):
+        feed(fleet, name, "status", wire.NodeStatus(node=name, state="online", session=1, ts=time.time()))
+        running = [wire.UnitReport(name="web", kind="process", state="running", pid=1)]
+        feed(fleet, name, "report", wire.Report(node=name, session=1, seq=1, ts=time.time(), host=host(),
+                                                units=(units or {}).get(i, running)))
+    return names
+
+
+async def every_page(api: Api, path: str, limit: int, **params: str) -> list[dict[str, Any]]:
+    """Follow ``next`` from the first page; each page holds at most ``limit`` items and says the total."""
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        query = {"limit": str(limit), **params, **({"after": cursor} if cursor is not None else {})}
+        page = (await api.client.get(path, params=query)).json()
+        assert len(page["items"]) <= limit
+        assert page["total"] >= len(items) + len(page["items"])
+        items += page["items"]
+        cursor = page["next"]
+        if cursor is None:
+            return items
+        assert len(page["items"]) == limit  # only a full page has a next one
+
+
+async def test_nodes_come_in_pages_that_follow_a_cursor(api: Api) -> None:
+    names = fill_many(api.ctx.fleet, 7)
+    for limit in (1, 3, 6, 7, 8):
+        assert [n["id"] for n in await every_page(api, "/api/v1/nodes", limit)] == names
+    first = (await api.client.get("/api/v1/nodes", params={"limit": 3})).json()
+    assert ([n["id"] for n in first["items"]], first["next"], first["total"]) == (names[:3], "n-002", 7)
+    exact = (await api.client.get("/api/v1/nodes", params={"limit": 7})).json()
+    assert (len(exact["items"]), exact["next"]) == (7, None)  # the whole fleet on one page: no next
+    last = (await api.client.get("/api/v1/nodes", params={"after": "n-006"})).json()
+    assert (last["items"], last["next"], last["total"]) == ([], None, 7)
+    between = (await api.client.get("/api/v1/nodes", params={"after": "n-0031", "limit": 1})).json()
+    assert [n["id"] for n in between["items"]] == ["n-004"]  # a cursor that is no node: those that sort after it
+
+
+async def test_units_come_in_pages_that_follow_a_cursor(api: Api) -> None:
+    def unit(name: str, state: str = "running") -> wire.UnitReport:
+        return wire.UnitReport(name=name, kind="process", state=state)  # type: ignore[arg-type]
+
+    fill_many(api.ctx.fleet, 5, units={0: [unit("web"), unit("db"), unit("etl", "exited")], 1: [],
+                                       2: [unit("web")], 3: [], 4: [unit("b"), unit("a")]})
+    whole = (await api.client.get("/api/v1/units")).json()
+    expected = [("n-000", "db"), ("n-000", "etl"), ("n-000", "web"), ("n-002", "web"), ("n-004", "a"),
+                ("n-004", "b")]
+    assert ([(u["node"], u["name"]) for u in whole["items"]], whole["total"], whole["next"]) == (expected, 6, None)
+    for limit in (1, 2, 3, 5, 6):
+        assert [(u["node"], u["name"]) for u in await every_page(api, "/api/v1/units", limit)] == expected
+    page = (await api.client.get("/api/v1/units", params={"limit": 2})).json()
+    assert page["next"] == "n-000/etl"
+    rest = (await api.client.get("/api/v1/units", params={"after": "n-000/etl", "limit": 2})).json()
+    assert [(u["node"], u["name"]) for u in rest["items"]] == expected[2:4]
+    one = (await api.client.get("/api/v1/units", params={"node": "n-004"})).json()
+    assert ([u["name"] for u in one["items"]], one["total"]) == (["a", "b"], 2)
+    assert await every_page(api, "/api/v1/units", 1, node="n-000") == whole["items"][:3]
+    assert (await api.client.get("/api/v1/units", params={"node": "nope"})).json() == {
+        "items": [], "total": 0, "next": None}
+
+
+@pytest.mark.parametrize("params", [{"limit": "0"}, {"limit": "5001"}, {"after": "x" * 201}])
+@pytest.mark.parametrize("path", ["/api/v1/nodes", "/api/v1/units"])
+async def test_a_page_beyond_the_bounds_is_a_422_problem(api: Api, path: str, params: dict[str, str]) -> None:
+    assert_problem(await api.client.get(path, params=params), 422)
 
 
 # --- incidents ----------------------------------------------------------------------------------
@@ -310,6 +381,32 @@ async def test_the_status_page_without_agents(api: Api) -> None:
     assert "No agents have reported yet." in page
 
 
+async def test_the_status_page_shows_counts_problems_and_one_page_of_nodes(api: Api) -> None:
+    crashed = [wire.UnitReport(name="web", kind="process", state="exited", exit_code=1)]
+    names = fill_many(api.ctx.fleet, api_module.PAGE_NODES + 20, units={api_module.PAGE_NODES + 10: crashed})
+    late_offline, late_crashed, late_healthy = names[-1], names[api_module.PAGE_NODES + 10], names[-2]
+    feed(api.ctx.fleet, late_offline, "status", wire.NodeStatus(node=late_offline, state="offline", session=1,
+                                                                ts=time.time() + 1))
+    first = (await api.client.get("/")).text
+    assert f"{len(names)} node(s): {len(names) - 1} online, 1 offline" in first
+    assert "Degraded: 1 node(s) offline, 1 unit(s) unhealthy" in first
+    problems = first.split('id="problems"')[1].split('id="nodes"')[0]
+    assert "Nodes with a problem (2)" in first
+    assert late_offline in problems
+    assert late_crashed in problems
+    assert "web exited" in problems
+    listed = first.split('id="nodes"')[1]
+    assert names[0] in listed
+    assert names[api_module.PAGE_NODES - 1] in listed
+    assert late_healthy not in first  # beyond the first page, and healthy
+    cursor = names[api_module.PAGE_NODES - 1]
+    assert f'href="/?after={cursor}#nodes"' in first
+    second = (await api.client.get("/", params={"after": cursor})).text
+    assert late_healthy in second.split('id="nodes"')[1]
+    assert names[0] not in second.split('id="nodes"')[1]
+    assert "next page" not in second
+
+
 # --- selfheal status ------------------------------------------------------------------------------
 
 
@@ -322,6 +419,19 @@ async def test_selfheal_status_reads_the_api(api: Api, capsys: pytest.CaptureFix
     assert summary["status"] == "degraded"
     assert [n["id"] for n in summary["nodes"]] == [NODE, "node-b"]
     assert [i["id"] for i in summary["incidents"]] == [opened_id]
+
+
+async def test_selfheal_status_follows_the_cursors(api: Api, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    names = fill_many(api.ctx.fleet, 5)
+    monkeypatch.setattr(client_module, "PAGE", 2)
+    code = await asyncio.to_thread(main, ["status", "--url", api.url, "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert (code, summary["status"]) == (0, "healthy")
+    assert [n["id"] for n in summary["nodes"]] == names
+    assert [u["node"] for u in summary["units"]] == names
+    code = await asyncio.to_thread(main, ["status", "--url", api.url])
+    assert "NODES (5)" in capsys.readouterr().out
 
 
 def test_selfheal_status_returns_3_when_nothing_listens(capsys: pytest.CaptureFixture[str]) -> None:
