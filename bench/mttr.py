@@ -24,8 +24,8 @@ Such a fleet needs a real broker: unless ``--broker-url`` names one, the script
 starts a Mosquitto with ``max_queued_messages`` above the fleet (as
 ``bench/ingest.py`` does), since the embedded broker runs inside the
 controller's own process, where 10,000 nodes' traffic would be measured as the
-controller's. Between the readiness checks (whose ``/api/v1/units`` lists the
-whole fleet) and each injection the script waits ``--quiet`` seconds, so the
+controller's. Between the readiness checks (``/api/v1/units`` of the real
+nodes) and each injection the script waits ``--quiet`` seconds, so the
 fault meets the controller under the background load, not under the script's
 own requests. Next to the MTTR figures it prints N, R, what the generator
 really sent and what the controller accepted (``/metrics``) during the
@@ -125,7 +125,7 @@ def serving(port: int) -> bool:
 
 
 def unit(api: str, node: str) -> dict[str, Any]:
-    items = httpx.get(f"{api}/api/v1/units", timeout=30).json()["items"]
+    items = httpx.get(f"{api}/api/v1/units", params={"node": node}, timeout=30).json()["items"]
     found: dict[str, Any] = next(u for u in items if u["node"] == node and u["name"] == "web")
     return found
 

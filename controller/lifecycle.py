@@ -80,11 +80,11 @@ def controller_service(controller: Controller, engine: Engine, *, source: Path |
     broker = "the embedded broker" if controller.config.mqtt.url == "embedded" else f"the broker at {host}:{port}"
 
     def describe() -> str:
-        nodes = controller.fleet.nodes.values()
-        online = sum(1 for node in nodes if node.online)
+        counts = controller.index.counts(controller.clock.wall())
         link = "online" if controller.link.connected.is_set() else f"waiting for {broker}"
         api = f"http://{controller.api_address}/" if controller.api_port is not None else "starting"
-        return f"{link}: {online}/{len(nodes)} nodes online, {engine.open_count()} open incidents, API {api}"
+        return (f"{link}: {counts.nodes - counts.offline}/{counts.nodes} nodes online, {engine.open_count()} open "
+                f"incidents, API {api}")
 
     def tasks_run() -> str | None:
         ended = [name for name, task in tasks.items() if task.done()]

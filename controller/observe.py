@@ -179,7 +179,13 @@ class Observer:
 
     def _contribute(self, node_id: str, seen: NodeObservation | None, state: NodeState | None = None) -> None:
         """Replace what the node added to the fleet-wide indexes with what ``seen`` says (None: nothing)."""
-        old = self._nodes.pop(node_id, None)
+        old = self._nodes.get(node_id)
+        if old is not None and seen is not None and state is not None and _same_place(old, seen) \
+                and self.groups.get(node_id) == state.labels.get(self.group_label, ""):
+            self._nodes[node_id] = seen  # a steady node's report: the indexes stay as they are
+            self._contribute_datasets(node_id, state, online=state.online and not seen.offline)
+            return
+        self._nodes.pop(node_id, None)
         if old is not None:
             self.replicas.subtract(old.copies)
             for unit in old.running:
@@ -269,6 +275,12 @@ class Observer:
             keys.append(finding.key)
         if keys:
             self._owned[source] = tuple(keys)
+
+
+def _same_place(old: NodeObservation, new: NodeObservation) -> bool:
+    """The node contributes the same to the fleet-wide indexes (findings and timers aside)."""
+    return (old.offline, old.running, old.standby, old.copies, old.movable) == \
+        (new.offline, new.running, new.standby, new.copies, new.movable)
 
 
 class _SortedSets(Mapping[str, tuple[str, ...]]):

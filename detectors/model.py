@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_args
 
 import msgspec
+from msgspec.structs import astuple
 
 from selfheal.wire import Report, UnitReport, UnitStateName
 
@@ -92,30 +93,34 @@ class ReportSample(msgspec.Struct, frozen=True, gc=False):
         """Bytes this sample adds to a history that already holds ``previous`` (what ``of`` was given): its own
         objects, not those it shares (the allocator's rounding included; a test holds it to tracemalloc)."""
         size = sum(map(_own, (self, self.host, self.units, self.ts, self.session, self.seq)))
-        ph = previous.host if previous is not None else None
-        for name in HostSample.__struct_fields__:
-            value = getattr(self.host, name)
-            if ph is None or value is not getattr(ph, name):
-                size += _own(value)
+        host = astuple(self.host)
+        if previous is None:
+            size += sum(map(_own, host))
+        else:
+            size += sum(_own(v) for v, p in zip(host, astuple(previous.host), strict=True) if v is not p)
         before = {u.name: u for u in previous.units} if previous is not None else {}
         for unit in self.units:
             size += _own(unit)
+            numbers = astuple(unit)[2:]  # name and state are shared (interned)
             p = before.get(unit.name)
-            for name in _UNIT_NUMBERS:
-                value = getattr(unit, name)
-                if p is None or value is not getattr(p, name):
-                    size += _own(value)
+            if p is None:
+                size += sum(map(_own, numbers))
+            else:
+                size += sum(_own(v) for v, q in zip(numbers, astuple(p)[2:], strict=True) if v is not q)
         return size
 
 
 _STATES: dict[str, UnitStateName] = {state: state for state in get_args(UnitStateName)}
 """One string per unit state, shared (a decoder hands out a new one per report)."""
-_UNIT_NUMBERS = tuple(f for f in UnitSample.__struct_fields__ if f not in ("name", "state"))
+_FLOAT = (sys.getsizeof(0.0) + 15) // 16 * 16
 
 
 def _own(value: object) -> int:
     """Memory of one object as the allocator hands it out; nothing for the interpreter's shared small ints."""
-    if value is None or isinstance(value, bool) or (type(value) is int and -5 <= value <= 256):
+    kind = type(value)
+    if kind is float:
+        return _FLOAT  # most numbers of a sample: one size
+    if value is None or kind is bool or (kind is int and -5 <= value <= 256):  # type: ignore[operator]
         return 0
     return (sys.getsizeof(value) + 15) // 16 * 16
 
