@@ -20,7 +20,7 @@ waiting for a human (``awaiting``) and the running plan tasks (``tasks``);
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from controller.dispatcher import Dispatcher, PlanOutcome
@@ -70,6 +70,24 @@ class Effects:
         """Where plan tasks run (the engine's, while it runs)."""
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.log = get_logger("engine")
+
+    async def apply_all(self, effects: Sequence[Effect], now: float) -> None:
+        """Apply a pass's effects: those of one incident in order, different incidents side by side, so a
+        burst (a rack going dark opens an incident per node) shares store commits (the store group-commits
+        concurrent writes). Every group runs to its end; then the first error, if any, is raised."""
+        groups: dict[tuple[str, object], list[Effect]] = {}
+        for effect in effects:
+            key: tuple[str, object] = ("key", effect.key) if isinstance(effect, Opened) else ("id", effect.incident_id)
+            groups.setdefault(key, []).append(effect)
+
+        async def in_order(group: list[Effect]) -> None:
+            for effect in group:
+                await self.apply(effect, now)
+
+        results = await asyncio.gather(*(in_order(group) for group in groups.values()), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def apply(self, effect: Effect, now: float) -> None:
         if isinstance(effect, Opened):

@@ -158,8 +158,7 @@ class Engine:
             self.observer.refresh(now)
             await self.placements.save(self.store)
             effects = self.reconciler.evaluate(self.observer.symptoms, self.observer.view(), now)
-            for effect in effects:
-                await self.effects.apply(effect, now)
+            await self.effects.apply_all(effects, now)
             if not any(isinstance(e, Opened) for e in effects):
                 return
 
