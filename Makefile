@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration e2e bench clean
+.PHONY: demo test test-loaded lint unit integration e2e bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ e2e: $(STAMP)
 
 test: lint
 	$(BIN)/pytest tests -q
+
+# Not part of `make test`: the suite three times beside a CPU hog per core (RUNS=n to change).
+test-loaded: $(STAMP)
+	bash scripts/loaded-test
 
 bench: $(STAMP)
 	$(BIN)/python bench/mttr.py
