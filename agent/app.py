@@ -25,14 +25,31 @@ parts:
 - the reporter: one ``Report`` per ``agent.interval`` while connected;
 - fencing (``agent.fencing``): movable singletons stop themselves after
   ``stop_after_disconnect`` seconds without the broker;
+- the fallback (``agent.fallback``): with no controller present for
+  ``fallback_after``, crashed or hung units are restarted here, on a ladder
+  with backoff, recorded in the ledger and reported once a controller is back;
 - the command loop: commands are decoded at the edge (malformed ones are
   dropped, counted and logged, rate-limited), queued (bounded) and executed
   one at a time, each acked with a ``CommandResult`` event.
 
-Events go out with QoS 1 through the link's outbox, so they wait out a broker
-outage. Shutdown is ordered: finish the command in hand, stop reporting,
-publish ``offline`` (a clean disconnect sends no will), stop the units, then
-flush and disconnect.
+Events (unit changes, command results) go out with QoS 1 through the link's
+outbox, held (``MqttLink.publish(held=True)``) until the controller listens:
+they wait out a broker outage, and once the agent has heard of a controller,
+every reconnect holds them until the controller's ``online`` status arrives
+on the new connection — after a broker restart that lost its sessions, an
+event sent before the controller subscribed again would be dropped by the
+broker. A controller announced ``offline`` holds them too. An agent that
+never heard of a controller (a broker without one yet) sends them at once.
+Reports are not held: the next one says the same, and a full outbox drops
+them first. Limit: a broker that keeps retained messages but not the
+controller's subscriptions (persistence on, restarted) shows a stale
+``online`` before the controller is back; events sent in that gap are lost
+(the reports that follow still carry the units' state).
+
+Shutdown is ordered: finish the command in hand, stop reporting, stop the
+units, publish ``offline`` (a clean disconnect sends no will) — the last word,
+after the units' exits, which would otherwise make the node look alive
+again — then flush and disconnect.
 """
 
 from __future__ import annotations
@@ -52,6 +69,7 @@ from agent.collect import ProcessSampler, collect_host
 from agent.digests.cache import DigestCache
 from agent.digests.scanner import DatasetScanner
 from agent.executor import CommandExecutor
+from agent.fallback import Fallback, Policy
 from agent.fencing import Contact, fence_after, run_fencing
 from agent.http_server import bind_listen, peer_server
 from agent.ledger import Ledger
@@ -169,11 +187,19 @@ class AgentApp:
         self.executor = CommandExecutor(node_id=self.node_id, key=key, ledger=ledger,
                                         units=self.supervisor, clock=clock, limiter=self.limiter,
                                         datasets=self.resyncer)
+        self.fallback = Fallback(node_id=self.node_id, session=session, policy=Policy.of(config),
+                                 enabled=agent.fallback, units=self.supervisor, ledger=ledger, clock=clock,
+                                 emit=self.emit, connected=self.link.connected.is_set, present=self._controller_present)
         self.http = peer_server(http_socket, node_id=self.node_id, key=key, datasets=self.digests.view, cache=cache,
                                 clock=clock, serves_datasets=bool(agent.datasets), tls_cert=agent.tls_cert,
                                 tls_key=agent.tls_key)
         self._commands: asyncio.Queue[Command | None] = asyncio.Queue(maxsize=COMMAND_QUEUE)
         self._controller_session: str | None = None
+        self._controller_conn = 0
+        """The broker connection (``link.connects``) on which the controller's ``online`` last arrived."""
+        self._controller_heard = False
+        """Whether any controller status reached this agent: from then on a reconnect holds events until
+        the controller is seen online again (see the module docstring)."""
         self._host: HostMetrics | None = None
         self._report_round: float | None = None
 
@@ -213,7 +239,8 @@ class AgentApp:
         """``source``: the config file, re-read on SIGHUP (``agent.lifecycle``)."""
         units_stop, units_started, link_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
         service = agent_service(self.config, source=source, units=self.supervisor.reports,
-                                connected=self.link.connected.is_set, report_round=lambda: self._report_round)
+                                connected=self.link.connected.is_set, held=lambda: self.link.holding,
+                                report_round=lambda: self._report_round)
         self.log.info("agent.starting", session=self.session, units=self.supervisor.names,
                       datasets=list(self.digests.views), http=self.http_address,
                       broker=f"{self.link.host}:{self.link.port}")
@@ -228,6 +255,7 @@ class AgentApp:
             fencing = tg.create_task(run_fencing(
                 self.contact, self.config.agent.units, connected=self.link.connected,
                 is_running=self.supervisor.is_running, fence=self.supervisor.fence, stop=stop), name="agent-fencing")
+            fallback = tg.create_task(self.fallback.run(stop=stop), name="agent-fallback")
             reporter = tg.create_task(self._report_loop(stop=stop), name="agent-report")
             digests = tg.create_task(self.digests.run(stop=stop), name="agent-digests")
             http = tg.create_task(self.http.run(stop=stop), name="agent-http")
@@ -241,12 +269,13 @@ class AgentApp:
             await commands
             await reporter
             await fencing
+            await fallback
             await digests
             await http
-            self.link.publish(self.topics["status"], self._payload("status", self._status("offline")), qos=1,
-                              retain=True)
             units_stop.set()
             await units
+            self.link.publish(self.topics["status"], self._payload("status", self._status("offline")), qos=1,
+                              retain=True)
             link_stop.set()
         self.log.info("agent.stopped", counts=dict(self.counts), commands=dict(self.executor.counts))
 
@@ -256,9 +285,9 @@ class AgentApp:
         self.cache.close()
 
     def emit(self, body: EventBody) -> None:
-        """Send one event (QoS 1); it waits in the outbox while the broker is away."""
+        """Send one event (QoS 1); it waits in the outbox while the broker or the controller is away."""
         event = Event(node=self.node_id, session=self.session, ts=self.clock.wall(), body=fit_event(body))
-        self.link.publish(self.topics["events"], self._payload("events", event), qos=1)
+        self.link.publish(self.topics["events"], self._payload("events", event), qos=1, held=True)
         self.counts["events"] += 1
 
     async def handle(self, topic: str, payload: bytes) -> None:
@@ -284,14 +313,30 @@ class AgentApp:
             except WireError as exc:
                 self._drop(exc.reason, str(exc), topic)
                 return
+            self._controller_heard = True
             if status.state != "online":
+                if self._controller_session is not None:
+                    self.log.info("agent.controller_offline", controller_session=self._controller_session,
+                                  effect="events wait until a controller is online")
                 self._controller_session = None
-            elif status.session != self._controller_session:
+                self.link.hold()
+                return
+            self.link.release()
+            self._controller_conn = self.link.connects
+            if status.session != self._controller_session:
                 self._controller_session = status.session
                 self.log.info("agent.controller_online", controller_session=status.session)
                 self._announce()
 
+    def _controller_present(self) -> bool:
+        """A controller listens: its ``online`` arrived on the current broker connection and nothing since
+        said ``offline`` (after a broker restart that lost the retained status, an old ``online`` is no proof)."""
+        return (self.link.connected.is_set() and self._controller_session is not None
+                and self._controller_conn == self.link.connects)
+
     async def _on_connect(self, link: MqttLink) -> None:
+        if self._controller_heard:
+            link.hold()  # until the controller's status on this connection says it listens
         await link.subscribe(self.topics["commands"], qos=1)
         await link.subscribe(CONTROLLER_STATUS_TOPIC, qos=1)
         self._announce()
@@ -351,7 +396,8 @@ class AgentApp:
     async def _command_loop(self) -> None:
         while (command := await self._commands.get()) is not None:
             try:
-                result = await self.executor.execute(command)
+                async with self.fallback.acting:  # never alongside a local restart (``agent.fallback``)
+                    result = await self.executor.execute(command)
             except Exception as exc:  # one bad command must never take the agent (and its units) down
                 self.counts["command_errors"] += 1
                 self.log.exception("command.crashed", command_id=command.id[:64])

@@ -2,9 +2,8 @@
 
 A command runs only when it is authentic (HMAC with this node's key from
 ``security.key_dir``; no key file means every command is refused), addressed
-to this node, not expired (``expires_at`` against the injected wall clock) and
-not from a stale epoch (lower than the highest epoch accepted so far: a
-controller that lost its lease must not act; the highest epoch is kept in the
+to this node, not expired (below) and not from a stale epoch (lower than the
+highest epoch accepted so far: a controller that lost its lease must not act; the highest epoch is kept in the
 ledger, so a restarted agent still refuses an older controller). Each idempotency ``key`` runs at
 most once, across agent restarts too (``agent.ledger``); a repeat is answered
 ``duplicate`` with the original outcome as ``"<status>: <detail>"``.
@@ -13,6 +12,22 @@ Order matters: authenticity first (a forged command learns nothing, not even
 whether its key was used), then the ledger (a late redelivery of a command
 that ran gets its outcome back, even if it has expired since), then freshness.
 Rejected commands are not recorded, so a forged key cannot block a real one.
+
+Expiry. ``expires_at`` is the controller's wall clock plus ``command_ttl``;
+the agent compares it with the later of two clocks, so that no command runs
+that has truly expired, even on a node whose clock went back:
+
+- its own wall clock (``selfheal.clocks.SystemClock``: steps taken out, so a
+  step back while the agent runs changes nothing);
+- the controller's clock as the agent has seen it (``IssuerClock``): the
+  ``issued_at`` of the latest authentic command of the newest epoch, carried
+  forward by this host's monotonic clock. A controller never issues a command
+  before its own ``issued_at`` and a message only arrives late, so this never
+  runs ahead of the controller's clock — it covers a node whose clock was
+  behind when the agent started (a step back before it, a dead RTC).
+
+A node whose clock is ahead of the controller's refuses even fresh commands:
+that is the safe side, and its ack says how far ahead its clock looks.
 
 The checks are pure functions; ``CommandExecutor`` is the thin edge that
 reads the clock, talks to the ledger off the loop and calls the supervisor.
@@ -24,14 +39,16 @@ It has one branch per command of the wire's closed ``CommandStep`` union
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import Counter
 from typing import Literal, NamedTuple, Protocol, assert_never
 
 from agent.ledger import RUNNING, Ledger
-from selfheal.clocks import Clock
+from selfheal.clocks import SLEW, Clock
 from selfheal.errors import StoreError, UnitError
 from selfheal.logs import RateLimiter, get_logger
 from selfheal.wire import Command, CommandResult, RestartUnit, ResyncDataset, StartUnit, StopUnit, verify_command
+from selfheal.write_failures import failure_reason
 
 Status = Literal["done", "failed", "rejected", "duplicate"]
 
@@ -74,10 +91,38 @@ def check_authentic(command: Command, *, node_id: str, key: bytes | None) -> Rej
 def check_fresh(command: Command, *, now: float, highest_epoch: int) -> Rejection | None:
     """Why a genuine ``command`` must not run any more, or None."""
     if command.expires_at < now:
-        return Rejection("expired", f"expired {now - command.expires_at:.3f}s ago")
+        return Rejection("expired", f"expired {now - command.expires_at:.3f}s ago (issued "
+                                    f"{now - command.issued_at:.3f}s ago, valid for "
+                                    f"{command.expires_at - command.issued_at:g}s; if it was just sent, "
+                                    "this node's clock is ahead of the controller's)")
     if command.epoch < highest_epoch:
         return Rejection("stale_epoch", f"stale epoch {command.epoch} < {highest_epoch}")
     return None
+
+
+class IssuerClock:
+    """The controller's clock as this agent has seen it (see the module docstring): a lower bound of it.
+
+    It is carried forward at ``1 - SLEW`` of the monotonic time elapsed, since the controller's own wall
+    clock may run that much slower while it works off a step of its system clock (``selfheal.clocks``)."""
+
+    def __init__(self) -> None:
+        self.epoch = -1
+        self._issued = -math.inf
+        self._at = 0.0
+
+    def witness(self, command: Command, mono: float) -> None:
+        """An authentic ``command`` arrived at ``mono`` (monotonic seconds)."""
+        if command.epoch > self.epoch:  # a new controller run: its clock may be behind the last one's
+            self.epoch, self._issued, self._at = command.epoch, command.issued_at, mono
+        elif command.epoch == self.epoch and command.issued_at > self.now(command.epoch, mono):
+            self._issued, self._at = command.issued_at, mono
+
+    def now(self, epoch: int, mono: float) -> float:
+        """The least the controller of ``epoch`` can read now (``-inf``: unknown, another epoch)."""
+        if epoch != self.epoch:
+            return -math.inf
+        return self._issued + (1 - SLEW) * max(0.0, mono - self._at)
 
 
 class CommandExecutor:
@@ -93,6 +138,7 @@ class CommandExecutor:
         self.clock = clock
         self.highest_epoch = ledger.highest_epoch
         """The highest epoch accepted, across restarts (the ledger persists it with each claim)."""
+        self.issuer = IssuerClock()
         self.counts: Counter[str] = Counter()
         """Outcomes by status (done, failed, rejected, duplicate)."""
         self.rejections: Counter[str] = Counter()
@@ -105,17 +151,20 @@ class CommandExecutor:
         rejection = check_authentic(command, node_id=self.node_id, key=self.key)
         if rejection is not None:
             return self._reject(command, rejection)
+        self.issuer.witness(command, self.clock.monotonic())
         try:
             earlier = await asyncio.to_thread(self.ledger.get, command.key)
             if earlier is not None:
                 return self._duplicate(command, earlier.status, earlier.detail)
-            rejection = check_fresh(command, now=self.clock.wall(), highest_epoch=self.highest_epoch)
+            now = max(self.clock.wall(), self.issuer.now(command.epoch, self.clock.monotonic()))
+            rejection = check_fresh(command, now=now, highest_epoch=self.highest_epoch)
             if rejection is not None:
                 return self._reject(command, rejection)
             earlier = await asyncio.to_thread(self.ledger.claim, command.key, command.id, self.clock.wall(),
                                               command.epoch)
-        except StoreError as exc:
-            return self._result(command, "failed", f"not run: the command ledger failed: {exc}")
+        except StoreError as exc:  # unrecorded, it could run twice: at most once means not now
+            self._ledger_failed(command, "claim", exc)
+            return self._result(command, "failed", f"not run: {exc}")
         if earlier is not None:
             return self._duplicate(command, earlier.status, earlier.detail)
         self.highest_epoch = max(self.highest_epoch, command.epoch)
@@ -124,8 +173,13 @@ class CommandExecutor:
             await asyncio.to_thread(self.ledger.finish, command.key, status, detail, self.clock.wall())
         except StoreError as exc:
             # The outcome stands (the step ran); the claim stays "running", so a repeat is still refused.
-            self.log.error("command.ledger_failed", command_id=command.id, error=str(exc))  # noqa: TRY400
+            self._ledger_failed(command, "finish", exc)
         return self._result(command, status, detail)
+
+    def _ledger_failed(self, command: Command, stage: Literal["claim", "finish"], exc: StoreError) -> None:
+        """``claim``: the command was not run; ``finish``: it ran, its outcome is not recorded."""
+        self.log.error("command.ledger_failed", command_id=command.id, key=command.key, stage=stage,
+                       reason=failure_reason(exc.__cause__ or exc), error=str(exc))
 
     async def _run(self, command: Command) -> tuple[Status, str]:
         step = command.step

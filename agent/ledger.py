@@ -13,15 +13,27 @@ controller spoke refuses commands of the older one), and a copy of the
 **session** number (``agent.app.next_session`` falls back to it when the
 ``session`` file is unreadable).
 
+And it records what the agent did on its own while no controller listened
+(``agent.fallback``): each local action under its own key, and whether it
+has gone out to a controller yet — an action outlives the agent run that took
+it, and no key is recorded twice. Local actions are pruned by age only
+(``max_age``): a few per unit per outage.
+
 SQLite in WAL mode at ``<state_dir>/ledger.sqlite3``; every method blocks, so
 the agent calls them through ``asyncio.to_thread`` (one lock serializes them,
 whichever thread they land on). Bounded: entries older than ``max_age``
 seconds and the oldest beyond ``max_rows`` are pruned at open and every
 ``PRUNE_EVERY`` claims.
+
+A write SQLite cannot keep (the disk full) raises a ``StoreError`` that says
+so and names the file, and keeps nothing: a claim that could not be written
+leaves the key unclaimed, so its command is not run now (the executor answers
+``failed``) and may run once the space is back. Nothing needs reopening.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from pathlib import Path
@@ -29,6 +41,7 @@ from types import TracebackType
 from typing import NamedTuple
 
 from selfheal.errors import StoreError
+from selfheal.write_failures import explain
 
 MAX_AGE = 7 * 86400.0
 MAX_ROWS = 100_000
@@ -48,6 +61,17 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS local_actions (
+    key TEXT PRIMARY KEY,
+    unit TEXT NOT NULL,
+    action TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    at REAL NOT NULL,
+    reported INTEGER NOT NULL DEFAULT 0
+);
 """
 EPOCH = "highest_epoch"
 SESSION = "session"
@@ -60,6 +84,20 @@ class Entry(NamedTuple):
     """``running`` while executing (or interrupted by a crash), else the CommandResult status."""
     detail: str
     at: float
+
+
+class LocalEntry(NamedTuple):
+    """One action the agent took on its own (``agent.fallback``)."""
+
+    key: str
+    unit: str
+    action: str
+    attempt: int
+    reason: str
+    status: str
+    detail: str
+    at: float
+    """Wall time of the action."""
 
 
 class Ledger:
@@ -85,8 +123,8 @@ class Ledger:
             db.execute("PRAGMA synchronous=FULL")  # a claim must survive a power cut, not just a crash
             db.executescript(_SCHEMA)
             counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the command ledger {self.path}: {exc}") from None
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open the command ledger: {explain(exc, self.path)}") from None
         self._db = db
         self.highest_epoch = int(counters.get(EPOCH, 0))
         self.session = int(counters.get(SESSION, 0))
@@ -117,26 +155,26 @@ class Ledger:
                     cursor = db.execute(
                         "INSERT OR IGNORE INTO commands (key, command_id, status, detail, at) "
                         "VALUES (?, ?, ?, '', ?)", (key, command_id, RUNNING, now))
-                    if cursor.rowcount == 1:
-                        self._claims += 1
-                        claimed = True
-                        if epoch > self.highest_epoch:
-                            self._set(db, EPOCH, epoch)
-                    else:
-                        claimed = False
+                    claimed = cursor.rowcount == 1
+                    if claimed and epoch > self.highest_epoch:
+                        self._set(db, EPOCH, epoch)
+                    if not claimed:
                         row = db.execute("SELECT key, command_id, status, detail, at FROM commands WHERE key = ?",
                                          (key,)).fetchone()
                     db.execute("COMMIT")
                 except BaseException:
-                    db.execute("ROLLBACK")
+                    if db.in_transaction:  # a failed COMMIT on a full disk has already rolled back
+                        db.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
-                raise StoreError(f"command ledger: {exc}") from None
+                raise self._failed(exc) from exc
             if claimed:
+                self._claims += 1
                 self.highest_epoch = max(self.highest_epoch, epoch)
         if claimed:
             if self._claims % PRUNE_EVERY == 0:
-                self.prune(now)
+                with contextlib.suppress(StoreError):  # housekeeping: the claim stands, the next prune tries again
+                    self.prune(now)
             return None
         return Entry(*row)
 
@@ -147,7 +185,7 @@ class Ledger:
                 self._conn().execute("UPDATE commands SET status = ?, detail = ?, at = ? WHERE key = ?",
                                      (status, detail, now, key))
             except sqlite3.Error as exc:
-                raise StoreError(f"command ledger: {exc}") from None
+                raise self._failed(exc) from exc
 
     def save_session(self, session: int) -> None:
         """Keep a copy of the agent's session number (durable: ``synchronous=FULL``)."""
@@ -155,7 +193,7 @@ class Ledger:
             try:
                 self._set(self._conn(), SESSION, session)
             except sqlite3.Error as exc:
-                raise StoreError(f"command ledger: {exc}") from None
+                raise self._failed(exc) from exc
             self.session = session
 
     @staticmethod
@@ -163,10 +201,44 @@ class Ledger:
         db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (name, value))
 
+    def record_local(self, entry: LocalEntry) -> bool:
+        """Record a local action, unreported; False when its key is recorded already."""
+        with self._lock:
+            try:
+                cursor = self._conn().execute(
+                    "INSERT OR IGNORE INTO local_actions (key, unit, action, attempt, reason, status, detail, at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", entry)
+            except sqlite3.Error as exc:
+                raise self._failed(exc) from exc
+        return cursor.rowcount == 1
+
+    def unreported_local(self) -> list[LocalEntry]:
+        """The local actions no controller has been sent yet, oldest first."""
+        with self._lock:
+            try:
+                rows = self._conn().execute(
+                    "SELECT key, unit, action, attempt, reason, status, detail, at FROM local_actions "
+                    "WHERE reported = 0 ORDER BY at, rowid").fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read the command ledger: {explain(exc, self.path)}") from None
+        return [LocalEntry(*row) for row in rows]
+
+    def mark_reported(self, keys: list[str]) -> None:
+        """The local actions of ``keys`` went out to a controller."""
+        with self._lock:
+            try:
+                self._conn().executemany("UPDATE local_actions SET reported = 1 WHERE key = ?",
+                                         [(key,) for key in keys])
+            except sqlite3.Error as exc:
+                raise self._failed(exc) from exc
+
     def get(self, key: str) -> Entry | None:
         with self._lock:
-            row = self._conn().execute(
-                "SELECT key, command_id, status, detail, at FROM commands WHERE key = ?", (key,)).fetchone()
+            try:
+                row = self._conn().execute(
+                    "SELECT key, command_id, status, detail, at FROM commands WHERE key = ?", (key,)).fetchone()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read the command ledger: {explain(exc, self.path)}") from None
         return Entry(*row) if row is not None else None
 
     def count(self) -> int:
@@ -179,13 +251,17 @@ class Ledger:
             db = self._conn()
             try:
                 removed = db.execute("DELETE FROM commands WHERE at < ?", (now - self.max_age,)).rowcount
+                removed += db.execute("DELETE FROM local_actions WHERE at < ?", (now - self.max_age,)).rowcount
                 removed += db.execute(
                     "DELETE FROM commands WHERE key IN "
                     "(SELECT key FROM commands ORDER BY at DESC LIMIT -1 OFFSET ?)",
                     (self.max_rows,)).rowcount
             except sqlite3.Error as exc:
-                raise StoreError(f"command ledger: {exc}") from None
+                raise self._failed(exc) from exc
         return removed
+
+    def _failed(self, exc: sqlite3.Error) -> StoreError:
+        return StoreError(f"cannot write the command ledger: {explain(exc, self.path)}")
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:

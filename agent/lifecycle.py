@@ -28,8 +28,10 @@ MIN_REPORT_STALL = 30.0
 
 
 def agent_service(config: Config, *, source: Path | None, units: Callable[[], list[UnitReport]],
-                  connected: Callable[[], bool], report_round: Callable[[], float | None]) -> Service:
-    """``report_round()``: the loop time of the report loop's last round (None before the first)."""
+                  connected: Callable[[], bool], report_round: Callable[[], float | None],
+                  held: Callable[[], int]) -> Service:
+    """``report_round()``: the loop time of the report loop's last round (None before the first);
+    ``held()``: events waiting for the broker or the controller (``agent.app``)."""
     host, port = config.mqtt.host_port()
     stall = max(5 * config.agent.interval, MIN_REPORT_STALL)
 
@@ -37,7 +39,9 @@ def agent_service(config: Config, *, source: Path | None, units: Callable[[], li
         states = Counter(unit.state for unit in units())
         counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no units"
         link = "online" if connected() else f"waiting for the broker at {host}:{port}"
-        return f"{link}: node {config.agent.node_id}, units: {counts}"
+        waiting = held()
+        events = f", {waiting} events waiting for the controller" if waiting else ""
+        return f"{link}: node {config.agent.node_id}, units: {counts}{events}"
 
     def report_loop_runs() -> str | None:
         last = report_round()

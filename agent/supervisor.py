@@ -9,11 +9,13 @@ registry ``kind -> factory`` passed in by the composition root.
 
 A unit with ``every`` is wrapped in a ``ScheduledUnit`` (``agent.units.schedule``)
 whatever its kind. A unit with a ``progress_file`` gets a ``ProgressWatcher``
-task; its progress, the time it last moved and ``stall_after`` go into the
-unit's report, for the controller's stall detector (``agent.progress``).
+task; its progress, the time it last moved in the current run, ``stall_after``
+and the ``start_timeout`` in force go into the unit's report, for the
+controller's stall and start detectors (``agent.progress``).
 
 The supervisor never restarts a crashed unit on its own: the controller
-decides, and asks through ``restart`` (a ``restart_unit`` command).
+decides, and asks through ``restart`` (a ``restart_unit`` command) — or, while
+no controller listens, the agent's fallback does (``agent.fallback``).
 """
 
 from __future__ import annotations
@@ -242,16 +244,18 @@ class Supervisor:
         return out
 
     def _with_progress(self, entry: Supervised, report: UnitReport) -> UnitReport:
-        """The report with the unit's progress, when it last moved, and its stall limit."""
+        """The report with the unit's progress, when it last moved in this run, and its stall and start limits."""
         tracker = entry.progress.tracker if entry.progress is not None else entry.tracker
         if tracker is None:
             return report
         if entry.progress is None:
             tracker.observe(report.progress, run_started=report.started_at, now=self.ctx.clock.wall())
-        if tracker.current is None and entry.config.stall_after is None:
+        start_timeout = entry.config.start_limit
+        if tracker.current is None and entry.config.stall_after is None and start_timeout is None:
             return report
-        return msgspec.structs.replace(report, progress=tracker.current, progress_at=tracker.moved_at,
-                                       stall_after=entry.config.stall_after)
+        return msgspec.structs.replace(report, progress=tracker.current,
+                                       progress_at=tracker.moved_in(report.started_at),
+                                       stall_after=entry.config.stall_after, start_timeout=start_timeout)
 
     async def _start(self, name: str) -> None:
         entry = self._entry(name)

@@ -46,8 +46,9 @@ from controller.metrics import ControllerMetrics
 from controller.page import render_api_docs, render_incident_page, render_status_page
 from controller.sources.alertmanager import create_alerts_router
 from controller.sources.alerts import ExternalAlerts
-from controller.store import Incident, PlanRecord, SqliteStore
+from controller.store import Incident, PlanRecord, Store
 from selfheal.clocks import Clock, iso
+from selfheal.errors import StoreError
 from selfheal.logs import get_logger
 from selfheal.wire import UnitReport
 
@@ -72,7 +73,7 @@ MAX_CURSOR = 200
 @dataclass
 class ApiContext:
     fleet: Fleet
-    store: SqliteStore
+    store: Store
     engine: Engine
     metrics: ControllerMetrics
     clock: Clock
@@ -263,6 +264,10 @@ def create_api(ctx: ApiContext) -> FastAPI:
         if exc.status_code == 405:  # Starlette names only the first route's methods; a path may have several
             response.headers["Allow"] = ", ".join(_allowed(app, request.scope))
         return response
+
+    @app.exception_handler(StoreError)
+    async def unrecorded(request: Request, exc: StoreError) -> JSONResponse:
+        return _problem(503, str(exc), request.url.path)  # nothing was changed: it could not be recorded
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from controller.api_gate import NO_TOKEN
 from controller.engine import Engine
 from controller.operations import PlanConflict
-from controller.store import SilenceRecord, SqliteStore
+from controller.store import SilenceRecord, Store
 from selfheal.clocks import Clock, iso
 
 LABEL = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -61,7 +61,7 @@ class PauseOut(BaseModel):
     reason: str
 
 
-def create_actions(*, engine: Engine, store: SqliteStore, clock: Clock, token: str | None) -> APIRouter:
+def create_actions(*, engine: Engine, store: Store, clock: Clock, token: str | None) -> APIRouter:
     def authorised(request: Request) -> str:
         """The gate in front of the app (``api_gate``) checked the token before the body was read; this
         second check keeps every mutating route closed should it ever be mounted without the gate. Headers

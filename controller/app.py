@@ -47,7 +47,7 @@ from controller.notify.registry import default_formatters
 from controller.notify.router import Destination, Router
 from controller.sources.alerts import ExternalAlerts
 from controller.sources.promql import PromQLSource
-from controller.store import SqliteStore
+from controller.stores import open_store
 from detectors.anomaly.policy import AlertPolicySpec
 from detectors.anomaly.watch import AnomalyWatch, WatchSpec
 from detectors.model import DetectorSettings, Threshold
@@ -124,7 +124,8 @@ class Controller:
                 await stack.enter_async_context(
                     embedded_broker(host, port, password_file=self.config.mqtt.embedded_password_file))
             state_dir = Path(self.config.controller.state_dir)
-            store = await SqliteStore.open(state_dir / "selfheal.sqlite3")
+            store = await open_store(  # [store] url: PostgreSQL; else SQLite in state_dir
+                self.config, on_write_error=lambda reason: self.metrics.store_write_errors.labels(reason).inc())
             stack.push_async_callback(store.close)
             load_watch_state(self.anomalies, state_dir, lambda why: self.metrics.state_rejected.labels(why).inc())
             stack.callback(lambda: save_watch_state(self.anomalies, state_dir))  # the watch a reload left
@@ -148,12 +149,11 @@ class Controller:
                                           max_replica_share=budget.max_replica_share, group_label=budget.group_label),
                             command_ttl=self.config.controller.command_ttl,
                             link_base=link_base,
-                            anomalies=self.anomalies, external=self.alerts.findings)
+                            anomalies=self.anomalies, external=self.alerts.findings,
+                            listening=self.link.connected.is_set)
             self.engine = engine
             await engine.recover()
-            self.metrics.add_fleet_collector(lambda: self._fleet_gauges(engine))
-            self.metrics.add_stats_collector(engine.stats)
-            self.metrics.add_state_collector(lambda: self._state_gauges(engine))
+            self._engine_metrics(engine)
             api_ctx = ApiContext(fleet=self.fleet, store=store, engine=engine, metrics=self.metrics,
                                  clock=self.clock, offline_after=self.config.controller.offline_after,
                                  broker_connected=self.link.connected, api_token=self._api_token(),
@@ -176,14 +176,15 @@ class Controller:
                                          build_router=lambda notify: self._router(link_base, notify))
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(service.run(stop=stop), name="service")
-                tasks["mqtt"] = tg.create_task(self.link.run(stop=stop, handle=handle, on_connect=self._on_connect),
-                                               name="mqtt")
+                link_stop = asyncio.Event()  # after the last word below
+                tasks["mqtt"] = tg.create_task(self.link.run(stop=link_stop, handle=handle,
+                                                             on_connect=self._on_connect), name="mqtt")
                 tasks["engine"] = tg.create_task(engine.run(stop=stop), name="engine")
                 tasks["http"] = tg.create_task(server.serve(sockets=[sock]), name="http")
                 tg.create_task(self._announce_ready(server, ready, service.ready), name="ready")
                 tasks["notify"] = tg.create_task(self.routes.run(stop=stop), name="notify")
-                tasks["host-models"] = tg.create_task(run_host_models(lambda: self.anomalies, stop=stop),
-                                                      name="host-models")
+                tasks["host-models"] = tg.create_task(run_host_models(lambda: self.anomalies, stop=stop,
+                                                                      scored=self._look_again), name="host-models")
                 if self.config.controller.promql:
                     promql = PromQLSource(self.config.controller.promql, alerts=self.alerts, clock=self.clock,
                                           metrics=self.metrics, wake=self.fleet.notify)
@@ -191,6 +192,8 @@ class Controller:
                 await stop.wait()
                 service.stopping()
                 server.should_exit = True
+                self._say_offline()
+                link_stop.set()
                 await self.fleet.notify()
 
     def _router(self, external_url: str, notify: Sequence[NotifyConfig]) -> Router | None:
@@ -245,7 +248,24 @@ class Controller:
         if ready is not None:
             ready.set()
 
+    def _engine_metrics(self, engine: Engine) -> None:
+        self.metrics.add_fleet_collector(lambda: self._fleet_gauges(engine))
+        self.metrics.add_stats_collector(engine.stats)
+        self.metrics.add_state_collector(lambda: self._state_gauges(engine))
+
+    async def _look_again(self, nodes: set[str]) -> None:
+        """Their findings changed with no message (a host model scored them): the engine looks again."""
+        self.fleet.dirty.update(n for n in nodes if n in self.fleet.nodes)
+        await self.fleet.notify()
+
+    def _say_offline(self) -> None:
+        """The last word: a clean disconnect sends no will, so agents would trust the retained ``online`` and
+        never start their fallback (``agent.fallback``)."""
+        offline = wire.ControllerStatus(state="offline", session=self.session, ts=self.clock.wall())
+        self.link.publish(wire.CONTROLLER_STATUS_TOPIC, wire.encode(offline), qos=1, retain=True)
+
     async def _on_connect(self, link: MqttLink) -> None:
+        self.fleet.listening_since = self.clock.wall()  # silence counts from now: before, we could not hear
         for channel in ("status", "report", "digests", "events"):
             await link.subscribe(f"{wire.PREFIX}/p/+/nodes/+/{channel}", qos=1)
         online = wire.ControllerStatus(state="online", session=self.session, ts=self.clock.wall())

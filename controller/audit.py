@@ -5,13 +5,15 @@ with the previous entry's hash (the first entry chains from the incident's
 genesis, ``sha256("selfheal/incident/<id>")``), and the incident row keeps the
 head hash and the entry count. Changing, removing or reordering any entry —
 or dropping the last ones — breaks the chain; ``selfheal audit verify``
-recomputes it. (An attacker who can rewrite the whole database can rebuild
-the chain too; the head hashes are also written to the log on resolution,
-so a copy outside the database can anchor them.)
+recomputes it, in an SQLite file (``verify_database``) or a PostgreSQL store
+(``verify_postgres``). (An attacker who can rewrite the whole database can
+rebuild the chain too; the head hashes are also written to the log on
+resolution, so a copy outside the database can anchor them.)
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import sqlite3
@@ -61,6 +63,13 @@ def verify_chain(incident_id: int, entries: Iterable[tuple[float, str, str, str,
     if head is not None and prev != head:
         problems.append(ChainProblem(incident_id, n, "the chain does not end at the recorded head"))
     return problems
+
+
+def verify_postgres(url: str) -> tuple[int, list[ChainProblem]]:
+    """``verify_database`` for a PostgreSQL store (``[store] url``), read from one snapshot."""
+    from controller.pgstore import verify_chains  # noqa: PLC0415 - asyncpg is an optional extra
+
+    return asyncio.run(verify_chains(url))
 
 
 def verify_database(path: Path) -> tuple[int, list[ChainProblem]]:

@@ -2,7 +2,8 @@
 
 For each agent-side step it derives the idempotency key, records the command
 in the store *before* publishing it (so a restarted controller can never
-issue the same key twice), signs it with the node's key, publishes it on the
+issue the same key twice; a command the store cannot record, the disk full,
+is not sent and its step fails), signs it with the node's key, publishes it on the
 node's ``commands`` topic and waits for the agent's ack. Just before a plan
 whose action disrupts (``remediations.actions``) acts, it re-checks the
 symptom: a plan whose symptom cleared is cancelled, not executed. Every step
@@ -37,7 +38,7 @@ from controller.fleet import Fleet, unit_is_healthy
 from controller.notify import Notification, Notifier, incident_labels
 from controller.placement import Placements
 from controller.resync import ResyncPlanner
-from controller.store import Incident, SqliteStore
+from controller.store import Incident, Store
 from detectors.placement import runners
 from detectors.presence import is_offline
 from remediations.actions import action_of, unit_command
@@ -55,7 +56,7 @@ from remediations.plans import (
 )
 from selfheal import wire
 from selfheal.clocks import Clock
-from selfheal.errors import PermanentRemediationError, RemediationError
+from selfheal.errors import PermanentRemediationError, RemediationError, StoreError
 from selfheal.logs import get_logger
 from selfheal.mqtt import MqttLink
 
@@ -81,7 +82,7 @@ class PlanOutcome:
 
 
 class Dispatcher:
-    def __init__(self, *, fleet: Fleet, store: SqliteStore, link: MqttLink, keys: KeyLookup, clock: Clock,
+    def __init__(self, *, fleet: Fleet, store: Store, link: MqttLink, keys: KeyLookup, clock: Clock,
                  notifier: Notifier, epoch: int, command_ttl: float, ack_timeout: float,
                  localisations: Localisations | None = None, resync: ResyncPlanner | None = None,
                  offline_after: float = 5.0, placements: Placements | None = None,
@@ -238,8 +239,13 @@ class Dispatcher:
             id=uuid.uuid4().hex, key=key, node=node, epoch=self.epoch, issued_at=now,
             expires_at=now + self.command_ttl, step=step), key_bytes)
         payload = wire.encode(command)
-        if not await self.store.record_command(key=key, command_id=command.id, plan_id=plan.id, node=node,
-                                               epoch=self.epoch, issued_at=now, payload=payload):
+        try:
+            recorded = await self.store.record_command(key=key, command_id=command.id, plan_id=plan.id, node=node,
+                                                       epoch=self.epoch, issued_at=now, payload=payload)
+        except StoreError as exc:  # unrecorded, a restarted controller could issue it again: never sent
+            raise RemediationError(f"{type(step).__name__} for {node} not sent: it could not be recorded first "
+                                   f"({exc})") from exc
+        if not recorded:
             raise PermanentRemediationError(f"command {key} was already issued; not sending it twice")
         future: asyncio.Future[wire.CommandResult] = asyncio.get_running_loop().create_future()
         self._pending[command.id] = (node, future)

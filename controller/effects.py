@@ -12,6 +12,14 @@ back to the reconciler (``finish``), and a command sent but never acked holds
 the incident until it expires, so an in-flight command and a new plan can
 never both act on the target.
 
+What agents did on their own while no controller listened (``LocalAction``
+events, ``agent.fallback``) is adopted first in every pass (``adopt_local``):
+each restart goes into its unit's incident — opened when the unit has none —
+as a ``local_action`` timeline entry and, counted on the rule's restart rung,
+a plan record in state ``local`` (so a restarted controller counts it again);
+the reconciler counts it as an attempt, so cooldown, backoff and
+``max_attempts`` hold the controller's own restart back. A key is adopted once.
+
 It owns the engine's view of open incidents (``incidents``), the plans
 waiting for a human (``awaiting``) and the running plan tasks (``tasks``);
 ``controller.operations`` (approve, cancel) works on the same.
@@ -20,6 +28,7 @@ waiting for a human (``awaiting``) and the running plan tasks (``tasks``);
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,9 +37,10 @@ from controller.fleet import Fleet
 from controller.metrics import ControllerMetrics
 from controller.notify import ALERT_EVENTS, Notification, Notifier, incident_labels
 from controller.plan_records import plan_record, record_fields, step_fields
-from controller.store import Incident, PlanRecord, SqliteStore
+from controller.store import Incident, PlanRecord, Store
 from remediations.plans import Plan
 from remediations.reconciler import (
+    Adopted,
     Effect,
     Failed,
     Held,
@@ -40,14 +50,20 @@ from remediations.reconciler import (
     Relapsed,
     Resolved,
     Started,
+    Symptom,
 )
 from rules.model import Rulebook
 from selfheal.clocks import Clock
+from selfheal.errors import StoreError
 from selfheal.logs import get_logger
+from selfheal.wire import LocalAction
+
+ADOPTABLE = frozenset({"unit_exited", "probe_failing"})
+"""Finding kinds a local action is adopted under (``LocalAction.reason``); any other counts as a crash."""
 
 
 class Effects:
-    def __init__(self, *, fleet: Fleet, store: SqliteStore, rulebook: Rulebook, reconciler: Reconciler,
+    def __init__(self, *, fleet: Fleet, store: Store, rulebook: Rulebook, reconciler: Reconciler,
                  dispatcher: Dispatcher, clock: Clock, metrics: ControllerMetrics, notifier: Notifier,
                  recheck: Callable[[str], bool], link_base: str = "") -> None:
         self.fleet = fleet
@@ -69,12 +85,22 @@ class Effects:
         self.plans: asyncio.TaskGroup | None = None
         """Where plan tasks run (the engine's, while it runs)."""
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.unrecorded: dict[str, tuple[str, str]] = {}
+        """Plan outcomes the store refused (the disk full): plan id -> (state, detail), written again each pass."""
         self.log = get_logger("engine")
 
     async def apply_all(self, effects: Sequence[Effect], now: float) -> None:
         """Apply a pass's effects: those of one incident in order, different incidents side by side, so a
         burst (a rack going dark opens an incident per node) shares store commits (the store group-commits
-        concurrent writes). Every group runs to its end; then the first error, if any, is raised."""
+        concurrent writes). Every group runs to its end; then the first error, if any, is raised. Agents'
+        local actions are adopted first."""
+        await self.adopt_local(now)
+        for plan_id, (state, detail) in list(self.unrecorded.items()):
+            with contextlib.suppress(StoreError):  # still refused: kept for the next pass, and this pass goes on
+                current = await self.store.get_plan(plan_id)
+                if current is not None:
+                    await self.set_plan_state(current, state, detail)
+                del self.unrecorded[plan_id]
         groups: dict[tuple[str, object], list[Effect]] = {}
         for effect in effects:
             key: tuple[str, object] = ("key", effect.key) if isinstance(effect, Opened) else ("id", effect.incident_id)
@@ -114,14 +140,68 @@ class Effects:
         elif isinstance(effect, Started):
             await self._start(effect, now)
 
+    async def adopt_local(self, now: float) -> None:
+        """Adopt the local actions the fleet queued (see the module docstring), oldest first."""
+        while self.fleet.local_actions:
+            node, sent_at, action = self.fleet.local_actions.popleft()
+            try:
+                await self._adopt(node, sent_at, action, now)
+            except StoreError as exc:  # counted in memory all the same: the controller still holds back
+                self.log.error("local_action.not_recorded", node=node, unit=action.unit, key=action.key,  # noqa: TRY400
+                               reason=str(exc))
+
+    async def _adopt(self, node: str, sent_at: float, action: LocalAction, now: float) -> None:
+        kind = action.reason if action.reason in ADOPTABLE else "unit_exited"
+        state = self.fleet.nodes.get(node)
+        summary = (f"unit {action.unit} on {node}: {action.detail or kind} "
+                   "(restarted by its agent while no controller listened)")
+        symptom = Symptom(key=f"{kind}/{node}/{action.unit}", kind=kind, node=node, unit=action.unit,
+                          severity="critical", summary=summary[:1000], evidence={"local_action": action.key},
+                          labels=dict(state.labels) if state is not None else {})
+        # How long ago, by the agent's own clock (action vs. sending): skew between the clocks does not enter.
+        adopted = self.reconciler.adopt(symptom, f"local-{action.key}", now - max(0.0, sent_at - action.ts), now)
+        if adopted is None:
+            self.log.info("local_action.duplicate", node=node, unit=action.unit, key=action.key)
+            return
+        if adopted.opened is not None:
+            await self._open(adopted.opened, now)
+        incident = self.reconciler.incidents.get(adopted.key)
+        if incident is None or incident.id is None:
+            self.log.error("local_action.not_recorded", node=node, unit=action.unit, key=action.key,
+                           reason="its incident has no id (the store did not open it)")
+            return
+        await self._record_local(incident.id, node, action, adopted, now)
+
+    async def _record_local(self, incident_id: int, node: str, action: LocalAction, adopted: Adopted,
+                            now: float) -> None:
+        data: dict[str, object] = {
+            "key": action.key, "node": node, "unit": action.unit, "action": action.action,
+            "attempt": action.attempt, "reason": action.reason, "status": action.status, "detail": action.detail,
+            "at": adopted.at, "plan": adopted.plan_id if adopted.rung is not None else None}
+        if adopted.rung is not None and adopted.rule is not None:
+            await self.store.save_plan(PlanRecord(
+                id=adopted.plan_id, incident_id=incident_id, rule=adopted.rule, attempt=adopted.attempt,
+                state="local", created_at=adopted.at, updated_at=now,
+                detail={"result": f"{action.action} by the agent on {node} while no controller listened: "
+                                  f"{action.status}", "local_action": data},
+                rung=adopted.rung, action=action.action, mode="local", deadline=adopted.at))
+        await self.audit(incident_id, "local_action", data)
+        self.log.warning("local_action.adopted", incident=incident_id, node=node, unit=action.unit,
+                         attempt=action.attempt, status=action.status, counted=adopted.rung is not None,
+                         key=action.key)
+
     async def _open(self, effect: Opened, now: float) -> None:
         symptom = effect.symptom
         rule = self.rulebook.by_name(effect.rule) if effect.rule else None
-        incident = await self.store.open_incident(
-            key=effect.key, kind=symptom.kind, node=symptom.node, unit=symptom.unit, severity=symptom.severity,
-            summary=symptom.summary, rule=effect.rule, opened_at=now, evidence=dict(symptom.evidence),
-            details={"labels": dict(symptom.labels),
-                     "rule_digest": rule.digest if rule else None, "rule_source": rule.source if rule else None})
+        try:
+            incident = await self.store.open_incident(
+                key=effect.key, kind=symptom.kind, node=symptom.node, unit=symptom.unit, severity=symptom.severity,
+                summary=symptom.summary, rule=effect.rule, opened_at=now, evidence=dict(symptom.evidence),
+                details={"labels": dict(symptom.labels),
+                         "rule_digest": rule.digest if rule else None, "rule_source": rule.source if rule else None})
+        except StoreError:
+            self.reconciler.incidents.pop(effect.key, None)  # unrecorded: the next pass opens it again
+            raise
         self.incidents[incident.id] = incident
         self.reconciler.bind(effect.key, incident.id)
         self.metrics.incidents.labels(symptom.kind).inc()
@@ -131,7 +211,14 @@ class Effects:
 
     async def _resolve(self, effect: Resolved, now: float) -> None:
         incident = self.incidents.pop(effect.incident_id, None)
-        await self.store.set_incident_state(effect.incident_id, "resolved", at=now, reason=effect.reason)
+        try:
+            await self.store.set_incident_state(effect.incident_id, "resolved", at=now, reason=effect.reason)
+        except StoreError:
+            if incident is not None:  # unrecorded: still open, so a later pass resolves it again
+                self.incidents[incident.id] = incident
+            if effect.state is not None:
+                self.reconciler.restore_incident(effect.state)
+            raise
         if incident is None:
             return
         self.metrics.time_to_heal.labels(incident.kind).observe(max(0.0, now - incident.opened_at))
@@ -172,13 +259,17 @@ class Effects:
     async def _start(self, effect: Started, now: float) -> None:
         plan = effect.plan
         incident = self.incidents.get(effect.incident_id)
-        await self.audit(effect.incident_id, "plan_proposed", {
-            "plan": plan.id, "rule": plan.rule, "rule_digest": plan.rule_digest, "rung": plan.rung,
-            "attempt": plan.attempt, "mode": plan.mode, "steps": [step_fields(s) for s in plan.steps],
-            "checks": [c.as_dict() for c in effect.checks],
-            "skipped_rungs": [{"rung": i, "reason": why} for i, why in effect.skipped]})
-        record = plan_record(plan, "proposed", now)
-        await self.store.save_plan(record)
+        try:
+            await self.audit(effect.incident_id, "plan_proposed", {
+                "plan": plan.id, "rule": plan.rule, "rule_digest": plan.rule_digest, "rung": plan.rung,
+                "attempt": plan.attempt, "mode": plan.mode, "steps": [step_fields(s) for s in plan.steps],
+                "checks": [c.as_dict() for c in effect.checks],
+                "skipped_rungs": [{"rung": i, "reason": why} for i, why in effect.skipped]})
+            record = plan_record(plan, "proposed", now)
+            await self.store.save_plan(record)
+        except StoreError:
+            self.reconciler.finish(plan.id, "cancelled", now, ran=False)  # never proposed: a later pass decides again
+            raise
         if incident is None:
             return
         if plan.mode == "shadow":
@@ -220,16 +311,24 @@ class Effects:
         finally:
             self.tasks.pop(plan.id, None)
         now = self.clock.wall()
-        current = await self.store.get_plan(plan.id)
-        if current is not None:
-            await self.set_plan_state(current, outcome.outcome, outcome.detail)
+        try:
+            current = await self.store.get_plan(plan.id)
+            if current is not None:
+                await self.set_plan_state(current, outcome.outcome, outcome.detail)
+        except StoreError as exc:
+            self.log.error("plan.outcome_unrecorded", plan=plan.id, outcome=outcome.outcome,  # noqa: TRY400
+                           error=str(exc))  # the store said why, once a minute
+            self.unrecorded[plan.id] = (outcome.outcome, outcome.detail)
         self.reconciler.finish(plan.id, outcome.outcome, now, recover_s=now - incident.opened_at)
         self.hold_for_unacked(incident, now)
         self.metrics.remediations.labels(plan.action, outcome.outcome).inc()
         self.log.info("plan.finished", plan=plan.id, incident=incident.id, outcome=outcome.outcome,
                       detail=outcome.detail)
         if not paging:
-            await self.notify(incident, "outcome", outcome.detail, action=plan.action, outcome=outcome.outcome)
+            try:
+                await self.notify(incident, "outcome", outcome.detail, action=plan.action, outcome=outcome.outcome)
+            except StoreError as exc:
+                self.log.error("plan.notice_unrecorded", plan=plan.id, error=str(exc))  # noqa: TRY400 - it says it
         await self.fleet.notify()
 
 

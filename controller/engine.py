@@ -40,7 +40,7 @@ from controller.notify import Notifier
 from controller.observe import Observer
 from controller.operations import Operations
 from controller.plan_records import plan_from_record
-from controller.store import Incident, PlanRecord, SqliteStore
+from controller.store import Incident, PlanRecord, Store
 from detectors.anomaly.watch import AnomalyWatch
 from detectors.model import DetectorSettings, Finding
 from remediations.actions import action_of
@@ -58,11 +58,12 @@ from selfheal.logs import get_logger
 
 
 class Engine:
-    def __init__(self, *, fleet: Fleet, store: SqliteStore, rulebook: Rulebook, dispatcher: Dispatcher,
+    def __init__(self, *, fleet: Fleet, store: Store, rulebook: Rulebook, dispatcher: Dispatcher,
                  clock: Clock, settings: DetectorSettings, metrics: ControllerMetrics, notifier: Notifier,
                  budget: Budget | None = None, command_ttl: float = 15.0, tick: float = 1.0,
                  link_base: str = "", anomalies: AnomalyWatch | None = None,
-                 external: Callable[[float], list[Finding]] | None = None) -> None:
+                 external: Callable[[float], list[Finding]] | None = None,
+                 listening: Callable[[], bool] = lambda: True) -> None:
         self.fleet = fleet
         self.store = store
         self.rulebook = rulebook
@@ -70,6 +71,10 @@ class Engine:
         self.clock = clock
         self.command_ttl = command_ttl
         self.tick = tick
+        self.listening = listening
+        """Whether the broker connection is up: while it is not, the engine decides nothing (the fleet's
+        silence is the controller's own deafness), and silence counts again from the reconnection
+        (``Fleet.listening_since``)."""
         """Longest sleep between passes: a heartbeat for what has no timer (external alerts running out)."""
         self.placements = dispatcher.placements
         """Where each movable singleton runs (``controller.placement``), shared with the dispatcher."""
@@ -88,6 +93,8 @@ class Engine:
         self.add_silence = self.operations.add_silence
         self.errors = 0
         """Evaluations that failed (and were retried on the next pass)."""
+        self._last_failure: tuple[str, float, int] = ("", -math.inf, 0)
+        """(error, when it was last logged, passes failed since): the log is rate-limited."""
         self.log = get_logger("engine")
 
     # --- start and loop -------------------------------------------------------------------------
@@ -139,10 +146,10 @@ class Engine:
             self.effects.plans = plans
             while not stop.is_set():
                 try:
-                    await self.evaluate()
+                    if self.listening():
+                        await self.evaluate()
                 except SelfhealError as exc:  # e.g. the store is locked or the disk full: retry next pass
-                    self.errors += 1
-                    self.log.error("engine.evaluate_failed", error=str(exc))  # noqa: TRY400 - the message is it
+                    self._failed(str(exc))
                 sleep = min(self.tick, max(0.001, self.wake_at() - self.clock.wall()))
                 with contextlib.suppress(TimeoutError):
                     async with self.fleet.changed:
@@ -161,6 +168,17 @@ class Engine:
             await self.effects.apply_all(effects, now)
             if not any(isinstance(e, Opened) for e in effects):
                 return
+
+    def _failed(self, error: str) -> None:
+        """Count a failed pass; log it when the error is new, else once a minute (a full disk fails every pass)."""
+        self.errors += 1
+        now = self.clock.monotonic()
+        last, logged_at, since = self._last_failure
+        if error != last or now - logged_at >= 60.0:
+            self.log.error("engine.evaluate_failed", error=error, failed_passes_since_last_log=since)
+            self._last_failure = (error, now, 0)
+        else:
+            self._last_failure = (last, logged_at, since + 1)
 
     def reload(self, rulebook: Rulebook, settings: DetectorSettings, anomalies: AnomalyWatch | None) -> None:
         """New rules, detector settings or anomaly watches (SIGHUP): every node is looked at again."""

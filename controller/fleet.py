@@ -22,7 +22,8 @@ Replays of a node's own genuine signed messages change nothing:
   sequence number of its session, an event no newer (agent ``ts``) than the
   newest event of the session, a status no newer than the last one of its
   connection refresh neither ``online`` nor ``last_seen`` (a replayed
-  ``CommandResult`` still goes to the dispatcher, which takes an ack once);
+  ``CommandResult`` still goes to the dispatcher, which takes an ack once,
+  and a replayed ``LocalAction`` to the engine, which adopts a key once);
 - unit events wait for a report: until this controller has seen a report of
   the node's current session (e.g. just after it started), its unit events are
   held (``MAX_HELD_EVENTS`` per node); the report reflects everything before
@@ -58,6 +59,7 @@ from selfheal.wire import (
     DatasetDigest,
     DatasetSummary,
     Event,
+    LocalAction,
     NodeMessage,
     NodeStatus,
     ProbeChanged,
@@ -76,6 +78,8 @@ MAX_HELD_EVENTS = 64
 """Unit events held per node until a report of its session arrives; beyond, the oldest is dropped."""
 MAX_DATASETS_PER_NODE = 200
 """Datasets kept per node (the agent's config allows no more); beyond, the rest of a digest is ignored."""
+MAX_LOCAL_ACTIONS = 4096
+"""Agents' local actions waiting for the engine to adopt them; beyond, the oldest is dropped (counted stale)."""
 
 
 @dataclass
@@ -133,6 +137,12 @@ class Fleet:
         self.watchers: list[Callable[[str], None]] = []
         """Told the id of the node each message concerned, once applied, and of each node evicted (then gone
         from ``nodes``): views kept up to date one node at a time (``controller.fleet_index``)."""
+        self.local_actions: deque[tuple[str, float, LocalAction]] = deque()
+        """(node, the event's agent ``ts``, action): what agents did on their own while no controller listened
+        (``agent.fallback``), in arrival order, until the engine adopts them (``controller.effects``)."""
+        self.listening_since = 0.0
+        """Wall time the controller's broker connection last came up. Nobody's silence counts from before it: a
+        controller cut off from the broker heard nothing, it did not hear the fleet go silent."""
         self.stale = 0
         self.jumps = 0
         """Messages refused as a session jump."""
@@ -196,10 +206,17 @@ class Fleet:
             if message.ts > node.event_clock:  # a replayed (older) event says nothing about now
                 node.event_clock = message.ts
                 node.last_seen = now
-                node.online = True  # it is talking, even if its birth message is still on the way
+                if node.closed_conn < node.conn:  # not after its connection's last will: a late event
+                    node.online = True  # it is talking, even if its birth message is still on the way
             body = message.body
             if isinstance(body, CommandResult):
                 return body  # the dispatcher takes each command's first ack only
+            if isinstance(body, LocalAction):  # not unit state: never held, adopted by the engine (once per key)
+                if len(self.local_actions) >= MAX_LOCAL_ACTIONS:
+                    self.local_actions.popleft()
+                    self.stale += 1
+                self.local_actions.append((node.id, message.ts, body))
+                return None
             if node.report_ts is None:
                 # Nothing of this session seen yet (e.g. this controller just started): the event may be a
                 # replay the node's state has long moved past. Held until a report says where it stands.
@@ -214,7 +231,7 @@ class Fleet:
     def _unit_event(self, node: NodeState, message: Event) -> None:
         """Apply a unit event unless a report or a later event of its unit already covers it."""
         body = message.body
-        assert not isinstance(body, CommandResult)  # noqa: S101 - callers route acks to the dispatcher
+        assert not isinstance(body, CommandResult | LocalAction)  # noqa: S101 - callers route these elsewhere
         if (node.report_ts is not None and message.ts <= node.report_ts) or \
                 message.ts < node.event_ts.get(body.unit, message.ts):
             self.stale += 1  # older than a report or the unit's last event: a replay (or a very late duplicate)
@@ -353,7 +370,8 @@ class Fleet:
         node = self.nodes.get(node_id)
         if node is None:
             return None
-        return NodeSnapshot(node=node.id, online=node.online, last_seen=node.last_seen,
+        last_seen = max(node.last_seen, self.listening_since) if node.last_seen else 0.0
+        return NodeSnapshot(node=node.id, online=node.online, last_seen=last_seen,
                             units=tuple(node.units.values()), reports=tuple(node.reports))
 
     def snapshots(self, now: float, offline_after: float) -> tuple[dict[str, NodeSnapshot], set[str]]:

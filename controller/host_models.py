@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from detectors.anomaly.host_watch import Fitted, HostModelSpec, HostVectorWatch, run_jobs
 from detectors.anomaly.policy import AlertPolicySpec
@@ -41,30 +41,36 @@ def build_host_watch(rulebook: Rulebook) -> HostVectorWatch | None:
 
 
 async def run_host_models(current: Callable[[], AnomalyWatch | None], *, stop: asyncio.Event,
-                          interval: float = 1.0) -> None:
-    """Until ``stop``: every ``interval`` seconds, fit and score the host models of ``current()`` in a thread."""
+                          interval: float = 1.0, scored: Callable[[set[str]], Awaitable[None]] | None = None) -> None:
+    """Until ``stop``: every ``interval`` seconds, fit and score the host models of ``current()`` in a thread.
+
+    ``scored`` is told the nodes a round scored: their findings may have changed with no message from them
+    (the engine looks again only at nodes that changed)."""
     while not stop.is_set():
         watch = current()
         hosts = watch.hosts if watch is not None else None
         if hosts is not None:
-            await run_round(hosts)
+            nodes = await run_round(hosts)
+            if nodes and scored is not None:
+                await scored(nodes)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
 
 
-async def run_round(hosts: HostVectorWatch) -> None:
-    """One round: take the due jobs, run them in a thread, apply what came back."""
+async def run_round(hosts: HostVectorWatch) -> set[str]:
+    """One round: take the due jobs, run them in a thread, apply what came back; the nodes it concerned."""
     jobs = hosts.take_work()
     if not jobs:
-        return
+        return set()
     started = time.perf_counter()  # CPU cost for the log line, not a deadline
     try:
         results = await asyncio.to_thread(run_jobs, jobs)
     except Exception as exc:  # noqa: BLE001 - a bad fit (degenerate training set) must not stop the controller
         hosts.abandon(jobs)
         log.warning("host_models.failed", jobs=len(jobs), error=str(exc)[:300])
-        return
+        return set()
     hosts.apply(results)
     fits = sum(1 for r in results if isinstance(r, Fitted))
     if fits:
         log.info("host_models.fitted", fits=fits, jobs=len(jobs), seconds=round(time.perf_counter() - started, 3))
+    return {result.key[1] for result in results}

@@ -87,6 +87,12 @@ class ControllerMetrics:
         self.promql_seconds = Histogram("selfheal_promql_evaluation_seconds", "PromQL query time, by entry",
                                         ["query"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
                                         registry=self.registry)
+        self.store_write_errors = Counter(
+            "selfheal_store_write_errors_total", "State store writes SQLite refused, none of them kept, by reason "
+            "(disk_full, io_error, busy, other): the controller did nothing it could not record",
+            ["reason"], registry=self.registry)
+        for reason in ("disk_full", "io_error", "busy", "other"):  # selfheal.write_failures.REASONS
+            self.store_write_errors.labels(reason)
         for outcome in ("accepted", "malformed", "unauthorized"):
             self.alerts_received.labels(outcome)  # exported at 0 from the start, so rate() sees the first one
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from controller.effects import Effects
 from controller.fleet import Fleet
-from controller.store import PlanRecord, SilenceRecord, SqliteStore
+from controller.store import PlanRecord, SilenceRecord, Store
 from remediations.plans import can_transition
 from remediations.reconciler import Reconciler
 from remediations.state import Matcher, Silence
@@ -24,7 +24,7 @@ class PlanConflict(SelfhealError):
 
 
 class Operations:
-    def __init__(self, *, effects: Effects, reconciler: Reconciler, store: SqliteStore, fleet: Fleet,
+    def __init__(self, *, effects: Effects, reconciler: Reconciler, store: Store, fleet: Fleet,
                  clock: Clock) -> None:
         self.effects = effects
         self.reconciler = reconciler

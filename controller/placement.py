@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
-from controller.store import PlacementRecord, SqliteStore
+from controller.store import PlacementRecord, Store
 from detectors.placement import Placement
 from selfheal.logs import get_logger
 
@@ -24,7 +24,7 @@ class Placements:
         self._unsaved: dict[str, PlacementRecord] = {}
         self.log = get_logger("controller.placement")
 
-    async def load(self, store: SqliteStore) -> None:
+    async def load(self, store: Store) -> None:
         self.current = {p.unit: p for p in await store.list_placements()}
 
     def observe(self, movable: Mapping[str, Mapping[str, float]], running: Mapping[str, Collection[str]],
@@ -47,7 +47,7 @@ class Placements:
                 self.log.info("placement.recorded", unit=unit, node=node_id,
                               previous=known.node if known else None)
 
-    async def save(self, store: SqliteStore) -> None:
+    async def save(self, store: Store) -> None:
         for unit, record in list(self._unsaved.items()):
             await store.save_placement(record)  # a StoreError leaves it unsaved, for the next pass
             if self._unsaved.get(unit) is record:

@@ -2,8 +2,10 @@
 
 Everything the controller must not lose across a restart goes through this
 one class. SQLite calls run on one dedicated worker thread, so the event loop
-only waits and writes are serialised. A PostgreSQL store for HA controllers
-would implement the same methods (see docs/ARCHITECTURE.md).
+only waits and writes are serialised. The controller is typed against the
+``Store`` protocol below; ``controller.pgstore.PostgresStore`` implements it on
+PostgreSQL for several controllers, and ``controller.stores.open_store`` picks
+one by ``[store] url``.
 
 Writes group-commit. A write is queued; the worker takes every write queued
 while it was busy (up to ``max_batch``) and runs them, in the order they were
@@ -19,6 +21,15 @@ queued: they run on the worker between two batches. A batch is one
 transaction, so a crash in the middle of one keeps none of it; the hash
 chains of the audit trail stay whole because each append reads the head
 that the writes before it in the same transaction left.
+
+A write SQLite cannot keep — the disk is full (SQLITE_FULL), an I/O error —
+fails its caller with a ``StoreError`` that says why and names the file; none
+of its batch is kept (so no chain is left half-written), each refused write is
+counted (``on_write_error(reason)``: the controller's
+``selfheal_store_write_errors_total{reason}``) and ``store.write_failed`` is
+logged (at most once a minute per reason). Reads go on meanwhile. Nothing needs
+reopening when space returns: the next batch commits, and
+``store.write_recovered`` says how many writes were refused.
 """
 
 from __future__ import annotations
@@ -32,10 +43,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from controller.audit import chain_hash, genesis
 from selfheal.errors import StoreError
+from selfheal.logs import get_logger
+from selfheal.write_failures import WriteFailures, explain, failure_reason
 
 IncidentState = Literal["open", "failed", "resolved"]
 T = TypeVar("T")
@@ -201,16 +214,60 @@ class IncidentDetail:
     plans: tuple[PlanRecord, ...]
 
 
+class Store(Protocol):
+    """What the controller keeps through a restart or a takeover: ``SqliteStore``, or ``PostgresStore``.
+
+    Writes return once committed; a write the store cannot keep raises ``StoreError``. Timelines are
+    hash-chained (``controller.audit``) and append-only.
+    """
+
+    async def close(self) -> None: ...
+    async def next_epoch(self) -> int: ...
+    async def open_incident(self, *, key: str, kind: str, node: str, unit: str | None, severity: str,
+                            summary: str, rule: str | None, opened_at: float,
+                            evidence: dict[str, Any], details: dict[str, Any] | None = None) -> Incident: ...
+    async def set_incident_state(self, incident_id: int, state: IncidentState, *, at: float,
+                                 reason: str) -> None: ...
+    async def append_timeline(self, incident_id: int, *, at: float, kind: str,
+                              data: dict[str, Any]) -> str: ...
+    async def get_incident_row(self, incident_id: int) -> Incident | None: ...
+    async def list_incidents(self, *, state: IncidentState | None = None, limit: int = 200) -> list[Incident]: ...
+    async def unresolved_incidents(self) -> list[Incident]: ...
+    async def get_incident(self, incident_id: int) -> IncidentDetail | None: ...
+    async def save_plan(self, plan: PlanRecord) -> None: ...
+    async def plans_for(self, incident_id: int) -> list[PlanRecord]: ...
+    async def list_plans(self, *, limit: int = 200) -> list[PlanRecord]: ...
+    async def recent_plans(self, since: float) -> list[tuple[Incident, PlanRecord]]: ...
+    async def get_plan(self, plan_id: str) -> PlanRecord | None: ...
+    async def plans_in(self, states: tuple[str, ...]) -> list[PlanRecord]: ...
+    async def commands_live_after(self, now: float, ttl: float) -> dict[str, float]: ...
+    async def record_command(self, *, key: str, command_id: str, plan_id: str, node: str, epoch: int,
+                             issued_at: float, payload: bytes) -> bool: ...
+    async def set_pause(self, paused: bool, reason: str) -> None: ...
+    async def get_pause(self) -> tuple[bool, str]: ...
+    async def save_silence(self, silence: SilenceRecord) -> None: ...
+    async def list_silences(self) -> list[SilenceRecord]: ...
+    async def save_quarantine(self, rule: str, target: str, until: float, reason: str) -> None: ...
+    async def list_quarantines(self) -> list[tuple[str, str, float, str]]: ...
+    async def save_placement(self, placement: PlacementRecord) -> None: ...
+    async def list_placements(self) -> list[PlacementRecord]: ...
+
+
 class SqliteStore:
     """Open with ``await SqliteStore.open(path)``; close with ``await store.close()``.
 
-    ``max_batch`` bounds a group commit; 1 gives every write its own transaction.
+    ``max_batch`` bounds a group commit; 1 gives every write its own transaction. ``on_write_error`` is
+    called with the reason (``selfheal.write_failures.REASONS``) of every write SQLite refused.
     """
 
     def __init__(self, connection: sqlite3.Connection, executor: ThreadPoolExecutor, *,
-                 max_batch: int = MAX_BATCH) -> None:
+                 path: Path, max_batch: int = MAX_BATCH,
+                 on_write_error: Callable[[str], None] | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
+        self.path = path
+        self.on_write_error = on_write_error
+        self._failures = WriteFailures(get_logger("store"), "store.write", self.path)
         self._db = connection
         self._executor = executor
         self._max_batch = max_batch
@@ -219,9 +276,12 @@ class SqliteStore:
         self._idle = asyncio.Event()
         """Set while no batch is with the worker; the next write then hands one over itself."""
         self._idle.set()
+        self._wrote = False
+        """Whether the last batch committed a change (set by the worker, read by ``_settle`` before the next)."""
 
     @classmethod
-    async def open(cls, path: Path, *, max_batch: int = MAX_BATCH) -> SqliteStore:
+    async def open(cls, path: Path, *, max_batch: int = MAX_BATCH,
+                   on_write_error: Callable[[str], None] | None = None) -> SqliteStore:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
@@ -238,10 +298,10 @@ class SqliteStore:
         loop = asyncio.get_running_loop()
         try:
             db = await loop.run_in_executor(executor, connect)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             executor.shutdown(wait=False)
-            raise StoreError(f"cannot open {path}: {exc}") from exc
-        return cls(db, executor, max_batch=max_batch)
+            raise StoreError(f"cannot open the state store: {explain(exc, path)}") from exc
+        return cls(db, executor, max_batch=max_batch, path=path, on_write_error=on_write_error)
 
     async def close(self) -> None:
         """Commit the writes already queued, then close."""
@@ -287,14 +347,15 @@ class SqliteStore:
         batch.add_done_callback(lambda ran: loop.call_soon_threadsafe(self._settle, loop, ran.result()))
 
     def _settle(self, loop: asyncio.AbstractEventLoop, outcomes: list[_Outcome]) -> None:
-        """Answer each caller of a finished batch (event loop), then hand over the next batch if any."""
+        """Answer each caller of a finished batch (event loop), hand over the next batch if any, then count."""
         for done, value, error in outcomes:
             if done.done():  # its caller was cancelled while it ran: the write stands regardless
                 continue
             if error is None:
                 done.set_result(value)
             elif isinstance(error, sqlite3.Error):
-                failure = StoreError(str(error))
+                failure = StoreError(f"the state store could not write: {explain(error, self.path)}; "
+                                     "nothing of this write was kept")
                 failure.__cause__ = error
                 done.set_exception(failure)
             else:
@@ -303,6 +364,19 @@ class SqliteStore:
             self._hand_over(loop)
         else:
             self._idle.set()
+        self._account(outcomes)
+
+    def _account(self, outcomes: list[_Outcome]) -> None:
+        """Count and log the writes of a batch SQLite refused; say so when writes go through again."""
+        if self._wrote:
+            self._failures.succeeded()
+        refused = [error for _, _, error in outcomes if isinstance(error, sqlite3.Error)]
+        for error in refused:
+            if self.on_write_error is not None:
+                self.on_write_error(failure_reason(error))
+        for reason in dict.fromkeys(failure_reason(error) for error in refused):
+            same = [error for error in refused if failure_reason(error) == reason]
+            self._failures.failed(same[0], writes=len(same))
 
     def _commit_batch(self) -> list[_Outcome]:
         """Take up to ``max_batch`` queued writes and run them in one transaction (worker thread only).
@@ -321,6 +395,8 @@ class SqliteStore:
             return []
         db = self._db
         outcomes: list[_Outcome] = []
+        changes = db.total_changes
+        self._wrote = False
         try:
             db.execute("BEGIN IMMEDIATE")
             for fn, done in batch:
@@ -337,6 +413,7 @@ class SqliteStore:
                     db.execute("RELEASE write")
                     outcomes.append((done, value, None))
             db.execute("COMMIT")
+            self._wrote = db.total_changes != changes
         except Exception as exc:  # noqa: BLE001 - the transaction failed: every caller hears of it
             if db.in_transaction:
                 with contextlib.suppress(sqlite3.Error):

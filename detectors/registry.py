@@ -17,7 +17,7 @@ import math
 from detectors.model import DetectorSettings, Finding, NodeSnapshot
 from detectors.presence import detect_node_offline
 from detectors.thresholds import detect_thresholds
-from detectors.units import detect_units, node_clock, stall_deadline
+from detectors.units import detect_units, node_clock, stall_deadline, start_deadline
 
 EPSILON = 1e-3
 """Past a deadline, so that a strict comparison (``silent_for > offline_after``) holds when it is re-run."""
@@ -35,14 +35,15 @@ def next_change(snapshot: NodeSnapshot, now: float, settings: DetectorSettings) 
     node with no new message from it (``math.inf``: only a message can change it).
 
     Only time moves a verdict between messages: an online node falls silent at ``last_seen +
-    offline_after``, and a running unit with ``stall_after`` stalls when its progress has stood still
-    that long. Thresholds count reports and unit states change by messages, so they never come due."""
+    offline_after``, a running unit with ``stall_after`` stalls when its progress has stood still that
+    long, and one with ``start_timeout`` times out when its run has gone that long without any progress.
+    Thresholds count reports and unit states change by messages, so they never come due."""
     if not snapshot.online or detect_node_offline(snapshot, now, settings.offline_after) is not None:
         return math.inf  # offline (or not yet announced): only a message brings it back
     due = snapshot.last_seen + settings.offline_after + EPSILON
     skew = node_clock(snapshot, now) - now  # the node's clock minus ours, fixed until its next message
     for unit in snapshot.units:
-        deadline = stall_deadline(unit)
-        if deadline is not None and deadline - skew > now:
-            due = min(due, deadline - skew + EPSILON)
+        for deadline in (stall_deadline(unit), start_deadline(unit)):
+            if deadline is not None and deadline - skew > now:
+                due = min(due, deadline - skew + EPSILON)
     return due

@@ -1,5 +1,11 @@
-"""Unit detectors: a unit that exited (or could not start), a probe failing N times in a row, and a
-job whose progress stopped moving while its process lives on (stalled).
+"""Unit detectors: a unit that exited (or could not start), a probe failing N times in a row, a job
+whose progress stopped moving while its process lives on (stalled), and one that has reported no progress
+at all since its run started (start timeout).
+
+A job is stalled only once it has progressed in its current run: until its
+first progress it is starting, however slowly, and ``start_timeout`` — kept
+apart from ``stall_after`` and more generous — is its limit. Restarting a
+job that is only slow to start (a JVM on a busy host) makes it slower still.
 
 A scheduled batch job (``every``) that finished its run with exit code 0 is
 ``completed``, not exited: nothing to heal. Until its next report says so,
@@ -60,7 +66,8 @@ def detect_probe_failing(node: str, unit: UnitReport) -> Finding | None:
 
 
 def detect_unit_stalled(node: str, unit: UnitReport, node_now: float) -> Finding | None:
-    """A running unit with ``stall_after`` whose progress has not moved for longer than that.
+    """A running unit with ``stall_after`` whose progress, once it moved in this run, has not moved for
+    longer than that.
 
     ``node_now`` is the node's own clock now (see ``node_clock``): ``progress_at`` comes from the
     agent's clock, so comparing it with the node's clock keeps clock skew out of the verdict.
@@ -85,15 +92,56 @@ def detect_unit_stalled(node: str, unit: UnitReport, node_now: float) -> Finding
     )
 
 
+def detect_unit_start_timeout(node: str, unit: UnitReport, node_now: float) -> Finding | None:
+    """A running unit with ``start_timeout`` that has reported no progress in this run for longer than that.
+
+    ``node_now`` is the node's clock, as for ``detect_unit_stalled``."""
+    deadline = start_deadline(unit)
+    if deadline is None or node_now <= deadline or unit.start_timeout is None:
+        return None
+    waited = node_now - unit.started_at
+    return Finding(
+        kind="unit_start_timeout", node=node, unit=unit.name, severity="critical",
+        summary=(f"unit {unit.name} on {node} has reported no progress in the {waited:.0f}s since it started "
+                 f"(start_timeout {unit.start_timeout:g}s)"),
+        evidence={"waited_s": round(waited, 1), "start_timeout_s": unit.start_timeout, "pid": unit.pid,
+                  "proc_status": unit.proc_status, "restarts": unit.restarts},
+    )
+
+
 def stall_deadline(unit: UnitReport) -> float | None:
     """The node-clock time after which ``detect_unit_stalled`` fires for ``unit`` if nothing changes
     (None: it cannot stall as it stands)."""
-    if unit.state != "running" or unit.stall_after is None or unit.pid is None:
+    if not _alive(unit) or unit.stall_after is None:
         return None
-    if unit.proc_status == "zombie":
-        return None  # it is exiting: the exit is the finding that follows
-    moved_at = max(unit.progress_at or 0.0, unit.started_at)
-    return moved_at + unit.stall_after if moved_at > 0 else None  # never started as far as we know: no stall
+    if unit.start_timeout is None:  # an agent from before start_timeout: stalls count from the run's start
+        moved_at = max(unit.progress_at or 0.0, unit.started_at)
+        return moved_at + unit.stall_after if moved_at > 0 else None  # never started as far as we know
+    progressed_at = _moved_at(unit)
+    if progressed_at is None:
+        return None  # still starting: start_deadline's turn
+    return progressed_at + unit.stall_after
+
+
+def start_deadline(unit: UnitReport) -> float | None:
+    """The node-clock time after which ``detect_unit_start_timeout`` fires for ``unit`` if nothing changes
+    (None: it has progressed in this run, has no start limit, or is not running)."""
+    if not _alive(unit) or unit.start_timeout is None or unit.started_at <= 0 or _moved_at(unit) is not None:
+        return None
+    return unit.started_at + unit.start_timeout
+
+
+def _alive(unit: UnitReport) -> bool:
+    """Running with a live process: the only state in which a job can stall or hang on its start (a zombie
+    is exiting: its exit is the finding that follows)."""
+    return unit.state == "running" and unit.pid is not None and unit.proc_status != "zombie"
+
+
+def _moved_at(unit: UnitReport) -> float | None:
+    """When the current run's progress last moved; None before its first progress (a time before the run's
+    start is about an earlier run)."""
+    at = unit.progress_at
+    return at if at is not None and at >= unit.started_at else None
 
 
 def node_clock(snapshot: NodeSnapshot, now: float) -> float:
@@ -108,7 +156,8 @@ def detect_units(snapshot: NodeSnapshot, now: float) -> list[Finding]:
     node_now = node_clock(snapshot, now)
     for unit in snapshot.units:
         finding = (detect_unit_exited(snapshot.node, unit) or detect_probe_failing(snapshot.node, unit)
-                   or detect_unit_stalled(snapshot.node, unit, node_now))
+                   or detect_unit_stalled(snapshot.node, unit, node_now)
+                   or detect_unit_start_timeout(snapshot.node, unit, node_now))
         if finding is not None:
             findings.append(finding)
     return findings

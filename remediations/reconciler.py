@@ -4,7 +4,8 @@
 returns effects — incidents to open, relapse, resolve or fail, plans to start,
 holds to record, loop-breaker quarantines — and updates the engine's memory.
 ``bind`` gives a newly opened incident its store id; ``finish`` reports a
-plan's outcome. The controller applies the effects with I/O (store, dispatch,
+plan's outcome; ``adopt`` takes in a restart an agent made on its own while
+no controller listened. The controller applies the effects with I/O (store, dispatch,
 alerts); tests and ``bench/engine.py`` drive this class directly, with time
 passed in.
 
@@ -12,6 +13,15 @@ Safety properties it keeps (property-tested): at most one plan per incident at
 a time; never more disruptive plans than the budget; never two plans on a
 target inside its cooldown; never more than ``max_attempts`` per window; an
 incident on an offline node is neither healed nor resolved on stale data.
+
+Time only goes forward. The controller's clock takes the system clock's steps
+out (``selfheal.clocks``), but a ``now`` earlier than one already seen can
+still come — a controller restarted after its clock went back finds its
+stored attempts in the future: then every instant in memory moves back with
+it (``_rebase``), so a cooldown, a backoff or a quarantine keeps the time it
+had left instead of growing by the step. A jump forward cannot be told from a
+long pause; what it lifts at once is bounded by the rule's rate limit and the
+disruption budget, which count plans, not time.
 """
 
 from __future__ import annotations
@@ -39,6 +49,11 @@ from remediations.policy import Policy
 from remediations.state import Attempt, Budget, OutcomeStats, Running, Silence, TargetState
 
 MAX_TARGETS = 100_000
+MAX_ADOPTED = 10_000
+"""Agents' local actions remembered as adopted (``Reconciler.adopt``), newest kept."""
+OUT_OF_ORDER = 1.0
+"""Seconds: a ``now`` earlier than the latest seen by less is one clock read out of order (a pass's ``now``
+given after a plan's task read the clock again), not the clock going back."""
 
 
 class RuleLookup(Protocol):
@@ -113,6 +128,8 @@ class Relapsed:
 class Resolved:
     incident_id: int
     reason: str
+    state: IncidentState | None = field(default=None, compare=False, repr=False)
+    """The incident as the reconciler knew it, to restore should the resolution not be recorded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +168,24 @@ class Quarantined:
 Effect = Opened | Relapsed | Resolved | Failed | Started | Held | Quarantined
 
 
+@dataclass(frozen=True, slots=True)
+class Adopted:
+    """A restart an agent made on its own, taken into the unit's incident (``Reconciler.adopt``)."""
+
+    key: str
+    """The incident's key."""
+    plan_id: str
+    rule: str | None
+    rung: int | None
+    """The rule's restart rung the attempt was counted on (None: not counted — no rule, no restart rung,
+    or older than the rule's ``attempt_window``)."""
+    attempt: int
+    """The incident's plan number it took (0: not counted, none taken)."""
+    at: float
+    opened: Opened | None
+    """The incident opened for it, when the unit had none."""
+
+
 class Reconciler:
     def __init__(self, rules: RuleLookup, budget: Budget | None = None) -> None:
         self.rules = rules
@@ -167,6 +202,10 @@ class Reconciler:
         self._resetting: set[tuple[str, str]] = set()
         self.unit_rules: dict[str, set[str]] = {}
         """node/unit → rules that have a history for it (to merge their attempts cheaply)."""
+        self._adopted: dict[str, None] = {}
+        """Plan ids of agents' local actions adopted so far (bounded, oldest forgotten first)."""
+        self._latest = -math.inf
+        """The latest instant seen (``now`` given, or restored from the store): time never goes back before it."""
         self.wake_at = math.inf
         """After ``evaluate``: the earliest time at which time alone could change one of its decisions (a
         hold, cooldown or backoff lifting, a cleared incident resolving, a ladder resetting); the engine
@@ -177,6 +216,7 @@ class Reconciler:
     def evaluate(self, symptoms: Mapping[str, Symptom], fleet: FleetView, now: float) -> list[Effect]:
         effects: list[Effect] = []
         self.wake_at = math.inf
+        self._advance(now)
         for key, symptom in symptoms.items():
             incident = self.incidents.get(key)
             if incident is None:
@@ -214,6 +254,7 @@ class Reconciler:
 
         ``ran=False`` for plans that never acted (an approval that expired, shadow mode): they do not
         count in the success statistics that rungs' floors read."""
+        self._advance(now)
         self.running.pop(plan_id, None)
         key = self.plan_incident.pop(plan_id, None)
         incident = self.incidents.get(key) if key else None
@@ -233,6 +274,7 @@ class Reconciler:
 
     def restore_attempt(self, rule: str, symptom: Symptom, attempt: Attempt) -> None:
         """Replay a plan from the store into the target's history (controller start)."""
+        self._latest = max(self._latest, attempt.at)
         self._target(rule, symptom).attempts.append(attempt)
         self.rule_starts.setdefault(rule, deque(maxlen=10_000)).append(attempt.at)
 
@@ -258,9 +300,69 @@ class Reconciler:
             self.incidents[key].running_plan = running.plan_id
 
     def restore_incident(self, incident: IncidentState) -> None:
+        self._latest = max(self._latest, incident.first_seen)
         self.incidents[incident.key] = incident
 
+    def adopt(self, symptom: Symptom, plan_id: str, at: float, now: float) -> Adopted | None:
+        """A restart of ``symptom``'s unit that its agent made at ``at`` while no controller listened
+        (``wire.LocalAction``): recorded in the unit's incident for ``symptom.key`` (opened when there is
+        none) and counted as an attempt on the rule's restart rung — cooldown, backoff, ``max_attempts``
+        and the ladder then see it, so the controller does not restart the unit again at once. None when
+        ``plan_id`` was adopted already (a replay; attempts restored from the store count too)."""
+        self._advance(now)
+        target_key = f"{symptom.node}/{symptom.unit or '-'}"
+        if plan_id in self._adopted or any(a.plan_id == plan_id for a in self._unit_history(target_key).attempts):
+            return None
+        self._adopted[plan_id] = None
+        while len(self._adopted) > MAX_ADOPTED:
+            del self._adopted[next(iter(self._adopted))]
+        at = min(at, now)
+        incident, opened = self.incidents.get(symptom.key), None
+        if incident is None:
+            rule = self._rule(symptom)
+            incident = self.incidents[symptom.key] = IncidentState(symptom.key, symptom, rule.name if rule else None,
+                                                                   first_seen=at)
+            opened = Opened(symptom.key, symptom, incident.rule)
+        policy = self.rules.by_name(incident.rule) if incident.rule else None
+        rung = next((i for i, r in enumerate(policy.ladder) if r.action == "restart"), None) if policy else None
+        if policy is None or rung is None or at <= now - policy.attempt_window:
+            return Adopted(symptom.key, plan_id, incident.rule, None, 0, at, opened)
+        incident.plans += 1  # it takes a plan number: the engine stores it as a plan
+        target = self._target(policy.name, incident.symptom)
+        target.attempts = deque(sorted([*target.attempts, Attempt(plan_id, rung, at, "restart")],
+                                       key=lambda a: a.at), maxlen=target.attempts.maxlen)
+        return Adopted(symptom.key, plan_id, incident.rule, rung, incident.plans, at, opened)
+
     # --- internals ------------------------------------------------------------------------------
+
+    def _advance(self, now: float) -> None:
+        if now < self._latest - OUT_OF_ORDER:
+            self._rebase(now - self._latest)
+            self._latest = now
+        else:
+            self._latest = max(self._latest, now)
+
+    def _rebase(self, delta: float) -> None:
+        """The clock went back by at least ``-delta``: move every remembered instant back with it, so what
+        had elapsed stays elapsed and what had to wait waits no longer than it had left. Deadlines set
+        from outside stay put — ``busy_until`` (an agent may run a command until it expires, by its own
+        clock) and silences (set by people): waiting longer is the safe side."""
+        for incident in self.incidents.values():
+            incident.first_seen += delta
+            if incident.cleared_since is not None:
+                incident.cleared_since += delta
+        for target in self.targets.values():
+            target.attempts = deque((replace(a, at=a.at + delta) for a in target.attempts),
+                                    maxlen=target.attempts.maxlen)
+            target.refires = deque((at + delta for at in target.refires), maxlen=target.refires.maxlen)
+            target.ladder_from += delta
+            target.quarantined_until += delta
+            if target.healthy_since is not None:
+                target.healthy_since += delta
+            if target.last_success is not None:
+                target.last_success += delta
+        for rule, starts in self.rule_starts.items():
+            self.rule_starts[rule] = deque((at + delta for at in starts), maxlen=starts.maxlen)
 
     def _wake(self, at: float | None) -> None:
         if at is not None:
@@ -319,7 +421,8 @@ class Reconciler:
             return []
         del self.incidents[incident.key]
         assert incident.id is not None  # noqa: S101 - only bound incidents reach here
-        return [Resolved(incident.id, f"symptom cleared and stayed clear for {now - incident.cleared_since:.1f}s")]
+        return [Resolved(incident.id, f"symptom cleared and stayed clear for {now - incident.cleared_since:.1f}s",
+                         incident)]
 
     def _reset_ladders(self, symptoms: Mapping[str, Symptom], now: float) -> None:
         for key in list(self._resetting):

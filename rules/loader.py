@@ -23,14 +23,15 @@ from rules.model import AnomalyWatchSpec, Backoff, HostModelWatchSpec, LoopBreak
 from selfheal.errors import RulebookError
 from selfheal.wire import HostMetrics, UnitReport
 
-FINDING_KINDS = ["unit_exited", "probe_failing", "unit_stalled", "unit_lost", "node_offline", "metric_threshold",
-                 "metric_anomaly", "host_anomaly", "dataset_divergent", "dataset_no_authority", "external_alert"]
+FINDING_KINDS = ["unit_exited", "probe_failing", "unit_stalled", "unit_start_timeout", "unit_lost", "node_offline",
+                 "metric_threshold", "metric_anomaly", "host_anomaly", "dataset_divergent", "dataset_no_authority",
+                 "external_alert"]
 
 
 def _numeric_fields(struct: type[msgspec.Struct]) -> list[str]:
     return [f.name for f in msgspec.structs.fields(struct) if f.type in (int, float, int | None, float | None)
             and f.name not in ("pid", "exit_code", "exit_signal", "v", "every", "next_run_at", "progress_at",
-                               "stall_after")]
+                               "stall_after", "start_timeout")]
 
 
 METRICS = sorted([*(f"host.{name}" for name in [*_numeric_fields(HostMetrics), "disk_max_percent"]),

@@ -19,7 +19,8 @@ from typing import Any
 import selfheal
 from selfheal.client import add_client_commands
 from selfheal.config import DEFAULT_PATH, Config, load_config
-from selfheal.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, SelfhealError
+from selfheal.config_checks import STORE_SCHEMES, redact_url
+from selfheal.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError, SelfhealError
 from selfheal.logs import configure_logging, get_logger
 
 STOP_DEADLINE = 20.0
@@ -70,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     verify = audit_sub.add_parser("verify", help="recompute every incident's hash chain; exit 1 if any is broken")
     verify.add_argument("--config", type=Path, default=DEFAULT_PATH, help="read controller.state_dir from this config")
     verify.add_argument("--db", type=Path, default=None, help="the controller database (overrides --config)")
+    verify.add_argument("--store", default=None, metavar="URL",
+                        help="a PostgreSQL store, postgresql://... (overrides --config's [store] url)")
     verify.set_defaults(func=_cmd_audit_verify)
 
     config = sub.add_parser("config", help="configuration tools")
@@ -196,16 +199,32 @@ def _cmd_broker_add_node(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
-    from controller.audit import verify_database  # noqa: PLC0415
+    from controller.audit import verify_database, verify_postgres  # noqa: PLC0415
 
-    path = args.db or Path(load_config(args.config, role="client").controller.state_dir) / "selfheal.sqlite3"
-    if not path.exists():
+    url: str = args.store or ""
+    if args.db and url:
+        print("selfheal: --db and --store name different stores: give one", file=sys.stderr)
+        return EXIT_USAGE
+    path = args.db
+    if not path and not url:
+        config = load_config(args.config, role="client")
+        url = config.store.url
+        path = Path(config.controller.state_dir) / "selfheal.sqlite3"
+    if url:
+        if not url.startswith(tuple(f"{scheme}://" for scheme in STORE_SCHEMES)):
+            print("selfheal: --store must be a postgresql:// URL", file=sys.stderr)
+            return EXIT_USAGE
+        where = redact_url(url)
+        incidents, problems = verify_postgres(url)
+    elif not path.exists():
         print(f"selfheal: no controller database at {path}", file=sys.stderr)
         return EXIT_FAILURE
-    incidents, problems = verify_database(path)
+    else:
+        where = str(path)
+        incidents, problems = verify_database(path)
     for problem in problems:
         print(f"incident #{problem.incident_id} entry {problem.entry}: {problem.problem}")
-    print(f"{path}: {incidents} incident(s), " + (f"{len(problems)} problem(s)" if problems else "every chain intact"))
+    print(f"{where}: {incidents} incident(s), " + (f"{len(problems)} problem(s)" if problems else "every chain intact"))
     return EXIT_FAILURE if problems else EXIT_OK
 
 

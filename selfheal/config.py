@@ -55,8 +55,9 @@ class MqttConfig(_Section, frozen=True, kw_only=True):
     only its own topics. Unset: anonymous, for a single host only."""
     keepalive: float = 10.0
     """Seconds between MQTT keep-alives; the broker publishes a last will after 1.5x this."""
-    reconnect_max: float = 5.0
-    """Upper bound, seconds, of the backoff between reconnect attempts."""
+    reconnect_max: float = 2.0
+    """Upper bound, seconds, of the wait between reconnect attempts: a client is back within it of its broker
+    answering again."""
     embedded_listen: str = "127.0.0.1:1883"
     """Where the embedded broker listens when ``url = "embedded"``."""
 
@@ -163,6 +164,12 @@ class SystemdConfig(_Section, frozen=True, kw_only=True):
     """The ``systemctl`` to run (a name on PATH or an absolute path)."""
 
 
+DEFAULT_START_TIMEOUT = 600.0
+"""Seconds a unit with ``stall_after`` may take from its start to its first progress when ``start_timeout``
+is unset: generous, because restarting a job that is only slow to start (a JVM on a busy host) makes it
+slower still."""
+
+
 class UnitConfig(_Section, frozen=True, kw_only=True):
     name: str
     """Unit name, unique on the node."""
@@ -191,8 +198,13 @@ class UnitConfig(_Section, frozen=True, kw_only=True):
     """JSON file the workload keeps its progress in (``{"done", "total", "stage", "updated_at"}``);
     relative to ``cwd``. Passed to the unit as ``$SELFHEAL_PROGRESS_FILE``; reported as ``progress``."""
     stall_after: float | None = None
-    """Seconds without progress while the process is alive before the unit is ``unit_stalled``; needs
+    """Seconds without progress while the process is alive before the unit is ``unit_stalled``, counted from
+    the run's first progress (before it, ``start_timeout`` applies: a slow start is not a stall); needs
     ``progress_file`` (or kind ``spark``, whose completed tasks count as progress)."""
+    start_timeout: float | None = None
+    """Seconds from a run's start to its first progress, while the process is alive, before the unit is
+    ``unit_start_timeout``; needs ``progress_file`` (or kind ``spark``). Unset: ``DEFAULT_START_TIMEOUT``,
+    or ``stall_after`` if longer, for a unit with ``stall_after``; no limit for one without."""
     spark: SparkConfig | None = None
     """Kind ``spark`` only: master, application, Spark properties."""
     docker: DockerConfig | None = None
@@ -206,6 +218,13 @@ class UnitConfig(_Section, frozen=True, kw_only=True):
     """Make this a movable singleton (kinds ``process`` and ``spark``): the agent stops it after this many
     seconds without the broker, and it dies with the agent, so the controller may start its standby copy
     on another node once this node has been unreachable long enough (README: Placement and migration)."""
+
+    @property
+    def start_limit(self) -> float | None:
+        """The ``start_timeout`` in force (see its doc): what the agent reports and the controller applies."""
+        if self.start_timeout is not None or self.stall_after is None:
+            return self.start_timeout
+        return max(DEFAULT_START_TIMEOUT, self.stall_after)
 
 
 class DatasetConfig(_Section, frozen=True, kw_only=True):
@@ -252,6 +271,18 @@ class AgentConfig(_Section, frozen=True, kw_only=True):
     """PEM private key of ``tls_cert``."""
     units: list[UnitConfig] = msgspec.field(default_factory=list)
     datasets: list[DatasetConfig] = msgspec.field(default_factory=list)
+    fallback: bool = True
+    """Restart crashed or hung units here when no controller has been heard for ``fallback_after`` (restarts
+    only, with backoff; reported to the controller when it is back). ``false``: units stay down until a
+    controller acts."""
+    fallback_after: float | None = None
+    """Seconds without a controller before the agent acts on its own. Unset: 1.5 times ``mqtt.keepalive`` (when
+    the broker gives up on a silent controller) plus three ``interval``s (``agent.fallback.fallback_delay``)."""
+    fallback_max_restarts: int = 5
+    """Local restarts of one unit within ``fallback_window`` before the agent gives up on it (until a
+    controller is back). Between them it waits 2, 4, 8 ... up to 60 seconds."""
+    fallback_window: float = 600.0
+    """Seconds over which ``fallback_max_restarts`` counts."""
 
 
 class NotifyConfig(_Section, frozen=True, kw_only=True):
@@ -383,9 +414,19 @@ class LogConfig(_Section, frozen=True, kw_only=True):
     """``auto``: key=value on a terminal, JSON otherwise."""
 
 
+class StoreConfig(_Section, frozen=True, kw_only=True):
+    """Where the controller keeps its state (``[store]``)."""
+
+    url: str = ""
+    """``postgresql://user@host:port/database``: a PostgreSQL store that several controllers share (needs
+    the ``postgres`` extra). Empty: SQLite in ``controller.state_dir``, for one controller. May hold a
+    password: it is never logged or shown (libpq's ``~/.pgpass`` and ``PG*`` variables work too)."""
+
+
 class Config(_Section, frozen=True, kw_only=True):
     mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
     controller: ControllerConfig = msgspec.field(default_factory=ControllerConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)

@@ -35,6 +35,7 @@ def check_config(config: Config, source: str, role: str) -> None:
     _check_identities(config, source, files=role != "client")
     _check_notify(config.controller.notify, source)
     _check_promql(config.controller, source)
+    _check_store(config.store.url, source)
 
 
 def _check_core(config: Config, source: str, role: str) -> None:
@@ -69,6 +70,7 @@ def _check_core(config: Config, source: str, role: str) -> None:
         fail(f"{agent.node_id!r} must match [a-z0-9][a-z0-9-]{{0,62}}", "agent.node_id")
     if agent.interval <= 0:
         fail("must be > 0", "agent.interval")
+    _check_fallback(agent, fail)
     _check_wire_caps(agent, fail)
     seen: set[str] = set()
     for i, unit in enumerate(agent.units):
@@ -89,6 +91,17 @@ def _check_core(config: Config, source: str, role: str) -> None:
         if probe.kind == "tcp":
             split_host_port(str(probe.target), what=f"{at}.probe.target")
     _check_datasets(agent, fail)
+
+
+def _check_fallback(agent: AgentConfig, fail: Callable[[str, str], None]) -> None:
+    """The agent-local fallback's settings (``agent.fallback``)."""
+    if agent.fallback_after is not None and agent.fallback_after <= 0:
+        fail("must be > 0 seconds (leave it out for the default; fallback = false turns it off)",
+             "agent.fallback_after")
+    if agent.fallback_max_restarts < 1:
+        fail("must be >= 1 (fallback = false turns local restarts off)", "agent.fallback_max_restarts")
+    if agent.fallback_window <= 0:
+        fail("must be > 0 seconds", "agent.fallback_window")
 
 
 def _check_wire_caps(agent: AgentConfig, fail: Callable[[str, str], None]) -> None:
@@ -153,15 +166,18 @@ def _check_unit(unit: UnitConfig, at: str, fail: Callable[[str, str], None]) -> 
         fail("must be > 0 seconds (leave it out for a long-running service)", f"{at}.every")
     if unit.progress_file is not None and not unit.progress_file.strip():
         fail("must be a path (or left out)", f"{at}.progress_file")
-    if unit.stall_after is not None:
-        if unit.stall_after <= 0:
-            fail("must be > 0 seconds", f"{at}.stall_after")
+    # Both limits read the unit's progress: a progress file, or a Spark unit's task counts.
+    ui_off = spark is not None and spark.conf.get("spark.ui.enabled", "").strip().lower() == "false"
+    for key, value in (("stall_after", unit.stall_after), ("start_timeout", unit.start_timeout)):
+        if value is None:
+            continue
+        if value <= 0:
+            fail("must be > 0 seconds", f"{at}.{key}")
         if unit.progress_file is None and unit.kind != "spark":
-            fail("needs progress_file: without progress there is nothing to stall", f"{at}.stall_after")
-        ui_off = spark is not None and spark.conf.get("spark.ui.enabled", "").strip().lower() == "false"
+            fail("needs progress_file: without progress there is nothing to wait for", f"{at}.{key}")
         if unit.progress_file is None and ui_off:
             fail("needs progress_file: with spark.ui.enabled = false Spark's task counts are not read",
-                 f"{at}.stall_after")
+                 f"{at}.{key}")
 
 
 SYSTEMD_SERVICE_RE = re.compile(r"^(?!-)[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.service$")
@@ -321,6 +337,33 @@ def _check_promql(controller: ControllerConfig, source: str) -> None:
         fail("must be > 0", "controller.alerts.ttl")
     if controller.alerts.max_alerts < 1:
         fail("must be >= 1", "controller.alerts.max_alerts")
+
+
+STORE_SCHEMES = ("postgresql", "postgres")
+
+
+def _check_store(url: str, source: str) -> None:
+    """``[store] url``: empty (SQLite) or a PostgreSQL URL; never quoted back (it may hold a password)."""
+    if not url:
+        return
+    scheme, sep, _ = url.partition("://")
+    if scheme not in STORE_SCHEMES or not sep:
+        raise ConfigError("must be a postgresql:// URL, or empty for SQLite (the value is not shown: it may "
+                          "hold a password)", source=source, path="store.url")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``: fit for a log line or a message."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, tail = rest.partition("/")
+    user, at, host = authority.rpartition("@")
+    if at and ":" in user:
+        authority = f"{user.split(':', 1)[0]}:***@{host}"
+    query = tail.partition("?")
+    if "password=" in query[2]:
+        tail = query[0] + query[1] + "&".join("password=***" if part.startswith("password=") else part
+                                                for part in query[2].split("&"))
+    return f"{scheme}{sep}{authority}{slash}{tail}"
 
 
 def _check_identities(config: Config, source: str, *, files: bool = True) -> None:

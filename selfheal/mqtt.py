@@ -3,9 +3,31 @@
 ``MqttLink.run`` connects, calls ``on_connect`` (subscribe, announce), then
 reads messages into ``handle`` and drains a bounded outbox, until the stop
 event. When the broker goes away it logs, backs off with jitter and
-reconnects; queued messages wait in the outbox (oldest dropped and counted
-when it is full), so a broker restart loses nothing that fits. ``handle`` must
-not raise: its errors are logged and counted, never allowed to stop the loop.
+reconnects; queued messages wait in the outbox, so a broker restart loses
+nothing that fits. ``handle`` must not raise: its errors are logged and
+counted, never allowed to stop the loop.
+
+Reconnecting: the wait between attempts doubles from 0.2 s up to
+``reconnect_max``, each wait a random 50-100 % of its step (so a fleet does
+not come back in one burst), and never exceeds it: a client is back at most
+``reconnect_max`` (plus the handshake) after its broker answers again.
+
+Held messages: a message only one subscriber cares about (the agent's events
+and command results, for the controller) is worthless when it reaches the
+broker before that subscriber: after a broker restart without persistence
+nobody is subscribed until the controller is back, and the broker drops it.
+``publish(..., held=True)`` queues it apart; it goes out only while the link
+is ``release``d, before anything else queued, and ``hold`` stops it again
+(the agent, once it has heard of a controller, holds on each reconnect and
+releases when the controller's ``online`` status reaches it on the new
+connection: the controller publishes that only once subscribed). Held
+messages keep their order among themselves.
+Held first also keeps the order a stopping agent needs: its units' exits
+before its ``offline``. The outbox is bounded as a whole (``outbox_size``):
+when full, the oldest message that is not held is dropped first (a report, or
+a status or digest that the next one repeats), a held one only when nothing
+else is left; each drop is counted.
+
 The last will may be a callable, asked before each connect: a will per
 connection (the agent numbers its connections, ``wire.NodeStatus.conn``).
 
@@ -64,6 +86,9 @@ class MqttLink:
         self.keepalive = keepalive
         self.reconnect_max = reconnect_max
         self._outbox: deque[Outgoing] = deque()
+        self._held: deque[Outgoing] = deque()
+        """Messages sent only while released (see the module docstring)."""
+        self._released = True
         self._outbox_size = outbox_size
         self._wake = asyncio.Event()
         self._closing = False
@@ -94,13 +119,27 @@ class MqttLink:
         return (f"MqttLink(broker={self.host}:{self.port}, client_id={self.client_id!r}, "
                 f"username={self.username!r}, tls={self._tls_context is not None})")
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> None:
-        """Queue a message; sent as soon as connected. Never blocks."""
-        if len(self._outbox) >= self._outbox_size:
-            self._outbox.popleft()
+    def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False, held: bool = False) -> None:
+        """Queue a message; sent as soon as connected, a ``held`` one once released too. Never blocks."""
+        if len(self._outbox) + len(self._held) >= self._outbox_size:
+            (self._outbox or self._held).popleft()
             self.dropped += 1
-        self._outbox.append(Outgoing(topic, payload, qos, retain))
+        (self._held if held else self._outbox).append(Outgoing(topic, payload, qos, retain))
         self._wake.set()
+
+    def hold(self) -> None:
+        """Keep held messages queued (their subscriber may not be listening) until ``release``."""
+        self._released = False
+
+    def release(self) -> None:
+        """Send held messages again, first of all: their subscriber is listening."""
+        self._released = True
+        self._wake.set()
+
+    @property
+    def holding(self) -> int:
+        """Held messages waiting, for the subscriber or for the broker."""
+        return len(self._held)
 
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         if self._client is None:
@@ -173,17 +212,18 @@ class MqttLink:
 
     async def _write(self, client: aiomqtt.Client) -> None:
         while True:
-            if not self._outbox:
+            queue = self._held if self._released and self._held else self._outbox
+            if not queue:
                 if self._closing:
                     return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            item = self._outbox[0]
+            item = queue[0]
             await client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
             # Only forget a message once the client took it, so a disconnect keeps it queued.
-            if self._outbox and self._outbox[0] is item:
-                self._outbox.popleft()
+            if queue and queue[0] is item:
+                queue.popleft()
 
     async def _flush(self, writer: asyncio.Task[None], timeout: float = 2.0) -> None:
         """Best effort: let the writer send what is queued, then end, before a clean disconnect.
@@ -194,8 +234,9 @@ class MqttLink:
         self._closing = True
         self._wake.set()
         await asyncio.wait({writer}, timeout=timeout)
-        if self._outbox:
-            self.log.warning("mqtt.flush_incomplete", left=len(self._outbox))
+        if self._outbox or self._held:
+            self.log.warning("mqtt.flush_incomplete", left=len(self._outbox) + len(self._held),
+                             held=len(self._held))
 
 
 def _hint(error: str) -> str | None:

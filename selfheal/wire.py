@@ -204,9 +204,15 @@ class UnitReport(_Msg, frozen=True, kw_only=True):
     """Scheduled jobs: runs that completed (exit 0) since the agent started."""
     progress: UnitProgress | None = None
     progress_at: float | None = None
-    """Wall time (agent clock) the progress last moved, or the current run started if later."""
+    """Wall time (agent clock) the progress last moved during the current run; None until it first moves.
+    An agent that sends no ``start_timeout`` predates that: it reports the run's start until then."""
     stall_after: float | None = None
-    """Seconds without progress while alive before the unit counts as stalled (from its config)."""
+    """Seconds without progress while alive before the unit counts as stalled (from its config), counted
+    from the run's first progress."""
+    start_timeout: float | None = None
+    """Seconds from the run's start to its first progress while alive before the unit counts as not started
+    (the limit in force on the agent). None: no limit, or an agent that predates it, whose stalls count from
+    the run's start as they always did."""
     spark: SparkStatus | None = None
     fence_after: float | None = None
     """A movable singleton: seconds after this node was last heard by which the unit is surely stopped if
@@ -300,7 +306,32 @@ class CommandResult(_Msg, tag="command_result", frozen=True, kw_only=True):
     detail: Text = ""
 
 
-EventBody = UnitExited | UnitStarted | ProbeChanged | CommandResult
+LOCAL_KEY_PATTERN = r"^[0-9a-f]{16,64}$"
+
+
+class LocalAction(_Msg, tag="local_action", frozen=True, kw_only=True):
+    """What an agent did on its own while no controller listened (``agent.fallback``): a restart of a unit
+    that crashed or hung. Sent once a controller is back, which adopts it into the unit's incident and counts
+    it as an attempt (``controller.effects``). Every field but ``unit`` and ``key`` has a default."""
+
+    unit: Name
+    key: Annotated[str, msgspec.Meta(pattern=LOCAL_KEY_PATTERN)]
+    """Names this action (the agent's ledger key): the controller adopts each key once."""
+    action: Literal["restart"] = "restart"
+    """The only thing an agent does on its own: never a migration, a resync or a start of a stopped copy."""
+    attempt: int = 1
+    """The how-manyth local restart of the unit within the agent's window (``agent.fallback_window``)."""
+    reason: Short = "unit_exited"
+    """What the agent saw, as the controller's finding kind: ``unit_exited`` (crashed, or could not start)
+    or ``probe_failing`` (hung)."""
+    status: Literal["done", "failed"] = "done"
+    """``failed``: the restart did not start the unit."""
+    detail: Text = ""
+    ts: float = 0.0
+    """Agent wall time of the action (the event's own ``ts`` is when it was sent)."""
+
+
+EventBody = UnitExited | UnitStarted | ProbeChanged | CommandResult | LocalAction
 
 
 class Event(_Msg, frozen=True, kw_only=True):
@@ -422,7 +453,7 @@ def fit_unit(unit: UnitReport) -> UnitReport:
 
 def fit_event(body: EventBody) -> EventBody:
     """``body`` with its free text cut to the decode-time caps (see ``fit_unit``)."""
-    if isinstance(body, CommandResult) and len(body.detail) > MAX_TEXT:
+    if isinstance(body, CommandResult | LocalAction) and len(body.detail) > MAX_TEXT:
         return msgspec.structs.replace(body, detail=body.detail[:MAX_TEXT])
     if isinstance(body, UnitExited) and len(body.reason) > _SHORT:
         return msgspec.structs.replace(body, reason=body.reason[:_SHORT])

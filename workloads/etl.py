@@ -174,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.batches_per_commit < 1:
         return fail("--batches-per-commit must be >= 1")
     progress = Progress(args.progress)
-    progress.update(0, stage="starting")
     if importlib.util.find_spec("pyspark") is None:
         return fail(NO_PYSPARK)
     if not java_found():
@@ -190,12 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     discard_uncommitted(output, manifest, log)
     pending = pending_batches(args.landing, manifest)
     done = len(manifest.batches())
-    progress.update(done, total=done + len(pending), stage="planned")
     log.info("etl.planned", committed_batches=done, pending_batches=len(pending), commits=len(manifest.commits))
     if not pending:
-        progress.update(stage="done")
+        progress.update(done, total=done, stage="done")
         return 0
     spark = build_session(args)
+    # The run's first progress once Spark is up: a slow JVM start is start_timeout's to judge, not a stall.
+    progress.update(done, total=done + len(pending), stage="planned")
     try:
         groups = [pending[i:i + args.batches_per_commit] for i in range(0, len(pending), args.batches_per_commit)]
         for index, group in enumerate(groups):

@@ -17,6 +17,13 @@ thread they land on. Bounded: rows of files a scan no longer sees are deleted
 when it ends (``forget``); rows of datasets no longer configured at open;
 beyond ``max_rows`` the least recently read rows go (their files are simply
 read again).
+
+A cache that cannot write (its disk full, an I/O error) degrades to no cache
+instead of failing the scan: the rows it could not keep are dropped (their
+files are read again next scan), a root is kept in memory until it can be
+written (so generations still grow), ``digests.cache_write_failed`` is logged
+(at most once a minute per reason) and ``digests.cache_write_recovered`` once
+writes go through again.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from types import TracebackType
 from typing import NamedTuple, TypeVar
 
 from selfheal.errors import StoreError
+from selfheal.logs import get_logger
+from selfheal.write_failures import WriteFailures, failure_reason
 
 MAX_ROWS = 2_000_000
 RACY_NS = 2_000_000_000
@@ -104,6 +113,10 @@ class DigestCache:
         self.max_rows = max_rows
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self._unsaved: dict[str, DatasetRecord] = {}
+        """Roots recorded while they could not be written, until one is (at most one per dataset)."""
+        self._failures = WriteFailures(get_logger("agent.digests"), "digests.cache_write", self.path,
+                                       level="warning")
 
     def open(self, datasets: Iterable[str] | None = None) -> DigestCache:
         """Open (creating) the cache; with ``datasets``, forget every other dataset."""
@@ -145,7 +158,8 @@ class DigestCache:
         return {path: Known(*rest) for path, *rest in rows}
 
     def store(self, dataset: str, rows: Sequence[Row]) -> None:
-        """Insert or replace file digests, all in one transaction (a scan hands them over in batches)."""
+        """Insert or replace file digests, all in one transaction (a scan hands them over in batches); dropped
+        if they cannot be written."""
         batch = [(dataset, *row) for row in rows]
 
         def write(db: sqlite3.Connection) -> None:
@@ -155,7 +169,7 @@ class DigestCache:
                     "hash, chunks, checked_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", batch)
 
         with self._lock:
-            self._run(write)
+            self._write(write)
 
     def forget(self, dataset: str, paths: Iterable[str]) -> int:
         """Drop rows of files that are gone; then enforce ``max_rows``. Returns the rows dropped."""
@@ -172,7 +186,8 @@ class DigestCache:
                 "LIMIT -1 OFFSET ?)", (self.max_rows,)).rowcount
 
         with self._lock:
-            return self._run(delete)
+            removed = self._write(delete)
+        return removed or 0
 
     def chunks(self, dataset: str, path: str) -> tuple[Known, tuple[bytes, ...]] | None:
         """A file's cached digest with its chunk hashes, for peers."""
@@ -188,24 +203,28 @@ class DigestCache:
 
     def dataset(self, name: str) -> DatasetRecord | None:
         with self._lock:
-            row = self._run(lambda db: db.execute(
-                "SELECT root, generation, deep_at FROM datasets WHERE name = ?", (name,)).fetchone())
+            return self._dataset(name)
+
+    def _dataset(self, name: str) -> DatasetRecord | None:
+        if name in self._unsaved:
+            return self._unsaved[name]
+        row = self._run(lambda db: db.execute(
+            "SELECT root, generation, deep_at FROM datasets WHERE name = ?", (name,)).fetchone())
         return DatasetRecord(*row) if row is not None else None
 
     def record_root(self, name: str, root: str, *, deep_at: float | None) -> DatasetRecord:
         """Record a scan's root: the generation grows when it differs from the last one."""
         with self._lock:
-            def write(db: sqlite3.Connection) -> DatasetRecord:
-                row = db.execute("SELECT root, generation, deep_at FROM datasets WHERE name = ?",
-                                 (name,)).fetchone()
-                previous = DatasetRecord(*row) if row is not None else DatasetRecord("", 0, 0.0)
-                record = DatasetRecord(
-                    root, previous.generation + (root != previous.root),
-                    previous.deep_at if deep_at is None else deep_at)
-                db.execute("INSERT OR REPLACE INTO datasets (name, root, generation, deep_at) VALUES (?, ?, ?, ?)",
-                           (name, *record))
-                return record
-            return self._run(write)
+            previous = self._dataset(name) or DatasetRecord("", 0, 0.0)
+            record = DatasetRecord(root, previous.generation + (root != previous.root),
+                                   previous.deep_at if deep_at is None else deep_at)
+            if self._write(lambda db: db.execute(
+                    "INSERT OR REPLACE INTO datasets (name, root, generation, deep_at) VALUES (?, ?, ?, ?)",
+                    (name, *record))) is None:
+                self._unsaved[name] = record
+            else:
+                self._unsaved.pop(name, None)
+        return record
 
     def count(self) -> int:
         with self._lock:
@@ -219,13 +238,31 @@ class DigestCache:
         except sqlite3.Error as exc:
             raise StoreError(f"digest cache: {exc}") from None
 
+    def _write(self, action: Callable[[sqlite3.Connection], T]) -> T | None:
+        """Run a write; None when SQLite could not keep it (the disk full, an I/O error, a lock held too long):
+        logged, never raised — the scan goes on without the cache."""
+        if self._db is None:
+            raise StoreError("the digest cache is not open")
+        changes = self._db.total_changes
+        try:
+            result = action(self._db)
+        except sqlite3.Error as exc:
+            if failure_reason(exc) == "other":  # not the disk: a bug, which must not hide
+                raise StoreError(f"digest cache: {exc}") from None
+            self._failures.failed(exc)
+            return None
+        if self._db.total_changes != changes:  # a write that changed nothing proves nothing
+            self._failures.succeeded()
+        return result
+
 
 @contextmanager
 def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("BEGIN")
     try:
         yield
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:  # a COMMIT that failed on a full disk has rolled back already
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")

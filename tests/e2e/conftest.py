@@ -71,7 +71,7 @@ class Cluster:
         path.write_text(
             f'[mqtt]\nurl = "{self.broker.url}"\nkeepalive = 1.0\nreconnect_max = 1.0\n'
             f'[agent]\nnode_id = "{node}"\ninterval = {interval}\nstate_dir = "{self.root / node}"\n'
-            f'listen = "127.0.0.1:0"\n{units}'
+            f'listen = "127.0.0.1:0"\nfallback_after = 60.0\n{units}'
             f'[security]\nkey_dir = "{self.root / "keys"}"\n')
         return path
 

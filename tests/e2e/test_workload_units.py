@@ -70,7 +70,7 @@ def test_a_stalled_etl_job_is_restarted_and_completes_without_duplicating_output
     conf = {"spark.ui.enabled": "false", "spark.driver.memory": "512m"}
     units = (f'[[agent.units]]\nname = "etl"\nkind = "spark"\ncommand = {toml_list(command)}\n'
              f'every = 3600.0\nprogress_file = "{cluster.root / "etl.progress.json"}"\nstall_after = 20.0\n'
-             f'stop_grace = 5.0\nenv = {{SPARK_LOCAL_IP = "127.0.0.1"}}\n'
+             f'start_timeout = 180.0\nstop_grace = 5.0\nenv = {{SPARK_LOCAL_IP = "127.0.0.1"}}\n'
              f'[agent.units.spark]\nmaster = "local[2]"\n'
              f"conf = {{{', '.join(f'{json.dumps(k)} = {json.dumps(v)}' for k, v in conf.items())}}}\n")
     cluster.start("node-s", "agent", cluster.write_agent("node-s", units))

@@ -27,6 +27,14 @@ SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 _ids = itertools.count()
 
 
+@pytest.fixture(autouse=True)
+async def no_controller_status(mosquitto: Broker) -> None:
+    """These agents run without a controller: clear the status a controller of another test left retained on
+    the shared broker (an ``offline`` makes an agent hold its events until a controller is back)."""
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port, protocol=aiomqtt.ProtocolVersion.V311) as client:
+        await client.publish(wire.CONTROLLER_STATUS_TOPIC, b"", qos=1, retain=True)
+
+
 def unique_node(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{next(_ids)}-{uuid.uuid4().hex[:6]}"
 

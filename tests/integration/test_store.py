@@ -1,4 +1,10 @@
-"""The SQLite state store on real files: incidents, timelines, plans, commands, epochs, durability."""
+"""The state stores: incidents, timelines, plans, commands, epochs, durability.
+
+The tests of the ``Store`` interface run on both stores (``backend``: SQLite on a real file, PostgreSQL
+in a throwaway database of the tests' own server, ``tests/integration/postgres.py``); the rest are about
+SQLite itself (its journal, its worker thread, a process killed mid-batch). ``test_pgstore.py`` has what
+is PostgreSQL's own.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +14,20 @@ import sqlite3
 import sys
 import threading
 from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager, closing
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, closing
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import asyncpg
 import pytest
 
-from controller.audit import verify_database
+from controller.audit import ChainProblem, verify_database
+from controller.pgstore import PostgresStore, verify_chains
 from controller.placement import Placements
-from controller.store import MAX_BATCH, PlanRecord, SqliteStore
+from controller.store import MAX_BATCH, PlanRecord, SqliteStore, Store
 from selfheal.errors import StoreError
+from tests.conftest import eventually
+from tests.integration.postgres import Cluster, throwaway_database
 
 pytestmark = pytest.mark.integration
 
@@ -29,9 +39,107 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "selfheal.db"
 
 
+class Backend(Protocol):
+    """One kind of store, and a way to look at its database from outside the store under test."""
+
+    async def open(self, *, max_batch: int = MAX_BATCH) -> Store:
+        """A store on the backend's database (again: a restarted controller sees what the last one wrote)."""
+
+    async def row(self, sql: str, *args: Any) -> tuple[Any, ...] | None:
+        """The first row of ``sql`` (``?`` placeholders), read on a connection of its own: committed data only."""
+
+    async def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]: ...
+
+    async def verify(self) -> tuple[int, list[ChainProblem]]:
+        """``selfheal audit verify`` on the database: (incidents, chain problems)."""
+
+    def hold(self, store: Store) -> AbstractAsyncContextManager[None]:
+        """Inside, the store's writer is busy with one write, so writes made meanwhile queue up for one batch."""
+
+
+class SqliteBackend:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    async def open(self, *, max_batch: int = MAX_BATCH) -> Store:
+        return await SqliteStore.open(self.path, max_batch=max_batch)
+
+    async def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        with closing(sqlite3.connect(self.path)) as db:
+            return [tuple(row) for row in db.execute(sql, args).fetchall()]
+
+    async def row(self, sql: str, *args: Any) -> tuple[Any, ...] | None:
+        found = await self.rows(sql, *args)
+        return found[0] if found else None
+
+    async def verify(self) -> tuple[int, list[ChainProblem]]:
+        return verify_database(self.path)
+
+    def hold(self, store: Store) -> AbstractAsyncContextManager[None]:
+        return worker_held(store)
+
+
+class PostgresBackend:
+    def __init__(self, url: str, reader: asyncpg.Pool[Any]) -> None:
+        self.url = url
+        self.reader = reader
+        """Connections of the test's own: they see what other connections committed, nothing else."""
+
+    async def open(self, *, max_batch: int = MAX_BATCH) -> Store:
+        return await PostgresStore.open(self.url, max_batch=max_batch)
+
+    async def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        parts = sql.split("?")
+        numbered = parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], start=1))
+        return [tuple(row) for row in await self.reader.fetch(numbered, *args)]
+
+    async def row(self, sql: str, *args: Any) -> tuple[Any, ...] | None:
+        found = await self.rows(sql, *args)
+        return found[0] if found else None
+
+    async def verify(self) -> tuple[int, list[ChainProblem]]:
+        return await verify_chains(self.url)
+
+    @asynccontextmanager
+    async def hold(self, store: Store) -> AsyncIterator[None]:
+        """Another connection locks an incident's row; the store's writer waits for it inside an append."""
+        hold = await store.open_incident(**incident_fields("hold/worker"))
+        other = await asyncpg.connect(self.url)
+        try:
+            locked = other.transaction()
+            await locked.start()
+            await other.execute("SELECT 1 FROM incidents WHERE id = $1 FOR UPDATE", hold.id)
+            held = asyncio.ensure_future(store.append_timeline(hold.id, at=T0, kind="held", data={"n": 0}))
+            waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype IN ('tuple', 'transactionid')"
+            async def writer_waits() -> bool:
+                return bool(await other.fetchval(waiting))
+            await eventually(writer_waits, timeout=10, interval=0.01, what="the store's writer to wait for the row")
+            try:
+                yield
+            finally:
+                await locked.rollback()
+                await held
+        finally:
+            await other.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def backend(request: pytest.FixtureRequest, db_path: Path) -> AsyncIterator[Backend]:
+    if request.param == "sqlite":
+        yield SqliteBackend(db_path)
+        return
+    cluster: Cluster = request.getfixturevalue("postgres_cluster")
+    async with throwaway_database(cluster) as url:
+        reader = await asyncpg.create_pool(url, min_size=1, max_size=4)
+        try:
+            yield PostgresBackend(url, reader)
+        finally:
+            await reader.close()
+
+
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[SqliteStore]:
-    opened = await SqliteStore.open(db_path)
+async def store(backend: Backend) -> AsyncIterator[Store]:
+    opened = await backend.open()
     yield opened
     await opened.close()
 
@@ -52,7 +160,7 @@ def plan(plan_id: str, incident_id: int, attempt: int, state: str = "running", *
     return PlanRecord(**fields)
 
 
-async def test_open_incident_returns_the_new_incident(store: SqliteStore) -> None:
+async def test_open_incident_returns_the_new_incident(store: Store) -> None:
     incident = await store.open_incident(**incident_fields())
     assert incident.id >= 1
     assert (incident.key, incident.kind, incident.node, incident.unit, incident.state) == (
@@ -60,7 +168,7 @@ async def test_open_incident_returns_the_new_incident(store: SqliteStore) -> Non
     assert (incident.opened_at, incident.resolved_at, incident.rule) == (T0, None, "restart-exited-unit")
 
 
-async def test_open_incident_is_idempotent_per_key_while_unresolved(store: SqliteStore) -> None:
+async def test_open_incident_is_idempotent_per_key_while_unresolved(store: Store) -> None:
     first = await store.open_incident(**incident_fields())
     again = await store.open_incident(**incident_fields(opened_at=T0 + 5, summary="again"))
     assert again == first
@@ -71,7 +179,7 @@ async def test_open_incident_is_idempotent_per_key_while_unresolved(store: Sqlit
     assert [e.kind for e in detail.timeline] == ["opened"]
 
 
-async def test_a_failed_incident_still_holds_its_key(store: SqliteStore) -> None:
+async def test_a_failed_incident_still_holds_its_key(store: Store) -> None:
     first = await store.open_incident(**incident_fields())
     await store.set_incident_state(first.id, "failed", at=T0 + 1, reason="3 attempts made")
     again = await store.open_incident(**incident_fields(opened_at=T0 + 2))
@@ -79,7 +187,7 @@ async def test_a_failed_incident_still_holds_its_key(store: SqliteStore) -> None
     assert again.state == "failed"
 
 
-async def test_a_new_incident_opens_after_resolve(store: SqliteStore) -> None:
+async def test_a_new_incident_opens_after_resolve(store: Store) -> None:
     first = await store.open_incident(**incident_fields())
     await store.set_incident_state(first.id, "resolved", at=T0 + 10, reason="healthy again")
     second = await store.open_incident(**incident_fields(opened_at=T0 + 20))
@@ -90,7 +198,7 @@ async def test_a_new_incident_opens_after_resolve(store: SqliteStore) -> None:
     assert (resolved.state, resolved.resolved_at) == ("resolved", T0 + 10)
 
 
-async def test_the_timeline_keeps_insertion_order(store: SqliteStore) -> None:
+async def test_the_timeline_keeps_insertion_order(store: Store) -> None:
     incident = await store.open_incident(**incident_fields())
     await store.append_timeline(incident.id, at=T0 + 3, kind="plan", data={"plan": "1-1"})
     await store.append_timeline(incident.id, at=T0 + 2, kind="step", data={"step": "restart_unit", "ok": True})
@@ -108,7 +216,7 @@ async def test_the_timeline_keeps_insertion_order(store: SqliteStore) -> None:
     assert detail.incident.state == "resolved"
 
 
-async def test_set_state_failed_has_no_resolved_at(store: SqliteStore) -> None:
+async def test_set_state_failed_has_no_resolved_at(store: Store) -> None:
     incident = await store.open_incident(**incident_fields())
     await store.set_incident_state(incident.id, "failed", at=T0 + 9, reason="gave up")
     row = await store.get_incident_row(incident.id)
@@ -116,7 +224,7 @@ async def test_set_state_failed_has_no_resolved_at(store: SqliteStore) -> None:
     assert (row.state, row.resolved_at) == ("failed", None)
 
 
-async def test_list_by_state_newest_first(store: SqliteStore) -> None:
+async def test_list_by_state_newest_first(store: Store) -> None:
     a = await store.open_incident(**incident_fields("k/a"))
     b = await store.open_incident(**incident_fields("k/b"))
     c = await store.open_incident(**incident_fields("k/c"))
@@ -130,12 +238,12 @@ async def test_list_by_state_newest_first(store: SqliteStore) -> None:
     assert [i.id for i in await store.unresolved_incidents()] == [b.id, c.id]
 
 
-async def test_unknown_incident_is_none(store: SqliteStore) -> None:
+async def test_unknown_incident_is_none(store: Store) -> None:
     assert await store.get_incident(4242) is None
     assert await store.get_incident_row(4242) is None
 
 
-async def test_plans_upsert(store: SqliteStore) -> None:
+async def test_plans_upsert(store: Store) -> None:
     incident = await store.open_incident(**incident_fields())
     await store.save_plan(plan("1-1", incident.id, 1))
     await store.save_plan(plan("1-2", incident.id, 2))
@@ -152,7 +260,7 @@ async def test_plans_upsert(store: SqliteStore) -> None:
     assert [p.id for p in await store.list_plans()] == ["1-2", "1-1"]
 
 
-async def test_recent_attempts_span_incidents_of_the_target(store: SqliteStore) -> None:
+async def test_recent_attempts_span_incidents_of_the_target(store: Store) -> None:
     first = await store.open_incident(**incident_fields())
     await store.save_plan(plan("1-1", first.id, 1, created_at=T0 + 1))
     await store.set_incident_state(first.id, "resolved", at=T0 + 2, reason="ok")
@@ -165,7 +273,7 @@ async def test_recent_attempts_span_incidents_of_the_target(store: SqliteStore) 
     assert [p.id for _, p in await store.recent_plans(T0 + 1)] == ["1-1", "2-1"]
 
 
-async def test_record_command_refuses_a_duplicate_key(store: SqliteStore) -> None:
+async def test_record_command_refuses_a_duplicate_key(store: Store) -> None:
     incident = await store.open_incident(**incident_fields())
     await store.save_plan(plan("1-1", incident.id, 1))
     command: dict[str, Any] = {"command_id": "c1", "plan_id": "1-1", "node": "node-a", "epoch": 1, "issued_at": T0,
@@ -175,22 +283,22 @@ async def test_record_command_refuses_a_duplicate_key(store: SqliteStore) -> Non
     assert await store.record_command(key="key-2", **command) is True
 
 
-async def test_next_epoch_grows_across_close_and_reopen(db_path: Path) -> None:
-    store = await SqliteStore.open(db_path)
+async def test_next_epoch_grows_across_close_and_reopen(backend: Backend) -> None:
+    store = await backend.open()
     try:
         assert await store.next_epoch() == 1
         assert await store.next_epoch() == 2
     finally:
         await store.close()
-    reopened = await SqliteStore.open(db_path)
+    reopened = await backend.open()
     try:
         assert await reopened.next_epoch() == 3
     finally:
         await reopened.close()
 
 
-async def test_data_survives_close_and_reopen(db_path: Path) -> None:
-    store = await SqliteStore.open(db_path)
+async def test_data_survives_close_and_reopen(backend: Backend) -> None:
+    store = await backend.open()
     try:
         incident = await store.open_incident(**incident_fields())
         await store.append_timeline(incident.id, at=T0 + 1, kind="plan", data={"plan": "1-1"})
@@ -199,7 +307,7 @@ async def test_data_survives_close_and_reopen(db_path: Path) -> None:
                                           issued_at=T0, payload=b"x")
     finally:
         await store.close()
-    reopened = await SqliteStore.open(db_path)
+    reopened = await backend.open()
     try:
         detail = await reopened.get_incident(incident.id)
         assert detail is not None
@@ -213,12 +321,14 @@ async def test_data_survives_close_and_reopen(db_path: Path) -> None:
         await reopened.close()
 
 
-async def test_the_journal_mode_is_wal(store: SqliteStore, db_path: Path) -> None:
+async def test_the_journal_mode_is_wal(db_path: Path) -> None:
+    store = await SqliteStore.open(db_path)
     await store.open_incident(**incident_fields())
     with closing(sqlite3.connect(db_path)) as other:
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert other.execute("SELECT count(*) FROM incidents").fetchone()[0] == 1
     assert (db_path.parent / (db_path.name + "-wal")).exists()
+    await store.close()
 
 
 async def test_open_creates_the_state_directory(db_path: Path) -> None:
@@ -228,15 +338,15 @@ async def test_open_creates_the_state_directory(db_path: Path) -> None:
     assert db_path.is_file()  # noqa: ASYNC240 - a stat in a test, not on a serving loop
 
 
-async def test_placements_survive_a_controller_restart_and_follow_each_move(db_path: Path) -> None:
+async def test_placements_survive_a_controller_restart_and_follow_each_move(backend: Backend) -> None:
     """Where a movable singleton ran is what a restarted controller needs to migrate it off a dead node."""
-    store = await SqliteStore.open(db_path)
+    store = await backend.open()
     placements = Placements()
     placements.observe({"predict": {"node-a": 12.0}}, {"predict": {"node-a"}}, now=T0)
     await placements.save(store)
     await store.close()
 
-    store = await SqliteStore.open(db_path)  # a new controller
+    store = await backend.open()  # a new controller
     restored = Placements()
     await restored.load(store)
     assert [(p.unit, p.node, p.fence_after) for p in restored.placements()] == [("predict", "node-a", 12.0)]
@@ -265,7 +375,7 @@ class Gate:
 
 
 @asynccontextmanager
-async def worker_held(store: SqliteStore) -> AsyncIterator[None]:
+async def worker_held(store: Store) -> AsyncIterator[None]:
     """Inside, the worker is busy with one write, so the writes made meanwhile queue up for one batch."""
     hold = await store.open_incident(**incident_fields("hold/worker"))
     gate = Gate()
@@ -288,48 +398,46 @@ class Unencodable:
 
 
 @pytest.mark.parametrize("max_batch", [1, 3, MAX_BATCH])
-async def test_writes_made_at_once_all_commit_in_order_and_the_chains_verify(db_path: Path, max_batch: int) -> None:
+async def test_writes_made_at_once_all_commit_in_order_and_the_chains_verify(backend: Backend, max_batch: int) -> None:
     """Each await returns only once its write is committed: another connection (which sees only committed
     data) already finds it. Appends to one incident sharing a batch chain in the order they were made."""
-    store = await SqliteStore.open(db_path, max_batch=max_batch)
-    with closing(sqlite3.connect(db_path)) as other:
-        def committed(sql: str, *args: Any) -> Any:
-            return other.execute(sql, args).fetchone()
+    store = await backend.open(max_batch=max_batch)
+    committed = backend.row
 
-        async def opening(i: int) -> None:
-            incident = await store.open_incident(**incident_fields(f"node_offline/n{i}", opened_at=T0 + i))
-            assert committed("SELECT key FROM incidents WHERE id = ?", incident.id) == (f"node_offline/n{i}",)
-            for seq in range(2, 5):
-                digest = await store.append_timeline(incident.id, at=T0 + i, kind="notice", data={"seq": seq})
-                assert committed("SELECT hash FROM timeline WHERE incident_id = ? AND seq = ?",
-                                 incident.id, seq) == (digest,)
-            await store.save_plan(plan(f"{incident.id}-1", incident.id, 1))
-            assert committed("SELECT state FROM plans WHERE id = ?", f"{incident.id}-1") == ("running",)
+    async def opening(i: int) -> None:
+        incident = await store.open_incident(**incident_fields(f"node_offline/n{i}", opened_at=T0 + i))
+        assert await committed("SELECT key FROM incidents WHERE id = ?", incident.id) == (f"node_offline/n{i}",)
+        for seq in range(2, 5):
+            digest = await store.append_timeline(incident.id, at=T0 + i, kind="notice", data={"seq": seq})
+            assert await committed("SELECT hash FROM timeline WHERE incident_id = ? AND seq = ?",
+                                   incident.id, seq) == (digest,)
+        await store.save_plan(plan(f"{incident.id}-1", incident.id, 1))
+        assert await committed("SELECT state FROM plans WHERE id = ?", f"{incident.id}-1") == ("running",)
 
-        try:
-            await asyncio.gather(*(opening(i) for i in range(40)))
-            shared = await store.open_incident(**incident_fields("shared"))
-            async with worker_held(store):
-                appends = queued(*(store.append_timeline(shared.id, at=T0 + n, kind="step", data={"n": n})
-                                   for n in range(30)))
-                await asyncio.sleep(0)  # every append is queued behind the held write
-            digests = await asyncio.gather(*appends)
-            detail = await store.get_incident(shared.id)
-        finally:
-            await store.close()
+    try:
+        await asyncio.gather(*(opening(i) for i in range(40)))
+        shared = await store.open_incident(**incident_fields("shared"))
+        async with backend.hold(store):
+            appends = queued(*(store.append_timeline(shared.id, at=T0 + n, kind="step", data={"n": n})
+                               for n in range(30)))
+            await asyncio.sleep(0)  # every append is queued behind the held write
+        digests = await asyncio.gather(*appends)
+        detail = await store.get_incident(shared.id)
+    finally:
+        await store.close()
     assert detail is not None
     assert [e.data for e in detail.timeline[1:]] == [{"n": n} for n in range(30)]
     assert [e.hash for e in detail.timeline[1:]] == digests
-    assert verify_database(db_path) == (42, [])  # 40 openings, the shared incident, the held one
+    assert await backend.verify() == (42, [])  # 40 openings, the shared incident, the held one
 
 
-async def test_a_write_that_fails_in_a_batch_fails_only_its_caller(store: SqliteStore, db_path: Path) -> None:
+async def test_a_write_that_fails_in_a_batch_fails_only_its_caller(store: Store, backend: Backend) -> None:
     incident = await store.open_incident(**incident_fields())
     await store.save_plan(plan("1-1", incident.id, 1))
     command: dict[str, Any] = {"command_id": "c1", "plan_id": "1-1", "node": "node-a", "epoch": 1,
                                "issued_at": T0, "payload": b"{}"}
     assert await store.record_command(key="key-1", **command)
-    async with worker_held(store):
+    async with backend.hold(store):
         writes = queued(
             store.append_timeline(incident.id, at=T0 + 1, kind="step", data={"n": 1}),
             store.record_command(key="key-1", **command),  # already issued
@@ -349,17 +457,17 @@ async def test_a_write_that_fails_in_a_batch_fails_only_its_caller(store: Sqlite
     assert detail is not None
     assert [(e.kind, e.data, e.hash) for e in detail.timeline[1:]] == [
         ("step", {"n": 1}, first), ("step", {"n": 2}, second)]
-    with closing(sqlite3.connect(db_path)) as other:  # the broken opening's INSERT was rolled back with it
-        assert other.execute("SELECT count(*) FROM incidents WHERE key = 'k/broken'").fetchone() == (0,)
-        assert other.execute("SELECT key FROM commands ORDER BY key").fetchall() == [("key-1",), ("key-2",)]
+    # the broken opening's INSERT was rolled back with it
+    assert await backend.row("SELECT count(*) FROM incidents WHERE key = 'k/broken'") == (0,)
+    assert await backend.rows("SELECT key FROM commands ORDER BY key") == [("key-1",), ("key-2",)]
     assert (await store.open_incident(**incident_fields("k/broken"))).state == "open"
-    assert verify_database(db_path)[1] == []
+    assert (await backend.verify())[1] == []
 
 
-async def test_close_commits_the_queued_writes_and_later_writes_are_refused(db_path: Path) -> None:
-    store = await SqliteStore.open(db_path)
+async def test_close_commits_the_queued_writes_and_later_writes_are_refused(backend: Backend) -> None:
+    store = await backend.open()
     incident = await store.open_incident(**incident_fields())
-    async with worker_held(store):
+    async with backend.hold(store):
         appends = queued(*(store.append_timeline(incident.id, at=T0 + n, kind="step", data={"n": n})
                            for n in range(5)))
         closed = asyncio.ensure_future(store.close())
@@ -368,14 +476,13 @@ async def test_close_commits_the_queued_writes_and_later_writes_are_refused(db_p
     assert all(len(digest) == 64 for digest in await asyncio.gather(*appends))
     with pytest.raises(StoreError, match="closed"):
         await store.append_timeline(incident.id, at=T0 + 9, kind="step", data={})
-    assert verify_database(db_path) == (2, [])
-    with closing(sqlite3.connect(db_path)) as other:
-        assert other.execute("SELECT count(*) FROM timeline WHERE incident_id = ?", (incident.id,)).fetchone() == (6,)
+    assert await backend.verify() == (2, [])
+    assert await backend.row("SELECT count(*) FROM timeline WHERE incident_id = ?", incident.id) == (6,)
 
 
-async def test_a_batch_bound_below_one_is_refused(db_path: Path) -> None:
+async def test_a_batch_bound_below_one_is_refused(backend: Backend) -> None:
     with pytest.raises(ValueError, match="max_batch must be at least 1"):
-        await SqliteStore.open(db_path, max_batch=0)
+        await backend.open(max_batch=0)
 
 
 CRASH_IN_A_BATCH = """

@@ -73,7 +73,7 @@ time.sleep(600)
 async def test_progress_from_the_units_file_reaches_its_report(tmp_path: Path) -> None:
     # The job finds its progress file through $SELFHEAL_PROGRESS_FILE, which the agent sets.
     job = UnitConfig(name="worker", command=[sys.executable, "-c", PROGRESSING], progress_file="worker.json",
-                     stall_after=30.0)
+                     stall_after=30.0, start_timeout=60.0)
     async with supervising(tmp_path, job) as (sup, _rec):
         def done() -> float | None:
             progress = sup.reports()[0].progress
@@ -83,7 +83,7 @@ async def test_progress_from_the_units_file_reaches_its_report(tmp_path: Path) -
         report = sup.reports()[0]
         assert report.progress is not None
         assert (report.progress.total, report.progress.stage) == (3, "working")
-        assert report.stall_after == 30.0
+        assert (report.stall_after, report.start_timeout) == (30.0, 60.0)
         assert report.progress_at is not None
         assert report.progress_at >= report.started_at
         moved = report.progress_at
@@ -95,7 +95,45 @@ async def test_progress_from_the_units_file_reaches_its_report(tmp_path: Path) -
 async def test_a_unit_without_progress_or_stall_limit_reports_none(tmp_path: Path) -> None:
     async with supervising(tmp_path, UnitConfig(name="plain", command=SLEEPER)) as (sup, _rec):
         report = sup.reports()[0]
-        assert (report.progress, report.progress_at, report.stall_after, report.every) == (None, None, None, None)
+        assert (report.progress, report.progress_at, report.stall_after, report.start_timeout, report.every) == (
+            None, None, None, None, None)
+
+
+GATED = """
+import json, os, sys, time
+path = os.environ["SELFHEAL_PROGRESS_FILE"]
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.05)
+with open(path + ".tmp", "w") as f:
+    json.dump({"done": 1, "total": 3, "stage": "working", "updated_at": time.time()}, f)
+os.replace(path + ".tmp", path)
+time.sleep(600)
+"""
+
+
+async def test_a_run_reports_no_progress_time_until_its_first_progress(tmp_path: Path) -> None:
+    """What the file holds from the previous run is not this run's progress; the default start limit goes along."""
+    gate = tmp_path / "gate"
+    (tmp_path / "job.json").write_text(json.dumps({"done": 3, "total": 3, "stage": "done", "updated_at": 1.0}))
+    job = UnitConfig(name="job", command=[sys.executable, "-c", GATED, str(gate)], progress_file="job.json",
+                     stall_after=30.0)
+    async with supervising(tmp_path, job) as (sup, _rec):
+        watcher = sup.entries["job"].progress
+        assert watcher is not None
+        await eventually(lambda: sup.reports()[0].state == "running", timeout=10, what="the run")
+        await watcher.poll()  # the watcher has seen the file during this run
+        report = sup.reports()[0]
+        assert report.progress is not None
+        assert report.progress.stage == "done"  # the last run's word, shown as it is
+        assert report.progress_at is None  # but not progress of this run
+        assert (report.stall_after, report.start_timeout) == (30.0, 600.0)
+        gate.touch()
+        await eventually(lambda: sup.reports()[0].progress_at is not None, timeout=10, what="the first progress")
+        report = sup.reports()[0]
+        assert report.progress is not None
+        assert report.progress.stage == "working"
+        assert report.progress_at is not None
+        assert report.progress_at >= report.started_at
 
 
 def spark_unit(name: str = "etl", **env: str) -> UnitConfig:

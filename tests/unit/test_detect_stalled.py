@@ -1,4 +1,5 @@
-"""Stall detection (table-driven), scheduled jobs that completed, and the node clock the detector uses."""
+"""Stall and start-timeout detection (table-driven), scheduled jobs that completed, and the node clock the
+detectors use."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ from typing import Any
 import pytest
 
 from detectors.model import NodeSnapshot, ReportSample
-from detectors.units import detect_unit_exited, detect_unit_stalled, detect_units, node_clock
+from detectors.units import (
+    detect_unit_exited,
+    detect_unit_stalled,
+    detect_unit_start_timeout,
+    detect_units,
+    node_clock,
+    stall_deadline,
+    start_deadline,
+)
 from selfheal.wire import HostMetrics, Report, UnitProgress, UnitReport
 
 NODE = "node-a"
@@ -16,9 +25,75 @@ PROGRESS = UnitProgress(done=2, total=5, stage="holding")
 
 
 def unit(**fields: Any) -> UnitReport:
+    """A unit as an agent from before ``start_timeout`` reports it (``progress_at`` never before the run's start)."""
     base: dict[str, Any] = {"name": "etl", "kind": "spark", "state": "running", "pid": 42, "started_at": NOW - 100,
                             "progress": PROGRESS, "progress_at": NOW - 30, "stall_after": 20.0}
     return UnitReport(**{**base, **fields})
+
+
+def job(**fields: Any) -> UnitReport:
+    """A unit as today's agent reports it: a start limit, and ``progress_at`` None until the run's first progress."""
+    return unit(**{"start_timeout": 60.0, **fields})
+
+
+@pytest.mark.parametrize(("case", "fields", "stalled"), [
+    ("frozen longer than stall_after since it last moved", {}, True),
+    ("moved recently", {"progress_at": NOW - 5}, False),
+    ("no progress in this run yet: starting, not stalled", {"progress_at": None}, False),
+    ("the progress of an earlier run is not this run's", {"progress_at": NOW - 150}, False),
+    ("first progress long after the start, frozen since for less than stall_after", {"progress_at": NOW - 15}, False),
+    ("a zombie: its exit is coming", {"proc_status": "zombie"}, False),
+    ("no stall_after, only a start limit", {"stall_after": None}, False),
+])
+def test_a_stall_counts_from_the_runs_first_progress(case: str, fields: dict[str, Any], stalled: bool) -> None:
+    finding = detect_unit_stalled(NODE, job(**fields), NOW)
+    assert (finding is not None) == stalled, case
+
+
+@pytest.mark.parametrize(("case", "fields", "timed_out"), [
+    ("no progress for longer than start_timeout", {}, True),
+    ("no progress for exactly start_timeout", {"started_at": NOW - 60}, False),
+    ("started recently", {"started_at": NOW - 30}, False),
+    ("progressed in this run (then a stall is the question)", {"progress_at": NOW - 90}, False),
+    ("only an earlier run's progress", {"progress_at": NOW - 150}, True),
+    ("a start limit without stall_after", {"stall_after": None}, True),
+    ("an agent without start limits", {"start_timeout": None}, False),
+    ("not running: completed", {"state": "completed", "pid": None}, False),
+    ("not running: exited", {"state": "exited", "pid": None, "exit_code": 1}, False),
+    ("starting", {"state": "starting"}, False),
+    ("process gone (no pid)", {"pid": None}, False),
+    ("a zombie: its exit is coming", {"proc_status": "zombie"}, False),
+    ("no start time known", {"started_at": 0.0}, False),
+])
+def test_detect_unit_start_timeout(case: str, fields: dict[str, Any], timed_out: bool) -> None:
+    finding = detect_unit_start_timeout(NODE, job(**{"progress_at": None, **fields}), NOW)
+    assert (finding is not None) == timed_out, case
+
+
+def test_a_start_timeout_finding_says_how_long_the_run_waited() -> None:
+    finding = detect_unit_start_timeout(NODE, job(progress_at=None, progress=None), NOW)
+    assert finding is not None
+    assert (finding.kind, finding.key, finding.severity) == ("unit_start_timeout", "unit_start_timeout/node-a/etl",
+                                                             "critical")
+    assert finding.summary == ("unit etl on node-a has reported no progress in the 100s since it started "
+                               "(start_timeout 60s)")
+    assert finding.evidence == {"waited_s": 100.0, "start_timeout_s": 60.0, "pid": 42, "proc_status": "",
+                                "restarts": 0}
+
+
+def test_a_run_is_first_starting_then_progressing_and_never_both() -> None:
+    """A slow start (first progress after longer than stall_after) is neither stalled nor timed out."""
+    started = NOW - 100
+    waiting = job(started_at=started, progress_at=None)
+    assert (start_deadline(waiting), stall_deadline(waiting)) == (started + 60, None)
+    assert detect_units(snapshot((waiting,), report_ts=started + 45, last_seen=started + 45), started + 45) == []
+    moved = job(started_at=started, progress_at=started + 45)  # first progress at +45, past stall_after (20)
+    assert (start_deadline(moved), stall_deadline(moved)) == (None, started + 65)
+    assert detect_units(snapshot((moved,), report_ts=started + 50, last_seen=started + 50), started + 50) == []
+    assert [f.kind for f in detect_units(snapshot((waiting,), report_ts=started + 61, last_seen=started + 61),
+                                         started + 61)] == ["unit_start_timeout"]
+    assert [f.kind for f in detect_units(snapshot((moved,), report_ts=started + 66, last_seen=started + 66),
+                                         started + 66)] == ["unit_stalled"]
 
 
 @pytest.mark.parametrize(("case", "fields", "stalled"), [
@@ -37,8 +112,9 @@ def unit(**fields: Any) -> UnitReport:
     ("restarted after the last movement", {"started_at": NOW - 3}, False),
     ("no start time known", {"progress": None, "progress_at": None, "started_at": 0.0}, False),
 ])
-def test_detect_unit_stalled(case: str, fields: dict[str, Any], stalled: bool) -> None:
+def test_an_older_agents_stalls_count_from_the_runs_start(case: str, fields: dict[str, Any], stalled: bool) -> None:
     finding = detect_unit_stalled(NODE, unit(**fields), NOW)
+    assert detect_unit_start_timeout(NODE, unit(**fields), NOW) is None
     assert (finding is not None) == stalled, case
 
 

@@ -9,7 +9,7 @@ controller's ladder ends in ``notify``.
 
 from __future__ import annotations
 
-from detectors.units import detect_unit_exited, detect_unit_stalled
+from detectors.units import detect_unit_exited, detect_unit_stalled, detect_unit_start_timeout
 from remediations.reconciler import Failed, Started, Symptom
 from rules.loader import load_default_rulebook
 from selfheal.wire import UnitProgress, UnitReport
@@ -17,7 +17,8 @@ from tests.unit.test_reconciler import T0, Sim, only
 
 
 def symptom_of(report: UnitReport, now: float) -> Symptom:
-    finding = detect_unit_exited("node-a", report) or detect_unit_stalled("node-a", report, now)
+    finding = (detect_unit_exited("node-a", report) or detect_unit_stalled("node-a", report, now)
+               or detect_unit_start_timeout("node-a", report, now))
     assert finding is not None
     return Symptom(key=finding.key, kind=finding.kind, node=finding.node, unit=finding.unit,
                    severity=finding.severity, summary=finding.summary, evidence=finding.evidence)
@@ -61,4 +62,16 @@ def test_a_job_that_stalls_every_time_climbs_to_notify_and_stops() -> None:
     # (sooner than that, three times within 120 s, the loop breaker quarantines the rule instead: also one alert).
     plans = climb(sim, symptom, outcome="succeeded", clear_for=150.0)
     assert [p.plan.action for p in plans] == ["restart_unit"] * 3 + ["notify"]
+    assert only(sim.run([symptom], until=sim.now - T0 + 3600.0, step=10.0), Started) == []
+
+
+def test_a_job_that_never_starts_is_restarted_once_then_left_to_a_human() -> None:
+    sim = Sim(*load_default_rulebook().rules)
+    waiting = UnitReport(name="etl", kind="spark", state="running", pid=7, started_at=T0 - 700, stall_after=30.0,
+                         start_timeout=600.0)
+    symptom = symptom_of(waiting, T0)
+    assert symptom.kind == "unit_start_timeout"
+    # The restart "works" (the finding clears with the new run), and the new run waits its 600 s in vain too.
+    plans = climb(sim, symptom, outcome="succeeded", clear_for=601.0)
+    assert [p.plan.action for p in plans] == ["restart_unit", "notify"]
     assert only(sim.run([symptom], until=sim.now - T0 + 3600.0, step=10.0), Started) == []

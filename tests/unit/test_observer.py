@@ -1,5 +1,5 @@
 """The incremental observer: a message costs one node's detectors whatever the fleet's size, and what time
-alone changes (silence, stalls) comes due from the timer queue at its instant, not from a rescan."""
+alone changes (silence, stalls, start timeouts) comes due from the timer queue at its instant, not from a rescan."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def host() -> HostMetrics:
 
 
 def unit(name: str = "web", state: str = "running", **fields: Any) -> UnitReport:
-    return UnitReport(name=name, kind="process", state=state, pid=100, started_at=T0 - 100, **fields)  # type: ignore[arg-type]
+    return UnitReport(name=name, kind="process", state=state, pid=100, **{"started_at": T0 - 100, **fields})  # type: ignore[arg-type]
 
 
 def report(node: str, seq: int, at: float, *units: UnitReport, ts: float | None = None) -> Report:
@@ -144,6 +144,44 @@ def test_a_stall_comes_due_at_its_deadline_on_the_nodes_clock(counted: list[str]
     assert list(seen.symptoms) == ["unit_stalled/node-a/etl"]
 
 
+def test_a_start_timeout_comes_due_at_its_deadline_and_first_progress_hands_over_to_the_stall(
+        counted: list[str]) -> None:
+    """No progress yet: only the start limit is due (not the earlier stall_after); once the run progresses,
+    the timer moves to its stall deadline. The agent's clock runs 100 s ahead of the controller's."""
+    fleet = Fleet()
+    skew = 100.0
+    started = T0 + skew - 10  # on the node's clock
+    waiting = unit("etl", started_at=started, stall_after=20.0, start_timeout=60.0)
+    fleet.apply(NodeStatus(node="node-a", session=1, state="online", ts=T0 + skew, units=["etl"]), T0)
+    fleet.apply(report("node-a", 1, T0, waiting, ts=T0 + skew), T0)
+    seen = Observer(fleet, DetectorSettings(offline_after=600.0), placements=Placements(), group_label="rack")
+    seen.refresh(T0)
+    assert seen.next_due() == pytest.approx(T0 + 50 + EPSILON)  # started + 60 s, on the controller's clock
+    counted.clear()
+    seen.refresh(T0 + 15)  # past stall_after since the start: a slow start is not a stall
+    assert counted == []
+    assert not seen.symptoms
+
+    moved = unit("etl", started_at=started, stall_after=20.0, start_timeout=60.0,
+                 progress=UnitProgress(done=1, total=3), progress_at=T0 + skew + 20)  # first progress at +30 s
+    fleet.apply(report("node-a", 2, T0 + 20, moved, ts=T0 + skew + 20), T0 + 20)
+    seen.refresh(T0 + 20)
+    assert not seen.symptoms
+    assert seen.next_due() == pytest.approx(T0 + 40 + EPSILON)  # its progress + 20 s, no start deadline left
+
+    restarted = unit("etl", started_at=T0 + skew + 25, stall_after=20.0, start_timeout=60.0,
+                     progress=UnitProgress(done=1, total=3))  # a new run: the last one's progress is no start
+    fleet.apply(report("node-a", 3, T0 + 25, restarted, ts=T0 + skew + 25), T0 + 25)
+    seen.refresh(T0 + 25)
+    assert seen.next_due() == pytest.approx(T0 + 85 + EPSILON)
+    counted.clear()
+    seen.refresh(T0 + 84.9)
+    assert counted == []
+    seen.refresh(T0 + 85 + EPSILON)
+    assert counted == ["node-a"]
+    assert list(seen.symptoms) == ["unit_start_timeout/node-a/etl"]
+
+
 def test_a_dataset_is_looked_at_again_only_when_one_of_its_replicas_changes() -> None:
     fleet = Fleet()
     for node in ("node-a", "node-b", "node-c"):
@@ -177,3 +215,18 @@ def test_an_evicted_node_leaves_nothing_behind() -> None:
     assert not any(s.node == "node-a" for s in seen.symptoms.values())
     assert seen.view().group_sizes == {"r1": 1, "r2": 1}
     assert seen.view().replicas["web"] == 2
+
+
+def test_silence_counts_from_the_controllers_reconnection_not_from_before_it(counted: list[str]) -> None:
+    """A controller cut off from the broker heard nothing; it did not hear the fleet go silent."""
+    fleet = Fleet()
+    join(fleet, "node-a", T0)
+    fleet.listening_since = T0 + 100  # the controller's broker connection came back at T0 + 100
+    seen = observer(fleet)
+    seen.refresh(T0 + 100)
+    assert not seen.symptoms
+    assert seen.next_due() == T0 + 130 + EPSILON
+    seen.refresh(T0 + 129)
+    assert not seen.symptoms
+    seen.refresh(T0 + 130 + EPSILON)
+    assert list(seen.symptoms) == ["node_offline/node-a/-"]

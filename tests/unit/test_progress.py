@@ -65,9 +65,9 @@ def p(done: float, stage: str = "s", total: float | None = 10, updated_at: float
 def test_the_tracker_moves_only_when_done_total_or_stage_change() -> None:
     tracker = ProgressTracker()
     tracker.observe(None, run_started=T0, now=T0 + 1)
-    assert (tracker.current, tracker.moved_at) == (None, T0)
+    assert (tracker.current, tracker.moved_at) == (None, None)  # no progress in this run yet
     tracker.observe(p(1), run_started=T0, now=T0 + 2)
-    assert tracker.moved_at == T0 + 2
+    assert tracker.moved_at == T0 + 2  # the run's first progress
     tracker.observe(p(1, updated_at=T0 + 3), run_started=T0, now=T0 + 3)  # a heartbeat: not movement
     assert tracker.moved_at == T0 + 2
     tracker.observe(p(1, stage="writing"), run_started=T0, now=T0 + 4)
@@ -78,13 +78,19 @@ def test_the_tracker_moves_only_when_done_total_or_stage_change() -> None:
     assert (tracker.current, tracker.moved_at) == (p(1, stage="writing", total=12), T0 + 5)
 
 
-def test_a_new_run_starts_its_clock_at_its_start_whatever_the_file_says() -> None:
+def test_a_new_run_has_no_progress_until_the_file_moves_or_the_run_writes_it() -> None:
     tracker = ProgressTracker()
     tracker.observe(p(3, "holding"), run_started=T0, now=T0 + 1)
     tracker.observe(p(3, "holding"), run_started=T0, now=T0 + 100)
-    assert tracker.moved_at == T0
-    # Restarted at +200: the old run's file is the new run's baseline, not movement and not a stall.
-    tracker.observe(p(3, "holding"), run_started=T0 + 200, now=T0 + 200.5)
-    assert tracker.moved_at == T0 + 200
+    assert tracker.moved_at is None  # what the file said at the start is not progress of this run
+    # Restarted at +200: the old run's file is the new run's baseline, neither progress nor a stall.
+    tracker.observe(p(3, "holding", updated_at=T0 + 150), run_started=T0 + 200, now=T0 + 200.5)
+    assert tracker.moved_at is None
+    assert tracker.moved_in(T0 + 200) is None
     tracker.observe(p(3, "starting"), run_started=T0 + 200, now=T0 + 203)
     assert tracker.moved_at == T0 + 203
+    assert tracker.moved_in(T0 + 200) == T0 + 203
+    assert tracker.moved_in(T0 + 300) is None  # a report of a newer run the tracker has not seen yet
+    # Restarted at +400, and the run wrote its file before the tracker first looked: that is its progress.
+    tracker.observe(p(0, "starting", updated_at=T0 + 400.2), run_started=T0 + 400, now=T0 + 400.5)
+    assert tracker.moved_at == T0 + 400.5

@@ -42,8 +42,9 @@ def only_rule(text: str) -> Rule:
 def test_the_default_rulebook_covers_every_finding_kind() -> None:
     default = load_default_rulebook()
     assert {r.kind for r in default.rules} == set(FINDING_KINDS) == {
-        "unit_exited", "probe_failing", "unit_stalled", "unit_lost", "node_offline", "metric_threshold",
-        "metric_anomaly", "host_anomaly", "external_alert", "dataset_divergent", "dataset_no_authority"}
+        "unit_exited", "probe_failing", "unit_stalled", "unit_start_timeout", "unit_lost", "node_offline",
+        "metric_threshold", "metric_anomaly", "host_anomaly", "external_alert", "dataset_divergent",
+        "dataset_no_authority"}
     for kind in FINDING_KINDS:
         for severity in ("info", "warning", "critical"):
             assert default.rule_for(kind, severity) is not None, (kind, severity)
