@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import signal
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Set
 from contextlib import suppress
@@ -51,7 +50,7 @@ from selfheal.clocks import Clock
 from selfheal.config import Config
 from selfheal.errors import StoreError, UnitError
 from selfheal.logs import RateLimiter, get_logger
-from selfheal.wire import EventBody, LocalAction, UnitReport
+from selfheal.wire import EventBody, LocalAction, UnitReport, crash_of
 
 CHECK_EVERY = 0.5
 """Seconds between looks at the controller's presence and the units."""
@@ -114,19 +113,8 @@ Decision = Restart | GiveUp | Skip
 
 def problem_of(unit: UnitReport) -> tuple[str, str] | None:
     """Why ``unit`` wants a restart — (finding kind, how) — or None when it is well or stopped on purpose."""
-    if unit.state in ("exited", "failed"):
-        if unit.state == "exited" and unit.every is not None and unit.exit_code == 0 and unit.exit_signal is None:
-            return None  # a scheduled run that finished (its wrapper says ``completed`` once it has looked)
-        if unit.exit_signal is not None:
-            try:
-                how = f"was killed by {signal.Signals(unit.exit_signal).name}"
-            except ValueError:
-                how = f"was killed by signal {unit.exit_signal}"
-        elif unit.exit_code is not None:
-            how = f"exited with code {unit.exit_code}"
-        else:
-            how = f"could not be started: {unit.error}" if unit.error else "could not be started"
-        return "unit_exited", how
+    if (how := crash_of(unit)) is not None:  # the controller's rule: a finished scheduled run is no crash
+        return "unit_exited", f"was {how}" if how.startswith("killed") else how
     probe = unit.probe
     if unit.state == "running" and probe is not None and probe.checked_at >= unit.started_at \
             and probe.failures_threshold > 0 and probe.consecutive_failures >= probe.failures_threshold:

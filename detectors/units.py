@@ -16,27 +16,15 @@ rule: any exit nobody asked for is one.
 
 from __future__ import annotations
 
-import signal
-
 from detectors.model import Finding, NodeSnapshot
-from selfheal.wire import UnitReport
+from selfheal.wire import UnitReport, crash_of
 
 
 def detect_unit_exited(node: str, unit: UnitReport) -> Finding | None:
     """A unit that is not running and that nobody stopped on purpose."""
-    if unit.state not in ("exited", "failed"):
+    how = crash_of(unit)
+    if how is None:
         return None
-    if unit.state == "exited" and unit.every is not None and unit.exit_code == 0 and unit.exit_signal is None:
-        return None  # a scheduled run that finished: completed, not crashed
-    if unit.exit_signal is not None:
-        try:
-            how = f"killed by {signal.Signals(unit.exit_signal).name}"
-        except ValueError:
-            how = f"killed by signal {unit.exit_signal}"
-    elif unit.exit_code is not None:
-        how = f"exited with code {unit.exit_code}"
-    else:
-        how = f"could not be started: {unit.error}" if unit.error else "could not be started"
     return Finding(
         kind="unit_exited", node=node, unit=unit.name, severity="critical",
         summary=f"unit {unit.name} on {node} {how}",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import signal
 import zlib
 from typing import Annotated, Literal, TypeVar
 
@@ -232,6 +233,24 @@ class Report(_Msg, frozen=True, kw_only=True):
 
     sig: Short = ""
     """HMAC of the node's key over the message (``sign_node_message``); empty when the node has no key."""
+
+
+def crash_of(unit: UnitReport) -> str | None:
+    """How ``unit`` crashed (``killed by SIGKILL``, ``exited with code 3``, ``could not be started: ...``), or
+    None when it did not: not exited or failed, or a scheduled run (``every``) that finished with exit 0. The
+    one rule the controller's detector and the agent's fallback share."""
+    if unit.state not in ("exited", "failed"):
+        return None
+    if unit.state == "exited" and unit.every is not None and unit.exit_code == 0 and unit.exit_signal is None:
+        return None  # a scheduled run that finished: completed, not crashed
+    if unit.exit_signal is not None:
+        try:
+            return f"killed by {signal.Signals(unit.exit_signal).name}"
+        except ValueError:
+            return f"killed by signal {unit.exit_signal}"
+    if unit.exit_code is not None:
+        return f"exited with code {unit.exit_code}"
+    return f"could not be started: {unit.error}" if unit.error else "could not be started"
 
 
 # --- digests ------------------------------------------------------------------------------------

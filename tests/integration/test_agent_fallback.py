@@ -15,33 +15,18 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from selfheal.keys import write_key
-from tests.conftest import eventually_sync, start_mosquitto
+from tests.conftest import eventually_sync
 from tests.e2e.conftest import Cluster
 
 pytestmark = pytest.mark.integration
 
 NODE = "node-f"
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    broker = start_mosquitto(tmp_path)
-    cluster = Cluster(root=tmp_path, broker=broker)
-    failed = request.session.testsfailed
-    try:
-        yield cluster
-    finally:
-        cluster.stop_all()
-        broker.stop()
-        if request.session.testsfailed > failed:
-            print(cluster.logs())
 
 
 def agent_toml(cluster: Cluster, units: str, *, fallback: str = "fallback_after = 1.0\n") -> Path:

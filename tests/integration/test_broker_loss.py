@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from selfheal import wire
 from selfheal.config import MqttConfig, UnitConfig
 from selfheal.keys import write_key
 from selfheal.mqtt import MqttLink
-from tests.conftest import Broker, eventually, eventually_sync, free_port, require_binary, start_mosquitto
+from tests.conftest import Broker, eventually, eventually_sync, free_port, require_binary
 from tests.e2e.conftest import Cluster
 from tests.integration.test_agent_mqtt import SLEEPER, Observer, agent_config, running_agent, unique_node
 
@@ -56,20 +56,6 @@ RECONNECT_WITHIN = 5.0
 """Seconds from the broker answering again to every client being connected (and subscribed) again."""
 CAP = MqttConfig().reconnect_max
 """The product's default backoff cap: the tests run with it, never a shortened one."""
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    broker = start_mosquitto(tmp_path)
-    cluster = Cluster(root=tmp_path, broker=broker)
-    failed = request.session.testsfailed
-    try:
-        yield cluster
-    finally:
-        cluster.stop_all()
-        broker.stop()
-        if request.session.testsfailed > failed:
-            print(cluster.logs())
 
 
 def controller_toml(cluster: Cluster, *, url: str, extra: str = "", mqtt_extra: str = "") -> Path:
