@@ -8,12 +8,15 @@ installs them, so CI never skips.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import socket
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +25,41 @@ import pytest
 
 if TYPE_CHECKING:
     from tests.podman_support import PodmanEngine
+
+ASYNC_DUMP_BEFORE_TIMEOUT = 10.0  # seconds before pytest-timeout fires
+
+
+def _dump_asyncio_tasks(name: str) -> None:
+    """Print every task of every running event loop, with where it waits.
+
+    pytest-timeout dumps thread stacks only, which for an async test shows the loop in ``select``
+    and nothing of the coroutine that hangs; this names it.
+    """
+    loops = [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop) and o.is_running()]
+    out = [f"\n==== {name}: asyncio tasks {ASYNC_DUMP_BEFORE_TIMEOUT:.0f} s before the timeout ===="]
+    for loop in loops:
+        for task in asyncio.all_tasks(loop):
+            out.append(f"-- {task.get_name()}: {task.get_coro()!r}")
+            out.extend(f"     {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+                       for frame in task.get_stack(limit=20))
+    print("\n".join(out), file=sys.stderr, flush=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Just before a test would time out, name the coroutines it is stuck in (see ``_dump_asyncio_tasks``)."""
+    marker = item.get_closest_marker("timeout")
+    timeout = float(marker.args[0]) if marker and marker.args else float(item.config.getini("timeout") or 0)
+    timer = None
+    if timeout > 2 * ASYNC_DUMP_BEFORE_TIMEOUT:
+        timer = threading.Timer(timeout - ASYNC_DUMP_BEFORE_TIMEOUT, _dump_asyncio_tasks, args=(item.nodeid,))
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 def free_port() -> int:
@@ -73,12 +111,13 @@ class Broker:
         wait_port(self.port)
 
 
-def start_mosquitto(directory: Path) -> Broker:
+def start_mosquitto(directory: Path, *, also_on: Sequence[str] = ()) -> Broker:
+    """``also_on``: more addresses it listens on, on the same port (e.g. the host end of a test's veth pair)."""
     port = free_port()
     config = directory / "mosquitto.conf"
     config.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 100000\nset_tcp_nodelay true\n"
+        "".join(f"listener {port} {host}\n" for host in ("127.0.0.1", *also_on))
+        + "allow_anonymous true\npersistence false\nmax_queued_messages 100000\nset_tcp_nodelay true\n"
     )
     broker = Broker("127.0.0.1", port, None, config)  # type: ignore[arg-type]
     broker.start()

@@ -60,6 +60,14 @@ class Observer:
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
         self._task.cancel()
+        # aiomqtt's clean disconnect waits for its DISCONNECT to be written with no bound; a test must not
+        # hang in its observer's teardown (the loop's shutdown cancels what is left), so say where it waited.
+        done, _ = await asyncio.wait({self._task}, timeout=10)
+        if not done:
+            print(f"observer {self.client_id}: disconnect still pending after 10 s:", file=sys.stderr)
+            self._task.print_stack(file=sys.stderr)
+            self._task.cancel()
+            return
         with suppress(asyncio.CancelledError):
             await self._task
 
