@@ -196,9 +196,15 @@ class Dispatcher:
         snapshot = self.fleet.snapshot(node)
         return snapshot is not None and not is_offline(snapshot, self.clock.wall(), self.offline_after)
 
+    def _back(self, node: str) -> bool:
+        """Reachable, and it has said on its new connection what runs there: its first word back (its
+        ``online``) comes before the report that tells whether its agent fenced the unit meanwhile."""
+        snapshot = self.fleet.snapshot(node)
+        return snapshot is not None and snapshot.confirmed and self._reachable(node)
+
     def _refuse_second_copy(self, step: MigrateUnit) -> None:
         snapshots, offline = self.fleet.snapshots(self.clock.wall(), self.offline_after)
-        others = [n for n in runners(step.unit, snapshots.values(), offline) if n != step.source]
+        others = [n for n in runners(step.unit, snapshots.values(), offline, unconfirmed=True) if n != step.source]
         if others:
             raise PermanentRemediationError(f"{step.unit} already runs on {', '.join(others)}: starting it on "
                                             f"{step.target} would make a second copy")
@@ -220,7 +226,7 @@ class Dispatcher:
         await audit("fence_wait", {"node": step.source, "unit": step.unit, "last_heard": heard,
                                    "fence_after": fence_after, "reported_fence_after": reported,
                                    "fence_floor": self.fence_floor, "fenced_at": fenced_at, "wait": max(0.0, wait)})
-        if wait > 0 and await self.fleet.wait_for(lambda: self._reachable(step.source), wait):
+        if wait > 0 and await self.fleet.wait_for(lambda: self._back(step.source), wait):
             return True
         await audit("fenced", {"node": step.source, "unit": step.unit,
                                "reason": f"silent for {fence_after:g}s: its agent has stopped the unit, or the "

@@ -118,8 +118,17 @@ class NodeState:
     """Agent time of the newest event of this session: only a newer one refreshes presence."""
     report_ts: float | None = None
     """Agent time of the newest report of this session seen by this controller (None: none yet)."""
+    born_ts: float = -1.0
+    """Agent time of the ``online`` that began the node's current broker connection."""
     held_events: deque[Event] = field(default_factory=deque)
     """Unit events that came before any report of this session, bounded (``MAX_HELD_EVENTS``)."""
+
+    @property
+    def confirmed(self) -> bool:
+        """Its unit states come from a report sent on its current connection. Until then they are what it said
+        before (it was cut off and may have fenced or lost units meanwhile; this controller only has its birth
+        message's placeholders): nothing may be concluded from them."""
+        return self.report_ts is not None and self.report_ts >= self.born_ts
 
 
 class Fleet:
@@ -256,6 +265,8 @@ class Fleet:
             return
         if status.state == "online" and status.conn == node.conn and status.ts <= node.status_ts:
             return  # this connection's birth again (a retained redelivery, a re-announce or a replay): nothing new
+        if status.state == "online" and status.conn > node.conn:
+            node.born_ts = status.ts  # a new connection: what it said of its units before is unconfirmed
         node.conn = status.conn
         node.status_ts = max(node.status_ts, status.ts)
         if status.state == "offline":
@@ -295,7 +306,7 @@ class Fleet:
             node.last_seq = -1
             node.event_ts.clear()
             node.status_ts, node.conn, node.closed_conn, node.event_clock = -1.0, 0, -1, 0.0
-            node.report_ts = None
+            node.report_ts, node.born_ts = None, -1.0
             node.held_events.clear()
         if held and node.held is not None and node.held.session <= session:
             status, node.held = node.held, None
@@ -371,7 +382,7 @@ class Fleet:
         if node is None:
             return None
         last_seen = max(node.last_seen, self.listening_since) if node.last_seen else 0.0
-        return NodeSnapshot(node=node.id, online=node.online, last_seen=last_seen,
+        return NodeSnapshot(node=node.id, online=node.online, last_seen=last_seen, confirmed=node.confirmed,
                             units=tuple(node.units.values()), reports=tuple(node.reports))
 
     def snapshots(self, now: float, offline_after: float) -> tuple[dict[str, NodeSnapshot], set[str]]:

@@ -59,8 +59,9 @@ class NodeObservation:
 def observe_node(snapshot: NodeSnapshot, now: float, settings: DetectorSettings) -> NodeObservation:
     """One node's findings and contributions (pure)."""
     offline = is_offline(snapshot, now, settings.offline_after)
-    running = frozenset() if offline else frozenset(u.name for u in snapshot.units if u.state in RUNNING)
-    standby = frozenset() if offline else frozenset(u.name for u in snapshot.units if u.state == "stopped")
+    known = () if offline or not snapshot.confirmed else snapshot.units  # unit states known to hold now
+    running = frozenset(u.name for u in known if u.state in RUNNING)
+    standby = frozenset(u.name for u in known if u.state == "stopped")
     return NodeObservation(
         findings=tuple(detect_node(snapshot, now, settings)), offline=offline, running=running, standby=standby,
         copies=tuple(u.name for u in snapshot.units if u.name not in standby),

@@ -145,6 +145,10 @@ class NodeSnapshot:
     """Wall time of the last message from the node."""
     units: tuple[UnitReport, ...] = ()
     """Latest state of each unit (reports, updated by events between reports)."""
+    confirmed: bool = True
+    """``units`` come from a report of the node's current connection. False right after it reconnects (a
+    partition healed: its units may have been fenced or lost meanwhile) or before this controller's first
+    report from it: unit-based verdicts wait, and it runs no unit as far as placement is concerned."""
     reports: tuple[ReportSample, ...] = ()
     """Recent reports as samples, oldest first (bounded by the controller's history and byte budget)."""
 

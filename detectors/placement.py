@@ -30,9 +30,11 @@ class Placement:
     """Seconds after ``node`` was last heard by which its copy is surely stopped."""
 
 
-def runners(unit: str, snapshots: Iterable[NodeSnapshot], offline: Collection[str]) -> list[str]:
-    """Online nodes that report ``unit`` starting or running."""
-    return [s.node for s in snapshots if s.node not in offline
+def runners(unit: str, snapshots: Iterable[NodeSnapshot], offline: Collection[str], *,
+            unconfirmed: bool = False) -> list[str]:
+    """Online nodes that report ``unit`` starting or running on their current connection (``confirmed``);
+    ``unconfirmed``: also those that said so before reconnecting and have not reported since (they may)."""
+    return [s.node for s in snapshots if s.node not in offline and (s.confirmed or unconfirmed)
             and any(u.name == unit and u.state in RUNNING for u in s.units)]
 
 
@@ -51,6 +53,8 @@ def detect_lost_units(placements: Iterable[Placement], running: Mapping[str, Col
             evidence |= {"reason": "node_offline", "last_seen": last_seen,
                          "fenced_at": last_seen + placement.fence_after if last_seen else None}
             why = f"its node {placement.node} is offline"
+        elif not placed.confirmed:
+            continue  # back, and its first report will say whether its agent fenced the unit meanwhile
         else:
             report = next((u for u in placed.units if u.name == placement.unit), None)
             if report is None or not report.fenced:

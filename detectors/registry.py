@@ -1,7 +1,9 @@
 """The detectors the controller runs on each node, in one explicit list, and when their verdict can change.
 
 Order matters only for suppression: when a node is offline, its units' last
-known states are stale, so no unit or metric findings are raised for it.
+known states are stale, so no unit or metric findings are raised for it; when
+it is back but has sent no report on its new connection yet (``confirmed``),
+no unit findings.
 
 ``next_change`` is the other half of the contract: the detectors read a
 node's messages and the time, and the engine re-runs them on a node only
@@ -27,7 +29,8 @@ def detect_node(snapshot: NodeSnapshot, now: float, settings: DetectorSettings) 
     offline = detect_node_offline(snapshot, now, settings.offline_after)
     if offline is not None:
         return [offline]
-    return [*detect_units(snapshot, now), *detect_thresholds(snapshot, settings.thresholds)]
+    units = detect_units(snapshot, now) if snapshot.confirmed else []
+    return [*units, *detect_thresholds(snapshot, settings.thresholds)]
 
 
 def next_change(snapshot: NodeSnapshot, now: float, settings: DetectorSettings) -> float:
@@ -42,7 +45,7 @@ def next_change(snapshot: NodeSnapshot, now: float, settings: DetectorSettings) 
         return math.inf  # offline (or not yet announced): only a message brings it back
     due = snapshot.last_seen + settings.offline_after + EPSILON
     skew = node_clock(snapshot, now) - now  # the node's clock minus ours, fixed until its next message
-    for unit in snapshot.units:
+    for unit in snapshot.units if snapshot.confirmed else ():
         for deadline in (stall_deadline(unit), start_deadline(unit)):
             if deadline is not None and deadline - skew > now:
                 due = min(due, deadline - skew + EPSILON)

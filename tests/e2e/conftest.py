@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,11 +83,12 @@ class Cluster:
                 f'[agent.units.probe]\nkind = "http"\ntarget = "http://127.0.0.1:{port}/"\n'
                 f"interval = {interval}\ntimeout = 0.5\nfailures = {failures}\nstart_period = 1.0\n")
 
-    def start(self, name: str, role: str, config: Path) -> subprocess.Popen[bytes]:
+    def start(self, name: str, role: str, config: Path, *, prefix: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+        """``prefix``: a command that execs the process, e.g. ``ip netns exec NS`` to run it in a network namespace."""
         log = (self.root / f"{name}.log").open("ab")
         env = {**os.environ, "SELFHEAL_LOG__FORMAT": "json", "SELFHEAL_LOG__LEVEL": "debug"}
-        proc = subprocess.Popen([*SELFHEAL, role, "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                                env=env)
+        proc = subprocess.Popen([*prefix, *SELFHEAL, role, "--config", str(config)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
         log.close()
         self.procs[name] = proc
         return proc

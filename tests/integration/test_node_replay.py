@@ -244,3 +244,41 @@ async def timeline(controller: Controller, node: str) -> list[dict[str, object]]
         if not lost:
             return []
         return list((await http.get(f"/api/v1/incidents/{lost[0]['id']}")).json()["timeline"])
+
+
+async def test_a_migration_source_back_after_fencing_its_unit_is_not_taken_for_one_still_running_it(
+        own_mosquitto: Broker, tmp_path: Path) -> None:
+    """A partition heals during the fence wait, after node-a's agent fenced the unit. Its ``online`` comes
+    before the report saying so: the dispatcher must wait for that report, not cancel the move on the word of
+    node-a's units from before the partition ("came back running solo": it was not), which left the unit
+    down until the finding came back and spent one of the migrate rung's attempts."""
+    node_a, node_b = unique_node("fenced-a"), unique_node("fenced-b")
+    node_keys(tmp_path, node_a, node_b)
+    config = controller_config(tmp_path, own_mosquitto, offline_after=2.0, extra="fence_floor = 2.0\n")
+    quick = UnitConfig(name="solo", command=SLEEPER, stop_after_disconnect=1.0, stop_grace=1.0, autostart=True)
+    async with Blip(own_mosquitto).running() as blip:
+        cfg_a = agent_config(own_mosquitto, tmp_path, node_a, [quick])
+        cfg_a = msgspec.structs.replace(cfg_a, mqtt=msgspec.structs.replace(cfg_a.mqtt, url=blip.url))
+        standby = msgspec.structs.replace(quick, autostart=False)
+        async with running_agent(cfg_a) as agent_a, \
+                running_agent(agent_config(own_mosquitto, tmp_path, node_b, [standby])) as agent_b, \
+                running_controller(config) as controller:
+            assert controller.engine is not None
+            placements = controller.engine.placements
+            await eventually(lambda: (p := placements.current.get("solo")) is not None and p.node == node_a,
+                             what="solo placed on node-a")
+
+            async def fence_wait() -> bool:
+                return any(e["kind"] == "fence_wait" for e in await timeline(controller, node_a))
+            await eventually(lambda: (u := controller.fleet.unit(node_b, "solo")) is not None and u.state == "stopped"
+                             and controller.fleet.nodes[node_b].confirmed, what="node-b's standby copy reported")
+            blip.cut()
+            await eventually(fence_wait, timeout=15, what="the migration waiting out node-a's fence")
+            await eventually(lambda: "solo" in agent_a.supervisor.fenced, timeout=15, what="node-a's agent fenced solo")
+            blip.down = False  # back while the controller still waits out the fence
+
+            await eventually(lambda: agent_b.supervisor.is_running("solo"), timeout=30, what="solo started on node-b")
+            entries = await timeline(controller, node_a)
+            reasons = [e["data"]["reason"] for e in entries if e["kind"] == "fence_aborted"]  # type: ignore[index]
+            assert "source_returned" not in reasons
+            assert not agent_a.supervisor.is_running("solo")

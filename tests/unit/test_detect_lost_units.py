@@ -15,9 +15,10 @@ from selfheal.wire import UnitReport, UnitStateName
 PLACED = Placement("predict", "node-a", fence_after=10.0)
 
 
-def node(name: str, state: UnitStateName | None, *, fenced: bool = False, seen: float = 100.0) -> NodeSnapshot:
+def node(name: str, state: UnitStateName | None, *, fenced: bool = False, seen: float = 100.0,
+         confirmed: bool = True) -> NodeSnapshot:
     units = () if state is None else (UnitReport(name="predict", kind="process", state=state, fenced=fenced),)
-    return NodeSnapshot(node=name, online=True, last_seen=seen, units=units)
+    return NodeSnapshot(node=name, online=True, last_seen=seen, units=units, confirmed=confirmed)
 
 
 def lost(*snapshots: NodeSnapshot, offline: set[str]) -> list[tuple[str, str | None, str]]:
@@ -53,6 +54,16 @@ def test_fenced_by_its_own_agent_on_an_online_node() -> None:
 def test_not_lost_while_its_online_node_has_it_unfenced(state: UnitStateName) -> None:
     """An exit on a reachable node is healed in place first (unit_exited), not moved."""
     assert lost(node("node-a", state), node("node-b", "stopped"), offline=set()) == []
+
+
+def test_a_node_just_back_runs_nothing_until_it_reports() -> None:
+    """Its ``online`` came before the report that says what its agent did while cut off: what it said before
+    (running) is no copy, and no verdict is drawn from it yet either way."""
+    assert runners("predict", [node("node-a", "running", confirmed=False)], set()) == []
+    assert runners("predict", [node("node-a", "running", confirmed=False)], set(), unconfirmed=True) == ["node-a"]
+    assert lost(node("node-a", "running", confirmed=False), node("node-b", "stopped"), offline=set()) == []
+    assert lost(node("node-a", "stopped", fenced=True, confirmed=False), node("node-b", "stopped"),
+                offline=set()) == []
 
 
 def test_a_never_seen_node_counts_as_offline() -> None:

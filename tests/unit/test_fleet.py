@@ -395,3 +395,42 @@ def test_snapshot_of_an_unknown_node_is_none(fleet: Fleet) -> None:
 ])
 def test_unit_is_healthy(unit: UnitReport | None, healthy: bool) -> None:
     assert unit_is_healthy(unit) is healthy
+
+
+def test_a_node_back_on_a_new_connection_has_unconfirmed_units_until_it_reports(fleet: Fleet) -> None:
+    """A partition healed: the node's ``online`` comes first, its units as it last said (here: running); what
+    its agent did meanwhile (fenced them) arrives in its next report. Until then nothing is confirmed."""
+    fleet.apply(status(conn=1, ts=T0), T0)
+    fleet.apply(report(1), T0 + 1)
+    assert fleet.nodes[NODE].confirmed
+    fleet.apply(status("offline", conn=1, ts=T0 + 2), T0 + 2)  # its will
+    fleet.apply(report(2, ts=T0 + 3), T0 + 50)  # queued while cut off, sent after: from before the new connection
+    fleet.apply(status(conn=2, ts=T0 + 40), T0 + 50)
+    node = fleet.nodes[NODE]
+    assert node.online
+    assert not node.confirmed
+    snapshot = fleet.snapshot(NODE)
+    assert snapshot is not None
+    assert not snapshot.confirmed
+    assert snapshot.units[0].state == "running"
+    fleet.apply(report(3, ts=T0 + 41, units=(UnitReport(name="web", kind="process", state="stopped", fenced=True),)),
+                T0 + 51)
+    snapshot = fleet.snapshot(NODE)
+    assert snapshot is not None
+    assert snapshot.confirmed
+    assert snapshot.units[0].fenced
+
+
+def test_a_re_announced_birth_of_the_same_connection_confirms_nothing_away(fleet: Fleet) -> None:
+    fleet.apply(status(conn=1, ts=T0), T0)
+    fleet.apply(report(1), T0 + 1)
+    fleet.apply(status(conn=1, ts=T0 + 5), T0 + 5)  # the same connection says online again
+    assert fleet.nodes[NODE].confirmed
+
+
+def test_units_named_by_a_birth_message_alone_are_unconfirmed(fleet: Fleet) -> None:
+    """A controller that just started has the retained status's unit names as ``starting`` placeholders."""
+    fleet.apply(status(conn=1, units=("web", "solo")), T0)
+    snapshot = fleet.snapshot(NODE)
+    assert snapshot is not None
+    assert not snapshot.confirmed

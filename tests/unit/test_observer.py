@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import pytest
 
 import controller.observe
@@ -230,3 +231,28 @@ def test_silence_counts_from_the_controllers_reconnection_not_from_before_it(cou
     assert not seen.symptoms
     seen.refresh(T0 + 130 + EPSILON)
     assert list(seen.symptoms) == ["node_offline/node-a/-"]
+
+
+def test_a_node_back_from_a_partition_runs_nothing_until_its_first_report_says_so() -> None:
+    """Its ``online`` arrives before the report saying its agent fenced the singleton while cut off; until
+    then it is not counted as running it (which read as two copies beside the one started elsewhere) nor as
+    having fenced it, and its units raise nothing."""
+    fleet = Fleet()
+    placements = Placements()
+    seen = Observer(fleet, SETTINGS, placements=placements, group_label="rack")
+    solo = unit("solo", fence_after=12.0)
+    fleet.apply(NodeStatus(node="node-a", session=1, state="online", ts=T0, units=["solo"], conn=1), T0)
+    fleet.apply(report("node-a", 1, T0, solo), T0)
+    seen.refresh(T0)
+    assert seen.running["solo"] == {"node-a"}
+    fleet.apply(NodeStatus(node="node-a", session=1, state="offline", ts=T0 + 1, conn=1), T0 + 1)
+    join(fleet, "node-b", T0 + 2, unit("solo"))  # the copy started elsewhere
+    fleet.apply(NodeStatus(node="node-a", session=1, state="online", ts=T0 + 20, units=["solo"], conn=2), T0 + 20)
+    seen.refresh(T0 + 20)
+    assert seen.running["solo"] == {"node-b"}
+    assert not any(s.node == "node-a" for s in seen.symptoms.values())
+    fenced = msgspec.structs.replace(solo, state="stopped", fenced=True, pid=None)
+    fleet.apply(report("node-a", 2, T0 + 21, fenced), T0 + 21)
+    seen.refresh(T0 + 21)
+    assert seen.running["solo"] == {"node-b"}
+    assert "node-a" not in seen.offline
