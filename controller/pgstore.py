@@ -193,8 +193,43 @@ CREATE TABLE commands (
 CREATE INDEX commands_by_issue ON commands(issued_at);
 """
 
+SCHEMA_2 = """
+CREATE TABLE controller_members (
+    id TEXT PRIMARY KEY,
+    started_at TIMESTAMPTZ NOT NULL,
+    heartbeat_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE bucket_leases (
+    bucket INTEGER PRIMARY KEY CHECK (bucket >= 0 AND bucket < 64),
+    owner TEXT,
+    epoch BIGINT NOT NULL CHECK (epoch >= 0),
+    expires_at TIMESTAMPTZ NOT NULL
+);
+INSERT INTO bucket_leases(bucket, owner, epoch, expires_at)
+    SELECT b, NULL, COALESCE((SELECT value FROM meta WHERE name = 'epoch'), 0), '-infinity'
+    FROM generate_series(0, 63) AS b;
+CREATE FUNCTION refuse_epoch_regression() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP <> 'UPDATE' OR NEW.epoch < OLD.epoch OR NEW.bucket <> OLD.bucket THEN
+        RAISE EXCEPTION 'a bucket lease''s epoch only grows: % on bucket_leases refused', TG_OP
+            USING ERRCODE = 'restrict_violation';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER bucket_epochs_only_grow BEFORE UPDATE OR DELETE ON bucket_leases
+    FOR EACH ROW EXECUTE FUNCTION refuse_epoch_regression();
+CREATE TRIGGER bucket_leases_are_never_truncated BEFORE TRUNCATE ON bucket_leases
+    FOR EACH STATEMENT EXECUTE FUNCTION refuse_epoch_regression();
+"""
+"""Membership and bucket leases (``controller.leases``). One row per topic bucket (``wire.BUCKETS``, 64 in
+wire v1), made here once and never deleted, so a bucket's epoch is never reset: a trigger refuses an update
+that lowers it and any DELETE or TRUNCATE. Epochs start at the store's controller epoch (``next_epoch``): an
+agent that accepted a command from a single controller on this store accepts its bucket's first lease."""
+
 MIGRATIONS: tuple[tuple[str, str], ...] = (
     ("incidents, timeline (append-only), plans, commands, silences, quarantines, placements, meta", SCHEMA_1),
+    ("controller membership and bucket leases (epochs only grow)", SCHEMA_2),
 )
 """Ordered (summary, SQL) steps; step ``i`` makes schema version ``i + 1``. Append, never edit a released step."""
 

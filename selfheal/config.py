@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -360,7 +361,16 @@ class AlertsInConfig(_Section, frozen=True, kw_only=True):
     """External alerts held at most; the ones closest to expiry are dropped first."""
 
 
+def default_controller_id() -> str:
+    """``<host name>-<pid>``: unique among controllers that run at the same time, new at every start."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 class ControllerConfig(_Section, frozen=True, kw_only=True):
+    id: str = msgspec.field(default_factory=default_controller_id)
+    """This controller's name among those sharing one PostgreSQL store (``[store] url``): its membership
+    row and the owner named on its bucket leases (``controller.leases``). Must differ between controllers
+    running at the same time; default: host name and process id."""
     listen: str = "127.0.0.1:8080"
     """HTTP API and status page address; port 0 picks a free port."""
     state_dir: str = "/var/lib/selfheal"
