@@ -17,6 +17,7 @@ of them are exported — the most replicated first — the rest counted in
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -95,6 +96,7 @@ class ControllerMetrics:
             self.store_write_errors.labels(reason)
         for outcome in ("accepted", "malformed", "unauthorized"):
             self.alerts_received.labels(outcome)  # exported at 0 from the start, so rate() sees the first one
+        self.registry.register(_TaskCollector())
 
     def add_state_collector(self, read: Callable[[], tuple[dict[str, int], dict[str, int], int]]) -> None:
         """``read`` returns ({unit state: count}, {finding kind: current findings}, external alerts held)."""
@@ -130,6 +132,23 @@ class _GaugeCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily(self._name, self._documentation, value=self._read())
+
+
+class _TaskCollector(Collector):
+    """``selfheal_asyncio_tasks``: the tasks alive on the event loop the scrape runs on.
+
+    ``/metrics`` is an async handler, so the registry is collected on the loop's own thread and
+    ``asyncio.all_tasks`` is read there, never from another thread. A task leak (one per message, per
+    plan, per connection that never ends) shows as this gauge growing; ``bench/soak.py`` watches it.
+    Collected off any loop (a test calling ``generate_latest`` directly) it exports nothing."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        yield GaugeMetricFamily("selfheal_asyncio_tasks", "Tasks alive on the controller's event loop, the "
+                                "scrape's own included", value=len(asyncio.all_tasks(loop)))
 
 
 class _InboxCollector(Collector):
