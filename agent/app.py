@@ -87,6 +87,7 @@ from selfheal.mqtt import MqttLink, Outgoing
 from selfheal.peer_tls import peer_ssl_context
 from selfheal.wire import (
     CONTROLLER_STATUS_TOPIC,
+    CONTROLLERS_STATUS_FILTER,
     Command,
     CommandResult,
     DatasetDigest,
@@ -104,6 +105,7 @@ from selfheal.wire import (
     encode,
     fit_event,
     fit_unit,
+    is_controller_status,
     node_topic,
     sign_node_message,
 )
@@ -194,9 +196,9 @@ class AgentApp:
                                 clock=clock, serves_datasets=bool(agent.datasets), tls_cert=agent.tls_cert,
                                 tls_key=agent.tls_key)
         self._commands: asyncio.Queue[Command | None] = asyncio.Queue(maxsize=COMMAND_QUEUE)
-        self._controller_session: str | None = None
-        self._controller_conn = 0
-        """The broker connection (``link.connects``) on which the controller's ``online`` last arrived."""
+        self._controllers: dict[str, tuple[str, int]] = {}
+        """Status topic → (session, broker connection ``link.connects`` it arrived on) of each controller whose
+        last word was ``online``: the one controller, or each of several sharing a PostgreSQL store."""
         self._controller_heard = False
         """Whether any controller status reached this agent: from then on a reconnect holds events until
         the controller is seen online again (see the module docstring)."""
@@ -305,40 +307,52 @@ class AgentApp:
                 self._commands.put_nowait(message)
             except asyncio.QueueFull:
                 self._drop("queue_full", f"{COMMAND_QUEUE} commands already waiting", topic)
-        elif topic == CONTROLLER_STATUS_TOPIC:
-            if not payload:
-                return  # a cleared retained status
-            try:
-                status = decode_controller_status(payload)
-            except WireError as exc:
-                self._drop(exc.reason, str(exc), topic)
-                return
-            self._controller_heard = True
-            if status.state != "online":
-                if self._controller_session is not None:
-                    self.log.info("agent.controller_offline", controller_session=self._controller_session,
-                                  effect="events wait until a controller is online")
-                self._controller_session = None
-                self.link.hold()
-                return
-            self.link.release()
-            self._controller_conn = self.link.connects
-            if status.session != self._controller_session:
-                self._controller_session = status.session
-                self.log.info("agent.controller_online", controller_session=status.session)
-                self._announce()
+        elif is_controller_status(topic):
+            self._controller_status(topic, payload)
+
+    def _controller_status(self, topic: str, payload: bytes) -> None:
+        if not payload:  # a cleared retained status: one of several controllers stopped cleanly
+            if topic != CONTROLLER_STATUS_TOPIC:
+                self._controller_gone(topic)
+            return
+        try:
+            status = decode_controller_status(payload)
+        except WireError as exc:
+            self._drop(exc.reason, str(exc), topic)
+            return
+        self._controller_heard = True
+        if status.state != "online":
+            self._controller_gone(topic)
+            return
+        known = self._controllers.get(topic)
+        self._controllers[topic] = (status.session, self.link.connects)
+        self.link.release()
+        if known is None or known[0] != status.session:
+            self.log.info("agent.controller_online", controller_session=status.session, topic=topic)
+            self._announce()
+
+    def _controller_gone(self, topic: str) -> None:
+        gone = self._controllers.pop(topic, None)
+        if gone is not None:
+            self.log.info("agent.controller_offline", controller_session=gone[0], topic=topic,
+                          effect="events wait until a controller is online" if not self._controller_present()
+                          else "another controller listens")
+        if not self._controller_present():
+            self.link.hold()
 
     def _controller_present(self) -> bool:
         """A controller listens: its ``online`` arrived on the current broker connection and nothing since
-        said ``offline`` (after a broker restart that lost the retained status, an old ``online`` is no proof)."""
-        return (self.link.connected.is_set() and self._controller_session is not None
-                and self._controller_conn == self.link.connects)
+        said ``offline`` (after a broker restart that lost the retained status, an old ``online`` is no proof).
+        With several controllers, any one: the one holding this node's bucket, or the one taking it over."""
+        return self.link.connected.is_set() and any(
+            conn == self.link.connects for _, conn in self._controllers.values())
 
     async def _on_connect(self, link: MqttLink) -> None:
         if self._controller_heard:
             link.hold()  # until the controller's status on this connection says it listens
         await link.subscribe(self.topics["commands"], qos=1)
         await link.subscribe(CONTROLLER_STATUS_TOPIC, qos=1)
+        await link.subscribe(CONTROLLERS_STATUS_FILTER, qos=1)
         self._announce()
         if summaries := self.digests.summaries():  # a broker restarted without persistence forgot them
             self._publish_digests(summaries)

@@ -24,10 +24,12 @@ import contextlib
 import socket
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import aiomqtt
 import uvicorn
 
 from controller.anomaly_state import load_watch_state, save_watch_state
@@ -45,12 +47,14 @@ from controller.metrics import ControllerMetrics
 from controller.notify import FanoutNotifier, LogNotifier, Notifier
 from controller.notify.registry import default_formatters
 from controller.notify.router import Destination, Router
+from controller.ownership import Leased, Ownership, Sole
 from controller.sources.alerts import ExternalAlerts
 from controller.sources.promql import PromQLSource
-from controller.stores import open_store
+from controller.store import Store
+from controller.stores import open_store, ownership
 from detectors.anomaly.policy import AlertPolicySpec
 from detectors.anomaly.watch import AnomalyWatch, WatchSpec
-from detectors.model import DetectorSettings, Threshold
+from detectors.model import DetectorSettings, Finding, Threshold
 from remediations.state import Budget
 from rules.loader import load_rulebooks
 from rules.model import Rulebook
@@ -58,11 +62,14 @@ from selfheal import wire
 from selfheal.clocks import Clock, SystemClock
 from selfheal.config import Config, NotifyConfig
 from selfheal.config_checks import split_host_port
-from selfheal.errors import RulebookError, WireError
+from selfheal.errors import RulebookError, SelfhealError, WireError
 from selfheal.keys import read_key
 from selfheal.logs import RateLimiter, get_logger
 from selfheal.mqtt import MqttLink, Outgoing
 from selfheal.peer_tls import peer_ssl_context
+
+if TYPE_CHECKING:
+    from controller.leases import LeaseChange, LeaseKeeper
 
 log = get_logger("controller")
 MAX_UNKNOWN_NODES = 256
@@ -97,14 +104,19 @@ class Controller:
         """Node keys, loaded at start, reloaded on SIGHUP and when the key directory changes."""
         self.unknown_nodes: OrderedDict[str, UnknownNode] = OrderedDict()
         offline = wire.encode(wire.ControllerStatus(state="offline", session=self.session))
+        self.status_topic = wire.controller_status_topic(config.controller.id) if config.store.url \
+            else wire.CONTROLLER_STATUS_TOPIC
+        """Where this controller says it listens: its own topic when several share a PostgreSQL store."""
         self.link = MqttLink.from_config(config.mqtt, client_id=f"selfheal-controller-{self.session}",
-                                         will=Outgoing(wire.CONTROLLER_STATUS_TOPIC, offline, 1, True),
+                                         will=Outgoing(self.status_topic, offline, 1, True),
                                          name="controller.mqtt")
         self.api_port: int | None = None
         self.notifier = LogNotifier()
         self.routes = Routes(None)
         """Chat destinations (``controller.notify``); a SIGHUP reload may replace them."""
         self.engine: Engine | None = None
+        self.ownership: Ownership = Sole(0)
+        """Which nodes this controller acts on (set at start: ``controller.stores.ownership``)."""
 
     def settings(self) -> DetectorSettings:
         return DetectorSettings(
@@ -129,30 +141,13 @@ class Controller:
             stack.push_async_callback(store.close)
             load_watch_state(self.anomalies, state_dir, lambda why: self.metrics.state_rejected.labels(why).inc())
             stack.callback(lambda: save_watch_state(self.anomalies, state_dir))  # the watch a reload left
-            epoch = await store.next_epoch()
+            self.ownership, keeper = await ownership(self.config, store)
             await asyncio.to_thread(self.keys.load, self.clock.wall())
             link_base = self.config.controller.public_url or f"http://{self.config.controller.listen}"
-            self.routes.replace(self._router(link_base, self.config.controller.notify))
-            notifier: Notifier = FanoutNotifier(self.notifier, self.routes)
-            dispatcher = MeteredDispatcher(metrics=self.metrics, fleet=self.fleet, store=store, link=self.link,
-                                    keys=self.key_for,
-                                    clock=self.clock, notifier=notifier, epoch=epoch,
-                                    command_ttl=self.config.controller.command_ttl,
-                                    ack_timeout=self.config.controller.ack_timeout,
-                                    offline_after=self.config.controller.offline_after,
-                                    fence_floor=self.config.controller.fence_floor,
-                                    peer_tls=peer_ssl_context(self.config.security.peer_tls_ca))
-            budget = self.config.controller.budget
-            engine = Engine(fleet=self.fleet, store=store, rulebook=self.rulebook, dispatcher=dispatcher,
-                            clock=self.clock, settings=self.settings(), metrics=self.metrics, notifier=notifier,
-                            budget=Budget(max_concurrent=budget.max_concurrent, max_node_share=budget.max_node_share,
-                                          max_replica_share=budget.max_replica_share, group_label=budget.group_label),
-                            command_ttl=self.config.controller.command_ttl,
-                            link_base=link_base,
-                            anomalies=self.anomalies, external=self.alerts.findings,
-                            listening=self.link.connected.is_set)
-            self.engine = engine
-            await engine.recover()
+            self.routes.replace(self._router(link_base, self.config.controller.notify, store))
+            engine = self.engine = self._engine(store, link_base)
+            dispatcher = engine.dispatcher
+            await engine.recover(self.ownership.owns)  # with leases: nothing yet, buckets come as they are granted
             self._engine_metrics(engine)
             api_ctx = ApiContext(fleet=self.fleet, store=store, engine=engine, metrics=self.metrics,
                                  clock=self.clock, offline_after=self.config.controller.offline_after,
@@ -165,7 +160,9 @@ class Controller:
             api = create_api(api_ctx)
             server, sock = self._http_server(api)
             stack.callback(sock.close)
-            log.info("controller.starting", epoch=epoch, session=self.session, api=f"http://{self.api_address}/",
+            who = {"epoch": self.ownership.epoch} if isinstance(self.ownership, Sole) else \
+                {"id": self.config.controller.id, "store": self.config.store.url and "postgresql"}
+            log.info("controller.starting", **who, session=self.session, api=f"http://{self.api_address}/",
                      mqtt=self.config.mqtt.url, rules=[r.name for r in self.rulebook.rules])
 
             async def handle(topic: str, payload: bytes) -> None:
@@ -173,7 +170,7 @@ class Controller:
 
             tasks: dict[str, asyncio.Task[None]] = {}
             service = controller_service(self, engine, source=source, routes=self.routes, tasks=tasks,
-                                         build_router=lambda notify: self._router(link_base, notify))
+                                         build_router=lambda notify: self._router(link_base, notify, store))
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(service.run(stop=stop), name="service")
                 link_stop = asyncio.Event()  # after the last word below
@@ -183,6 +180,8 @@ class Controller:
                 tasks["http"] = tg.create_task(server.serve(sockets=[sock]), name="http")
                 tg.create_task(self._announce_ready(server, ready, service.ready), name="ready")
                 tasks["notify"] = tg.create_task(self.routes.run(stop=stop), name="notify")
+                if keeper is not None:
+                    tasks["leases"], tasks["buckets"] = self._start_leases(tg, keeper, engine, stop)
                 tasks["host-models"] = tg.create_task(run_host_models(lambda: self.anomalies, stop=stop,
                                                                       scored=self._look_again), name="host-models")
                 if self.config.controller.promql:
@@ -196,7 +195,24 @@ class Controller:
                 link_stop.set()
                 await self.fleet.notify()
 
-    def _router(self, external_url: str, notify: Sequence[NotifyConfig]) -> Router | None:
+    def _engine(self, store: Store, link_base: str) -> Engine:
+        notifier: Notifier = FanoutNotifier(self.notifier, self.routes)
+        config = self.config.controller
+        dispatcher = MeteredDispatcher(metrics=self.metrics, fleet=self.fleet, store=store, link=self.link,
+                                       keys=self.key_for, clock=self.clock, notifier=notifier,
+                                       ownership=self.ownership, command_ttl=config.command_ttl,
+                                       ack_timeout=config.ack_timeout, offline_after=config.offline_after,
+                                       fence_floor=config.fence_floor,
+                                       peer_tls=peer_ssl_context(self.config.security.peer_tls_ca))
+        budget = config.budget
+        return Engine(fleet=self.fleet, store=store, rulebook=self.rulebook, dispatcher=dispatcher,
+                      clock=self.clock, settings=self.settings(), metrics=self.metrics, notifier=notifier,
+                      budget=Budget(max_concurrent=budget.max_concurrent, max_node_share=budget.max_node_share,
+                                    max_replica_share=budget.max_replica_share, group_label=budget.group_label),
+                      command_ttl=config.command_ttl, link_base=link_base, anomalies=self.anomalies,
+                      external=self._external_findings, listening=self.link.connected.is_set)
+
+    def _router(self, external_url: str, notify: Sequence[NotifyConfig], store: Store) -> Router | None:
         """Chat notifications: grouped, rate-limited, retried; deliveries go into the incidents' audit trails."""
         destinations = [Destination.from_config(c, i) for i, c in enumerate(notify)]
         if not destinations:
@@ -212,7 +228,7 @@ class Controller:
                 s.active(now) and s.matches(dict(labels)) for s in self.engine.reconciler.silences)
 
         return Router(destinations, formatters=default_formatters(), metrics=self.metrics, clock=self.clock,
-                      record=record, silenced=silenced, external_url=external_url)
+                      record=record, silenced=silenced, external_url=external_url, claims=store)
 
     def _api_token(self) -> str | None:
         path = Path(self.config.security.api_token_file)
@@ -260,16 +276,79 @@ class Controller:
 
     def _say_offline(self) -> None:
         """The last word: a clean disconnect sends no will, so agents would trust the retained ``online`` and
-        never start their fallback (``agent.fallback``)."""
+        never start their fallback (``agent.fallback``). One of several controllers clears its own status
+        instead (agents take that as gone), so stopped controllers leave no retained message behind."""
         offline = wire.ControllerStatus(state="offline", session=self.session, ts=self.clock.wall())
-        self.link.publish(wire.CONTROLLER_STATUS_TOPIC, wire.encode(offline), qos=1, retain=True)
+        last_word = b"" if self.status_topic != wire.CONTROLLER_STATUS_TOPIC else wire.encode(offline)
+        self.link.publish(self.status_topic, last_word, qos=1, retain=True)
 
     async def _on_connect(self, link: MqttLink) -> None:
         self.fleet.listening_since = self.clock.wall()  # silence counts from now: before, we could not hear
-        for channel in ("status", "report", "digests", "events"):
-            await link.subscribe(f"{wire.PREFIX}/p/+/nodes/+/{channel}", qos=1)
+        buckets = tuple(str(b) for b in sorted(self.ownership.keeper.owned())) \
+            if isinstance(self.ownership, Leased) else ("+",)
+        for bucket in buckets:
+            await self._subscribe(link, bucket, on=True)
         online = wire.ControllerStatus(state="online", session=self.session, ts=self.clock.wall())
-        link.publish(wire.CONTROLLER_STATUS_TOPIC, wire.encode(online), qos=1, retain=True)
+        link.publish(self.status_topic, wire.encode(online), qos=1, retain=True)
+
+    @staticmethod
+    async def _subscribe(link: MqttLink, bucket: str, *, on: bool) -> None:
+        """(Un)subscribe a bucket's node topics (``+``: every bucket). A plain clean-session subscription: the
+        broker replays the bucket's retained statuses and digests, which rebuilds presence at takeover."""
+        for channel in ("status", "report", "digests", "events"):
+            topic_filter = f"{wire.PREFIX}/p/{bucket}/nodes/+/{channel}"
+            await (link.subscribe(topic_filter, qos=1) if on else link.unsubscribe(topic_filter))
+
+    def _start_leases(self, tg: asyncio.TaskGroup, keeper: LeaseKeeper, engine: Engine,
+                      stop: asyncio.Event) -> tuple[asyncio.Task[None], asyncio.Task[None]]:
+        changes: asyncio.Queue[LeaseChange] = asyncio.Queue()
+        keeper.subscribe(lambda change: self._lease_changed(change, engine, changes))
+        return (tg.create_task(keeper.run(stop=stop), name="leases"),
+                tg.create_task(self._follow_leases(changes, engine, stop), name="buckets"))
+
+    def _lease_changed(self, change: LeaseChange, engine: Engine, changes: asyncio.Queue[LeaseChange]) -> None:
+        """In the lease keeper's task, at once: stop acting on the nodes of lost buckets before anything else
+        runs (their plans are cancelled, their state dropped); the rest (topics, takeover) follows in order."""
+        if change.lost:
+            lost = in_buckets(change.lost)
+            engine.release(lost)
+            for node in [n for n in self.fleet.nodes if lost(n)]:
+                self.fleet.forget(node)
+        changes.put_nowait(change)
+
+    async def _follow_leases(self, changes: asyncio.Queue[LeaseChange], engine: Engine, stop: asyncio.Event) -> None:
+        """Subscribe gained buckets' topics and take up their work from the store; unsubscribe lost ones."""
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while True:
+                getting = asyncio.ensure_future(changes.get())
+                await asyncio.wait({getting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():
+                    getting.cancel()
+                    return
+                await self._follow(getting.result(), engine)
+        finally:
+            stopping.cancel()
+
+    async def _follow(self, change: LeaseChange, engine: Engine) -> None:
+        for buckets, on in ((change.lost, False), (change.gained, True)):
+            for bucket in sorted(buckets):
+                with contextlib.suppress(aiomqtt.MqttError):  # not connected: the next connection subscribes
+                    await self._subscribe(self.link, str(bucket), on=on)
+        if change.gained:
+            gained = in_buckets(change.gained)
+            try:
+                await engine.adopt(lambda node: gained(node) and self.ownership.owns(node))
+            except SelfhealError as exc:
+                log.error("controller.takeover_failed", buckets=sorted(change.gained),  # noqa: TRY400
+                          error=str(exc))  # the store said why
+            await self.fleet.notify()
+        log.info("controller.buckets", owned=len(change.owned), gained=sorted(change.gained),
+                 lost=sorted(change.lost))
+
+    def _external_findings(self, now: float) -> list[Finding]:
+        """External alerts (Alertmanager, PromQL) about the nodes this controller acts on."""
+        return [f for f in self.alerts.findings(now) if self.ownership.owns(f.node)]
 
     async def _ingest(self, topic: str, payload: bytes, dispatcher: Dispatcher) -> None:
         try:
@@ -277,6 +356,8 @@ class Controller:
         except WireError as exc:
             self._reject(topic, exc.reason, str(exc))
             return
+        if not self.ownership.owns(message.node):
+            return  # its bucket went to another controller; the message was on its way before we unsubscribed
         if isinstance(message, wire.Command):  # never subscribed to; a command is not node traffic
             self._reject(topic, "malformed", "a command where node traffic belongs")
             return
@@ -395,3 +476,9 @@ async def running_controller(config: Config) -> AsyncIterator[Controller]:
             yield controller
         finally:
             stop.set()
+
+
+def in_buckets(buckets: Iterable[int]) -> Callable[[str], bool]:
+    """Whether a node id falls in one of ``buckets``."""
+    chosen = frozenset(buckets)
+    return lambda node: wire.bucket_of(node) in chosen

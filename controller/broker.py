@@ -45,7 +45,14 @@ from amqtt.utils import gen_client_id
 from selfheal.broker_setup import CONTROLLER_USER, hash_password, parse_password_file, verify_password
 from selfheal.errors import ConfigError
 from selfheal.logs import RateLimiter, get_logger
-from selfheal.wire import CONTROLLER_STATUS_TOPIC, PREFIX, NodeChannel, node_topic
+from selfheal.wire import (
+    CONTROLLER_STATUS_TOPIC,
+    CONTROLLERS_STATUS_FILTER,
+    PREFIX,
+    NodeChannel,
+    is_controller_status,
+    node_topic,
+)
 
 NODE_CHANNELS: Final[tuple[NodeChannel, ...]] = ("status", "report", "digests", "events")
 """What a node publishes; ``commands`` is the one it reads."""
@@ -102,7 +109,7 @@ def may_publish(user: str | None, topic: str) -> bool:
     if not user:
         return False
     if user == CONTROLLER_USER:
-        return topic == CONTROLLER_STATUS_TOPIC or topic_matches(topic, COMMANDS_PATTERN)
+        return is_controller_status(topic) or topic_matches(topic, COMMANDS_PATTERN)
     return topic in _node_topics(user)  # exact strings: a '+' or '/' in a user name widens nothing
 
 
@@ -112,7 +119,7 @@ def may_subscribe(user: str | None, topic_filter: str) -> bool:
         return False
     if user == CONTROLLER_USER:
         return any(filter_within(topic_filter, allowed) for allowed in CONTROLLER_NODE_FILTERS)
-    return topic_filter in (node_topic(user, "commands"), CONTROLLER_STATUS_TOPIC)
+    return topic_filter in (node_topic(user, "commands"), CONTROLLER_STATUS_TOPIC, CONTROLLERS_STATUS_FILTER)
 
 
 def may_read(user: str | None, topic: str) -> bool:
@@ -121,7 +128,7 @@ def may_read(user: str | None, topic: str) -> bool:
         return False
     if user == CONTROLLER_USER:
         return any(topic_matches(topic, allowed) for allowed in CONTROLLER_NODE_FILTERS)
-    return topic in (node_topic(user, "commands"), CONTROLLER_STATUS_TOPIC)
+    return topic == node_topic(user, "commands") or is_controller_status(topic)
 
 
 def client_id_allowed(user: str, client_id: str) -> bool:

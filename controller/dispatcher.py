@@ -36,6 +36,7 @@ from typing import Any, Literal, assert_never
 from controller.datasets import Localisations
 from controller.fleet import Fleet, unit_is_healthy
 from controller.notify import Notification, Notifier, incident_labels
+from controller.ownership import Ownership, require_epoch
 from controller.placement import Placements
 from controller.resync import ResyncPlanner
 from controller.store import Incident, Store
@@ -83,7 +84,7 @@ class PlanOutcome:
 
 class Dispatcher:
     def __init__(self, *, fleet: Fleet, store: Store, link: MqttLink, keys: KeyLookup, clock: Clock,
-                 notifier: Notifier, epoch: int, command_ttl: float, ack_timeout: float,
+                 notifier: Notifier, ownership: Ownership, command_ttl: float, ack_timeout: float,
                  localisations: Localisations | None = None, resync: ResyncPlanner | None = None,
                  offline_after: float = 5.0, placements: Placements | None = None,
                  peer_tls: ssl.SSLContext | bool = True, fence_floor: float = FENCE_FLOOR) -> None:
@@ -99,7 +100,8 @@ class Dispatcher:
         self.keys = keys
         self.clock = clock
         self.notifier = notifier
-        self.epoch = epoch
+        self.ownership = ownership
+        """Which nodes this controller acts on, under which epoch (``controller.ownership``)."""
         self.command_ttl = command_ttl
         self.ack_timeout = ack_timeout
         self._pending: dict[str, tuple[str, asyncio.Future[wire.CommandResult]]] = {}
@@ -174,7 +176,7 @@ class Dispatcher:
                 incident_id=incident.id, event="escalated", severity=step.severity,
                 title=f"selfheal gave up on {incident.node}/{incident.unit or '-'}: a human is needed",
                 text=step.message, node=incident.node, unit=incident.unit, kind=incident.kind,
-                summary=incident.summary, at=self.clock.wall(),
+                summary=incident.summary, at=self.clock.wall(), cause=f"{plan.id}/{index}",
                 labels=incident_labels(kind=incident.kind, node=incident.node, unit=incident.unit,
                                        severity=incident.severity, rule=incident.rule,
                                        node_labels=node.labels if node else {})))
@@ -239,15 +241,19 @@ class Dispatcher:
         if key_bytes is None:
             raise PermanentRemediationError(f"no signing key for node {node}: sent nothing "
                                             f"(add {node}.key to the key dir)")
+        if not self.ownership.owns(node) and self.ownership.owns(incident.node):
+            raise PermanentRemediationError(f"{node} is in bucket {wire.bucket_of(node)}, which another controller "
+                                            f"holds: {incident.node}'s controller sends it nothing")
+        epoch = require_epoch(self.ownership, node)  # NotOwner: the incident's bucket moved; its new owner carries on
         now = self.clock.wall()
         key = idempotency_key(node, incident.id, index, plan.attempt)
         command = wire.sign_command(wire.Command(
-            id=uuid.uuid4().hex, key=key, node=node, epoch=self.epoch, issued_at=now,
+            id=uuid.uuid4().hex, key=key, node=node, epoch=epoch, issued_at=now,
             expires_at=now + self.command_ttl, step=step), key_bytes)
         payload = wire.encode(command)
         try:
             recorded = await self.store.record_command(key=key, command_id=command.id, plan_id=plan.id, node=node,
-                                                       epoch=self.epoch, issued_at=now, payload=payload)
+                                                       epoch=epoch, issued_at=now, payload=payload)
         except StoreError as exc:  # unrecorded, a restarted controller could issue it again: never sent
             raise RemediationError(f"{type(step).__name__} for {node} not sent: it could not be recorded first "
                                    f"({exc})") from exc
@@ -261,7 +267,7 @@ class Dispatcher:
             target = ({"dataset": step.dataset, "files": [f.path for f in step.files]}
                       if isinstance(step, wire.ResyncDataset) else {"unit": step.unit})
             await audit("command_sent", {"node": node, "step": type(step).__name__, **target,
-                                         "command": command.id, "key": key, "epoch": self.epoch,
+                                         "command": command.id, "key": key, "epoch": epoch,
                                          "expires_at": command.expires_at})
             wait = timeout or self.ack_timeout
             session = self._session(node)

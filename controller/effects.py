@@ -36,6 +36,7 @@ from controller.dispatcher import Dispatcher, PlanOutcome
 from controller.fleet import Fleet
 from controller.metrics import ControllerMetrics
 from controller.notify import ALERT_EVENTS, Notification, Notifier, incident_labels
+from controller.ownership import NotOwner
 from controller.plan_records import plan_record, record_fields, step_fields
 from controller.store import Incident, PlanRecord, Store
 from remediations.plans import Plan
@@ -202,6 +203,9 @@ class Effects:
         except StoreError:
             self.reconciler.incidents.pop(effect.key, None)  # unrecorded: the next pass opens it again
             raise
+        if effect.key not in self.reconciler.incidents:  # its node's bucket moved while the store answered
+            self.log.info("incident.handed_over", incident=incident.id, key=effect.key)
+            return
         self.incidents[incident.id] = incident
         self.reconciler.bind(effect.key, incident.id)
         self.metrics.incidents.labels(symptom.kind).inc()
@@ -238,9 +242,11 @@ class Effects:
         if incident is not None and notify:
             await self.notify(incident, "quarantined" if event == "quarantined" else "failed", reason)
 
-    async def notify(self, incident: Incident, event: Any, text: str, *, action: str = "", outcome: str = "") -> None:
+    async def notify(self, incident: Incident, event: Any, text: str, *, action: str = "", outcome: str = "",
+                     cause: str = "") -> None:
         """Alerts (a human should look) are audited as ``notification``; progress (opened, action, outcome,
-        resolved) as ``notice`` — the chat router writes each delivery's attempts and outcome itself."""
+        resolved) as ``notice`` — the chat router writes each delivery's attempts and outcome itself.
+        ``cause`` (the plan) makes the notification's key the same on any controller: sent once."""
         alert = event in ALERT_EVENTS
         node = self.fleet.nodes.get(incident.node)
         severity: Any = incident.severity if incident.severity in ("info", "warning", "critical") else "warning"
@@ -250,6 +256,7 @@ class Effects:
             text=text, node=incident.node, unit=incident.unit,
             link=f"{self.link_base}/incidents/{incident.id}" if self.link_base else "",
             kind=incident.kind, summary=incident.summary, action=action, outcome=outcome, at=self.clock.wall(),
+            cause=cause,
             labels=incident_labels(kind=incident.kind, node=incident.node, unit=incident.unit,
                                    severity=incident.severity, rule=incident.rule,
                                    node_labels=node.labels if node else {})))
@@ -270,7 +277,7 @@ class Effects:
         except StoreError:
             self.reconciler.finish(plan.id, "cancelled", now, ran=False)  # never proposed: a later pass decides again
             raise
-        if incident is None:
+        if incident is None or plan.id not in self.reconciler.running:  # released while the store answered
             return
         if plan.mode == "shadow":
             await self.set_plan_state(record, "cancelled", "shadow mode: recorded, not executed")
@@ -281,7 +288,7 @@ class Effects:
             await self.set_plan_state(record, "awaiting_approval", f"waiting for a human until {expires:.0f}")
             self.awaiting[plan.id] = (plan, expires)
             await self.notify(incident, "approval_needed", f"plan {plan.id} ({plan.action}) awaits approval: "
-                                                            f"POST /api/v1/plans/{plan.id}/approve")
+                                                            f"POST /api/v1/plans/{plan.id}/approve", cause=plan.id)
         else:
             await self.launch(plan, incident, record)
 
@@ -301,10 +308,14 @@ class Effects:
         try:
             if not paging:
                 await self.notify(incident, "action", f"{plan.action} (rule {plan.rule}, attempt {plan.attempt})",
-                                   action=plan.action)
+                                   action=plan.action, cause=plan.id)
             outcome = await self.dispatcher.execute(
                 plan, incident, recheck=lambda: self.recheck(incident.key), audit=audit,
                 on_verifying=verifying)
+        except NotOwner as exc:  # the node's bucket moved to another controller: it takes the plan up
+            self.tasks.pop(plan.id, None)
+            self.log.warning("plan.handed_over", plan=plan.id, incident=incident.id, reason=str(exc))
+            return
         except Exception as exc:  # a failed plan must never take the engine down
             self.log.exception("plan.crashed", plan=plan.id, incident=incident.id)
             outcome = PlanOutcome("failed", f"internal error: {exc}")
@@ -326,7 +337,8 @@ class Effects:
                       detail=outcome.detail)
         if not paging:
             try:
-                await self.notify(incident, "outcome", outcome.detail, action=plan.action, outcome=outcome.outcome)
+                await self.notify(incident, "outcome", outcome.detail, action=plan.action, outcome=outcome.outcome,
+                                  cause=plan.id)
             except StoreError as exc:
                 self.log.error("plan.notice_unrecorded", plan=plan.id, error=str(exc))  # noqa: TRY400 - it says it
         await self.fleet.notify()

@@ -99,18 +99,28 @@ class Engine:
 
     # --- start and loop -------------------------------------------------------------------------
 
-    async def recover(self) -> None:
-        now = self.clock.wall()
+    async def recover(self, mine: Callable[[str], bool] = lambda node: True) -> None:
+        """At start: the pause flag, placements, silences, and the work on the nodes ``mine`` names."""
         self.reconciler.paused, self.reconciler.pause_reason = await self.store.get_pause()
         await self.placements.load(self.store)
         await self.operations.load_silences()
+        await self.adopt(mine)
+
+    async def adopt(self, mine: Callable[[str], bool]) -> None:
+        """Take up, from the store, the work on the nodes ``mine`` names: at start, or when this controller
+        gained their buckets (another one stopped, left or gave them up). Exactly what a restart does."""
+        now = self.clock.wall()
         window = max((rule.attempt_window for rule in self.rulebook.rules), default=0.0)
         for incident, plan in await self.store.recent_plans(since=now - window):
+            if not mine(incident.node):
+                continue
             action = self._action(plan)
             self.reconciler.restore_attempt(plan.rule, _symptom(incident), Attempt(plan.id, plan.rung,
                                                                                    plan.created_at, action))
         live = await self.store.commands_live_after(now, self.command_ttl)
         for incident in await self.store.unresolved_incidents():
+            if not mine(incident.node) or incident.key in self.reconciler.incidents:
+                continue
             plans = await self.store.plans_for(incident.id)
             self.effects.incidents[incident.id] = incident
             state = IncidentState(key=incident.key, symptom=_symptom(incident), rule=incident.rule,
@@ -125,11 +135,26 @@ class Engine:
                     if plan.id in live:  # its command may still run: no new plan before it expired
                         state.busy_until = max(state.busy_until, live[plan.id])
         for rule, target, until, _ in await self.store.list_quarantines():
-            if until > now:
+            if until > now and mine(target.rsplit("/", 1)[0]):
                 self.reconciler.quarantine(rule, target, until)
         if self.reconciler.incidents:
             self.log.info("engine.recovered", unresolved=len(self.reconciler.incidents),
                           paused=self.reconciler.paused)
+
+    def release(self, gone: Callable[[str], bool]) -> None:
+        """Stop acting on the nodes ``gone`` names (their bucket went to another controller): their plans'
+        tasks are cancelled with nothing more written, and their incidents leave this controller's memory.
+        The store keeps them; the new owner takes them up (``adopt``)."""
+        plans = self.reconciler.forget(gone)
+        for plan_id in plans:
+            self.effects.awaiting.pop(plan_id, None)
+            task = self.effects.tasks.pop(plan_id, None)
+            if task is not None:
+                task.cancel()
+        for incident_id in [i for i, incident in self.effects.incidents.items() if gone(incident.node)]:
+            del self.effects.incidents[incident_id]
+        if plans:
+            self.log.info("engine.released", plans=sorted(plans))
 
     def _resume_approval(self, record: PlanRecord, state: IncidentState) -> None:
         plan = plan_from_record(record)

@@ -351,14 +351,21 @@ class Fleet:
         if node is None:
             if len(self.nodes) >= self.max_nodes:
                 victim = min(self.nodes.values(), key=lambda n: (n.online, n.last_seen))
-                del self.nodes[victim.id]
                 self.evicted += 1
-                if self.on_evict is not None:
-                    self.on_evict(victim.id)
-                for watch in self.watchers:
-                    watch(victim.id)
+                self.forget(victim.id)
             node = self.nodes[node_id] = NodeState(id=node_id, reports=deque())
         return node
+
+    def forget(self, node_id: str) -> None:
+        """Drop a node, and what is kept about it elsewhere (``on_evict``, watchers): evicted, or another
+        controller watches it now (its bucket moved)."""
+        if self.nodes.pop(node_id, None) is None:
+            return
+        self.dirty.discard(node_id)
+        if self.on_evict is not None:
+            self.on_evict(node_id)
+        for watch in self.watchers:
+            watch(node_id)
 
     def _touch(self, node_id: str) -> None:
         self.dirty.add(node_id)

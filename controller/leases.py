@@ -20,8 +20,8 @@ holder of its lease. Nothing here is home-made consensus: the database's row loc
   database's clock: the lease lasts until ``now() + ttl``. Each grant carries an **epoch**, the fencing
   token: renewal by the holder keeps it; any other grant (another owner, or the holder's own lease after
   it expired or was released) raises it by one. A row's epoch is never reset, even when its owner changes
-  back, and a trigger refuses an update that lowers it. ``epoch_current`` is the check the store makes
-  before a write made under an epoch.
+  back, and a trigger refuses an update that lowers it. ``pgstore.epoch_current`` is the check the
+  store makes before a write made under an epoch.
 - **Acting safely** (``LeaseKeeper.owned``): a bucket counts as owned only until a local monotonic
   deadline, the moment the renewing request was *sent* plus ``ttl - margin``. The database started its
   clock later than that send, so a controller that cannot renew (the database is down, the network cut,
@@ -143,9 +143,6 @@ row involved in bucket order before any is changed, so concurrent claims queue i
 
 _LEAVE = "DELETE FROM controller_members WHERE id = $1"
 
-CURRENT_EPOCH = """SELECT 1 FROM bucket_leases WHERE bucket = $1 AND epoch = $2 AND owner IS NOT NULL
-    AND expires_at > clock_timestamp() FOR SHARE"""
-"""A row when epoch ``$2`` is the live grant of bucket ``$1`` (see ``epoch_current``)."""
 
 
 async def heartbeat(conn: Connection, member: str, ttl: float, *, timeout: float | None = None) -> list[str]:
@@ -164,17 +161,6 @@ async def claim(conn: Connection, member: str, buckets: Iterable[int], ttl: floa
     """
     rows = await conn.fetch(_CLAIM, member, sorted(set(buckets)), ttl, timeout=timeout)
     return {int(bucket): int(epoch) for bucket, epoch, owner in rows if owner == member}
-
-
-async def epoch_current(conn: Connection, bucket: int, epoch: int) -> bool:
-    """Whether ``epoch`` is the live grant of ``bucket`` (held, not expired by the database's clock).
-
-    To fence a write, call it *inside the write's transaction*, before the write: it takes a share lock on
-    the lease row, so a takeover (which updates that row) waits until the write committed or rolled back;
-    a write under an older epoch is refused since the epoch moved on. The same check as a fragment for a
-    conditional statement: ``EXISTS (CURRENT_EPOCH)`` with the parameters renumbered.
-    """
-    return await conn.fetchrow(CURRENT_EPOCH, bucket, epoch) is not None
 
 
 # --- the keeper -----------------------------------------------------------------------------------

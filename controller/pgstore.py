@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 import asyncpg
 
 from controller.audit import ChainProblem, chain_hash, genesis, verify_chain
+from controller.ownership import NotOwner
 from controller.store import (
     _INCIDENT_COLUMNS,
     _PLAN_COLUMNS,
@@ -78,6 +79,7 @@ from controller.store import (
 from selfheal.config_checks import redact_url
 from selfheal.errors import StoreError
 from selfheal.logs import RateLimiter, get_logger
+from selfheal.wire import bucket_of
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -227,11 +229,41 @@ wire v1), made here once and never deleted, so a bucket's epoch is never reset: 
 that lowers it and any DELETE or TRUNCATE. Epochs start at the store's controller epoch (``next_epoch``): an
 agent that accepted a command from a single controller on this store accepts its bucket's first lease."""
 
+SCHEMA_3 = """
+CREATE TABLE notification_log (
+    key TEXT PRIMARY KEY,
+    incident_id BIGINT NOT NULL,
+    event TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'claimed',
+    claimed_at DOUBLE PRECISION NOT NULL,
+    finished_at DOUBLE PRECISION
+);
+"""
+"""The notification log (``controller.notify.claims``): one row per notification and destination, claimed
+by the first controller to insert its key, which then sends it; later claims by any controller are refused."""
+
 MIGRATIONS: tuple[tuple[str, str], ...] = (
     ("incidents, timeline (append-only), plans, commands, silences, quarantines, placements, meta", SCHEMA_1),
     ("controller membership and bucket leases (epochs only grow)", SCHEMA_2),
+    ("the notification log: each notification claimed once across controllers", SCHEMA_3),
 )
 """Ordered (summary, SQL) steps; step ``i`` makes schema version ``i + 1``. Append, never edit a released step."""
+
+CURRENT_EPOCH = """SELECT 1 FROM bucket_leases WHERE bucket = $1 AND epoch = $2 AND owner IS NOT NULL
+    AND expires_at > clock_timestamp() FOR SHARE"""
+"""A row when epoch ``$2`` is the live grant of bucket ``$1`` (see ``epoch_current``)."""
+
+
+async def epoch_current(conn: asyncpg.Connection[Any] | Connection, bucket: int, epoch: int) -> bool:
+    """Whether ``epoch`` is the live grant of ``bucket`` (held, not expired by the database's clock).
+
+    To fence a write, call it *inside the write's transaction*, before the write: it takes a share lock on
+    the lease row, so a takeover (which updates that row) waits until the write committed or rolled back;
+    a write under an older epoch is refused since the epoch moved on. The same check as a fragment for a
+    conditional statement: ``EXISTS (CURRENT_EPOCH)`` with the parameters renumbered.
+    """
+    return await conn.fetchrow(CURRENT_EPOCH, bucket, epoch) is not None
 
 
 async def migrate(conn: asyncpg.Connection[Any] | Connection,
@@ -273,6 +305,8 @@ class PostgresStore:
         self.where = redact_url(url)
         """The server and database, without a password: for messages."""
         self.on_write_error = on_write_error
+        self.fence_commands = False
+        """Refuse a command whose epoch is not its bucket's live lease (set when bucket leases are on)."""
         self._pool = pool
         self._max_batch = max_batch
         self._queued: deque[_Write] = deque()
@@ -614,8 +648,15 @@ class PostgresStore:
 
     async def record_command(self, *, key: str, command_id: str, plan_id: str, node: str, epoch: int,
                              issued_at: float, payload: bytes) -> bool:
-        """Record a command before it is published; False if its idempotency key was already issued."""
+        """Record a command before it is published; False if its idempotency key was already issued.
+
+        With ``fence_commands`` (controllers sharing the store through bucket leases), ``epoch`` must be the
+        live grant of the node's bucket, checked in the same transaction (``epoch_current``): a controller
+        that lost the lease meanwhile (paused, cut off) is refused with ``NotOwner`` and sends nothing."""
         async def insert(conn: Connection) -> bool:
+            if self.fence_commands and not await epoch_current(conn, bucket_of(node), epoch):
+                raise NotOwner(f"epoch {epoch} is not the live lease of {node}'s bucket {bucket_of(node)}: "
+                               "another controller holds it now")
             recorded = await conn.fetchval(
                 "INSERT INTO commands(key, command_id, plan_id, node, epoch, issued_at, payload) VALUES "
                 "($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (key) DO NOTHING RETURNING true",
@@ -675,6 +716,30 @@ class PostgresStore:
     async def list_placements(self) -> list[PlacementRecord]:
         rows = await self._fetch("SELECT unit, node, fence_after, since FROM placements ORDER BY unit")
         return [PlacementRecord(u, n, float(f), float(t)) for u, n, f, t in rows]
+
+    # --- the notification log (``controller.notify.claims``) ---------------------------------------
+
+    async def claim_notification(self, *, key: str, incident_id: int, event: str, destination: str,
+                                 at: float) -> bool:
+        """Claim a notification before it is sent; False if any controller claimed its key before.
+
+        At most once: a claim whose claimer died before sending stays ``claimed`` and is never handed out
+        again (``controller.notify.claims`` says why). Not fenced by epoch: whichever controller claims
+        first sends, and the others do not."""
+        async def insert(conn: Connection) -> bool:
+            claimed = await conn.fetchval(
+                "INSERT INTO notification_log(key, incident_id, event, destination, state, claimed_at) VALUES "
+                "($1, $2, $3, $4, 'claimed', $5) ON CONFLICT (key) DO NOTHING RETURNING true",
+                key, incident_id, event, destination, at)
+            return claimed is not None
+        return await self._write(insert)
+
+    async def finish_notifications(self, keys: Sequence[str], *, outcome: str, at: float) -> None:
+        """Mark claimed notifications with the outcome of the message that carried them (``sent``...)."""
+        async def update(conn: Connection) -> None:
+            await conn.execute("UPDATE notification_log SET state = $2, finished_at = $3 "
+                               "WHERE key = ANY($1::text[]) AND state = 'claimed'", list(keys), outcome, at)
+        await self._write(update)
 
 
 # --- helpers --------------------------------------------------------------------------------------

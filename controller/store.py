@@ -39,7 +39,7 @@ import contextlib
 import json
 import sqlite3
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +140,15 @@ CREATE TABLE IF NOT EXISTS commands (
     epoch INTEGER NOT NULL,
     issued_at REAL NOT NULL,
     payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS notification_log (
+    key TEXT PRIMARY KEY,
+    incident_id INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'claimed',
+    claimed_at REAL NOT NULL,
+    finished_at REAL
 );
 """
 
@@ -251,6 +260,9 @@ class Store(Protocol):
     async def list_quarantines(self) -> list[tuple[str, str, float, str]]: ...
     async def save_placement(self, placement: PlacementRecord) -> None: ...
     async def list_placements(self) -> list[PlacementRecord]: ...
+    async def claim_notification(self, *, key: str, incident_id: int, event: str, destination: str,
+                                 at: float) -> bool: ...
+    async def finish_notifications(self, keys: Sequence[str], *, outcome: str, at: float) -> None: ...
 
 
 class SqliteStore:
@@ -670,6 +682,30 @@ class SqliteStore:
                 return False
             return True
         return await self._write(insert)
+
+
+    # --- the notification log (``controller.notify.claims``) -------------------------------------
+
+    async def claim_notification(self, *, key: str, incident_id: int, event: str, destination: str,
+                                 at: float) -> bool:
+        """Claim a notification before it is sent; False if its key was claimed before (it is not sent again).
+
+        At most once: a claim whose claimer died before sending stays ``claimed`` and is never handed out
+        again (``controller.notify.claims`` says why)."""
+        def insert() -> bool:
+            cursor = self._db.execute(
+                "INSERT INTO notification_log(key, incident_id, event, destination, state, claimed_at) "
+                "VALUES (?, ?, ?, ?, 'claimed', ?) ON CONFLICT(key) DO NOTHING",
+                (key, incident_id, event, destination, at))
+            return cursor.rowcount == 1
+        return await self._write(insert)
+
+    async def finish_notifications(self, keys: Sequence[str], *, outcome: str, at: float) -> None:
+        """Mark claimed notifications with the outcome of the message that carried them (``sent``...)."""
+        def update() -> None:
+            self._db.executemany("UPDATE notification_log SET state = ?, finished_at = ? "
+                                 "WHERE key = ? AND state = 'claimed'", [(outcome, at, key) for key in keys])
+        await self._write(update)
 
 
 _INCIDENT_COLUMNS = "id, key, kind, node, unit, severity, summary, rule, state, opened_at, resolved_at"

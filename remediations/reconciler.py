@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -298,6 +298,25 @@ class Reconciler:
         self.plan_incident[running.plan_id] = key
         if key in self.incidents:
             self.incidents[key].running_plan = running.plan_id
+
+    def forget(self, gone: Callable[[str], bool]) -> list[str]:
+        """Drop what is held about the nodes ``gone`` names — their incidents, plans and attempt histories —
+        because another controller acts on them now (their bucket moved) and reads them from the store.
+        Returns the ids of their plans that were running or awaiting approval."""
+        plans = [plan_id for plan_id, running in self.running.items() if gone(running.node)]
+        for plan_id in plans:
+            del self.running[plan_id]
+            self.plan_incident.pop(plan_id, None)
+        for key in [key for key, incident in self.incidents.items() if gone(incident.symptom.node)]:
+            del self.incidents[key]
+        for rule, target in [key for key in self.targets if gone(key[1].rsplit("/", 1)[0])]:
+            del self.targets[(rule, target)]
+            rules = self.unit_rules.get(target)
+            if rules is not None:
+                rules.discard(rule)
+                if not rules:
+                    del self.unit_rules[target]
+        return plans
 
     def restore_incident(self, incident: IncidentState) -> None:
         self._latest = max(self._latest, incident.first_seen)

@@ -363,7 +363,7 @@ class AlertsInConfig(_Section, frozen=True, kw_only=True):
 
 def default_controller_id() -> str:
     """``<host name>-<pid>``: unique among controllers that run at the same time, new at every start."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    return f"{socket.gethostname()[:48]}-{os.getpid()}"
 
 
 class ControllerConfig(_Section, frozen=True, kw_only=True):
@@ -371,6 +371,12 @@ class ControllerConfig(_Section, frozen=True, kw_only=True):
     """This controller's name among those sharing one PostgreSQL store (``[store] url``): its membership
     row and the owner named on its bucket leases (``controller.leases``). Must differ between controllers
     running at the same time; default: host name and process id."""
+    lease_ttl: float = 6.0
+    """Seconds a bucket lease lasts by the database's clock (several controllers on PostgreSQL): a controller
+    that stops renewing loses its buckets to the others this long after its last renewal."""
+    lease_renew: float = 2.0
+    """Seconds between lease renewals; a controller stops acting on a bucket ``lease_renew`` before its
+    lease could run out, so ``lease_ttl`` must exceed twice this."""
     listen: str = "127.0.0.1:8080"
     """HTTP API and status page address; port 0 picks a free port."""
     state_dir: str = "/var/lib/selfheal"

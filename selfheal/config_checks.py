@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from selfheal.config import AgentConfig, Config, ControllerConfig, NotifyConfig, UnitConfig
 
 NODE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+CONTROLLER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 def split_host_port(value: str, *, what: str) -> tuple[str, int]:
@@ -36,6 +37,19 @@ def check_config(config: Config, source: str, role: str) -> None:
     _check_notify(config.controller.notify, source)
     _check_promql(config.controller, source)
     _check_store(config.store.url, source)
+
+
+def _check_leases(config: Config, fail: Callable[[str, str], None]) -> None:
+    controller = config.controller
+    if controller.lease_renew <= 0:
+        fail("must be > 0", "controller.lease_renew")
+    if controller.lease_ttl <= 2 * controller.lease_renew:
+        fail(f"must exceed twice controller.lease_renew ({controller.lease_renew:g} s): a controller stops "
+             "acting lease_renew before its lease could run out, and must still renew in between",
+             "controller.lease_ttl")
+    if not CONTROLLER_ID_RE.match(controller.id):
+        fail(f"{controller.id!r} must match [A-Za-z0-9][A-Za-z0-9._-]{{0,62}} (it is an MQTT topic level)",
+             "controller.id")
 
 
 def _check_core(config: Config, source: str, role: str) -> None:
@@ -57,6 +71,7 @@ def _check_core(config: Config, source: str, role: str) -> None:
         fail("must be >= 4096 bytes", "controller.node_state_bytes")
     if config.controller.fence_floor < 0:
         fail("must be >= 0 seconds", "controller.fence_floor")
+    _check_leases(config, fail)
     budget = config.controller.budget
     if budget.max_concurrent < 1:
         fail("must be >= 1", "controller.budget.max_concurrent")

@@ -146,6 +146,11 @@ class MqttLink:
             raise aiomqtt.MqttError("not connected")
         await self._client.subscribe(topic_filter, qos=qos)
 
+    async def unsubscribe(self, topic_filter: str) -> None:
+        if self._client is None:
+            raise aiomqtt.MqttError("not connected")
+        await self._client.unsubscribe(topic_filter)
+
     async def run(self, *, stop: asyncio.Event, handle: Handler, on_connect: OnConnect) -> None:
         attempt = 0
         while not stop.is_set():

@@ -37,6 +37,24 @@ PREFIX = "selfheal/v1"
 BUCKETS = 64
 MAX_PAYLOAD = 256 * 1024
 CONTROLLER_STATUS_TOPIC = f"{PREFIX}/controller/status"
+"""The presence of the one controller (SQLite): birth, last will, and ``offline`` when it stops."""
+CONTROLLERS_STATUS_FILTER = f"{PREFIX}/controllers/+/status"
+"""The presence of each of several controllers sharing a PostgreSQL store, one topic per ``controller.id``
+(birth and last will; cleared when it stops cleanly): a node's controller listens while any of them does."""
+
+
+def controller_status_topic(controller_id: str) -> str:
+    """Where the controller ``controller_id`` (one of several) says it is online."""
+    return f"{PREFIX}/controllers/{controller_id}/status"
+
+
+def is_controller_status(topic: str) -> bool:
+    """The one controller's status topic, or one of several controllers'."""
+    if topic == CONTROLLER_STATUS_TOPIC:
+        return True
+    parts = topic.split("/")
+    return len(parts) == 5 and "/".join(parts[:3]) == f"{PREFIX}/controllers" and parts[4] == "status" \
+        and bool(parts[3])
 NodeChannel = Literal["status", "report", "digests", "events", "commands"]
 
 # --- decode-time caps ---------------------------------------------------------------------------

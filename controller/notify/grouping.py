@@ -87,10 +87,14 @@ class Groups:
     def __len__(self) -> int:
         return len(self._groups)
 
+    def key_of(self, labels: Mapping[str, str]) -> tuple[str, ...]:
+        """The group a notification with ``labels`` falls in (the key ``due`` and ``flush`` take)."""
+        return tuple(labels.get(name, "") for name in self.group_by)
+
     def apply(self, notification: Notification, now: float) -> None:
         """Fold one state change in and schedule the group's next message."""
         labels = dict(notification.labels)
-        key = tuple(labels.get(name, "") for name in self.group_by)
+        key = self.key_of(labels)
         group = self._groups.get(key)
         if group is None:
             self._evict_groups()

@@ -45,6 +45,10 @@ class Notification:
     """Routing labels: kind, node, unit, severity, rule and the node's own labels (``group``...)."""
     at: float = 0.0
     """Wall time of the state change (seconds since the epoch)."""
+    cause: str = ""
+    """What caused it, the same on every controller that derives it (the plan id for ``action``,
+    ``outcome``, ``approval_needed``, ``escalated``; a silence id...): part of the notification log's key
+    (``claims.py``), never a time or a random id. Empty: derived from the event and its text."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,15 @@ the engine apply when a message is built. Every attempt and every outcome is
 written to each incident's audit trail through ``record`` and counted in
 ``selfheal_webhook_deliveries_total{destination_kind, outcome}``.
 
+Sent once across controllers: before a queued notification is folded into a
+destination's groups, the intake claims it in the store's notification log
+(``claims.py``: a deterministic key per incident, event, cause and destination),
+several notifications at once so the store commits their claims together; a
+notification already claimed, by another controller or by this one before a
+restart, is left out of that destination's messages. After a group's message,
+the keys it carried are marked with its outcome. Without a log (``claims``
+None) every notification is sent, as with one controller and no store.
+
 On stop, changes not yet sent get one last message within ``drain_timeout``.
 """
 
@@ -21,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +38,7 @@ import httpx
 
 import selfheal
 from controller.metrics import ControllerMetrics
+from controller.notify.claims import Claims, NotificationLog, notification_key
 from controller.notify.delivery import Attempt, RedactingFilter, RetryPolicy, Sleep, TokenBucket, deliver, redact
 from controller.notify.grouping import Groups, Silenced
 from controller.notify.model import Delivery, Formatter, GroupMessage, Notification
@@ -36,6 +47,11 @@ from selfheal.clocks import Clock
 from selfheal.config import NotifyConfig
 from selfheal.errors import ConfigError
 from selfheal.logs import RateLimiter, get_logger
+
+INTAKE_BATCH = 256
+"""Most queued notifications claimed together (their claims share the store's commits)."""
+MAX_CLAIMED = 1000
+"""Claimed keys kept per group until its next message (for their outcome); beyond it the oldest are let go."""
 
 Record = Callable[[int, str, dict[str, object]], Awaitable[None]]
 """``record(incident_id, kind, data)``: append to the incident's audit trail (the engine's ``_audit``)."""
@@ -82,6 +98,17 @@ class _Lane:
                              group_interval=destination.group_interval, repeat_interval=destination.repeat_interval)
         self.bucket = TokenBucket(destination.rate, destination.burst, now)
         self.wake = asyncio.Event()
+        self.claimed: OrderedDict[tuple[str, ...], list[str]] = OrderedDict()
+        """Group → the notification log keys folded into it since its last message."""
+
+    def hold(self, group: tuple[str, ...], key: str) -> None:
+        """Keep ``key`` until ``group``'s next message says how it went (bounded like the groups)."""
+        keys = self.claimed.setdefault(group, [])
+        self.claimed.move_to_end(group)
+        keys.append(key)
+        del keys[:-MAX_CLAIMED]
+        while len(self.claimed) > self.groups.max_groups:
+            self.claimed.popitem(last=False)
 
 
 class Router:
@@ -89,7 +116,9 @@ class Router:
                  metrics: ControllerMetrics, clock: Clock, record: Record, silenced: Silenced,
                  external_url: str = "", queue_size: int = 1000, policy: RetryPolicy | None = None,
                  drain_timeout: float = 5.0, sleep: Sleep = asyncio.sleep,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, claims: NotificationLog | None = None) -> None:
+        """``claims``: the store's notification log (``Store``), so that a notification is sent once across
+        controllers and restarts; None sends every notification this router is given."""
         for i, destination in enumerate(destinations):
             if destination.kind not in formatters:
                 raise ConfigError(f"no formatter for destination kind {destination.kind!r}",
@@ -105,6 +134,9 @@ class Router:
         self.sleep = sleep
         self.transport = transport
         self.queue: asyncio.Queue[tuple[Notification, tuple[_Lane, ...]]] = asyncio.Queue(maxsize=queue_size)
+        self.claims = Claims(claims, clock=clock)
+        self._taking: asyncio.Future[None] | None = None
+        """The batch the intake is claiming: on stop it is finished, not dropped."""
         self.limiter = RateLimiter(period=60.0)
         self.log = get_logger("notify")
 
@@ -139,14 +171,19 @@ class Router:
                     self.log.info("notify.destination", destination=d.name, destination_kind=d.kind,
                                   url=redact(d.url), matchers={m.name: m.value for m in d.matchers},
                                   group_by=list(d.group_by))
+                closing = asyncio.Event()  # set once the last notifications are in the groups
                 async with asyncio.TaskGroup() as tg:
                     intake = tg.create_task(self._intake(), name="notify-intake")
-                    lanes = [tg.create_task(self._deliver(lane, client, stop), name=f"notify-{lane.destination.name}")
-                             for lane in self.lanes]
+                    lanes = [tg.create_task(self._deliver(lane, client, closing),
+                                            name=f"notify-{lane.destination.name}") for lane in self.lanes]
                     await stop.wait()
                     intake.cancel()
-                    while not self.queue.empty():  # what the engine said last still gets its message
-                        self._apply(*self.queue.get_nowait())
+                    await asyncio.wait([intake])
+                    if self._taking is not None:
+                        await self._taking
+                    last = [self.queue.get_nowait() for _ in range(self.queue.qsize())]
+                    await self._take(last)  # what the engine said last still gets its message
+                    closing.set()
                     for lane in self.lanes:
                         lane.wake.set()
                     if lanes:
@@ -158,13 +195,28 @@ class Router:
 
     async def _intake(self) -> None:
         while True:
-            self._apply(*await self.queue.get())
+            batch = [await self.queue.get()]  # cancelled here (stop): nothing was taken
+            while len(batch) < INTAKE_BATCH and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            self._taking = asyncio.ensure_future(self._take(batch))
+            await asyncio.shield(self._taking)  # cancelled here: ``run`` awaits the batch to its end
+            self._taking = None
 
-    def _apply(self, notification: Notification, lanes: tuple[_Lane, ...]) -> None:
+    async def _take(self, batch: Sequence[tuple[Notification, tuple[_Lane, ...]]]) -> None:
+        """Claim each notification per destination (all at once), then fold the won ones in, in order."""
+        jobs: list[tuple[Notification, _Lane, str]] = []
+        for notification, lanes in batch:
+            cause = self.claims.cause(notification)
+            jobs.extend((notification, lane, notification_key(notification.incident_id, notification.event, cause,
+                                                               lane.destination.name)) for lane in lanes)
+        won = await asyncio.gather(*(self.claims.claim(n, lane.destination.name, key) for n, lane, key in jobs))
         now = self.clock.monotonic()
-        for lane in lanes:
-            lane.groups.apply(notification, now)
-            lane.wake.set()
+        for (notification, lane, key), claimed in zip(jobs, won, strict=True):
+            if claimed:
+                lane.groups.apply(notification, now)
+                if self.claims.notification_log is not None:
+                    lane.hold(lane.groups.key_of(notification.labels), key)
+                lane.wake.set()
 
     async def _deliver(self, lane: _Lane, client: httpx.AsyncClient, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -181,15 +233,18 @@ class Router:
             await self._flush(lane, key, client)
 
     async def _flush(self, lane: _Lane, key: tuple[str, ...], client: httpx.AsyncClient) -> None:
+        claimed = lane.claimed.pop(key, [])
+        outcome = "failed"
         try:
             message = lane.groups.flush(key, self.clock.monotonic(), receiver=lane.destination.name,
                                         external_url=self.external_url, silenced=self.silenced)
-            if message is not None:
-                await self._send(lane, message, client)
+            outcome = "silenced" if message is None else await self._send(lane, message, client)
         except Exception:  # a bug here must cost one message, never the lane or the controller
             self.log.exception("notify.flush_failed", destination=lane.destination.name)
+        await self.claims.finish(claimed, outcome)
 
-    async def _send(self, lane: _Lane, message: GroupMessage, client: httpx.AsyncClient) -> None:
+    async def _send(self, lane: _Lane, message: GroupMessage, client: httpx.AsyncClient) -> str:
+        """Render and deliver one message; returns its outcome (``sent``, ``rejected``, ``failed``)."""
         d = lane.destination
         incidents = [a.incident_id for a in message.alerts]
         common = {"destination": d.name, "destination_kind": d.kind, "group": message.group_key,
@@ -200,7 +255,7 @@ class Router:
         except Exception:  # a formatter bug must not stop the lane
             log.exception("notify.render_failed")
             self.metrics.webhook_deliveries.labels(d.kind, "failed").inc()
-            return
+            return "failed"
 
         async def on_attempt(attempt: Attempt) -> None:
             data: dict[str, object] = {**common, "attempt": attempt.number, "result": attempt.result,
@@ -224,6 +279,7 @@ class Router:
                         incidents=incidents)
         await self._record(incidents, "delivery", {**common, "outcome": result.outcome, "attempts": result.attempts,
                                                    "http_status": result.status, "reason": result.reason})
+        return result.outcome
 
     async def _record(self, incidents: list[int], kind: str, data: dict[str, object]) -> None:
         for incident_id in incidents:

@@ -319,7 +319,7 @@ async def test_events_wait_for_the_controller_after_a_broker_restart(own_mosquit
     filters = [wire.node_topic(node, "events"), wire.node_topic(node, "report")]
     async with Observer(broker, filters) as obs, running_agent(config) as app:
         await obs.publish(wire.CONTROLLER_STATUS_TOPIC, online, retain=True)
-        await eventually(lambda: app._controller_session == "ctl-1", what="the agent to hear of the controller")
+        await eventually(app._controller_present, what="the agent to hear of the controller")
         await eventually(lambda: bool(obs.events(node)), what="the unit's start")
         seen = len(obs.events(node))
         await asyncio.to_thread(broker.stop)  # forgets the retained status and every subscription
@@ -344,6 +344,36 @@ async def test_events_wait_for_the_controller_after_a_broker_restart(own_mosquit
         assert isinstance(exited, wire.UnitExited)
         assert (exited.unit, exited.pid, exited.expected) == ("victim", pid, False)
         assert app.link.dropped == 0
+
+
+async def test_with_several_controllers_one_leaving_holds_nothing_and_the_last_one_leaving_does(
+        own_mosquitto: Broker, tmp_path: Path) -> None:
+    """Controllers sharing a PostgreSQL store each have a status topic: one of them crashing (its will says
+    offline) or stopping (it clears its status) leaves the others listening; only when none is left does the
+    agent hold its events (and, later, heal on its own)."""
+    node = unique_node("several")
+    config = agent_config(own_mosquitto, tmp_path, node, [UnitConfig(name="victim", command=SLEEPER)])
+    c1, c2 = wire.controller_status_topic("c1"), wire.controller_status_topic("c2")
+    async with Observer(own_mosquitto, [wire.node_topic(node, "events")]) as obs, running_agent(config) as app:
+        try:
+            for topic, session in ((c1, "s1"), (c2, "s2")):
+                await obs.publish(topic, wire.encode(wire.ControllerStatus(state="online", session=session)),
+                                  retain=True)
+            await eventually(lambda: len(app._controllers) == 2, what="both controllers heard")
+            await obs.publish(c1, wire.encode(wire.ControllerStatus(state="offline", session="s1")), retain=True)
+            await eventually(lambda: c1 not in app._controllers, what="c1's will heard")
+            assert app._controller_present()
+            pid = app.supervisor.entries["victim"].unit.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            await eventually(lambda: any(isinstance(e, wire.UnitExited) for e in obs.events(node)),
+                             what="the exit sent at once: c2 listens")
+            await obs.publish(c2, b"", retain=True)  # c2 stopped cleanly: its status cleared
+            await eventually(lambda: not app._controller_present(), what="no controller left")
+            assert app.link._released is False
+        finally:
+            for topic in (c1, c2):  # the session's shared broker keeps nothing of this test
+                await obs.publish(topic, b"", retain=True)
 
 
 async def test_a_stopping_agent_says_offline_last(own_mosquitto: Broker, tmp_path: Path) -> None:

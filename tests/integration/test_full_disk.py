@@ -41,6 +41,7 @@ from agent.ledger import Ledger
 from controller.audit import verify_database
 from controller.dispatcher import Dispatcher
 from controller.fleet import Fleet
+from controller.ownership import Sole
 from controller.store import Incident, SqliteStore
 from remediations.plans import Plan, RestartUnit
 from selfheal.clocks import ManualClock, SystemClock
@@ -228,7 +229,7 @@ async def test_a_command_whose_record_cannot_be_written_is_never_published(
         fleet=Fleet(), store=db, link=SimpleNamespace(  # type: ignore[arg-type]
             publish=lambda t, p, qos=0: published.append((t, p))),
         keys={"node-a": KEY}.get, clock=ManualClock(T0), notifier=SimpleNamespace(),
-        epoch=1, command_ttl=30.0, ack_timeout=0.01)
+        ownership=Sole(1), command_ttl=30.0, ack_timeout=0.01)
 
     async def record(kind: str, data: dict[str, object]) -> None:
         audit.append((kind, data))

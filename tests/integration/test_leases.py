@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 import asyncpg
 import pytest
 
-from controller.leases import LeaseChange, LeaseKeeper, assign, claim, epoch_current, heartbeat
-from controller.pgstore import MIGRATIONS, migrate
-from selfheal.wire import BUCKETS
+from controller.leases import LeaseChange, LeaseKeeper, assign, claim, heartbeat
+from controller.ownership import NotOwner
+from controller.pgstore import MIGRATIONS, PostgresStore, epoch_current, migrate
+from selfheal.wire import BUCKETS, bucket_of
 from tests.conftest import eventually
 from tests.integration.postgres import Cluster, throwaway_database
 
@@ -58,6 +59,34 @@ async def expired(conn: asyncpg.Connection[asyncpg.Record], bucket: int) -> bool
 
 
 # --- the statements -------------------------------------------------------------------------------
+
+
+async def test_the_store_records_a_command_only_under_its_buckets_live_epoch(url: str) -> None:
+    """A controller paused past its lease (or cut off) may wake mid-step: the command it was about to record is
+    refused, so it is never published; the lease's holder records its own."""
+    store = await PostgresStore.open(url)
+    store.fence_commands = True
+    connection: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(url)
+    node = "node-a"
+    try:
+        [epoch] = (await claim(connection, "c1", [bucket_of(node)], TTL)).values()
+
+        async def record(key: str, epoch: int) -> bool:
+            return await store.record_command(key=key, command_id=key, plan_id="1-1", node=node, epoch=epoch,
+                                              issued_at=0.0, payload=b"{}")
+        assert await record("k1", epoch)
+        await claim(connection, "c1", [], TTL)  # released (a rebalance), then taken by another
+        await connection.execute("UPDATE bucket_leases SET expires_at = now() WHERE bucket = $1", bucket_of(node))
+        [newer] = (await claim(connection, "c2", [bucket_of(node)], TTL)).values()
+        assert newer > epoch
+        with pytest.raises(NotOwner, match="another controller holds it"):
+            await record("k2", epoch)
+        assert await connection.fetchval("SELECT count(*) FROM commands WHERE key = 'k2'") == 0
+        assert await record("k2", newer)
+    finally:
+        await connection.close()
+        await store.close()
+
 
 
 async def test_bucket_epochs_start_above_every_epoch_a_single_controller_on_the_store_sent(url: str) -> None:

@@ -24,6 +24,7 @@ from agent.ledger import Ledger
 from controller.dispatcher import Dispatcher, PlanOutcome
 from controller.fleet import Fleet, unit_is_healthy
 from controller.notify import Notification
+from controller.ownership import Sole
 from controller.plan_records import STEP_TYPES
 from controller.store import Incident
 from remediations.actions import ACTIONS, Action, ActionName, action_of, named
@@ -134,7 +135,7 @@ class World:
             fleet=self.fleet, store=SimpleNamespace(record_command=self._record),  # type: ignore[arg-type]
             link=SimpleNamespace(publish=self._publish),  # type: ignore[arg-type]
             keys=KEYS.get, clock=self.clock, notifier=SimpleNamespace(notify=self._notify),  # type: ignore[arg-type]
-            epoch=1, command_ttl=30.0, ack_timeout=5.0, resync=SimpleNamespace(prepare=self._prepare),  # type: ignore[arg-type]
+            ownership=Sole(1), command_ttl=30.0, ack_timeout=5.0, resync=SimpleNamespace(prepare=self._prepare),  # type: ignore[arg-type]
             offline_after=5.0)
 
     def _report(self, node: str) -> None:
