@@ -440,7 +440,7 @@ class AgentApp:
             next_at = max(next_at + interval, loop.time())  # a slow round skips ticks, never bursts
             if self.link.connected.is_set():
                 report = await self._build_report()
-                self.link.publish(self.topics["report"], self._payload("report", report), qos=0)
+                self.link.publish(self.topics["report"], self._payload("report", report), qos=0, current=True)
                 self.counts["reports"] += 1
                 await asyncio.to_thread(self.contact.seen)
 

@@ -127,8 +127,8 @@ class NodeState:
     def confirmed(self) -> bool:
         """Its unit states come from a report sent on its current connection. Until then they are what it said
         before (it was cut off and may have fenced or lost units meanwhile; this controller only has its birth
-        message's placeholders): nothing may be concluded from them."""
-        return self.report_ts is not None and self.report_ts >= self.born_ts
+        message's placeholders), or its connection's last will came since: nothing may be concluded from them."""
+        return self.report_ts is not None and self.report_ts >= self.born_ts and self.closed_conn < self.conn
 
 
 class Fleet:
@@ -190,6 +190,11 @@ class Fleet:
                 return None
             if message.session == node.session and message.seq <= node.last_seq:
                 return None  # duplicate, reordered or replayed report: it says nothing about now
+            if message.session == node.session and node.closed_conn >= node.conn:
+                # After its connection's last will and before a newer birth: queued by an agent that was cut
+                # off, it describes units as they were before (an agent fences them meanwhile). Not believed.
+                self.stale += 1
+                return None
             self._enter_session(node, message.session, now)
             node.last_seen = now
             node.online = True

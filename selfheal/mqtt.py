@@ -22,6 +22,10 @@ is ``release``d, before anything else queued, and ``hold`` stops it again
 releases when the controller's ``online`` status reaches it on the new
 connection: the controller publishes that only once subscribed). Held
 messages keep their order among themselves.
+A message published ``current=True`` (the agent's report: its units as they
+are now) is worth sending only on the connection it was queued on: one still
+queued when the link reconnects is dropped, so a node back from a partition
+never says after its new ``online`` what its units were before it was cut off.
 Held first also keeps the order a stopping agent needs: its units' exits
 before its ``offline``. The outbox is bounded as a whole (``outbox_size``):
 when full, the oldest message that is not held is dropped first (a report, or
@@ -69,6 +73,8 @@ class Outgoing:
     payload: bytes
     qos: int
     retain: bool
+    current: bool = False
+    """Only for the connection it was queued on (see the module docstring)."""
 
 
 class MqttLink:
@@ -119,12 +125,14 @@ class MqttLink:
         return (f"MqttLink(broker={self.host}:{self.port}, client_id={self.client_id!r}, "
                 f"username={self.username!r}, tls={self._tls_context is not None})")
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False, held: bool = False) -> None:
-        """Queue a message; sent as soon as connected, a ``held`` one once released too. Never blocks."""
+    def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False, held: bool = False,
+                current: bool = False) -> None:
+        """Queue a message; sent as soon as connected, a ``held`` one once released too, a ``current`` one
+        only on this connection. Never blocks."""
         if len(self._outbox) + len(self._held) >= self._outbox_size:
             (self._outbox or self._held).popleft()
             self.dropped += 1
-        (self._held if held else self._outbox).append(Outgoing(topic, payload, qos, retain))
+        (self._held if held else self._outbox).append(Outgoing(topic, payload, qos, retain, current))
         self._wake.set()
 
     def hold(self) -> None:
@@ -140,6 +148,12 @@ class MqttLink:
     def holding(self) -> int:
         """Held messages waiting, for the subscriber or for the broker."""
         return len(self._held)
+
+    def _drop_past(self) -> None:
+        """A new connection: what was ``current`` on the one before is not any more."""
+        kept = deque(item for item in self._outbox if not item.current)
+        self.dropped += len(self._outbox) - len(kept)
+        self._outbox = kept
 
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         if self._client is None:
@@ -168,6 +182,7 @@ class MqttLink:
                     self._client = client
                     attempt = 0
                     self.connects += 1
+                    self._drop_past()
                     await on_connect(self)
                     self.connected.set()
                     self.log.info("mqtt.connected")

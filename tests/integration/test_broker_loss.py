@@ -423,3 +423,31 @@ async def test_a_full_outbox_drops_reports_before_events(own_mosquitto: Broker) 
         finally:
             stop.set()
             await runner
+
+
+async def test_a_report_queued_on_a_connection_that_ended_is_not_sent_on_the_next(own_mosquitto: Broker) -> None:
+    """A report says what the units are now: queued while the link was (unknowingly) cut off, it would arrive
+    after the node's new ``online`` with its units as they were before, so it is dropped at the reconnect;
+    what is not ``current`` (events, digests) still goes."""
+    broker = own_mosquitto
+    link = MqttLink(broker.host, broker.port, client_id=f"current-{uuid.uuid4().hex[:8]}")
+    topic = f"test/{link.client_id}"
+    link.publish(f"{topic}/report", b"before", current=True)
+    link.publish(f"{topic}/digest", b"digest", qos=1)
+    stop = asyncio.Event()
+    async with Observer(broker, [f"{topic}/#"]) as obs:
+        async def ignore(topic: str, payload: bytes) -> None:
+            return None
+
+        async def born(link: MqttLink) -> None:
+            link.publish(f"{topic}/status", b"online", qos=1)
+            link.publish(f"{topic}/report", b"now", current=True)
+
+        runner = asyncio.create_task(link.run(stop=stop, handle=ignore, on_connect=born))
+        try:
+            await eventually(lambda: len(obs.messages) == 3, what="the digest, the birth and the new report")
+            assert [p for _, p, _ in obs.messages] == [b"digest", b"online", b"now"]
+            assert link.dropped == 1
+        finally:
+            stop.set()
+            await runner

@@ -405,8 +405,10 @@ def test_a_node_back_on_a_new_connection_has_unconfirmed_units_until_it_reports(
     assert fleet.nodes[NODE].confirmed
     fleet.apply(status("offline", conn=1, ts=T0 + 2), T0 + 2)  # its will
     fleet.apply(report(2, ts=T0 + 3), T0 + 50)  # queued while cut off, sent after: from before the new connection
-    fleet.apply(status(conn=2, ts=T0 + 40), T0 + 50)
     node = fleet.nodes[NODE]
+    assert not node.online  # after its connection's will and before a new birth: late, it says nothing of now
+    assert not node.confirmed
+    fleet.apply(status(conn=2, ts=T0 + 40), T0 + 50)
     assert node.online
     assert not node.confirmed
     snapshot = fleet.snapshot(NODE)
