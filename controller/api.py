@@ -16,6 +16,12 @@ the previous page gave as ``next``), the status page shows the fleet's
 counts, its nodes with a problem and one page of nodes, and the datasets
 view is recomputed only when a digest, a replica's presence or a
 localisation changed.
+
+Several controllers (``controller.peers``): the node and unit lists and the
+status page answer for the whole fleet on any controller, each peer asked for
+its own part (``scope=local``) and the parts merged; ``missing`` names the
+controllers that did not answer. Incidents, plans, silences and the pause
+come from the shared store.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -44,6 +50,7 @@ from controller.fleet import Fleet, NodeState
 from controller.fleet_index import FleetCounts, FleetIndex, node_offline, unit_unhealthy
 from controller.metrics import ControllerMetrics
 from controller.page import render_api_docs, render_incident_page, render_status_page
+from controller.peers import FORWARDED, Peers, merge_pages, merge_views, node_key, unit_cursor, unit_key
 from controller.sources.alertmanager import create_alerts_router
 from controller.sources.alerts import ExternalAlerts
 from controller.store import Incident, PlanRecord, Store
@@ -92,6 +99,8 @@ class ApiContext:
     index: FleetIndex | None = None
     """Counts and orderings kept up to date as messages are applied (the controller shares its own with its
     metrics); made here when not given."""
+    peers: Peers | None = None
+    """The other controllers sharing the fleet (several controllers on PostgreSQL); None: this is the only one."""
 
     def __post_init__(self) -> None:
         self.view: FleetIndex = self.index or FleetIndex(self.fleet, offline_after=self.offline_after)
@@ -222,6 +231,8 @@ class NodesOut(BaseModel):
     """Nodes the controller knows, on every page."""
     next: str | None = None
     """The cursor of the next page (pass it as ``after``); null on the last page."""
+    missing: list[str] = []
+    """Controllers that did not answer (several controllers): the nodes they act on are not in this page."""
 
 
 class UnitsOut(BaseModel):
@@ -231,6 +242,8 @@ class UnitsOut(BaseModel):
     """Units the listing covers (the fleet's, or the node's with ``node=``)."""
     next: str | None = None
     """The cursor of the next page, ``node/unit`` (pass it as ``after``); null on the last page."""
+    missing: list[str] = []
+    """Controllers that did not answer (several controllers): the units of their nodes are not in this page."""
 
 
 def create_api(ctx: ApiContext) -> FastAPI:
@@ -274,7 +287,9 @@ def create_api(ctx: ApiContext) -> FastAPI:
         detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:20])
         return _problem(422, detail[:2000], request.url.path)
 
-    app.include_router(create_actions(engine=ctx.engine, store=ctx.store, clock=ctx.clock, token=ctx.api_token))
+    app.include_router(create_actions(engine=ctx.engine, store=ctx.store, clock=ctx.clock, token=ctx.api_token,
+                                      peers=ctx.peers))
+    app.include_router(_fleet_routes(ctx))
     if ctx.alerts is not None:
         app.include_router(create_alerts_router(
             alerts=ctx.alerts, clock=ctx.clock, ttl=ctx.alerts_ttl, token=ctx.api_token,
@@ -300,23 +315,6 @@ def create_api(ctx: ApiContext) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/api/v1/nodes")
-    async def nodes(limit: int = Query(DEFAULT_PAGE, ge=1, le=MAX_PAGE),
-                    after: str | None = Query(None, max_length=MAX_CURSOR)) -> NodesOut:
-        """One page of nodes in id order: those after the cursor ``after`` (the previous page's ``next``)."""
-        return _nodes(ctx, after, limit)
-
-    @app.get("/api/v1/units")
-    async def units(limit: int = Query(DEFAULT_PAGE, ge=1, le=MAX_PAGE),
-                    after: str | None = Query(None, max_length=MAX_CURSOR),
-                    node: str | None = Query(None, max_length=MAX_CURSOR)) -> UnitsOut:
-        """One page of units in (node, name) order, after the cursor ``after`` (``node/unit``, the previous
-        page's ``next``); ``node``: that node's units only."""
-        return _units(ctx, after, limit, node)
-
-    @app.get("/api/v1/datasets")
-    async def datasets() -> Items[DatasetOut]:
-        return Items(items=[DatasetOut(**d) for d in datasets_view(ctx)])
 
     @app.get("/api/v1/incidents")
     async def incidents(state: Literal["open", "failed", "resolved"] | None = Query(None),
@@ -335,17 +333,17 @@ def create_api(ctx: ApiContext) -> FastAPI:
                       for e in detail.timeline],
             plans=[_plan(p) for p in detail.plans])
 
-    @app.get("/api/v1/plans")
-    async def plans(limit: int = Query(200, ge=1, le=1000)) -> Items[PlanOut]:
-        rows = await ctx.store.list_plans(limit=limit)
-        return Items(items=[_plan(p) for p in rows])
-
     @app.get("/", response_class=HTMLResponse)
-    async def page(after: str | None = Query(None, max_length=MAX_CURSOR)) -> HTMLResponse:
+    async def page(request: Request, after: str | None = Query(None, max_length=MAX_CURSOR)) -> HTMLResponse:
         """The fleet's counts, its nodes with a problem, one page of nodes (after ``after``) and their units."""
         history = await ctx.store.list_incidents(limit=1000)  # newest first: the plots' bounded window
         plans = await ctx.store.list_plans(limit=20)
-        return HTMLResponse(_status_page(ctx, after, history, plans))
+        fleet, missing = _view(ctx, after, PAGE_NODES), list[str]()
+        asked = _peers(ctx, request, "fleet")
+        if asked is not None:
+            answers, missing = await asked.ask("/api/v1/view", {"after": after, "limit": PAGE_NODES}, request.headers)
+            fleet = merge_views([fleet, *answers], PAGE_NODES, PAGE_PROBLEMS)
+        return HTMLResponse(_status_page(ctx, after, fleet, missing=missing, history=history, plans=plans))
 
     @app.get("/incidents/{incident_id}", response_class=HTMLResponse, responses={404: {}})
     async def incident_page(incident_id: int) -> HTMLResponse:
@@ -360,6 +358,74 @@ def create_api(ctx: ApiContext) -> FastAPI:
             version=selfheal.__version__, now=iso(ctx.clock.wall()) or ""))
 
     return app
+
+
+def _fleet_routes(ctx: ApiContext) -> APIRouter:
+    """The node, unit, plan and dataset lists, and a controller's own part of the status page."""
+    router = APIRouter()
+
+    @router.get("/api/v1/nodes")
+    async def nodes(request: Request, limit: int = Query(DEFAULT_PAGE, ge=1, le=MAX_PAGE),
+                    after: str | None = Query(None, max_length=MAX_CURSOR),
+                    scope: Literal["fleet", "local"] = Query("fleet")) -> NodesOut:
+        """One page of nodes in id order: those after the cursor ``after`` (the previous page's ``next``).
+        ``scope=local``: only the nodes this controller acts on (several controllers)."""
+        own = _nodes(ctx, after, limit)
+        asked = _peers(ctx, request, scope)
+        if asked is None:
+            return own
+        answers, missing = await asked.ask("/api/v1/nodes", {"limit": limit, "after": after}, request.headers)
+        pages = [own.model_dump(), *answers]
+        items, cursor = merge_pages(pages, limit, node_key, node_key)
+        unknown = {u["id"]: u for page in pages for u in page.get("unknown", ())}
+        return NodesOut(items=[NodeOut(**i) for i in items], unknown=[UnknownNodeOut(**u) for _, u in
+                                                                      sorted(unknown.items())],
+                        total=sum(int(p.get("total", 0)) for p in pages), next=cursor, missing=missing)
+
+    @router.get("/api/v1/units")
+    async def units(request: Request, limit: int = Query(DEFAULT_PAGE, ge=1, le=MAX_PAGE),
+                    after: str | None = Query(None, max_length=MAX_CURSOR),
+                    node: str | None = Query(None, max_length=MAX_CURSOR),
+                    scope: Literal["fleet", "local"] = Query("fleet")) -> UnitsOut:
+        """One page of units in (node, name) order, after the cursor ``after`` (``node/unit``, the previous
+        page's ``next``); ``node``: that node's units only. ``scope=local``: only those of the nodes this
+        controller acts on (several controllers)."""
+        own = _units(ctx, after, limit, node)
+        asked = _peers(ctx, request, scope)
+        if asked is None:
+            return own
+        answers, missing = await asked.ask("/api/v1/units", {"limit": limit, "after": after, "node": node},
+                                           request.headers)
+        pages = [own.model_dump(), *answers]
+        items, cursor = merge_pages(pages, limit, unit_key, unit_cursor)
+        return UnitsOut(items=[UnitOut(**i) for i in items], total=sum(int(p.get("total", 0)) for p in pages),
+                        next=cursor, missing=missing)
+
+    @router.get("/api/v1/plans")
+    async def plans(limit: int = Query(200, ge=1, le=1000)) -> Items[PlanOut]:
+        rows = await ctx.store.list_plans(limit=limit)
+        return Items(items=[_plan(p) for p in rows])
+
+    @router.get("/api/v1/datasets")
+    async def datasets() -> Items[DatasetOut]:
+        return Items(items=[DatasetOut(**d) for d in datasets_view(ctx)])
+
+    @router.get("/api/v1/view")
+    async def view(after: str | None = Query(None, max_length=MAX_CURSOR),
+                   limit: int = Query(PAGE_NODES, ge=1, le=MAX_PAGE)) -> dict[str, Any]:
+        """This controller's own part of the status page (several controllers: each is asked for its own):
+        its nodes' counts, its nodes with a problem, one page of its nodes and their units."""
+        return _view(ctx, after, limit)
+
+    return router
+
+
+def _peers(ctx: ApiContext, request: Request, scope: str) -> Peers | None:
+    """The peers to ask for the fleet's other parts: none for ``scope=local``, a forwarded request or a
+    controller alone."""
+    if scope == "local" or ctx.peers is None or FORWARDED in request.headers or not ctx.peers.members():
+        return None
+    return ctx.peers
 
 
 def _problem(status: int, detail: str, instance: str) -> JSONResponse:
@@ -441,19 +507,29 @@ def _lift_definitions(operation: dict[str, Any], schemas: dict[str, Any]) -> Non
             schemas.setdefault(name, definition)
 
 
-def _status_page(ctx: ApiContext, after: str | None, history: list[Incident], plans: list[PlanRecord]) -> str:
+def _view(ctx: ApiContext, after: str | None, limit: int) -> dict[str, Any]:
+    """The fleet part of the status page, from this controller's own nodes."""
     now = ctx.clock.wall()
-    ids, cursor = ctx.view.page(after, PAGE_NODES)
+    ids, cursor = ctx.view.page(after, limit)
     listed = [ctx.fleet.nodes[n] for n in ids]
     problems = [ctx.fleet.nodes[n] for n in ctx.view.problems(now, PAGE_PROBLEMS)]
+    return {
+        "counts": _counts(ctx.view.counts(now)),
+        "nodes": [_node(n, now, ctx.offline_after).model_dump() for n in listed],
+        "units": [_unit(n.id, u).model_dump() for n in listed for u in _sorted_units(n)],
+        "problems": [{**_node(n, now, ctx.offline_after).model_dump(),
+                      "sick": [_unit(n.id, u).model_dump() for u in _sorted_units(n) if unit_unhealthy(u)]}
+                     for n in problems],
+        "next": cursor,
+    }
+
+
+def _status_page(ctx: ApiContext, after: str | None, fleet: dict[str, Any], *, missing: list[str],
+                 history: list[Incident], plans: list[PlanRecord]) -> str:
+    now = ctx.clock.wall()
     return render_status_page(
-        counts=_counts(ctx.view.counts(now)),
-        nodes=[_node(n, now, ctx.offline_after).model_dump() for n in listed],
-        units=[_unit(n.id, u).model_dump() for n in listed for u in _sorted_units(n)],
-        problems=[{**_node(n, now, ctx.offline_after).model_dump(),
-                   "sick": [_unit(n.id, u).model_dump() for u in _sorted_units(n) if unit_unhealthy(u)]}
-                  for n in problems],
-        after=after, next_after=cursor,
+        counts=fleet["counts"], nodes=fleet["nodes"], units=fleet["units"], problems=fleet["problems"],
+        after=after, next_after=fleet["next"], missing=missing,
         incidents=[_incident(i).model_dump() for i in history[:30]], version=selfheal.__version__,
         now=iso(now) or "", plans=[_plan(p).model_dump() for p in plans], datasets=_page_datasets(ctx),
         history=[(i.opened_at, i.resolved_at) for i in history], now_ts=now)

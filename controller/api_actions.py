@@ -5,6 +5,12 @@ read from ``security.api_token_file`` at start). With no token configured they
 all answer 503 — the controller fails closed rather than open. The caller's
 name for the audit trail comes from the ``X-Selfheal-Actor`` header (the CLI
 sends the login name); it is recorded, not trusted for authorisation.
+
+Several controllers: a plan is approved or cancelled by the owner of its
+node's bucket; asked elsewhere, the call is forwarded to it (``controller.peers``)
+and its answer returned. A forwarded call that reaches a controller that is not
+the owner either answers 421 (Misdirected Request). The pause and silences are
+written to the shared store, which every controller reads back within a second.
 """
 
 import hmac
@@ -19,6 +25,8 @@ from starlette.exceptions import HTTPException
 from controller.api_gate import NO_TOKEN
 from controller.engine import Engine
 from controller.operations import PlanConflict
+from controller.ownership import NotOwner
+from controller.peers import FORWARDED, Peers
 from controller.store import SilenceRecord, Store
 from selfheal.clocks import Clock, iso
 
@@ -61,7 +69,8 @@ class PauseOut(BaseModel):
     reason: str
 
 
-def create_actions(*, engine: Engine, store: Store, clock: Clock, token: str | None) -> APIRouter:
+def create_actions(*, engine: Engine, store: Store, clock: Clock, token: str | None,
+                   peers: Peers | None = None) -> APIRouter:
     def authorised(request: Request) -> str:
         """The gate in front of the app (``api_gate``) checked the token before the body was read; this
         second check keeps every mutating route closed should it ever be mounted without the gate. Headers
@@ -77,13 +86,28 @@ def create_actions(*, engine: Engine, store: Store, clock: Clock, token: str | N
     Actor = Annotated[str, Depends(authorised)]  # noqa: N806 - a type alias, named like one
     router = APIRouter(prefix="/api/v1")
 
-    @router.post("/plans/{plan_id}/approve", responses={404: {}, 409: {}, 401: {}, 503: {}})
-    async def approve(plan_id: str, actor: Actor) -> dict[str, Any]:
-        return await _human(engine.approve, plan_id, actor)
+    async def human(action: Any, plan_id: str, actor: str, request: Request) -> dict[str, Any]:
+        try:
+            return await _human(action, plan_id, actor)
+        except NotOwner as exc:
+            if peers is None or FORWARDED in request.headers:
+                raise HTTPException(421, f"{exc}: ask the controller that owns it") from None
+        answer = await peers.forward("POST", request.url.path, request.headers)
+        if answer is None:
+            raise HTTPException(503, f"plan {plan_id[:64]} is for a node another controller acts on, and no "
+                                     "controller that acts on it answered; try again") from None
+        body = answer.json() if answer.headers.get("content-type", "").endswith("json") else {}
+        if answer.status_code != 200:
+            raise HTTPException(answer.status_code, str(body.get("detail", answer.text))[:1000])
+        return dict(body)
 
-    @router.post("/plans/{plan_id}/cancel", responses={404: {}, 409: {}, 401: {}, 503: {}})
-    async def cancel(plan_id: str, actor: Actor) -> dict[str, Any]:
-        return await _human(engine.cancel, plan_id, actor)
+    @router.post("/plans/{plan_id}/approve", responses={404: {}, 409: {}, 401: {}, 421: {}, 503: {}})
+    async def approve(plan_id: str, actor: Actor, request: Request) -> dict[str, Any]:
+        return await human(engine.approve, plan_id, actor, request)
+
+    @router.post("/plans/{plan_id}/cancel", responses={404: {}, 409: {}, 401: {}, 421: {}, 503: {}})
+    async def cancel(plan_id: str, actor: Actor, request: Request) -> dict[str, Any]:
+        return await human(engine.cancel, plan_id, actor, request)
 
     @router.get("/pause")
     async def get_pause() -> PauseOut:

@@ -48,6 +48,7 @@ from controller.notify import FanoutNotifier, LogNotifier, Notifier
 from controller.notify.registry import default_formatters
 from controller.notify.router import Destination, Router
 from controller.ownership import Leased, Ownership, Sole
+from controller.peers import Peers
 from controller.sources.alerts import ExternalAlerts
 from controller.sources.promql import PromQLSource
 from controller.store import Store
@@ -62,7 +63,7 @@ from selfheal import wire
 from selfheal.clocks import Clock, SystemClock
 from selfheal.config import Config, NotifyConfig
 from selfheal.config_checks import split_host_port
-from selfheal.errors import RulebookError, SelfhealError, WireError
+from selfheal.errors import RulebookError, SelfhealError, StoreError, WireError
 from selfheal.keys import read_key
 from selfheal.logs import RateLimiter, get_logger
 from selfheal.mqtt import MqttLink, Outgoing
@@ -72,6 +73,8 @@ if TYPE_CHECKING:
     from controller.leases import LeaseChange, LeaseKeeper
 
 log = get_logger("controller")
+SHARED_EVERY = 1.0
+"""Seconds between two reads of the pause and silences from a store shared with other controllers."""
 MAX_UNKNOWN_NODES = 256
 """Node ids without a key remembered for the API at most; the longest silent is forgotten first."""
 
@@ -149,12 +152,7 @@ class Controller:
             dispatcher = engine.dispatcher
             await engine.recover(self.ownership.owns)  # with leases: nothing yet, buckets come as they are granted
             self._engine_metrics(engine)
-            api_ctx = ApiContext(fleet=self.fleet, store=store, engine=engine, metrics=self.metrics,
-                                 clock=self.clock, offline_after=self.config.controller.offline_after,
-                                 broker_connected=self.link.connected, api_token=self._api_token(),
-                                 read_token_file=self.config.security.api_read_token_file,
-                                 alerts=self.alerts, alerts_ttl=self.config.controller.alerts.ttl,
-                                 unknown_nodes=self.unknown_nodes, index=self.index)
+            api_ctx = self._api_context(store, engine, self._peers(keeper, stack))
             self.metrics.add_dataset_collector(lambda: datasets_view(api_ctx))
             self._bounds_metrics()
             api = create_api(api_ctx)
@@ -181,7 +179,7 @@ class Controller:
                 tg.create_task(self._announce_ready(server, ready, service.ready), name="ready")
                 tasks["notify"] = tg.create_task(self.routes.run(stop=stop), name="notify")
                 if keeper is not None:
-                    tasks["leases"], tasks["buckets"] = self._start_leases(tg, keeper, engine, stop)
+                    tasks["leases"], tasks["buckets"], tasks["shared"] = self._start_leases(tg, keeper, engine, stop)
                 tasks["host-models"] = tg.create_task(run_host_models(lambda: self.anomalies, stop=stop,
                                                                       scored=self._look_again), name="host-models")
                 if self.config.controller.promql:
@@ -245,6 +243,35 @@ class Controller:
         host, _ = split_host_port(self.config.controller.listen, what="controller.listen")
         return f"{host}:{self.api_port}"
 
+    def _api_context(self, store: Store, engine: Engine, peers: Peers | None) -> ApiContext:
+        return ApiContext(fleet=self.fleet, store=store, engine=engine, metrics=self.metrics,
+                          clock=self.clock, offline_after=self.config.controller.offline_after,
+                          broker_connected=self.link.connected, api_token=self._api_token(),
+                          read_token_file=self.config.security.api_read_token_file,
+                          alerts=self.alerts, alerts_ttl=self.config.controller.alerts.ttl,
+                          unknown_nodes=self.unknown_nodes, index=self.index, peers=peers)
+
+    @property
+    def peer_url(self) -> str:
+        """Where other controllers reach this one's API (``controller.peer_url``)."""
+        config = self.config.controller
+        if config.peer_url or config.public_url:
+            return (config.peer_url or config.public_url).rstrip("/")
+        host, _ = split_host_port(config.listen, what="controller.listen")
+        if host in {"0.0.0.0", "::", ""}:  # noqa: S104 - a wildcard bind, named to be replaced
+            host = socket.gethostname()
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.api_port}"
+
+    async def _follow_shared(self, engine: Engine, stop: asyncio.Event) -> None:
+        """Every second, take up the pause and silences another controller wrote to the shared store."""
+        while not stop.is_set():
+            try:
+                await engine.operations.sync_shared()
+            except StoreError as exc:
+                log.warning("controller.shared_unread", error=str(exc)[:300])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), SHARED_EVERY)
+
     def _http_server(self, api: object) -> tuple[uvicorn.Server, socket.socket]:
         host, port = split_host_port(self.config.controller.listen, what="controller.listen")
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -300,11 +327,24 @@ class Controller:
             await (link.subscribe(topic_filter, qos=1) if on else link.unsubscribe(topic_filter))
 
     def _start_leases(self, tg: asyncio.TaskGroup, keeper: LeaseKeeper, engine: Engine,
-                      stop: asyncio.Event) -> tuple[asyncio.Task[None], asyncio.Task[None]]:
+                      stop: asyncio.Event) -> tuple[asyncio.Task[None], ...]:
+        """Several controllers: keep the leases (and this API's address in the membership), follow the
+        buckets they bring and take away, and the pause and silences other controllers write."""
         changes: asyncio.Queue[LeaseChange] = asyncio.Queue()
         keeper.subscribe(lambda change: self._lease_changed(change, engine, changes))
+        keeper.api = self.peer_url  # the API is bound by now
         return (tg.create_task(keeper.run(stop=stop), name="leases"),
-                tg.create_task(self._follow_leases(changes, engine, stop), name="buckets"))
+                tg.create_task(self._follow_leases(changes, engine, stop), name="buckets"),
+                tg.create_task(self._follow_shared(engine, stop), name="shared"))
+
+    def _peers(self, keeper: LeaseKeeper | None, stack: contextlib.AsyncExitStack) -> Peers | None:
+        """Several controllers: the others, asked for their part of the fleet view (``controller.peers``)."""
+        if keeper is None:
+            return None
+        peers = Peers(self.config.controller.id, lambda: keeper.peers,
+                      tls=peer_ssl_context(self.config.security.peer_tls_ca))
+        stack.push_async_callback(peers.close)
+        return peers
 
     def _lease_changed(self, change: LeaseChange, engine: Engine, changes: asyncio.Queue[LeaseChange]) -> None:
         """In the lease keeper's task, at once: stop acting on the nodes of lost buckets before anything else

@@ -86,7 +86,7 @@ class Engine:
                                dispatcher=dispatcher, clock=clock, metrics=metrics, notifier=notifier,
                                recheck=self.symptom_holds, link_base=link_base)
         self.operations = Operations(effects=self.effects, reconciler=self.reconciler, store=store, fleet=fleet,
-                                     clock=clock)
+                                     clock=clock, owns=dispatcher.ownership.owns)
         self.approve = self.operations.approve
         self.cancel = self.operations.cancel
         self.set_pause = self.operations.set_pause

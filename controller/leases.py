@@ -7,7 +7,8 @@ holder of its lease. Nothing here is home-made consensus: the database's row loc
 - **Membership** (``controller_members``): every ``renew_every`` seconds a controller writes its heartbeat,
   timed by the *database's* clock (``now()``); a member is live while its heartbeat is younger than ``ttl``
   by that clock. Rows of members silent for ``FORGET_AFTER`` are removed, so restarts (a new default id
-  each) do not grow the table.
+  each) do not grow the table. Each heartbeat also writes the member's API address (``api``): peers ask
+  one another for their part of the fleet view, and forward a call to the owner (``controller.peers``).
 - **Assignment** (``assign``): rendezvous (highest random weight) hashing of (bucket, member) over the live
   members: every member computes the same answer from the same list, and when a member joins or leaves
   only the buckets it gains or had move, about 1/N of them. The weight is blake2b, not Python's salted
@@ -110,16 +111,17 @@ def _winner(bucket: int, members: list[str]) -> str:
 
 _HEARTBEAT = """
 WITH beat AS (
-    INSERT INTO controller_members AS m (id, started_at, heartbeat_at) VALUES ($1, now(), now())
-    ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(),
+    INSERT INTO controller_members AS m (id, started_at, heartbeat_at, api) VALUES ($1, now(), now(), $4)
+    ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), api = $4,
         started_at = CASE WHEN m.heartbeat_at > now() - make_interval(secs => $2::float8)
                           THEN m.started_at ELSE now() END
 ), forgotten AS (
     DELETE FROM controller_members WHERE id <> $1 AND heartbeat_at < now() - make_interval(secs => $3::float8)
 )
-SELECT id FROM controller_members WHERE id <> $1 AND heartbeat_at > now() - make_interval(secs => $2::float8)
+SELECT id, api FROM controller_members WHERE id <> $1 AND heartbeat_at > now() - make_interval(secs => $2::float8)
 """
-"""Write ``$1``'s heartbeat and list the other live members (a CTE's write is not visible to its query)."""
+"""Write ``$1``'s heartbeat (and its API address ``$4``) and list the other live members with theirs (a CTE's
+write is not visible to its query)."""
 
 _CLAIM = """
 WITH locked AS MATERIALIZED (
@@ -145,10 +147,17 @@ _LEAVE = "DELETE FROM controller_members WHERE id = $1"
 
 
 
-async def heartbeat(conn: Connection, member: str, ttl: float, *, timeout: float | None = None) -> list[str]:
+async def heartbeat(conn: Connection, member: str, ttl: float, *, api: str = "",
+                    timeout: float | None = None) -> list[str]:
     """Record ``member``'s heartbeat; returns the live members, ``member`` included, sorted."""
-    rows = await conn.fetch(_HEARTBEAT, member, ttl, FORGET_AFTER, timeout=timeout)
-    return sorted({member, *(row[0] for row in rows)})
+    return sorted({member, *await peers(conn, member, ttl, api=api, timeout=timeout)})
+
+
+async def peers(conn: Connection, member: str, ttl: float, *, api: str = "",
+                timeout: float | None = None) -> dict[str, str]:
+    """Record ``member``'s heartbeat with its API address; returns the other live members → their addresses."""
+    rows = await conn.fetch(_HEARTBEAT, member, ttl, FORGET_AFTER, api, timeout=timeout)
+    return {str(row[0]): str(row[1]) for row in rows}
 
 
 async def claim(conn: Connection, member: str, buckets: Iterable[int], ttl: float, *,
@@ -223,6 +232,10 @@ class LeaseKeeper:
         self.buckets = buckets
         self.members: tuple[str, ...] = ()
         """The live members at the last round, this one included."""
+        self.api = ""
+        """This controller's API address for its peers (``controller.peers``), set before ``run``."""
+        self.peers: dict[str, str] = {}
+        """The other live members at the last round → their API addresses."""
         self.errors: Counter[str] = Counter()
         """Failed rounds by reason (``connect``, ``io_error``, ``timeout``, ``refused``), and connections found
         closed between rounds (``connection_lost``)."""
@@ -286,7 +299,8 @@ class LeaseKeeper:
     async def _round(self) -> None:
         """Heartbeat, assign over the live members, stop acting on what is no longer ours, claim the rest."""
         conn = await self._connection()
-        members = tuple(await heartbeat(conn, self.member, self.ttl, timeout=self.validity))
+        self.peers = await peers(conn, self.member, self.ttl, api=self.api, timeout=self.validity)
+        members = tuple(sorted({self.member, *self.peers}))
         if members != self.members:
             self._log.info("lease.members", members=list(members), joined=not self.members)
             self.members = members

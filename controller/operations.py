@@ -1,5 +1,12 @@
 """Human operations on the engine: approve or cancel a plan, pause, silences; and the clocks humans set.
 
+With several controllers (``controller.leases``), a plan is approved or
+cancelled only by the controller that owns its node's bucket: anywhere else it
+is ``NotOwner`` (the API forwards the call to the owner, ``controller.peers``).
+The pause and the silences are the fleet's: written to the shared store by
+whichever controller took the call, and read back by every other one
+(``sync_shared``, run every second by the controller).
+
 Approvals and silences run out: ``expire_approvals`` expires a plan nobody
 approved in time, and ``report_expired_silences`` tells, once, about a silence
 that ended while a problem it muted is still open. The engine calls both on
@@ -8,8 +15,12 @@ every pass and wakes for the next of those instants (``Engine.wake_at``).
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+
 from controller.effects import Effects
 from controller.fleet import Fleet
+from controller.ownership import NotOwner
 from controller.store import PlanRecord, SilenceRecord, Store
 from remediations.plans import can_transition
 from remediations.reconciler import Reconciler
@@ -25,13 +36,17 @@ class PlanConflict(SelfhealError):
 
 class Operations:
     def __init__(self, *, effects: Effects, reconciler: Reconciler, store: Store, fleet: Fleet,
-                 clock: Clock) -> None:
+                 clock: Clock, owns: Callable[[str], bool] = lambda node: True) -> None:
         self.effects = effects
+        self.owns = owns
+        """Whether this controller acts on a node now (``Ownership.owns``)."""
         self.reconciler = reconciler
         self.store = store
         self.fleet = fleet
         self.clock = clock
         self.silence_reported: set[str] = set()
+        self._shared = asyncio.Lock()
+        """Held while the pause or the silences are written or read back from the store."""
         """Silences whose end was reported (``report_expired_silences``)."""
         self.log = get_logger("engine")
 
@@ -61,6 +76,9 @@ class Operations:
 
     async def _plan_for_human(self, plan_id: str, new: str) -> PlanRecord:
         record = await self._plan(plan_id)
+        detail = await self.store.get_incident(record.incident_id)
+        if detail is None or not self.owns(detail.incident.node):
+            raise NotOwner(f"plan {plan_id} is for a node another controller acts on")
         if not can_transition(record.state, new) or (new == "running" and plan_id not in self.effects.awaiting):
             raise PlanConflict(f"plan {plan_id} is {record.state}; it cannot become {new}")
         return record
@@ -72,15 +90,34 @@ class Operations:
         return record
 
     async def set_pause(self, paused: bool, reason: str, who: str) -> None:
-        await self.store.set_pause(paused, reason)
-        self.reconciler.paused, self.reconciler.pause_reason = paused, reason
+        async with self._shared:  # never interleaved with ``sync_shared``'s read, which would undo it
+            await self.store.set_pause(paused, reason)
+            self.reconciler.paused, self.reconciler.pause_reason = paused, reason
         self.log.warning("engine.paused" if paused else "engine.resumed", reason=reason, by=who)
         await self.fleet.notify()
 
     async def add_silence(self, silence: SilenceRecord) -> None:
-        await self.store.save_silence(silence)
-        await self.load_silences()
+        async with self._shared:
+            await self.store.save_silence(silence)
+            await self.load_silences()
         await self.fleet.notify()
+
+    async def sync_shared(self) -> None:
+        """Take up the pause and the silences another controller wrote to the shared store."""
+        async with self._shared:
+            paused, reason = await self.store.get_pause()
+            changed = (paused, reason) != (self.reconciler.paused, self.reconciler.pause_reason)
+            if changed:
+                self.reconciler.paused, self.reconciler.pause_reason = paused, reason
+                self.log.warning("engine.paused" if paused else "engine.resumed", reason=reason,
+                                 by="another controller")
+            before = self.reconciler.silences
+            await self.load_silences()
+        if self.reconciler.silences != before:
+            self.log.info("engine.silences_loaded", silences=[x.id for x in self.reconciler.silences][:50],
+                          by="another controller")
+        if changed or self.reconciler.silences != before:
+            await self.fleet.notify()
 
     async def load_silences(self) -> None:
         # Silences that ended over an hour ago can no longer mute or be reported: keep memory bounded.

@@ -92,13 +92,13 @@ def mttr_points(history: Sequence[tuple[float, float | None]]) -> list[tuple[flo
 def render_status_page(*, counts: dict[str, Any], nodes: list[dict[str, Any]], units: list[dict[str, Any]],
                        incidents: list[dict[str, Any]], version: str, now: str,
                        problems: Sequence[dict[str, Any]] = (), after: str | None = None,
-                       next_after: str | None = None,
+                       next_after: str | None = None, missing: Sequence[str] = (),
                        plans: list[dict[str, Any]] | None = None, datasets: list[dict[str, Any]] | None = None,
                        history: Sequence[tuple[float, float | None]] = (), now_ts: float | None = None) -> str:
     """``counts``: the fleet's (``nodes``, ``online``, ``offline``, ``units``, ``unhealthy``, ``unit_states``,
     ``problem_nodes``); ``problems``: the first nodes with a problem, each with its unhealthy units
     (``sick``); ``nodes``: one page of nodes (after the cursor ``after``; ``next_after`` the next page's)
-    and ``units`` theirs."""
+    and ``units`` theirs; ``missing``: controllers that did not answer (their nodes are not shown)."""
     offline, unhealthy = counts["offline"], counts["unhealthy"]
     open_incidents = [i for i in incidents if i["state"] != "resolved"]
     if not counts["nodes"] and not open_incidents:
@@ -125,7 +125,9 @@ def render_status_page(*, counts: dict[str, Any], nodes: list[dict[str, Any]], u
     remediation_rows = [[Link(f'/incidents/{int(p["incident_id"])}', f'#{p["incident_id"]}'), p["action"],
                          p["rule"], p["attempt"], p["mode"], p["state"], (p.get("detail") or {}).get("result", ""),
                          p["updated_at"]] for p in (plans or [])]
-    body = f"""<p class="summary {css}">{escape(verdict)}</p>
+    gap = (f'<p class="summary warn">Controller(s) {escape(", ".join(missing))} did not answer: the nodes '
+           'they act on are not shown below.</p>') if missing else ""
+    body = f"""<p class="summary {css}">{escape(verdict)}</p>{gap}
 <p>{escape(_fleet_line(counts))}</p>
 <h2 id="problems">Nodes with a problem ({counts["problem_nodes"]})</h2>{_table(
         ["node", "state", "last seen", "unhealthy units"], problem_rows, "No node has a problem.")}{

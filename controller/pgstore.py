@@ -243,10 +243,16 @@ CREATE TABLE notification_log (
 """The notification log (``controller.notify.claims``): one row per notification and destination, claimed
 by the first controller to insert its key, which then sends it; later claims by any controller are refused."""
 
+SCHEMA_4 = """
+ALTER TABLE controller_members ADD COLUMN api TEXT NOT NULL DEFAULT '';
+"""
+"""Where each controller's API answers its peers (``controller.peers``): one fleet view from any controller."""
+
 MIGRATIONS: tuple[tuple[str, str], ...] = (
     ("incidents, timeline (append-only), plans, commands, silences, quarantines, placements, meta", SCHEMA_1),
     ("controller membership and bucket leases (epochs only grow)", SCHEMA_2),
     ("the notification log: each notification claimed once across controllers", SCHEMA_3),
+    ("each controller's API address, for its peers", SCHEMA_4),
 )
 """Ordered (summary, SQL) steps; step ``i`` makes schema version ``i + 1``. Append, never edit a released step."""
 

@@ -404,6 +404,10 @@ class ControllerConfig(_Section, frozen=True, kw_only=True):
     """The fleet disruption budget."""
     public_url: str = ""
     """Base URL of the status page as people reach it, for links in notifications (default: the listen address)."""
+    peer_url: str = ""
+    """Base URL other controllers reach this one's API at (several controllers on PostgreSQL: they ask each
+    other for their part of the fleet view and forward approvals to a plan's owner). Default: ``public_url``,
+    else ``http://`` the listen address with its bound port (a wildcard host replaced by the host name)."""
     promql: list[PromQLConfig] = msgspec.field(default_factory=list)
     """PromQL finding sources."""
     alerts: AlertsInConfig = msgspec.field(default_factory=AlertsInConfig)

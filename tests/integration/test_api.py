@@ -188,7 +188,8 @@ async def test_metrics_expose_fleet_gauges(api: Api) -> None:
 
 
 async def test_nodes_list(api: Api) -> None:
-    assert (await api.client.get("/api/v1/nodes")).json() == {"items": [], "unknown": [], "total": 0, "next": None}
+    assert (await api.client.get("/api/v1/nodes")).json() == {"items": [], "unknown": [], "total": 0, "next": None,
+                                                                  "missing": []}
     fill_fleet(api.ctx.fleet)
     response = await api.client.get("/api/v1/nodes")
     assert response.status_code == 200
@@ -289,7 +290,7 @@ async def test_units_come_in_pages_that_follow_a_cursor(api: Api) -> None:
     assert ([u["name"] for u in one["items"]], one["total"]) == (["a", "b"], 2)
     assert await every_page(api, "/api/v1/units", 1, node="n-000") == whole["items"][:3]
     assert (await api.client.get("/api/v1/units", params={"node": "nope"})).json() == {
-        "items": [], "total": 0, "next": None}
+        "items": [], "total": 0, "next": None, "missing": []}
 
 
 @pytest.mark.parametrize("params", [{"limit": "0"}, {"limit": "5001"}, {"after": "x" * 201}])

@@ -156,7 +156,8 @@ class HA(Cluster):
         self.rules.write_text(RULES.format(stable_for=stable_for))
         return self.rules
 
-    def controller_config(self, cid: str, *, store_url: str | None = None) -> Path:
+    def controller_config(self, cid: str, *, store_url: str | None = None, extra: str = "") -> Path:
+        """``extra``: more lines of its ``[controller]`` section."""
         port = self.ports.setdefault(cid, free_port())
         rules = self.rules or self.write_rules()
         path = self.root / f"{cid}.toml"
@@ -164,18 +165,18 @@ class HA(Cluster):
             f'[mqtt]\nurl = "{self.broker.url}"\nkeepalive = 2.0\nreconnect_max = 1.0\n'
             f'[controller]\nid = "{cid}"\nlisten = "127.0.0.1:{port}"\nstate_dir = "{self.root / cid}"\n'
             f"offline_after = 4.0\nlease_ttl = {TTL}\nlease_renew = {RENEW}\ncommand_ttl = {COMMAND_TTL}\n"
-            f'ack_timeout = 5.0\nrulebooks = ["{rules}"]\n'
+            f'ack_timeout = 5.0\nrulebooks = ["{rules}"]\n{extra}'
             f'[store]\nurl = "{store_url or self.store_url}"\n'
             f'[security]\nkey_dir = "{self.root / "keys"}"\napi_token_file = "{self.token_file}"\n')
         self.token_file.write_text("ha-token-" + self.root.name + "\n")
         return path
 
-    def start_controllers(self, *cids: str, store_url: str | None = None) -> None:
+    def start_controllers(self, *cids: str, store_url: str | None = None, extra: str = "") -> None:
         """Start them all, then wait until each answers ``/readyz``."""
         for cid in cids:
             if not self.ports:
                 self.api_port = self.ports.setdefault(cid, free_port())
-            self.start(cid, "controller", self.controller_config(cid, store_url=store_url))
+            self.start(cid, "controller", self.controller_config(cid, store_url=store_url, extra=extra))
         for cid in cids:
             self.wait_ready_at(cid)
 
@@ -266,7 +267,7 @@ class HA(Cluster):
         """Until ``cid`` knows ``node``'s unit runs as ``pid``: a crash after that is news to it."""
         def seen() -> bool:
             try:
-                items = self.get_from(cid, "/api/v1/units", node=node)["items"]
+                items = self.get_from(cid, "/api/v1/units", node=node, scope="local")["items"]
             except httpx.HTTPError:
                 return False
             return any(u["node"] == node and u["name"] == "web" and u["state"] == "running" and u["pid"] == pid
@@ -841,3 +842,108 @@ def test_buckets_rebalance_when_a_controller_joins_and_the_newcomer_heals_what_m
     assert len(sent) == 1
     assert sent[0]["epoch"] in ha.grants("c3", bucket)
     ha.check_running(["c1", "c2", "c3"])
+
+
+# --- 7. one fleet view, and humans heard by any controller -----------------------------------------
+
+APPROVE_RULES = """version: 1
+rules:
+  - name: restart-exited-unit
+    match: {kind: unit_exited}
+    mode: approve
+    ladder: [{action: restart, attempts: 1}]
+    verify: {within: 20, stable_for: 1}
+    resolve_after: 2
+"""
+
+
+def test_any_controller_shows_the_whole_fleet_and_takes_approvals_pauses_and_silences_for_it(ha: HA) -> None:
+    members = ["c1", "c2"]
+    owners = expected_owners(members)
+    mine, theirs = pick_nodes(lambda b: owners[b] == "c1", lambda b: owners[b] == "c2")
+    ha.rules = ha.root / "approve.yaml"
+    ha.rules.write_text(APPROVE_RULES)
+    ha.start_controllers(*members)
+    units = ha.start_nodes(mine, theirs)
+    ha.wait_settled(members)
+    for cid, node in (("c1", mine), ("c2", theirs)):
+        ha.wait_unit_seen(cid, node, started(units[node])[-1])
+
+    # Reads: each controller lists both nodes, the other's fetched from it; its own part alone with scope=local.
+    for cid in members:
+        nodes = ha.get_from(cid, "/api/v1/nodes")
+        assert ([n["id"] for n in nodes["items"]], nodes["total"], nodes["missing"]) == \
+            (sorted([mine, theirs]), 2, [])
+        first = ha.get_from(cid, "/api/v1/nodes", limit=1)
+        second = ha.get_from(cid, "/api/v1/nodes", limit=1, after=first["next"])
+        assert [n["id"] for n in first["items"] + second["items"]] == sorted([mine, theirs])
+        assert second["next"] is None
+        units_seen = ha.get_from(cid, "/api/v1/units")["items"]
+        assert sorted((u["node"], u["name"], u["state"]) for u in units_seen) == \
+            sorted([(mine, "web", "running"), (theirs, "web", "running")])
+        page = httpx.get(ha.api_of(cid) + "/", timeout=5).text
+        assert mine in page
+        assert theirs in page
+    assert [n["id"] for n in ha.get_from("c1", "/api/v1/nodes", scope="local")["items"]] == [mine]
+
+    # A crash on c2's node: its plan waits for approval, given on c1, which forwards it to c2.
+    ha.crash(units[theirs])
+    token = ha.token_file.read_text().strip()
+
+    def waiting() -> list[dict[str, Any]]:
+        return [p for p in ha.get_from("c1", "/api/v1/plans")["items"] if p["state"] == "awaiting_approval"]
+    eventually_sync(lambda: bool(waiting()), timeout=HEAL, what="a plan awaiting approval")
+    [plan] = waiting()
+    answer = httpx.post(f"{ha.api_of('c1')}/api/v1/plans/{plan['id']}/approve", timeout=10,
+                        headers={"Authorization": f"Bearer {token}", "X-Selfheal-Actor": "alice"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["state"] == "running"
+    done = ha.wait_resolved("c1", [theirs])
+    assert len(started(units[theirs])) == 2
+    [incident] = done[theirs]
+    approved = [e["data"] for e in incident["timeline"] if e["kind"] == "approved"]
+    assert approved == [{"plan": plan["id"], "by": "alice"}]
+    assert ha.opened_by(members, theirs) == ["c2"]
+    # Not forwarded again: a controller asked on another's behalf answers for itself only.
+    misdirected = httpx.post(f"{ha.api_of('c1')}/api/v1/plans/{plan['id']}/cancel", timeout=10,
+                             headers={"Authorization": f"Bearer {token}", "X-Selfheal-Forwarded": "c2"})
+    assert misdirected.status_code == 421, misdirected.text
+
+    # The pause, set on c2, holds on c1 too; so does a silence set on c1, on c2.
+    auth = {"Authorization": f"Bearer {token}"}
+    assert httpx.post(ha.api_of("c2") + "/api/v1/pause", json={"reason": "maintenance"}, headers=auth,
+                      timeout=10).status_code == 200
+    eventually_sync(lambda: ha.get_from("c1", "/api/v1/pause")["paused"], timeout=SETTLE, what="c1 paused")
+    assert ha.get_from("c1", "/api/v1/pause")["reason"] == "maintenance"
+    assert any(e.get("by") == "another controller" for e in ha.events("c1", "engine.paused"))
+    assert httpx.post(ha.api_of("c1") + "/api/v1/resume", headers=auth, timeout=10).status_code == 200
+    eventually_sync(lambda: not ha.get_from("c2", "/api/v1/pause")["paused"], timeout=SETTLE, what="c2 resumed")
+
+    silence = {"matchers": [{"name": "node", "value": mine}], "duration_s": 600, "comment": "disk swap",
+               "author": "alice"}
+    assert httpx.post(ha.api_of("c2") + "/api/v1/silences", json=silence, headers=auth,
+                      timeout=10).status_code == 201
+    made = httpx.get(ha.api_of("c1") + "/api/v1/silences", timeout=10).json()["items"]
+    assert [x["comment"] for x in made] == ["disk swap"]
+    eventually_sync(lambda: any(made[0]["id"] in e["silences"]
+                                for e in ha.events("c1", "engine.silences_loaded")),
+                    timeout=SETTLE, what="c1 taking up the silence set on c2")
+    ha.crash(units[mine])
+
+    def silenced() -> bool:
+        found = ha.incidents("c1", mine)
+        return bool(found) and any(e["kind"] == "held" and e["data"]["blocking"]["guard"] == "silence"
+                                   for e in ha.detail("c1", found[-1]["id"])["timeline"])
+    eventually_sync(silenced, timeout=HEAL, what=f"the crash on {mine} silenced by c1")
+    assert not [p for p in ha.get_from("c1", "/api/v1/plans")["items"] if p["state"] == "awaiting_approval"
+                and p["incident_id"] == ha.incidents("c1", mine)[-1]["id"]]
+
+    # A live member whose API does not answer (here: it advertises a port nobody listens on) is named, and
+    # the nodes it acts on are left out rather than guessed.
+    ha.start_controllers("c3", extra=f'peer_url = "http://127.0.0.1:{free_port()}"\n')
+    owners = ha.wait_settled([*members, "c3"])
+    nodes = ha.get_from("c1", "/api/v1/nodes")
+    assert nodes["missing"] == ["c3"]
+    assert [n["id"] for n in nodes["items"]] == sorted(n for n in (mine, theirs) if owners[bucket_of(n)][0] != "c3")
+    assert "Controller(s) c3 did not answer" in httpx.get(ha.api_of("c1") + "/", timeout=10).text
+    ha.check_running([*members, "c3"])
