@@ -36,7 +36,7 @@ from controller.dispatcher import Dispatcher, PlanOutcome
 from controller.fleet import Fleet
 from controller.metrics import ControllerMetrics
 from controller.notify import ALERT_EVENTS, Notification, Notifier, incident_labels
-from controller.ownership import NotOwner
+from controller.ownership import NotOwner, require_epoch
 from controller.plan_records import plan_record, record_fields, step_fields
 from controller.store import Incident, PlanRecord, Store
 from remediations.plans import Plan
@@ -86,7 +86,7 @@ class Effects:
         self.plans: asyncio.TaskGroup | None = None
         """Where plan tasks run (the engine's, while it runs)."""
         self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.unrecorded: dict[str, tuple[str, str]] = {}
+        self.unrecorded: dict[str, tuple[str, str, str]] = {}
         """Plan outcomes the store refused (the disk full): plan id -> (state, detail), written again each pass."""
         self.log = get_logger("engine")
 
@@ -96,11 +96,14 @@ class Effects:
         concurrent writes). Every group runs to its end; then the first error, if any, is raised. Agents'
         local actions are adopted first."""
         await self.adopt_local(now)
-        for plan_id, (state, detail) in list(self.unrecorded.items()):
+        for plan_id, (state, detail, node) in list(self.unrecorded.items()):
             with contextlib.suppress(StoreError):  # still refused: kept for the next pass, and this pass goes on
                 current = await self.store.get_plan(plan_id)
-                if current is not None:
-                    await self.set_plan_state(current, state, detail)
+                try:
+                    if current is not None:
+                        await self.set_plan_state(current, state, detail, node=node)
+                except NotOwner as exc:  # its node's bucket moved on: the new owner decided about the plan
+                    self.log.warning("plan.handed_over", plan=plan_id, reason=str(exc))
                 del self.unrecorded[plan_id]
         groups: dict[tuple[str, object], list[Effect]] = {}
         for effect in effects:
@@ -293,7 +296,7 @@ class Effects:
             await self.launch(plan, incident, record)
 
     async def launch(self, plan: Plan, incident: Incident, record: PlanRecord) -> None:
-        await self.set_plan_state(record, "running", "")
+        await self.set_plan_state(record, "running", "", node=incident.node)
         assert self.plans is not None  # noqa: S101 - set by run()
         self.tasks[plan.id] = self.plans.create_task(self._execute(plan, incident), name=f"plan-{plan.id}")
 
@@ -302,7 +305,8 @@ class Effects:
             await self.audit(incident.id, kind, {"plan": plan.id, **data})
 
         async def verifying() -> None:
-            await self.set_plan_state(plan_record(plan, "running", self.clock.wall()), "verifying", "")
+            await self.set_plan_state(plan_record(plan, "running", self.clock.wall()), "verifying", "",
+                                      node=incident.node)
 
         paging = plan.action == "notify"  # a notify plan's own message says it all
         try:
@@ -325,11 +329,15 @@ class Effects:
         try:
             current = await self.store.get_plan(plan.id)
             if current is not None:
-                await self.set_plan_state(current, outcome.outcome, outcome.detail)
+                await self.set_plan_state(current, outcome.outcome, outcome.detail, node=incident.node)
+        except NotOwner as exc:  # the bucket moved on while the plan ran: its new owner decides, not this one
+            self.log.warning("plan.handed_over", plan=plan.id, incident=incident.id, reason=str(exc),
+                             outcome=outcome.outcome)
+            return
         except StoreError as exc:
             self.log.error("plan.outcome_unrecorded", plan=plan.id, outcome=outcome.outcome,  # noqa: TRY400
                            error=str(exc))  # the store said why, once a minute
-            self.unrecorded[plan.id] = (outcome.outcome, outcome.detail)
+            self.unrecorded[plan.id] = (outcome.outcome, outcome.detail, incident.node)
         self.reconciler.finish(plan.id, outcome.outcome, now, recover_s=now - incident.opened_at)
         self.hold_for_unacked(incident, now)
         self.metrics.remediations.labels(plan.action, outcome.outcome).inc()
@@ -353,9 +361,12 @@ class Effects:
                              seconds=round(until - now, 1))
 
 
-    async def set_plan_state(self, record: PlanRecord, state: str, detail: str) -> None:
+    async def set_plan_state(self, record: PlanRecord, state: str, detail: str, *, node: str | None = None) -> None:
+        """Record a plan's new state. ``node``: the plan's incident's node; the write is then fenced by its
+        bucket's epoch (``NotOwner`` when this controller no longer acts on it, here or in the store)."""
         now = self.clock.wall()
-        await self.store.save_plan(PlanRecord(
+        fence = None if node is None else (node, require_epoch(self.dispatcher.ownership, node))
+        await self.store.save_plan(fence=fence, plan=PlanRecord(
             id=record.id, incident_id=record.incident_id, rule=record.rule, attempt=record.attempt, state=state,
             created_at=record.created_at, updated_at=now, detail={**record.detail, "result": detail} if detail
             else record.detail, rung=record.rung, action=record.action, mode=record.mode,

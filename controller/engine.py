@@ -131,7 +131,8 @@ class Engine:
                 if plan.state == "awaiting_approval":
                     self._resume_approval(plan, state)
                 if plan.state in ("running", "verifying", "proposed"):
-                    await self.effects.set_plan_state(plan, "expired", "controller restarted while the plan ran")
+                    await self.effects.set_plan_state(plan, "expired", "controller restarted while the plan ran",
+                                                      node=incident.node)
                     if plan.id in live:  # its command may still run: no new plan before it expired
                         state.busy_until = max(state.busy_until, live[plan.id])
         for rule, target, until, _ in await self.store.list_quarantines():

@@ -272,6 +272,13 @@ async def epoch_current(conn: asyncpg.Connection[Any] | Connection, bucket: int,
     return await conn.fetchrow(CURRENT_EPOCH, bucket, epoch) is not None
 
 
+async def _require_current(conn: Connection, node: str, epoch: int) -> None:
+    """``NotOwner`` unless ``epoch`` is the live lease of ``node``'s bucket (in the write's transaction)."""
+    if not await epoch_current(conn, bucket_of(node), epoch):
+        raise NotOwner(f"epoch {epoch} is not the live lease of {node}'s bucket {bucket_of(node)}: "
+                       "another controller holds it now")
+
+
 async def migrate(conn: asyncpg.Connection[Any] | Connection,
                   steps: Sequence[tuple[str, str]] = MIGRATIONS) -> int:
     """Bring the schema up to ``len(steps)``; returns how many steps this call applied.
@@ -608,8 +615,11 @@ class PostgresStore:
 
     # --- plans and commands -----------------------------------------------------------------------
 
-    async def save_plan(self, plan: PlanRecord) -> None:
+    async def save_plan(self, plan: PlanRecord, *, fence: tuple[str, int] | None = None) -> None:
+        """With ``fence_commands`` and a ``fence`` (node, epoch), refused like a command under a stale epoch."""
         async def upsert(conn: Connection) -> None:
+            if self.fence_commands and fence is not None:
+                await _require_current(conn, *fence)
             await conn.execute(
                 "INSERT INTO plans(id, incident_id, rule, attempt, rung, action, mode, deadline, state, created_at,"
                 " updated_at, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (id)"
@@ -660,9 +670,8 @@ class PostgresStore:
         live grant of the node's bucket, checked in the same transaction (``epoch_current``): a controller
         that lost the lease meanwhile (paused, cut off) is refused with ``NotOwner`` and sends nothing."""
         async def insert(conn: Connection) -> bool:
-            if self.fence_commands and not await epoch_current(conn, bucket_of(node), epoch):
-                raise NotOwner(f"epoch {epoch} is not the live lease of {node}'s bucket {bucket_of(node)}: "
-                               "another controller holds it now")
+            if self.fence_commands:
+                await _require_current(conn, node, epoch)
             recorded = await conn.fetchval(
                 "INSERT INTO commands(key, command_id, plan_id, node, epoch, issued_at, payload) VALUES "
                 "($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (key) DO NOTHING RETURNING true",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ import pytest
 from controller.leases import LeaseChange, LeaseKeeper, assign, claim, heartbeat
 from controller.ownership import NotOwner
 from controller.pgstore import MIGRATIONS, PostgresStore, epoch_current, migrate
+from controller.store import PlanRecord
 from selfheal.wire import BUCKETS, bucket_of
 from tests.conftest import eventually
 from tests.integration.postgres import Cluster, throwaway_database
@@ -87,6 +89,34 @@ async def test_the_store_records_a_command_only_under_its_buckets_live_epoch(url
         await connection.close()
         await store.close()
 
+
+
+async def test_the_store_saves_a_plan_state_only_under_its_buckets_live_epoch(url: str) -> None:
+    """A controller that wakes (paused past its lease) with a plan's outcome in hand must not overwrite what the
+    bucket's new owner decided about that plan (it expired it at takeover)."""
+    store = await PostgresStore.open(url)
+    store.fence_commands = True
+    connection: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(url)
+    node = "node-a"
+    try:
+        [epoch] = (await claim(connection, "c1", [bucket_of(node)], TTL)).values()
+        incident = await store.open_incident(key="k", kind="unit_exited", node=node, unit="web", severity="error",
+                                             summary="web exited", rule="r", opened_at=1.0, evidence={})
+        running = PlanRecord(id="1-1", incident_id=incident.id, rule="r", attempt=1, state="running",
+                             created_at=1.0, updated_at=1.0)
+        await store.save_plan(running, fence=(node, epoch))
+        await connection.execute("UPDATE bucket_leases SET expires_at = now() WHERE bucket = $1", bucket_of(node))
+        [newer] = (await claim(connection, "c2", [bucket_of(node)], TTL)).values()
+        expired = dataclasses.replace(running, state="expired", updated_at=2.0)
+        await store.save_plan(expired, fence=(node, newer))
+        with pytest.raises(NotOwner, match="another controller holds it"):
+            await store.save_plan(dataclasses.replace(running, state="succeeded", updated_at=3.0), fence=(node, epoch))
+        stored = await store.get_plan("1-1")
+        assert stored is not None
+        assert stored.state == "expired"
+    finally:
+        await connection.close()
+        await store.close()
 
 
 async def test_bucket_epochs_start_above_every_epoch_a_single_controller_on_the_store_sent(url: str) -> None:
