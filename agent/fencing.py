@@ -66,10 +66,15 @@ class Contact:
 
     def load(self) -> None:
         """At start (blocking): out of contact since the last report a previous run sent, if any."""
+        now = self.clock.wall()
         try:
-            self.lost_at = self.path.stat().st_mtime
+            recorded = self.path.stat().st_mtime
         except OSError:
-            self.lost_at = self.clock.wall()  # never in contact: the clock starts now
+            self.lost_at = now  # never in contact: the clock starts now
+            return
+        # A time ahead of now: the wall clock went back while the agent was down. Counting from then would
+        # fence late (two copies, once the controller starts the standby); from now is the nearest safe guess.
+        self.lost_at = min(recorded, now)
 
     def seen(self) -> None:
         """A report went out to the broker (blocking: touches the file)."""

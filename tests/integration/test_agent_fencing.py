@@ -116,6 +116,18 @@ def test_the_contact_clock_starts_at_the_last_report_of_a_previous_run(tmp_path:
     assert 29 < again.out_of_contact_for() < 40
 
 
+def test_a_contact_time_in_the_future_counts_from_now_not_from_then(tmp_path: Path) -> None:
+    """The wall clock went back (by five minutes) while the agent was down: counting from the recorded time would
+    fence its movable units five minutes late, while the controller, on its own clock, starts their standby."""
+    ahead = time.time() + 300
+    (tmp_path / "contact").touch()
+    os.utime(tmp_path / "contact", (ahead, ahead))
+    contact = Contact(tmp_path / "contact", SystemClock())
+    contact.load()
+    time.sleep(0.05)
+    assert 0.0 < contact.out_of_contact_for() < 5.0
+
+
 def test_a_movable_unit_dies_with_its_agent(mosquitto: Broker, tmp_path: Path) -> None:
     node = unique_node("pdeath")
     (tmp_path / "keys").mkdir()
