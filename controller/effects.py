@@ -190,6 +190,7 @@ class Effects:
                                   f"{action.status}", "local_action": data},
                 rung=adopted.rung, action=action.action, mode="local", deadline=adopted.at))
         await self.audit(incident_id, "local_action", data)
+        self.metrics.local_actions.labels(action.action, action.status).inc()
         self.log.warning("local_action.adopted", incident=incident_id, node=node, unit=action.unit,
                          attempt=action.attempt, status=action.status, counted=adopted.rung is not None,
                          key=action.key)

@@ -49,6 +49,9 @@ class ControllerMetrics:
             ["kind"], buckets=(0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60, 120, 300), registry=self.registry)
         self.guard_holds = Counter("selfheal_guard_blocks_total", "Plans held or refused by a guard",
                                    ["guard"], registry=self.registry)
+        self.local_actions = Counter("selfheal_local_actions_adopted_total",
+                                     "Actions agents took alone while no controller listened, adopted into incidents",
+                                     ["action", "status"], registry=self.registry)
         self.commands_unsent = Counter("selfheal_commands_unsent_total",
                                        "Commands not sent, by reason (e.g. no signing key)", ["reason"],
                                        registry=self.registry)

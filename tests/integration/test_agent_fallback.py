@@ -132,6 +132,7 @@ def test_the_agent_restarts_a_crashed_unit_while_the_controller_is_away_and_the_
     assert len(started(starts)) == 3
     assert len(log_events(cluster, NODE, "command.result")) == 1  # the first crash's restart, only
     assert len(log_events(cluster, "controller", "local_action.adopted")) == 1
+    assert 'selfheal_local_actions_adopted_total{action="restart",status="done"} 1.0' in cluster.get_text("/metrics")
 
 
 def test_an_online_status_from_before_a_broker_restart_is_no_proof_of_a_controller(cluster: Cluster) -> None:
