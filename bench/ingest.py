@@ -52,10 +52,26 @@ alone. The statuses are waited for before any report is sent (at most
 whole fleet per message spends a long time there: that time is reported.
 The machine is whatever it is: on a shared or small box, figures are noisy
 and the publishers and the broker take CPU from the target; both are
-reported per step.
+reported per step, and so is what the rest of the machine took (``others``:
+every core's busy time less the target's, the broker's and the generator's).
+
+Scale-out (issue 16): ``--controllers 1,2 --postgres URL`` runs the
+controller target once per count N, each time N controller processes
+(``[controller] id`` ``c1``...) on a new database the bench creates on that
+server and drops afterwards (the URL names a database to connect to for that,
+and a user allowed to create databases). Each subscribes only to the topics of
+the buckets whose leases it holds; the steps start once the 64 leases are
+settled (every bucket held, live, by the member rendezvous hashing gives it,
+read in ``bucket_leases``) and the controllers together know every node. The
+accepted rate is the sum of their ``selfheal_messages_received_total
+{channel="report"}`` counters, CPU and RSS the sums of theirs; the API
+poller, if any, polls ``c1`` only. The table ends with the ratio of the two
+ceilings, two controllers / one (the issue's goal: at least 1.7); only the
+controller target runs unless ``--targets`` says otherwise.
 
     .venv/bin/python bench/ingest.py [--fleets 100,1000,10000] [--steps 10,25,50,100,...,3200,6400]
                                      [--step-seconds 12] [--publishers 2] [--quick] [--json]
+                                     [--controllers 1,2 --postgres postgresql://postgres@127.0.0.1:5432/postgres]
 """
 
 from __future__ import annotations
@@ -231,17 +247,26 @@ class Settings:
 
 
 class Subject:
-    """A target as the stepping loop sees it: a process, a received-reports counter."""
+    """A target as the stepping loop sees it: its process(es), a received-reports counter."""
 
-    name: Target
+    name: str
     proc: psutil.Process
 
     def received(self) -> float:
         raise NotImplementedError
 
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc)
+
+    def rss(self) -> int:
+        try:
+            return int(self.proc.memory_info().rss)
+        except psutil.Error:
+            return 0
+
 
 class AnchorSubject(Subject):
-    def __init__(self, name: Target, process: Any, counter: Synchronized[int]) -> None:
+    def __init__(self, name: str, process: Any, counter: Synchronized[int]) -> None:
         self.name, self.process, self.counter = name, process, counter
         self.proc = psutil.Process(process.pid)
 
@@ -265,13 +290,60 @@ class ControllerSubject(Subject):
         return metric(self.scrape(), "selfheal_messages_received_total", channel="report")
 
 
+class ControllersSubject(Subject):
+    """Several controllers sharing one PostgreSQL store, each subscribed to its own buckets' topics: what they
+    accepted is the sum of their report counters; CPU and RSS are their sums too."""
+
+    def __init__(self, name: str, procs: list[subprocess.Popen[bytes]], apis: list[str]) -> None:
+        self.name = name
+        self.popens = procs
+        self.procs = [psutil.Process(p.pid) for p in procs]
+        self.proc = self.procs[0]
+        self.http = [httpx.Client(base_url=api, timeout=30.0) for api in apis]
+
+    def scrape_each(self) -> list[Samples]:
+        return [parse_metrics(client.get("/metrics").text) for client in self.http]
+
+    def scrape(self) -> Samples:
+        merged: Samples = {}
+        for samples in self.scrape_each():
+            for name, values in samples.items():
+                merged.setdefault(name, []).extend(values)
+        return merged
+
+    def received(self) -> float:
+        return metric(self.scrape(), "selfheal_messages_received_total", channel="report")
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(p) for p in self.procs)
+
+    def rss(self) -> int:
+        total = 0
+        for proc in self.procs:
+            with contextlib.suppress(psutil.Error):
+                total += int(proc.memory_info().rss)
+        return total
+
+    def close(self) -> None:
+        for client in self.http:
+            client.close()
+
+
 def snapshot(fleet: Fleet, subject: Subject, broker: psutil.Process) -> dict[str, float]:
     before = time.monotonic()
     sent_before = fleet.sent()
     received = subject.received()
     after = time.monotonic()
     return {"t": (before + after) / 2, "sent": (sent_before + fleet.sent()) / 2, "received": received,
-            "cpu": cpu_seconds(subject.proc), "broker_cpu": cpu_seconds(broker), "generator_cpu": fleet.cpu()}
+            "cpu": subject.cpu(), "broker_cpu": cpu_seconds(broker), "generator_cpu": fleet.cpu(),
+            "machine_cpu": machine_busy()}
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine spent busy (every process, every core): what the bench's own processes
+    did not take of it was taken by others on a shared machine."""
+    times = psutil.cpu_times()
+    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
 
 
 def step_figures(rate: int, a: dict[str, float], b: dict[str, float], base: float,
@@ -284,15 +356,13 @@ def step_figures(rate: int, a: dict[str, float], b: dict[str, float], base: floa
     grown = backlog_end - backlog_start
     generator_ok = achieved >= GENERATOR_OK * rate
     kept_up = accepted >= KEEP_UP * achieved and grown <= (1 - KEEP_UP) * achieved * wall  # and the backlog is flat
-    try:
-        rss = subject.proc.memory_info().rss
-    except psutil.Error:
-        rss = 0
+    rss = subject.rss()
     return {"offered": rate, "achieved": round(achieved, 1), "accepted": round(accepted, 1),
             "seconds": round(wall, 2), "cpu": round((b["cpu"] - a["cpu"]) / wall, 3), "rss_mb": round(rss / 2**20, 1),
             "backlog_start": round(backlog_start), "backlog_end": round(backlog_end),
             "broker_cpu": round((b["broker_cpu"] - a["broker_cpu"]) / wall, 3),
             "generator_cpu": round((b["generator_cpu"] - a["generator_cpu"]) / wall, 3),
+            "machine_cpu": round((b["machine_cpu"] - a["machine_cpu"]) / wall, 3),
             "generator_ok": generator_ok, "kept_up": kept_up}
 
 
@@ -345,7 +415,14 @@ def format_step(name: str, s: dict[str, Any]) -> str:
     return (f"  {name:<10} offered {s['offered']:>5}/s  sent {s['achieved']:>7.1f}/s  "
             f"accepted {s['accepted']:>7.1f}/s  cpu {s['cpu'] * 100:>5.1f}%  rss {s['rss_mb']:>7.1f} MB  "
             f"backlog {s['backlog_start']:>6}->"
-            f"{s['backlog_end']:<6}" + (f"  api p99 {p99:.0f} ms" if p99 is not None else "") + flags)
+            f"{s['backlog_end']:<6}" + (f"  api p99 {p99:.0f} ms" if p99 is not None else "")
+            + f"  others {others(s) * 100:.0f}%" + flags)
+
+
+def others(s: dict[str, Any]) -> float:
+    """Cores' worth of CPU (1.0: one core) the machine spent outside the target, the broker and the generator."""
+    busy = float(s.get("machine_cpu", 0.0)) - float(s["cpu"]) - float(s["broker_cpu"]) - float(s["generator_cpu"])
+    return max(0.0, busy)
 
 
 # --- one fleet --------------------------------------------------------------------------------------------
@@ -359,6 +436,9 @@ class Run:
     publishers: int
     say: Callable[[str], None]
     targets: list[Target]
+    controllers: list[int] = field(default_factory=list)
+    """Scale-out: controller processes per run on a throwaway PostgreSQL database (empty: the SQLite path)."""
+    postgres: str = ""
     cleanup: list[Callable[[], None]] = field(default_factory=list)
 
     def fleet_run(self, nodes: int) -> dict[str, Any]:
@@ -378,7 +458,11 @@ class Run:
                  f"{result['statuses']['publish_seconds']}s (broker max_queued_messages {max_queued(nodes)})")
         targets: dict[str, Any] = {}
         for name in self.targets:
-            if name == "controller":
+            if name == "controller" and self.controllers:
+                for count in self.controllers:
+                    targets[f"pg-{count}"] = self.controllers_run(root, fleet, broker, port=port, nodes=nodes,
+                                                                 key_dir=key_dir, count=count, result=result)
+            elif name == "controller":
                 targets[name] = self.controller_run(root, fleet, broker, port=port, nodes=nodes,
                                                     key_dir=key_dir, result=result)
             else:
@@ -389,6 +473,11 @@ class Run:
             result["ratio_controller_to_decode"] = round(ctl["ceiling"] / decode["ceiling"], 4)
             result["ratio_is"] = "exact" if decode["fell_behind"] and ctl["fell_behind"] else (
                 "upper bound" if ctl["fell_behind"] else "lower bound" if decode["fell_behind"] else "unbounded")
+        one, two = targets.get("pg-1"), targets.get("pg-2")
+        if one is not None and two is not None and one["ceiling"] > 0:
+            result["ratio_two_to_one"] = round(two["ceiling"] / one["ceiling"], 3)
+            result["ratio_two_to_one_is"] = "exact" if one["fell_behind"] and two["fell_behind"] else (
+                "upper bound" if two["fell_behind"] else "lower bound" if one["fell_behind"] else "unbounded")
         fleet.stop()
         stop_process(broker_proc)
         return result
@@ -457,6 +546,136 @@ class Run:
             stop_process(popen)
 
 
+    def controllers_run(self, root: Path, fleet: Fleet, broker: psutil.Process, *, port: int, nodes: int,
+                        key_dir: Path, count: int, result: dict[str, Any]) -> dict[str, Any]:
+        """``count`` controllers ``c1``... on a new database on ``self.postgres``, stepped like one controller."""
+        name = f"pg-{count}"
+        database = f"selfheal_ingest_{os.getpid()}_{time.monotonic_ns()}"
+        pg_query(self.postgres, f'CREATE DATABASE "{database}"')
+        self.cleanup.append(lambda: drop_database(self.postgres, database))
+        store_url = f"{self.postgres.rpartition('/')[0]}/{database}"
+        members = [f"c{i}" for i in range(1, count + 1)]
+        token = root / "api.token"
+        token.write_text("bench-ingest-token\n")
+        token.chmod(0o600)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SELFHEAL_")}
+        popens: list[subprocess.Popen[bytes]] = []
+        apis: list[str] = []
+        started = time.monotonic()
+        for cid in members:
+            api_port = free_port()
+            config = root / f"{name}-{cid}.toml"
+            config.write_text(
+                f'[mqtt]\nurl = "mqtt://127.0.0.1:{port}"\n'
+                f'[controller]\nid = "{cid}"\nlisten = "127.0.0.1:{api_port}"\n'
+                f'state_dir = "{root / name / cid}"\n'
+                f"offline_after = {self.settings.offline_after}\nmax_nodes = {max(nodes, 1)}\n"
+                f'[store]\nurl = "{store_url}"\n'
+                f'[security]\nkey_dir = "{key_dir}"\napi_token_file = "{token}"\n'
+                f'[log]\nformat = "json"\n')
+            log = root / f"{name}-{cid}.log"
+            popen = start_process([*selfheal_command(), "controller", "--config", str(config)], log, env)
+            self.cleanup.append(lambda popen=popen: stop_process(popen))  # type: ignore[misc]
+            popens.append(popen)
+            apis.append(f"http://127.0.0.1:{api_port}")
+        try:
+            for popen, api, cid in zip(popens, apis, members, strict=True):
+                wait_ready(popen, api, root / f"{name}-{cid}.log")
+            ready_s = time.monotonic() - started
+            settle_s = wait_settled(store_url, members, popens)
+            subject = ControllersSubject(name, popens, apis)
+            statuses = wait_known(subject, nodes, stall=self.settings.status_wait,
+                                  timeout=self.settings.status_timeout)
+            statuses.update(ready_seconds=round(ready_s, 2), leases_settled_seconds=round(settle_s, 2))
+            result["statuses"][name] = statuses
+            self.say(f"  {name}: {count} controller(s) on PostgreSQL ready in {ready_s:.1f}s, 64 leases settled in "
+                     f"{settle_s:.1f}s more; nodes known {statuses['nodes_known']:.0f}/{nodes} "
+                     f"(per controller {statuses['nodes_known_each']}) in {statuses['seconds']}s")
+            try:
+                with ApiPoller(apis[0], ("/api/v1/nodes", "/"), self.settings.api_rate) as poller:
+                    out = run_steps(fleet, subject, broker, self.settings, poller=poller, say=self.say)
+                samples = subject.scrape()
+                out["rejected"] = by_label(samples, "selfheal_messages_rejected_total", "reason")
+                out["received_by_channel"] = by_label(samples, "selfheal_messages_received_total", "channel")
+                out["reports_each"] = [metric(s, "selfheal_messages_received_total", channel="report")
+                                       for s in subject.scrape_each()]
+                out["controllers"] = count
+                return out
+            finally:
+                subject.close()
+        finally:
+            for popen in popens:
+                stop_process(popen)
+            drop_database(self.postgres, database)
+
+
+def drop_database(server: str, database: str) -> None:
+    with contextlib.suppress(Exception):
+        pg_query(server, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def pg_query(url: str, sql: str) -> list[Any]:
+    """One statement on PostgreSQL (asyncpg, imported only for ``--controllers``)."""
+    import asyncpg  # noqa: PLC0415 - the SQLite path does not need it
+
+    async def run() -> list[Any]:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            return list(await conn.fetch(sql, timeout=30))
+        finally:
+            await conn.close(timeout=5)
+    return asyncio.run(run())
+
+
+def wait_ready(popen: subprocess.Popen[bytes], api: str, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{api}/readyz", timeout=2).status_code == 200:
+                return
+        if popen.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"a controller did not get ready: {log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+def wait_settled(store_url: str, members: list[str], popens: list[subprocess.Popen[bytes]],
+                 timeout: float = 120) -> float:
+    """Until every bucket is held, live by the database's clock, by the member rendezvous hashing gives it."""
+    from controller.leases import assign  # noqa: PLC0415 - only the PostgreSQL path needs it
+
+    expected = assign(range(wire.BUCKETS), members)
+    started = time.monotonic()
+    while True:
+        with contextlib.suppress(OSError, RuntimeError):
+            rows = pg_query(store_url, "SELECT bucket, owner, expires_at > now() AS live FROM bucket_leases")
+            held = {int(r["bucket"]): (r["owner"], bool(r["live"])) for r in rows}
+            if all(held.get(b) == (owner, True) for b, owner in expected.items()):
+                return time.monotonic() - started
+        if any(p.poll() is not None for p in popens) or time.monotonic() - started > timeout:
+            raise RuntimeError(f"the 64 leases did not settle over {members} within {timeout:g}s")
+        time.sleep(0.2)
+
+
+def wait_known(subject: ControllersSubject, expected: int, *, stall: float, timeout: float) -> dict[str, Any]:
+    """Until the controllers together know ``expected`` nodes (each only its buckets'), or no change for
+    ``stall`` seconds, or ``timeout``: statuses received (a controller that held a bucket before the leases
+    settled counted its statuses too), nodes known in all and per controller, how long it took."""
+    started = time.monotonic()
+    last, last_change = -1.0, started
+    while True:
+        each = subject.scrape_each()
+        known = [metric(s, "selfheal_nodes") for s in each]
+        now = time.monotonic()
+        if sum(known) != last:
+            last, last_change = sum(known), now
+        if sum(known) >= expected or now - last_change > stall or now - started > timeout:
+            return {"received": sum(metric(s, "selfheal_messages_received_total", channel="status") for s in each),
+                    "nodes_known": sum(known), "nodes_known_each": [round(k) for k in known],
+                    "rejected": by_label(subject.scrape(), "selfheal_messages_rejected_total", "reason"),
+                    "seconds": round(now - started, 2)}
+        time.sleep(0.2)
+
+
 # --- output -----------------------------------------------------------------------------------------------
 
 
@@ -464,10 +683,15 @@ def table(result: dict[str, Any]) -> Iterator[str]:
     yield ""
     yield f"fleet {result['nodes']} nodes"
     st = result["statuses"]
-    yield (f"  retained statuses: {st['published']} published, {st.get('received', 0):.0f} reached the controller "
-           f"in {st.get('seconds', 0):g}s, nodes known {st.get('nodes_known', 0):.0f}")
+    if "received" in st:
+        yield (f"  retained statuses: {st['published']} published, {st.get('received', 0):.0f} reached the controller "
+               f"in {st.get('seconds', 0):g}s, nodes known {st.get('nodes_known', 0):.0f}")
+    for name, each in st.items():
+        if isinstance(each, dict) and "nodes_known_each" in each:
+            yield (f"  {name}: retained statuses: {each['received']:.0f} received in all, nodes known "
+                   f"{each['nodes_known']:.0f} (per controller {each['nodes_known_each']}) in {each['seconds']:g}s")
     yield (f"  {'target':<10} {'offered':>7} {'sent':>8} {'accepted':>9} {'cpu %':>6} {'rss MB':>7} {'broker %':>8} "
-           f"{'gen %':>6} {'api p99 ms':>10}  verdict")
+           f"{'gen %':>6} {'others %':>8} {'api p99 ms':>10}  verdict")
     for name, target in result["targets"].items():
         for s in target["steps"]:
             p99 = (s.get("api") or {}).get("p99_ms")
@@ -476,19 +700,25 @@ def table(result: dict[str, Any]) -> Iterator[str]:
                 verdict += ", generator bound"
             yield (f"  {name:<10} {s['offered']:>7} {s['achieved']:>8.1f} {s['accepted']:>9.1f} {s['cpu'] * 100:>6.1f} "
                    f"{s['rss_mb']:>7.1f} {s['broker_cpu'] * 100:>8.1f} {s['generator_cpu'] * 100:>6.1f} "
-                   f"{'-' if p99 is None else f'{p99:.0f}':>10}  {verdict}")
+                   f"{others(s) * 100:>8.1f} {'-' if p99 is None else f'{p99:.0f}':>10}  {verdict}")
     for name, target in result["targets"].items():
         kept = f"kept up at {target['kept_up_at']}/s" if target["kept_up_at"] else "kept up at no step"
         yield f"  {name:<10} ceiling {target['ceiling']:>8.1f} reports/s ({kept}; {target['limit']})"
     if "ratio_controller_to_decode" in result:
         yield f"  controller / decode anchor: {result['ratio_controller_to_decode']:.4f} ({result['ratio_is']})"
+    for name, target in result["targets"].items():
+        if "reports_each" in target:
+            yield f"  {name:<10} reports accepted per controller: {[round(x) for x in target['reports_each']]}"
+    if "ratio_two_to_one" in result:
+        yield (f"  two controllers / one (PostgreSQL): {result['ratio_two_to_one']:.3f} "
+               f"({result['ratio_two_to_one_is']}; goal >= 1.7)")
 
 
 def parse_list(text: str) -> list[int]:
     return [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--fleets", type=parse_list, default=None, help="fleet sizes (default 100,1000,10000)")
     parser.add_argument("--steps", type=parse_list, default=None,
@@ -506,10 +736,26 @@ def main() -> int:
     parser.add_argument("--offline-after", type=float, default=3600.0,
                         help="controller.offline_after: above the longest report gap (fleet / offered)")
     parser.add_argument("--targets", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
-                        default=list(TARGETS), help="which of count,decode,controller to measure (default all)")
+                        default=None, help="which of count,decode,controller to measure (default all; with "
+                                           "--controllers: controller)")
+    parser.add_argument("--controllers", type=parse_list, default=None,
+                        help="scale-out: run the controller target with each of these numbers of controller "
+                             "processes on a throwaway PostgreSQL database (e.g. 1,2; needs --postgres)")
+    parser.add_argument("--postgres", default=None,
+                        help="with --controllers: a PostgreSQL server's URL, a database to connect to and a user "
+                             "allowed to create databases (postgresql://postgres@127.0.0.1:5432/postgres)")
     parser.add_argument("--quick", action="store_true", help="a short run for a test (20 nodes, two short steps)")
     parser.add_argument("--json", action="store_true", help="end with one line holding a JSON object of all figures")
     args = parser.parse_args()
+    if args.controllers and not args.postgres:
+        parser.error("--controllers needs --postgres URL")
+    if args.targets is None:
+        args.targets = ["controller"] if args.controllers else list(TARGETS)
+    return args
+
+
+def main() -> int:
+    args = parse_args()
     quick = args.quick
     settings = Settings(
         steps=args.steps or list(QUICK_STEPS if quick else DEFAULT_STEPS),
@@ -534,14 +780,15 @@ def main() -> int:
         "(a shared machine makes every figure noisy)")
     root = Path(tempfile.mkdtemp(prefix="selfheal-bench-ingest-"))
     targets = [t for t in TARGETS if t in args.targets]
-    run = Run(root=root, signed=signed, settings=settings, publishers=args.publishers, say=say, targets=targets)
+    run = Run(root=root, signed=signed, settings=settings, publishers=args.publishers, say=say, targets=targets,
+              controllers=args.controllers or [], postgres=args.postgres or "")
     figures: dict[str, Any] = {
         "bench": "ingest", "signed": signed, "report_bytes": len(sample), "cpus": os.cpu_count(),
         "loadavg_start": [round(x, 2) for x in os.getloadavg()], "keep_up": KEEP_UP, "generator_ok": GENERATOR_OK,
         "settings": {"steps": settings.steps, "step_seconds": settings.step_seconds, "settle": settings.settle,
                      "warmup": settings.warmup, "retries": settings.retries, "publishers": args.publishers,
                      "api_rate": settings.api_rate,
-                     "offline_after": settings.offline_after},
+                     "offline_after": settings.offline_after, "controllers": args.controllers or None},
         "fleets": []}
 
     def terminate(signum: int, _frame: object) -> None:
