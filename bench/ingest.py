@@ -517,14 +517,7 @@ class Run:
                               env)
         self.cleanup.append(lambda: stop_process(popen))
         api = f"http://127.0.0.1:{api_port}"
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{api}/readyz", timeout=2).status_code == 200:
-                    break
-            if popen.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the controller did not get ready: {(root / 'controller.log').read_text()[-3000:]}")
-            time.sleep(0.1)
+        wait_ready(popen, api, root / "controller.log")
         ready_s = time.monotonic() - started
         subject = ControllerSubject(popen, api)
         # Reports wait meanwhile: the steps measure a controller that knows its fleet.
