@@ -76,8 +76,8 @@ class Operations:
 
     async def _plan_for_human(self, plan_id: str, new: str) -> PlanRecord:
         record = await self._plan(plan_id)
-        detail = await self.store.get_incident(record.incident_id)
-        if detail is None or not self.owns(detail.incident.node):
+        incident = await self.store.get_incident_row(record.incident_id)
+        if incident is None or not self.owns(incident.node):
             raise NotOwner(f"plan {plan_id} is for a node another controller acts on")
         if not can_transition(record.state, new) or (new == "running" and plan_id not in self.effects.awaiting):
             raise PlanConflict(f"plan {plan_id} is {record.state}; it cannot become {new}")
