@@ -342,7 +342,8 @@ class Controller:
         if keeper is None:
             return None
         peers = Peers(self.config.controller.id, lambda: keeper.peers,
-                      tls=peer_ssl_context(self.config.security.peer_tls_ca))
+                      tls=peer_ssl_context(self.config.security.peer_tls_ca),
+                      on_failure=lambda peer: self.metrics.peer_failures.labels(peer[:63]).inc())
         stack.push_async_callback(peers.close)
         return peers
 

@@ -49,6 +49,9 @@ class ControllerMetrics:
             ["kind"], buckets=(0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60, 120, 300), registry=self.registry)
         self.guard_holds = Counter("selfheal_guard_blocks_total", "Plans held or refused by a guard",
                                    ["guard"], registry=self.registry)
+        self.peer_failures = Counter("selfheal_peer_requests_failed_total",
+                                     "Requests to another controller (fleet view, forwarded calls) that got no answer",
+                                     ["peer"], registry=self.registry)
         self.local_actions = Counter("selfheal_local_actions_adopted_total",
                                      "Actions agents took alone while no controller listened, adopted into incidents",
                                      ["action", "status"], registry=self.registry)

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain
 from typing import Any
 
 import httpx
 
-from selfheal.logs import get_logger
+from selfheal.logs import RateLimiter, get_logger
 
 FORWARDED = "x-selfheal-forwarded"
 """Header naming the controller a request came from: answer it locally."""
@@ -47,14 +48,15 @@ class Peers:
     """The other live controllers (``members()``: id → API base URL) and an HTTP client to ask them."""
 
     def __init__(self, member: str, members: Callable[[], Mapping[str, str]], *, timeout: float = TIMEOUT,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, on_failure: Callable[[str], None] | None = None) -> None:
         self.member = member
         self.members = members
         self.timeout = timeout
         self._tls = tls
         self._client: httpx.AsyncClient | None = None
-        self.failures = 0
-        """Requests to peers that got no answer."""
+        self._on_failure = on_failure
+        """Called with the peer's id for every request that got no answer (the controller counts them)."""
+        self._limiter = RateLimiter()
 
     async def close(self) -> None:
         if self._client is not None:
@@ -83,8 +85,7 @@ class Peers:
                 answer.raise_for_status()
                 body = answer.json()
             except (httpx.HTTPError, ValueError) as exc:
-                self.failures += 1
-                log.warning("peers.no_answer", peer=member, path=path, error=f"{type(exc).__name__}: {exc}"[:300])
+                self._failed(member, path, exc)
                 return None
             return body if isinstance(body, dict) else None
 
@@ -103,12 +104,20 @@ class Peers:
                 answer = await self._http().request(method, f"{members[member].rstrip('/')}{path}",
                                                     headers=self._headers(headers))
             except httpx.HTTPError as exc:
-                self.failures += 1
-                log.warning("peers.no_answer", peer=member, path=path, error=f"{type(exc).__name__}: {exc}"[:300])
+                self._failed(member, path, exc)
                 continue
             if answer.status_code != 421:
                 return answer
         return None
+
+
+    def _failed(self, member: str, path: str, exc: Exception) -> None:
+        """Counted every time, logged once a minute per peer."""
+        if self._on_failure is not None:
+            self._on_failure(member)
+        if self._limiter.allow(member, "no_answer", time.monotonic()):
+            log.warning("peers.no_answer", peer=member, path=path, error=f"{type(exc).__name__}: {exc}"[:300],
+                        suppressed_so_far=self._limiter.suppressed)
 
 
 # --- merging (pure) --------------------------------------------------------------------------------

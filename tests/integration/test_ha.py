@@ -946,4 +946,6 @@ def test_any_controller_shows_the_whole_fleet_and_takes_approvals_pauses_and_sil
     assert nodes["missing"] == ["c3"]
     assert [n["id"] for n in nodes["items"]] == sorted(n for n in (mine, theirs) if owners[bucket_of(n)][0] != "c3")
     assert "Controller(s) c3 did not answer" in httpx.get(ha.api_of("c1") + "/", timeout=10).text
+    scraped = httpx.get(ha.api_of("c1") + "/metrics", timeout=10).text
+    assert 'selfheal_peer_requests_failed_total{peer="c3"} 2.0' in scraped
     ha.check_running([*members, "c3"])
