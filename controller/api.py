@@ -37,7 +37,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.routing import Match, Route
 from starlette.types import Scope
@@ -235,6 +235,11 @@ class NodesOut(BaseModel):
     """Controllers that did not answer (several controllers): the nodes they act on are not in this page."""
 
 
+class ProblemNodeOut(NodeOut):
+    sick: list[UnitOut]
+    """Its unhealthy units."""
+
+
 class UnitsOut(BaseModel):
     items: list[UnitOut]
     """One page of units, in (node, name) order."""
@@ -244,6 +249,16 @@ class UnitsOut(BaseModel):
     """The cursor of the next page, ``node/unit`` (pass it as ``after``); null on the last page."""
     missing: list[str] = []
     """Controllers that did not answer (several controllers): the units of their nodes are not in this page."""
+
+
+class ViewOut(BaseModel):
+    """One controller's own part of the status page (``/api/v1/view``)."""
+
+    counts: dict[str, Any]
+    nodes: list[NodeOut]
+    units: list[UnitOut]
+    problems: list[ProblemNodeOut]
+    next: str | None = None
 
 
 def create_api(ctx: ApiContext) -> FastAPI:
@@ -342,7 +357,8 @@ def create_api(ctx: ApiContext) -> FastAPI:
         asked = _peers(ctx, request, "fleet")
         if asked is not None:
             answers, missing = await asked.ask("/api/v1/view", {"after": after, "limit": PAGE_NODES}, request.headers)
-            fleet = merge_views([fleet, *answers], PAGE_NODES, PAGE_PROBLEMS)
+            fleet = merge_views([fleet, *_valid(asked, "/api/v1/view", answers, ViewOut, missing)], PAGE_NODES,
+                                PAGE_PROBLEMS)
         return HTMLResponse(_status_page(ctx, after, fleet, missing=missing, history=history, plans=plans))
 
     @app.get("/incidents/{incident_id}", response_class=HTMLResponse, responses={404: {}})
@@ -375,7 +391,7 @@ def _fleet_routes(ctx: ApiContext) -> APIRouter:
         if asked is None:
             return own
         answers, missing = await asked.ask("/api/v1/nodes", {"limit": limit, "after": after}, request.headers)
-        pages = [own.model_dump(), *answers]
+        pages = [own.model_dump(), *_valid(asked, "/api/v1/nodes", answers, NodesOut, missing)]
         items, cursor = merge_pages(pages, limit, node_key, node_key)
         unknown = {u["id"]: u for page in pages for u in page.get("unknown", ())}
         return NodesOut(items=[NodeOut(**i) for i in items], unknown=[UnknownNodeOut(**u) for _, u in
@@ -396,7 +412,7 @@ def _fleet_routes(ctx: ApiContext) -> APIRouter:
             return own
         answers, missing = await asked.ask("/api/v1/units", {"limit": limit, "after": after, "node": node},
                                            request.headers)
-        pages = [own.model_dump(), *answers]
+        pages = [own.model_dump(), *_valid(asked, "/api/v1/units", answers, UnitsOut, missing)]
         items, cursor = merge_pages(pages, limit, unit_key, unit_cursor)
         return UnitsOut(items=[UnitOut(**i) for i in items], total=sum(int(p.get("total", 0)) for p in pages),
                         next=cursor, missing=missing)
@@ -412,12 +428,27 @@ def _fleet_routes(ctx: ApiContext) -> APIRouter:
 
     @router.get("/api/v1/view")
     async def view(after: str | None = Query(None, max_length=MAX_CURSOR),
-                   limit: int = Query(PAGE_NODES, ge=1, le=MAX_PAGE)) -> dict[str, Any]:
+                   limit: int = Query(PAGE_NODES, ge=1, le=MAX_PAGE)) -> ViewOut:
         """This controller's own part of the status page (several controllers: each is asked for its own):
         its nodes' counts, its nodes with a problem, one page of its nodes and their units."""
-        return _view(ctx, after, limit)
+        return ViewOut.model_validate(_view(ctx, after, limit))
 
     return router
+
+
+def _valid(peers: Peers, path: str, answers: Mapping[str, dict[str, Any]], model: type[BaseModel],
+           missing: list[str]) -> list[dict[str, Any]]:
+    """The peers' answers that have the shape ``model`` says; a peer whose answer does not (another version,
+    a bug) is counted with those that gave none (``missing``), never half-used."""
+    valid = []
+    for peer, answer in sorted(answers.items()):
+        try:
+            valid.append(model.model_validate(answer).model_dump())
+        except ValidationError as exc:
+            peers.failed(peer, path, exc)
+            missing.append(peer)
+    missing.sort()
+    return valid
 
 
 def _peers(ctx: ApiContext, request: Request, scope: str) -> Peers | None:

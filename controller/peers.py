@@ -72,9 +72,9 @@ class Peers:
         return {**{h: given[h] for h in PASSED_ON if h in given}, FORWARDED: self.member}
 
     async def ask(self, path: str, params: Mapping[str, Any], headers: Mapping[str, str]) -> \
-            tuple[list[dict[str, Any]], list[str]]:
-        """GET ``path`` with ``scope=local`` from every live peer at once; returns the JSON answers, and the
-        ids of the peers that gave none (unreachable, too slow, or an error status)."""
+            tuple[dict[str, dict[str, Any]], list[str]]:
+        """GET ``path`` with ``scope=local`` from every live peer at once; returns peer → its JSON answer, and
+        the ids of the peers that gave none (unreachable, too slow, or an error status)."""
         members = dict(self.members())
         query = {**{k: v for k, v in params.items() if v is not None}, "scope": "local"}
         sent = self._headers(headers)
@@ -85,13 +85,14 @@ class Peers:
                 answer.raise_for_status()
                 body = answer.json()
             except (httpx.HTTPError, ValueError) as exc:
-                self._failed(member, path, exc)
+                self.failed(member, path, exc)
                 return None
             return body if isinstance(body, dict) else None
 
         ids = sorted(members)
         answers = await asyncio.gather(*(one(m, members[m]) for m in ids))
-        return [a for a in answers if a is not None], [m for m, a in zip(ids, answers, strict=True) if a is None]
+        return ({m: a for m, a in zip(ids, answers, strict=True) if a is not None},
+                [m for m, a in zip(ids, answers, strict=True) if a is None])
 
     async def forward(self, method: str, path: str, headers: Mapping[str, str], *,
                       first: str | None = None) -> httpx.Response | None:
@@ -104,15 +105,15 @@ class Peers:
                 answer = await self._http().request(method, f"{members[member].rstrip('/')}{path}",
                                                     headers=self._headers(headers))
             except httpx.HTTPError as exc:
-                self._failed(member, path, exc)
+                self.failed(member, path, exc)
                 continue
             if answer.status_code != 421:
                 return answer
         return None
 
 
-    def _failed(self, member: str, path: str, exc: Exception) -> None:
-        """Counted every time, logged once a minute per peer."""
+    def failed(self, member: str, path: str, exc: Exception) -> None:
+        """A peer gave no (usable) answer: counted every time, logged once a minute per peer."""
         if self._on_failure is not None:
             self._on_failure(member)
         if self._limiter.allow(member, "no_answer", time.monotonic()):

@@ -449,3 +449,55 @@ def test_selfheal_status_says_why_without_json(capsys: pytest.CaptureFixture[str
     captured = capsys.readouterr()
     assert captured.out == ""
     assert f"cannot reach the controller at {url}" in captured.err
+
+
+@contextlib.contextmanager
+def odd_peer() -> Iterator[str]:
+    """A 'controller' that answers every GET with JSON of the wrong shape (another version, a bug)."""
+    import http.server  # noqa: PLC0415 - this test's only user
+    import threading  # noqa: PLC0415
+
+    class Odd(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"items": "not a list", "counts": 7}'
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            return
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Odd)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_peers_that_answer_wrongly_or_not_at_all_are_named_and_their_answers_never_half_used(api: Api) -> None:
+    """Several controllers: the lists and the page carry this controller's nodes and name the peers that gave
+    nothing usable; they are counted in /metrics."""
+    from controller.peers import Peers  # noqa: PLC0415
+
+    fill_fleet(api.ctx.fleet)
+    with odd_peer() as odd:
+        api.ctx.peers = Peers("me", lambda: {"odd": odd, "down": f"http://127.0.0.1:{free_port()}"}, timeout=2,
+                              on_failure=lambda peer: api.ctx.metrics.peer_failures.labels(peer).inc())
+        nodes = (await api.client.get("/api/v1/nodes")).json()
+        mine = sorted(api.ctx.fleet.nodes)
+        assert ([n["id"] for n in nodes["items"]], nodes["missing"]) == (mine, ["down", "odd"])
+        units = (await api.client.get("/api/v1/units")).json()
+        assert ({u["node"] for u in units["items"]} <= set(mine), units["missing"]) == (True, ["down", "odd"])
+        local = (await api.client.get("/api/v1/nodes", params={"scope": "local"})).json()
+        assert local["missing"] == []
+        page = await api.client.get("/")
+        assert page.status_code == 200
+        assert "Controller(s) down, odd did not answer" in page.text
+        scraped = (await api.client.get("/metrics")).text
+        assert 'selfheal_peer_requests_failed_total{peer="odd"} 3.0' in scraped
+        assert 'selfheal_peer_requests_failed_total{peer="down"} 3.0' in scraped
