@@ -63,60 +63,69 @@ async def expired(conn: asyncpg.Connection[asyncpg.Record], bucket: int) -> bool
 # --- the statements -------------------------------------------------------------------------------
 
 
-async def test_the_store_records_a_command_only_under_its_buckets_live_epoch(url: str) -> None:
+@dataclass
+class Fenced:
+    """A store that fences writes by epoch, a connection to move leases by hand, and c1's lease on ``node``'s
+    bucket (``epoch``)."""
+
+    store: PostgresStore
+    connection: asyncpg.Connection[asyncpg.Record]
+    node: str
+    epoch: int
+
+    async def take_over(self) -> int:
+        """c1's lease runs out and c2 takes the bucket: c2's (higher) epoch."""
+        bucket = bucket_of(self.node)
+        await self.connection.execute("UPDATE bucket_leases SET expires_at = now() WHERE bucket = $1", bucket)
+        [newer] = (await claim(self.connection, "c2", [bucket], TTL)).values()
+        assert newer > self.epoch
+        return newer
+
+
+@pytest.fixture
+async def fenced(url: str) -> AsyncIterator[Fenced]:
+    store = await PostgresStore.open(url)
+    store.fence_commands = True
+    connection: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(url)
+    try:
+        [epoch] = (await claim(connection, "c1", [bucket_of("node-a")], TTL)).values()
+        yield Fenced(store, connection, "node-a", epoch)
+    finally:
+        await connection.close()
+        await store.close()
+
+
+async def test_the_store_records_a_command_only_under_its_buckets_live_epoch(fenced: Fenced) -> None:
     """A controller paused past its lease (or cut off) may wake mid-step: the command it was about to record is
     refused, so it is never published; the lease's holder records its own."""
-    store = await PostgresStore.open(url)
-    store.fence_commands = True
-    connection: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(url)
-    node = "node-a"
-    try:
-        [epoch] = (await claim(connection, "c1", [bucket_of(node)], TTL)).values()
-
-        async def record(key: str, epoch: int) -> bool:
-            return await store.record_command(key=key, command_id=key, plan_id="1-1", node=node, epoch=epoch,
-                                              issued_at=0.0, payload=b"{}")
-        assert await record("k1", epoch)
-        await claim(connection, "c1", [], TTL)  # released (a rebalance), then taken by another
-        await connection.execute("UPDATE bucket_leases SET expires_at = now() WHERE bucket = $1", bucket_of(node))
-        [newer] = (await claim(connection, "c2", [bucket_of(node)], TTL)).values()
-        assert newer > epoch
-        with pytest.raises(NotOwner, match="another controller holds it"):
-            await record("k2", epoch)
-        assert await connection.fetchval("SELECT count(*) FROM commands WHERE key = 'k2'") == 0
-        assert await record("k2", newer)
-    finally:
-        await connection.close()
-        await store.close()
+    async def record(key: str, epoch: int) -> bool:
+        return await fenced.store.record_command(key=key, command_id=key, plan_id="1-1", node=fenced.node,
+                                                 epoch=epoch, issued_at=0.0, payload=b"{}")
+    assert await record("k1", fenced.epoch)
+    newer = await fenced.take_over()
+    with pytest.raises(NotOwner, match="another controller holds it"):
+        await record("k2", fenced.epoch)
+    assert await fenced.connection.fetchval("SELECT count(*) FROM commands WHERE key = 'k2'") == 0
+    assert await record("k2", newer)
 
 
-
-async def test_the_store_saves_a_plan_state_only_under_its_buckets_live_epoch(url: str) -> None:
+async def test_the_store_saves_a_plan_state_only_under_its_buckets_live_epoch(fenced: Fenced) -> None:
     """A controller that wakes (paused past its lease) with a plan's outcome in hand must not overwrite what the
     bucket's new owner decided about that plan (it expired it at takeover)."""
-    store = await PostgresStore.open(url)
-    store.fence_commands = True
-    connection: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(url)
-    node = "node-a"
-    try:
-        [epoch] = (await claim(connection, "c1", [bucket_of(node)], TTL)).values()
-        incident = await store.open_incident(key="k", kind="unit_exited", node=node, unit="web", severity="error",
-                                             summary="web exited", rule="r", opened_at=1.0, evidence={})
-        running = PlanRecord(id="1-1", incident_id=incident.id, rule="r", attempt=1, state="running",
-                             created_at=1.0, updated_at=1.0)
-        await store.save_plan(running, fence=(node, epoch))
-        await connection.execute("UPDATE bucket_leases SET expires_at = now() WHERE bucket = $1", bucket_of(node))
-        [newer] = (await claim(connection, "c2", [bucket_of(node)], TTL)).values()
-        expired = dataclasses.replace(running, state="expired", updated_at=2.0)
-        await store.save_plan(expired, fence=(node, newer))
-        with pytest.raises(NotOwner, match="another controller holds it"):
-            await store.save_plan(dataclasses.replace(running, state="succeeded", updated_at=3.0), fence=(node, epoch))
-        stored = await store.get_plan("1-1")
-        assert stored is not None
-        assert stored.state == "expired"
-    finally:
-        await connection.close()
-        await store.close()
+    store, node = fenced.store, fenced.node
+    incident = await store.open_incident(key="k", kind="unit_exited", node=node, unit="web", severity="error",
+                                         summary="web exited", rule="r", opened_at=1.0, evidence={})
+    running = PlanRecord(id="1-1", incident_id=incident.id, rule="r", attempt=1, state="running",
+                         created_at=1.0, updated_at=1.0)
+    await store.save_plan(running, fence=(node, fenced.epoch))
+    newer = await fenced.take_over()
+    await store.save_plan(dataclasses.replace(running, state="expired", updated_at=2.0), fence=(node, newer))
+    with pytest.raises(NotOwner, match="another controller holds it"):
+        await store.save_plan(dataclasses.replace(running, state="succeeded", updated_at=3.0),
+                              fence=(node, fenced.epoch))
+    stored = await store.get_plan("1-1")
+    assert stored is not None
+    assert stored.state == "expired"
 
 
 async def test_bucket_epochs_start_above_every_epoch_a_single_controller_on_the_store_sent(url: str) -> None:
