@@ -217,6 +217,12 @@ async def test_a_migration_source_that_comes_back_keeps_its_unit(own_mosquitto: 
             placements = controller.engine.placements
             await eventually(lambda: (p := placements.current.get("solo")) is not None and p.node == node_a,
                              what="solo placed on node-a")
+
+            def standby_known() -> bool:  # else the migration has nowhere to go and is escalated at once
+                node = controller.fleet.nodes.get(node_b)
+                return node is not None and node.confirmed and \
+                    getattr(node.units.get("solo"), "state", None) == "stopped"
+            await eventually(standby_known, what="node-b's stopped copy of solo known to the controller")
             solo_a = agent_a.supervisor.entries["solo"]
             pid = solo_a.unit.pid
 
