@@ -87,7 +87,8 @@ class Effects:
         """Where plan tasks run (the engine's, while it runs)."""
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.unrecorded: dict[str, tuple[str, str, str]] = {}
-        """Plan outcomes the store refused (the disk full): plan id -> (state, detail), written again each pass."""
+        """Plan outcomes the store refused (the disk full): plan id -> (state, detail, the incident's node, which
+        fences the write), written again each pass."""
         self.log = get_logger("engine")
 
     async def apply_all(self, effects: Sequence[Effect], now: float) -> None:

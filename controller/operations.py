@@ -45,9 +45,9 @@ class Operations:
         self.fleet = fleet
         self.clock = clock
         self.silence_reported: set[str] = set()
+        """Silences whose end was reported (``report_expired_silences``)."""
         self._shared = asyncio.Lock()
         """Held while the pause or the silences are written or read back from the store."""
-        """Silences whose end was reported (``report_expired_silences``)."""
         self.log = get_logger("engine")
 
     async def approve(self, plan_id: str, who: str) -> PlanRecord:
@@ -113,10 +113,11 @@ class Operations:
                                  by="another controller")
             before = self.reconciler.silences
             await self.load_silences()
-        if self.reconciler.silences != before:
+            reloaded = self.reconciler.silences != before
+        if reloaded:
             self.log.info("engine.silences_loaded", silences=[x.id for x in self.reconciler.silences][:50],
                           by="another controller")
-        if changed or self.reconciler.silences != before:
+        if changed or reloaded:
             await self.fleet.notify()
 
     async def load_silences(self) -> None:
