@@ -287,6 +287,11 @@ async def test_a_signed_tiny_fence_after_still_waits_out_the_floor(own_mosquitto
         placements = controller.engine.placements
         await eventually(lambda: (p := placements.current.get("solo")) is not None and p.node == node_a,
                          what="solo placed on node-a")
+
+        def standby_known() -> bool:  # else the migration has nowhere to go and is escalated at once
+            node = controller.fleet.nodes.get(node_b)
+            return node is not None and node.confirmed and getattr(node.units.get("solo"), "state", None) == "stopped"
+        await eventually(standby_known, what="node-b's stopped copy of solo known to the controller")
         forged = agent_a.session + 1  # a small step: the session-jump rule refuses big ones
         await evil.publish(wire.node_topic(node_a, "report"), signed(wire.Report(
             node=node_a, session=forged, seq=1, ts=time.time(), host=host_metrics(),
