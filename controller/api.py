@@ -44,6 +44,7 @@ from starlette.types import Scope
 
 import selfheal
 from controller.api_actions import create_actions
+from controller.api_copies import create_copies
 from controller.api_gate import MUTATING, OPEN_PATHS, ApiGate, Tokens, problem
 from controller.engine import Engine
 from controller.fleet import Fleet, NodeState
@@ -433,6 +434,8 @@ def _fleet_routes(ctx: ApiContext) -> APIRouter:
         its nodes' counts, its nodes with a problem, one page of its nodes and their units."""
         return ViewOut.model_validate(_view(ctx, after, limit))
 
+    if ctx.peers is not None:  # several controllers: a migration across their buckets (controller.elsewhere)
+        router.include_router(create_copies(engine=ctx.engine, token=ctx.api_token, member=ctx.peers.member))
     return router
 
 

@@ -16,6 +16,7 @@ written to the shared store, which every controller reads back within a second.
 import hmac
 import re
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -69,21 +70,26 @@ class PauseOut(BaseModel):
     reason: str
 
 
-def create_actions(*, engine: Engine, store: Store, clock: Clock, token: str | None,
-                   peers: Peers | None = None) -> APIRouter:
+def authorised_by(token: str | None) -> Callable[[Request], str]:
+    """A dependency for mutating routes: the caller's actor name once its bearer token is the API token.
+
+    The gate in front of the app (``api_gate``) checked the token before the body was read; this second
+    check keeps every mutating route closed should it ever be mounted without the gate. Headers are read
+    from the request, not declared: the bearer scheme documents ``Authorization``, and the actor header is
+    free text for the audit trail."""
     def authorised(request: Request) -> str:
-        """The gate in front of the app (``api_gate``) checked the token before the body was read; this
-        second check keeps every mutating route closed should it ever be mounted without the gate. Headers
-        are read from the request, not declared: the bearer scheme documents ``Authorization``, and the
-        actor header is free text for the audit trail."""
         if token is None:
             raise HTTPException(503, NO_TOKEN)
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not given or not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(401, "a valid bearer token is required")
         return request.headers.get("x-selfheal-actor", "api")[:100] or "api"
+    return authorised
 
-    Actor = Annotated[str, Depends(authorised)]  # noqa: N806 - a type alias, named like one
+
+def create_actions(*, engine: Engine, store: Store, clock: Clock, token: str | None,
+                   peers: Peers | None = None) -> APIRouter:
+    Actor = Annotated[str, Depends(authorised_by(token))]  # noqa: N806 - a type alias, named like one
     router = APIRouter(prefix="/api/v1")
 
     async def human(action: Any, plan_id: str, actor: str, request: Request) -> dict[str, Any]:

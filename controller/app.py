@@ -36,6 +36,7 @@ from controller.anomaly_state import load_watch_state, save_watch_state
 from controller.api import ApiContext, create_api, datasets_view
 from controller.broker import embedded_broker
 from controller.dispatcher import Dispatcher
+from controller.elsewhere import PeerCopies
 from controller.engine import Engine
 from controller.fleet import Fleet
 from controller.fleet_index import FleetIndex
@@ -244,9 +245,13 @@ class Controller:
         return f"{host}:{self.api_port}"
 
     def _api_context(self, store: Store, engine: Engine, peers: Peers | None) -> ApiContext:
+        """The API's context; with peers and a token, the dispatcher's way to migrate across buckets too."""
+        token = self._api_token()
+        if peers is not None and token is not None:
+            engine.dispatcher.elsewhere = PeerCopies(peers, token)
         return ApiContext(fleet=self.fleet, store=store, engine=engine, metrics=self.metrics,
                           clock=self.clock, offline_after=self.config.controller.offline_after,
-                          broker_connected=self.link.connected, api_token=self._api_token(),
+                          broker_connected=self.link.connected, api_token=token,
                           read_token_file=self.config.security.api_read_token_file,
                           alerts=self.alerts, alerts_ttl=self.config.controller.alerts.ttl,
                           unknown_nodes=self.unknown_nodes, index=self.index, peers=peers)
@@ -263,10 +268,12 @@ class Controller:
         return f"http://{f'[{host}]' if ':' in host else host}:{self.api_port}"
 
     async def _follow_shared(self, engine: Engine, stop: asyncio.Event) -> None:
-        """Every second, take up the pause and silences another controller wrote to the shared store."""
+        """Every second, take up the pause, silences and placements other controllers wrote to the shared store."""
         while not stop.is_set():
             try:
                 await engine.operations.sync_shared()
+                if await engine.placements.sync(engine.store):
+                    await self.fleet.notify()
             except StoreError as exc:
                 log.warning("controller.shared_unread", error=str(exc)[:300])
             with contextlib.suppress(TimeoutError):

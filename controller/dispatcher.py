@@ -22,6 +22,10 @@ stopping or starting anything (``fence_aborted``/``source_returned``, plan
 cancelled); if not, it is stopped there by command before the start.
 Then it verifies the target (healthy, or the finding cleared) within the
 deadline and for the stable period. Every step lands in the audit trail.
+With several controllers, "some other node" includes every other
+controller's nodes (asked; one that does not answer stops the start), and the
+target may be a standby copy on a node another controller acts on, which that
+controller starts (``controller.elsewhere``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, assert_never
 
 from controller.datasets import Localisations
+from controller.elsewhere import MIGRATE_START, Copies, Elsewhere
 from controller.fleet import Fleet, unit_is_healthy
 from controller.notify import Notification, Notifier, incident_labels
 from controller.ownership import Ownership, require_epoch
@@ -67,6 +72,8 @@ Recheck = Callable[[], bool]
 Audit = Callable[[str, dict[str, object]], Awaitable[None]]
 FENCE_FLOOR = 20.0
 """``controller.fence_floor``'s default: seconds of silence before a standby copy may start, at least."""
+FORWARD_SLACK = 5.0
+"""Seconds beyond the ack timeout another controller has to answer a start it was asked for."""
 RESYNC_ACK_TIMEOUT = 600.0
 """Seconds to wait for an agent to finish one resync command (it acks when the repair is done)."""
 
@@ -109,6 +116,9 @@ class Dispatcher:
         self.localisations = localisations or Localisations()
         self.resync = resync or ResyncPlanner(fleet=fleet, keys=keys, clock=clock, localisations=self.localisations,
                                               verify=peer_tls)
+        self.elsewhere: Elsewhere | None = None
+        """The other controllers, asked for a migration's other copies and targets (several controllers with an
+        API token: ``controller.elsewhere``)."""
         self.log = get_logger("dispatcher")
 
     def on_result(self, node: str, result: wire.CommandResult) -> None:
@@ -158,7 +168,7 @@ class Dispatcher:
         if isinstance(step, RestartUnit | StopUnit | StartUnit):
             await self._command(plan, incident, index, step.node, unit_command(step), audit=audit)
         elif isinstance(step, MigrateUnit):
-            self._refuse_second_copy(step)
+            await self._second_copy_or_target(step)
             if not self._reachable(step.source) and await self._await_fence(step, audit):
                 if not recheck():  # back, and running the unit again (a network blip, a replayed will)
                     await audit("fence_aborted", {"node": step.source, "unit": step.unit,
@@ -168,8 +178,12 @@ class Dispatcher:
                                               "reason": "the node came back without the unit: stopping it there"})
             if self._reachable(step.source):
                 await self._command(plan, incident, index, step.source, wire.StopUnit(unit=step.unit), audit=audit)
-            self._refuse_second_copy(step)
-            await self._command(plan, incident, index + 100, step.target, wire.StartUnit(unit=step.unit), audit=audit)
+            target, controller = await self._second_copy_or_target(step)
+            start = index + MIGRATE_START
+            if controller is None:
+                await self._command(plan, incident, start, target, wire.StartUnit(unit=step.unit), audit=audit)
+            else:
+                await self._start_elsewhere(plan, incident, start, step.unit, target, controller, audit)
         elif isinstance(step, Notify):
             node = self.fleet.nodes.get(incident.node)
             deliveries = await self.notifier.notify(Notification(
@@ -204,12 +218,48 @@ class Dispatcher:
         snapshot = self.fleet.snapshot(node)
         return snapshot is not None and snapshot.confirmed and self._reachable(node)
 
-    def _refuse_second_copy(self, step: MigrateUnit) -> None:
+    async def _second_copy_or_target(self, step: MigrateUnit) -> tuple[str, str | None]:
+        """Refuse when a node other than the source runs the unit — this controller's or, with several, any
+        other's (asked: one that does not answer makes it unknown, and nothing starts); else the node to
+        start it on, and the other controller that acts on it (None: this one)."""
         snapshots, offline = self.fleet.snapshots(self.clock.wall(), self.offline_after)
         others = [n for n in runners(step.unit, snapshots.values(), offline, unconfirmed=True) if n != step.source]
+        copies = Copies({}, {})
+        if self.ownership.partial():
+            if self.elsewhere is None:
+                if step.target is None:
+                    raise PermanentRemediationError(
+                        f"no node this controller acts on holds a standby copy of {step.unit}, and it cannot ask "
+                        "the other controllers (no API token: security.api_token_file)")
+            else:
+                copies = await self.elsewhere.copies(step.unit)
+        others += sorted(n for n in copies.runners if n != step.source)
         if others:
             raise PermanentRemediationError(f"{step.unit} already runs on {', '.join(others)}: starting it on "
-                                            f"{step.target} would make a second copy")
+                                            f"{step.target or 'a standby node'} would make a second copy")
+        if step.target is not None:
+            return step.target, None
+        targets = sorted(n for n in copies.standby if n != step.source)
+        if not targets:
+            raise PermanentRemediationError(f"no healthy online node holds a standby copy of {step.unit}, here or "
+                                            "on the nodes the other controllers act on")
+        return targets[0], copies.standby[targets[0]]
+
+    async def _start_elsewhere(self, plan: Plan, incident: Incident, index: int, unit: str,  # noqa: PLR0917
+                               node: str, controller: str, audit: Audit) -> None:
+        """Have the controller that acts on ``node`` start the standby copy there (``controller.elsewhere``);
+        it records, sends and audits the command under its epoch."""
+        assert self.elsewhere is not None  # noqa: S101 - a target elsewhere comes only from it
+        await audit("start_asked", {"node": node, "unit": unit, "controller": controller})
+        # Until the other controller answers, its command may be out: hold the incident as for one sent here.
+        self._unacked[incident.id] = self.clock.wall() + self.ack_timeout + self.command_ttl
+        started = await self.elsewhere.start(controller=controller, node=node, unit=unit, plan_id=plan.id,
+                                             incident_id=incident.id, step=index,
+                                             timeout=self.ack_timeout + FORWARD_SLACK)
+        self._unacked.pop(incident.id, None)
+        if started.status != "done":
+            raise RemediationError(f"agent {node} answered {started.status}: {started.detail} "
+                                   f"(sent by controller {started.controller})")
 
     async def _await_fence(self, step: MigrateUnit, audit: Audit) -> bool:
         """Wait until the unreachable source's copy is surely stopped (False), or the source comes back (True)."""
@@ -237,22 +287,29 @@ class Dispatcher:
 
     async def _command(self, plan: Plan, incident: Incident, index: int, node: str, step: wire.CommandStep, *,
                        audit: Audit, timeout: float | None = None) -> None:
+        if not self.ownership.owns(node) and self.ownership.owns(incident.node):
+            raise PermanentRemediationError(f"{node} is in bucket {wire.bucket_of(node)}, which another controller "
+                                            f"holds: {incident.node}'s controller sends it nothing")
+        result = await self.send(node, step, key=idempotency_key(node, incident.id, index, plan.attempt),
+                                 plan_id=plan.id, incident_id=incident.id, audit=audit, timeout=timeout)
+        if result.status != "done":
+            raise RemediationError(f"agent {node} answered {result.status}: {result.detail}")
+
+    async def send(self, node: str, step: wire.CommandStep, *, key: str, plan_id: str, incident_id: int,
+                   audit: Audit, timeout: float | None = None) -> wire.CommandResult:
+        """Record the command under ``node``'s epoch, sign and publish it, and wait for the agent's answer."""
         key_bytes = self.keys(node)
         if key_bytes is None:
             raise PermanentRemediationError(f"no signing key for node {node}: sent nothing "
                                             f"(add {node}.key to the key dir)")
-        if not self.ownership.owns(node) and self.ownership.owns(incident.node):
-            raise PermanentRemediationError(f"{node} is in bucket {wire.bucket_of(node)}, which another controller "
-                                            f"holds: {incident.node}'s controller sends it nothing")
         epoch = require_epoch(self.ownership, node)  # NotOwner: the incident's bucket moved; its new owner carries on
         now = self.clock.wall()
-        key = idempotency_key(node, incident.id, index, plan.attempt)
         command = wire.sign_command(wire.Command(
             id=uuid.uuid4().hex, key=key, node=node, epoch=epoch, issued_at=now,
             expires_at=now + self.command_ttl, step=step), key_bytes)
         payload = wire.encode(command)
         try:
-            recorded = await self.store.record_command(key=key, command_id=command.id, plan_id=plan.id, node=node,
+            recorded = await self.store.record_command(key=key, command_id=command.id, plan_id=plan_id, node=node,
                                                        epoch=epoch, issued_at=now, payload=payload)
         except StoreError as exc:  # unrecorded, a restarted controller could issue it again: never sent
             raise RemediationError(f"{type(step).__name__} for {node} not sent: it could not be recorded first "
@@ -261,7 +318,7 @@ class Dispatcher:
             raise PermanentRemediationError(f"command {key} was already issued; not sending it twice")
         future: asyncio.Future[wire.CommandResult] = asyncio.get_running_loop().create_future()
         self._pending[command.id] = (node, future)
-        self._unacked[incident.id] = max(self._unacked.get(incident.id, 0.0), command.expires_at)
+        self._unacked[incident_id] = max(self._unacked.get(incident_id, 0.0), command.expires_at)
         try:
             self.link.publish(wire.node_topic(node, "commands"), payload, qos=1)
             target = ({"dataset": step.dataset, "files": [f.path for f in step.files]}
@@ -289,11 +346,10 @@ class Dispatcher:
             result = future.result()
         finally:
             self._pending.pop(command.id, None)
-        self._unacked.pop(incident.id, None)
+        self._unacked.pop(incident_id, None)
         await audit("command_result", {"node": node, "command": command.id, "status": result.status,
                                        "detail": result.detail})
-        if result.status != "done":
-            raise RemediationError(f"agent {node} answered {result.status}: {result.detail}")
+        return result
 
     async def _verify(self, target: Verification, before: wire.UnitReport | None, recheck: Recheck,
                       audit: Audit) -> PlanOutcome:

@@ -80,7 +80,8 @@ class Engine:
         """Where each movable singleton runs (``controller.placement``), shared with the dispatcher."""
         self.reconciler = Reconciler(rulebook, budget)
         self.observer = Observer(fleet, settings, placements=self.placements, anomalies=anomalies,
-                                 external=external, group_label=self.reconciler.budget.group_label)
+                                 external=external, group_label=self.reconciler.budget.group_label,
+                                 owns=dispatcher.ownership.owns, elsewhere=dispatcher.ownership.partial)
         fleet.on_evict = self.observer.forget
         self.effects = Effects(fleet=fleet, store=store, rulebook=rulebook, reconciler=self.reconciler,
                                dispatcher=dispatcher, clock=clock, metrics=metrics, notifier=notifier,

@@ -73,8 +73,15 @@ def observe_node(snapshot: NodeSnapshot, now: float, settings: DetectorSettings)
 class Observer:
     def __init__(self, fleet: Fleet, settings: DetectorSettings, *, placements: Placements, group_label: str,
                  anomalies: AnomalyWatch | None = None,
-                 external: Callable[[float], list[Finding]] | None = None) -> None:
+                 external: Callable[[float], list[Finding]] | None = None,
+                 owns: Callable[[str], bool] = lambda node: True,
+                 elsewhere: Callable[[], bool] = lambda: False) -> None:
         self.fleet = fleet
+        self.owns = owns
+        """Whether this controller acts on a node now: a movable unit placed on a node it does not act on is
+        its controller's to find lost, never this one's (``Ownership.owns``)."""
+        self.elsewhere = elsewhere
+        """Whether other controllers act on part of the fleet (``Ownership.partial``)."""
         self.settings = settings
         self.placements = placements
         self.group_label = group_label
@@ -122,15 +129,16 @@ class Observer:
             self._observe(node, now)
         self._replace("external", self.external(now) if self.external is not None else ())
         self.placements.observe(self.movable, self.running, now)
-        self._replace("lost", detect_lost_units(self.placements.placements(), self.running, self.fleet.snapshot,
-                                                self.offline))
+        placed_here = [p for p in self.placements.placements() if self.owns(p.node)]
+        self._replace("lost", detect_lost_units(placed_here, self.running, self.fleet.snapshot, self.offline))
         for name in sorted(self._dirty_datasets):
             self._observe_dataset(name)
         self._dirty_datasets.clear()
 
     def view(self) -> FleetView:
         return FleetView(offline=frozenset(self.offline), groups=self.groups, group_sizes=self.group_sizes,
-                         replicas=self.replicas, standby=self.standby, datasets=self.datasets)
+                         replicas=self.replicas, standby=self.standby, datasets=self.datasets,
+                         elsewhere=self.elsewhere())
 
     def next_due(self) -> float:
         """The earliest time a node comes due (``math.inf``: none)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from selfheal.errors import SelfhealError
-from selfheal.wire import bucket_of
+from selfheal.wire import BUCKETS, bucket_of
 
 if TYPE_CHECKING:
     from controller.leases import LeaseKeeper
@@ -32,6 +32,10 @@ class Ownership(Protocol):
 
     def owns(self, node: str) -> bool: ...
 
+    def partial(self) -> bool:
+        """Whether other controllers act on some nodes now (this one holds fewer than all buckets)."""
+        ...
+
 
 class Sole:
     """The only controller: every node, one epoch (``Store.next_epoch`` at start)."""
@@ -45,6 +49,9 @@ class Sole:
     def owns(self, node: str) -> bool:
         return True
 
+    def partial(self) -> bool:
+        return False
+
 
 class Leased:
     """The nodes of the buckets whose leases this controller holds now, each under its bucket's epoch."""
@@ -57,6 +64,9 @@ class Leased:
 
     def owns(self, node: str) -> bool:
         return self.epoch_of(node) is not None
+
+    def partial(self) -> bool:
+        return len(self.keeper.owned()) < BUCKETS
 
 
 def require_epoch(ownership: Ownership, node: str) -> int:

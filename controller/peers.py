@@ -94,16 +94,17 @@ class Peers:
         return ({m: a for m, a in zip(ids, answers, strict=True) if a is not None},
                 [m for m, a in zip(ids, answers, strict=True) if a is None])
 
-    async def forward(self, method: str, path: str, headers: Mapping[str, str], *,
-                      first: str | None = None) -> httpx.Response | None:
+    async def forward(self, method: str, path: str, headers: Mapping[str, str], *, first: str | None = None,
+                      json: Any = None, timeout: float | None = None) -> httpx.Response | None:
         """Send the call to the peers, ``first`` first, until one is not 421 (not the owner); None: none
-        answered that way."""
+        answered that way. ``timeout``: seconds each may take, when longer than the usual."""
         members = dict(self.members())
         order = sorted(members, key=lambda m: (m != first, m))
         for member in order:
             try:
-                answer = await self._http().request(method, f"{members[member].rstrip('/')}{path}",
-                                                    headers=self._headers(headers))
+                answer = await self._http().request(method, f"{members[member].rstrip('/')}{path}", json=json,
+                                                    headers=self._headers(headers),
+                                                    timeout=max(timeout or 0.0, self.timeout))
             except httpx.HTTPError as exc:
                 self.failed(member, path, exc)
                 continue

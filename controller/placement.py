@@ -27,6 +27,22 @@ class Placements:
     async def load(self, store: Store) -> None:
         self.current = {p.unit: p for p in await store.list_placements()}
 
+    async def sync(self, store: Store) -> bool:
+        """Take up what other controllers recorded (several controllers share the store): a unit moved to a
+        node another controller acts on is that controller's to find lost from then on. What this one
+        recorded meanwhile, saved or not, stands; it runs here, and the next pass records it again."""
+        before = dict(self.current)
+        stored = {p.unit: p for p in await store.list_placements()}
+        changed = False
+        for unit, record in stored.items():
+            known = self.current.get(unit)
+            if known is before.get(unit) and unit not in self._unsaved and known != record:
+                self.current[unit] = record
+                changed = True
+                self.log.info("placement.synced", unit=unit, node=record.node,
+                              previous=known.node if known else None)
+        return changed
+
     def observe(self, movable: Mapping[str, Mapping[str, float]], running: Mapping[str, Collection[str]],
                 now: float) -> None:
         """Record the node each movable singleton runs on now (one node: the first, sorted, if two do).

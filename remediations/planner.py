@@ -106,6 +106,9 @@ class Context:
     replicas: int = 1
     standby: Sequence[str] = ()
     """Healthy online nodes that hold a stopped copy of the unit (migration targets), best first."""
+    elsewhere: bool = False
+    """Other controllers act on part of the fleet: a migration without a ``standby`` here may still find
+    one on their nodes (asked when the step runs)."""
     rule_starts: Sequence[float] = ()
     paused: bool = False
     pause_reason: str = ""
@@ -184,7 +187,7 @@ def _cannot_apply(rung: RungPolicy, target: Target, ctx: Context) -> str:
     action = named(rung.action)
     if action.needs_unit and target.unit is None:
         return f"{action.name} needs a unit; the finding names none"
-    if action.name == "migrate" and not ctx.standby:
+    if action.name == "migrate" and not ctx.standby and not ctx.elsewhere:
         return "no healthy online node holds a standby copy of the unit"
     if action.name == "resync":
         if target.kind != "dataset_divergent" or not ctx.dataset:
@@ -265,6 +268,9 @@ def _steps(action: Action, target: Target, rule: Policy,
             steps = (StopUnit(node, unit), StartUnit(node, unit))
         case "migrate":
             assert unit is not None  # noqa: S101 - _cannot_apply skipped unit-less rungs
+            if not ctx.standby:  # another controller's node, chosen when the step runs: verified by the finding
+                steps = (MigrateUnit(unit=unit, source=target.node, target=None),)
+                return steps, Verification("cleared", node, None, rule.verify_within, rule.stable_for)
             node = ctx.standby[0]
             steps = (MigrateUnit(unit=unit, source=target.node, target=node),)
         case "resync":

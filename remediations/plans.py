@@ -50,11 +50,15 @@ class StartUnit:
 
 @dataclass(frozen=True, slots=True)
 class MigrateUnit:
-    """Move a singleton unit: stop it on ``source`` (if reachable), start it on ``target``."""
+    """Move a singleton unit: stop it on ``source`` (if reachable), start it on ``target``.
+
+    ``target`` None: no node this controller acts on holds a standby copy, and other controllers act on
+    part of the fleet (several controllers): one of their nodes' standby copies is chosen, and started by
+    its controller, when the step runs (``controller.dispatcher``)."""
 
     unit: str
     source: str
-    target: str
+    target: str | None
     kind: Literal["migrate_unit"] = "migrate_unit"
 
     @property

@@ -89,6 +89,8 @@ class FleetView:
     """unit name → nodes that run a copy."""
     standby: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """unit name → online nodes holding a stopped copy (migration candidates)."""
+    elsewhere: bool = False
+    """Other controllers act on part of the fleet (their nodes are not in this view)."""
     datasets: Mapping[str, tuple[Replica, ...]] = field(default_factory=dict)
     """dataset name → every replica (``in_incident`` is filled in here, from the open incidents)."""
 
@@ -479,7 +481,7 @@ class Reconciler:
         ctx = Context(
             incident_plans=incident.plans, running=tuple(self.running.values()), budget=self.budget,
             group=group, group_size=max(1, group_sizes.get(group, 1)),
-            replicas=max(1, fleet.replicas.get(symptom.unit or "", 1)), standby=standby,
+            replicas=max(1, fleet.replicas.get(symptom.unit or "", 1)), standby=standby, elsewhere=fleet.elsewhere,
             rule_starts=tuple(self.rule_starts.get(rule.name, ())), paused=self.paused,
             pause_reason=self.pause_reason, silences=tuple(self.silences), stats=self.stats,
             unit_history=self._unit_history(target_key))

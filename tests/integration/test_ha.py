@@ -949,3 +949,93 @@ def test_any_controller_shows_the_whole_fleet_and_takes_approvals_pauses_and_sil
     scraped = httpx.get(ha.api_of("c1") + "/metrics", timeout=10).text
     assert 'selfheal_peer_requests_failed_total{peer="c3"} 2.0' in scraped
     ha.check_running([*members, "c3"])
+
+
+# --- 7. a migration across two controllers' buckets ----------------------------------------------------
+
+MIGRATE_RULES = """version: 1
+rules:
+  - name: migrate-lost-unit
+    match: {kind: unit_lost}
+    ladder: [{action: migrate, attempts: 2, backoff: {first: 0, base: 1, factor: 2, max: 5, jitter: 0}},
+             {action: notify}]
+    verify: {within: 30, stable_for: 1}
+    cooldown: 1
+    resolve_after: 2
+"""
+
+
+def solo_unit(starts: Path, *, autostart: bool) -> str:
+    """A movable singleton that counts its starts; ``autostart = false``: a standby copy."""
+    code = f"import os, time; open({str(starts)!r}, 'a').write(f'{{os.getpid()}}\\n'); time.sleep(3600)"
+    return (f'[[agent.units]]\nname = "solo"\nkind = "process"\nstop_grace = 1.0\nstop_after_disconnect = 1.0\n'
+            f"autostart = {'true' if autostart else 'false'}\n"
+            f"command = [{json.dumps(sys.executable)}, \"-c\", {json.dumps(code)}]\n")
+
+
+def test_a_unit_lost_with_its_node_moves_to_a_standby_copy_on_a_node_another_controller_acts_on(ha: HA) -> None:
+    """node-a (c1's) runs ``solo``; its only standby copy is on node-b (c2's). node-a's agent is killed: c1
+    finds solo lost, waits out the fence, asks c2, which starts the copy on node-b under its own epoch —
+    once. One incident, one audit chain; c1 then reads the new placement and finds nothing lost on node-b."""
+    members = ["c1", "c2"]
+    owners = expected_owners(members)
+    node_a, node_b = pick_nodes(lambda b: owners[b] == "c1", lambda b: owners[b] == "c2")
+    ha.rules = ha.root / "rules.yaml"
+    ha.rules.write_text(MIGRATE_RULES)
+    ha.watch_commands()
+    ha.start_controllers(*members, extra="fence_floor = 2.0\n")
+    ha.wait_settled(members)
+    starts = {node: ha.root / f"{node}.starts" for node in (node_a, node_b)}
+    agent_a = ha.start(node_a, "agent", ha.write_agent(node_a, solo_unit(starts[node_a], autostart=True)))
+    ha.start(node_b, "agent", ha.write_agent(node_b, solo_unit(starts[node_b], autostart=False)))
+    eventually_sync(lambda: len(started(starts[node_a])) == 1, timeout=60, what=f"solo started on {node_a}")
+
+    def placed_and_ready() -> bool:  # c1 recorded solo on node-a, and c2 offers node-b's copy as a target
+        try:
+            units = ha.get_from("c1", "/api/v1/units", node=node_a, scope="local")["items"]
+            copies = ha.get_from("c2", "/api/v1/copies/solo")
+        except httpx.HTTPError:
+            return False
+        return any(u["name"] == "solo" and u["state"] == "running" for u in units) and \
+            copies == {"runners": [], "standby": [node_b]} and bool(ha.events("c1", "placement.recorded"))
+    eventually_sync(placed_and_ready, timeout=SETTLE, what=f"c1 placing solo on {node_a}, c2 offering {node_b}")
+
+    # A start nobody's migration asked for is refused, with the token and without.
+    forged = {"node": node_b, "plan": "1-1", "incident": 1, "step": 100}
+    response = httpx.post(ha.api_of("c2") + "/api/v1/copies/solo/start", json=forged, timeout=10,
+                          headers={"authorization": f"Bearer {ha.token_file.read_text().strip()}"})
+    assert response.status_code == 409, response.text
+    assert httpx.post(ha.api_of("c2") + "/api/v1/copies/solo/start", json=forged, timeout=10).status_code == 401
+
+    agent_a.kill()
+    agent_a.wait()
+    eventually_sync(lambda: len(started(starts[node_b])) == 1, timeout=HEAL, what=f"solo started on {node_b}")
+
+    def lost() -> list[dict[str, Any]]:  # node-a stays offline: its node_offline incident stays open
+        return [i for i in ha.incidents("c2", node_a) if i["kind"] == "unit_lost"]
+    eventually_sync(lambda: [i["state"] for i in lost()] == ["resolved"], timeout=HEAL,
+                    what=f"solo's unit_lost incident on {node_a} resolved")
+    [incident] = lost()
+    assert incident["unit"] == "solo"
+    timeline = ha.detail("c2", incident["id"])["timeline"]
+    kinds = [e["kind"] for e in timeline]
+    assert {"fence_wait", "fenced", "start_asked"} <= set(kinds), kinds
+    sent = [e["data"] for e in timeline if e["kind"] == "command_sent"]
+    assert [(s["node"], s["step"], s["controller"]) for s in sent] == [(node_b, "StartUnit", "c2")], sent
+    assert sent[0]["epoch"] in ha.grants("c2", bucket_of(node_b))
+    wire = ha.commands(node_b)
+    assert [(c["id"], c["epoch"]) for c in wire] == [(sent[0]["command"], sent[0]["epoch"])]
+    assert len(ha.executed(node_b)) == 1
+    assert ha.opened_by(members, node_a) == ["c1"]
+
+    # c1 took up where solo runs now: nothing is lost on node-b, for either controller.
+    eventually_sync(lambda: any(line.get("unit") == "solo" and line.get("node") == node_b
+                                for line in ha.events("c1", "placement.synced")),
+                    timeout=SETTLE, what="c1 reading solo's placement on node-b")
+    assert ha.incidents("c1", node_b) == []
+    assert ha.opened_by(members, node_b) == []
+    assert started(starts[node_b]) == started(starts[node_b])[:1]
+    verified = ha.audit_verify()
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    ha.check_epochs(members)
+    ha.check_running(members)

@@ -13,6 +13,7 @@ import controller.observe
 from controller.fleet import Fleet
 from controller.observe import Observer
 from controller.placement import Placements
+from controller.store import PlacementRecord
 from detectors.model import DetectorSettings, Finding, NodeSnapshot
 from detectors.registry import EPSILON, detect_node
 from selfheal.wire import (
@@ -256,3 +257,44 @@ def test_a_node_back_from_a_partition_runs_nothing_until_its_first_report_says_s
     seen.refresh(T0 + 21)
     assert seen.running["solo"] == {"node-b"}
     assert "node-a" not in seen.offline
+
+
+def test_a_unit_placed_on_a_node_another_controller_acts_on_is_never_found_lost_here() -> None:
+    """With several controllers, each holds only its own buckets' nodes: a singleton placed on another
+    controller's node runs nowhere this one can see, yet it is that controller's to find lost, never this
+    one's (which would open an incident it cannot act on, or start a second copy)."""
+    fleet = Fleet()
+    placements = Placements()
+    placements.current = {"solo": PlacementRecord("solo", "node-x", 12.0, T0),
+                          "mine": PlacementRecord("mine", "node-b", 12.0, T0)}  # node-b: never heard
+    seen = Observer(fleet, SETTINGS, placements=placements, group_label="rack", owns=lambda node: node != "node-x",
+                    elsewhere=lambda: True)
+    join(fleet, "node-a", T0, unit("other"))
+    seen.refresh(T0)
+    assert [s.unit for s in seen.symptoms.values() if s.kind == "unit_lost"] == ["mine"]
+    assert seen.view().elsewhere
+
+
+class PlacementStore:
+    def __init__(self, *records: PlacementRecord) -> None:
+        self.rows = {r.unit: r for r in records}
+
+    async def list_placements(self) -> list[PlacementRecord]:
+        return sorted(self.rows.values(), key=lambda r: r.unit)
+
+    async def save_placement(self, record: PlacementRecord) -> None:
+        self.rows[record.unit] = record
+
+
+async def test_placements_another_controller_recorded_are_taken_up_and_what_runs_here_stands() -> None:
+    store = PlacementStore(PlacementRecord("solo", "node-a", 12.0, T0), PlacementRecord("here", "node-a", 12.0, T0))
+    placements = Placements()
+    await placements.load(store)  # type: ignore[arg-type]
+    placements.observe({"here": {"node-b": 12.0}}, {"here": {"node-b"}}, T0 + 5)  # recorded, not yet saved
+    store.rows["solo"] = PlacementRecord("solo", "node-x", 12.0, T0 + 6)  # moved by another controller
+    store.rows["here"] = PlacementRecord("here", "node-y", 12.0, T0 + 6)
+    assert await placements.sync(store)  # type: ignore[arg-type]
+    assert (placements.current["solo"].node, placements.current["here"].node) == ("node-x", "node-b")
+    assert not await placements.sync(store)  # type: ignore[arg-type]
+    await placements.save(store)  # type: ignore[arg-type]
+    assert store.rows["here"].node == "node-b"

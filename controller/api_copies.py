@@ -1,0 +1,78 @@
+"""What controllers ask each other for a migration across their buckets (``controller.elsewhere``).
+
+- ``GET /api/v1/copies/{unit}``: this controller's nodes that run the unit and
+  its healthy online nodes holding a standby copy (a read: the read token, if
+  reads are protected).
+- ``POST /api/v1/copies/{unit}/start``: start the standby copy on one of this
+  controller's nodes for another controller's running migration plan (the API
+  token). 421: this controller does not act on the node; 409: refused (not a
+  running migration of an open ``unit_lost`` incident of the unit, no standby
+  copy there, the unit runs already, the command was issued before); 504: sent,
+  and the agent did not answer in time.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the route signatures' aliases, defined in the factory.
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Path
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+
+from controller.api_actions import authorised_by
+from controller.elsewhere import copies_here, start_here
+from controller.engine import Engine
+from controller.ownership import NotOwner
+from selfheal.errors import PermanentRemediationError, RemediationError
+from selfheal.wire import NAME_PATTERN
+
+NAME = NAME_PATTERN
+
+
+class CopiesOut(BaseModel):
+    runners: list[str]
+    """This controller's nodes that run the unit (starting or running)."""
+    standby: list[str]
+    """This controller's healthy online nodes holding a stopped copy (migration targets)."""
+
+
+class StartIn(BaseModel):
+    node: str = Field(pattern=NAME)
+    plan: str = Field(max_length=100, description="the asking controller's running migration plan")
+    incident: int = Field(ge=0, description="the plan's unit_lost incident")
+    step: int = Field(ge=0, le=1_000_000, description="the step index the idempotency key is derived from")
+
+
+class StartOut(BaseModel):
+    status: Literal["done", "failed", "rejected", "duplicate"]
+    """The agent's answer (``wire.CommandResult``)."""
+    detail: str
+    controller: str
+    command: str
+
+
+def create_copies(*, engine: Engine, token: str | None, member: str) -> APIRouter:
+    Actor = Annotated[str, Depends(authorised_by(token))]  # noqa: N806 - a type alias, named like one
+    Unit = Annotated[str, Path(pattern=NAME)]  # noqa: N806 - a type alias, named like one
+    router = APIRouter(prefix="/api/v1/copies")
+
+    @router.get("/{unit}")
+    async def copies(unit: Unit) -> CopiesOut:
+        running, standby = copies_here(engine, unit)
+        return CopiesOut(runners=running, standby=standby)
+
+    @router.post("/{unit}/start", responses={401: {}, 409: {}, 421: {}, 503: {}, 504: {}})
+    async def start(unit: Unit, body: StartIn, actor: Actor) -> StartOut:
+        try:
+            result = await start_here(engine, unit=unit, node=body.node, plan_id=body.plan,
+                                      incident_id=body.incident, step=body.step, controller=member)
+        except NotOwner as exc:
+            raise HTTPException(421, str(exc)) from None
+        except PermanentRemediationError as exc:
+            raise HTTPException(409, str(exc)) from None
+        except RemediationError as exc:
+            raise HTTPException(504, str(exc)) from None
+        engine.log.info("copies.started_for_peer", unit=unit, node=body.node, plan=body.plan, asked_by=actor,
+                        status=result.status)
+        return StartOut(status=result.status, detail=result.detail, controller=member, command=result.command_id)
+
+    return router
