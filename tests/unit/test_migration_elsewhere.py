@@ -8,17 +8,30 @@ not answer makes it unknown and nothing starts, and a standby copy on their node
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import pytest
+
+from agent.ledger import Ledger
 from controller.elsewhere import Copies, Started
 from remediations.planner import Context, Propose, Target, plan_remediation
 from remediations.plans import MigrateUnit, Plan
 from remediations.state import TargetState
 from rules.model import Backoff, Rule, Rung
 from selfheal.errors import RemediationError
-from tests.unit.test_action_registry import SOURCE, STANDBY, T0, World, world  # noqa: F401 - the fixture
+from tests.unit.test_action_registry import KEYS, SOURCE, STANDBY, T0, World
 
 REMOTE = "node-9"
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    with ExitStack() as stack:
+        ledgers = {n: stack.enter_context(Ledger(tmp_path / f"{n}.sqlite3").open(T0)) for n in KEYS}
+        yield World(ledgers)
 
 
 class Partial:
@@ -80,8 +93,9 @@ async def test_a_copy_running_on_another_controllers_node_stops_the_migration(wo
     others = elsewhere_of(world, Others(runners={REMOTE: "c2"}, standby={"node-8": "c2"}))
     outcome = await world.run(migration(standby=(STANDBY,), elsewhere=True))
     assert outcome.outcome == "failed"
-    assert REMOTE in outcome.detail and "second copy" in outcome.detail
-    assert world.sent == [] and others.starts == []
+    assert REMOTE in outcome.detail
+    assert "second copy" in outcome.detail
+    assert (world.sent, others.starts) == ([], [])
 
 
 async def test_a_controller_that_does_not_answer_leaves_it_unknown_and_nothing_starts(world: World) -> None:
@@ -89,7 +103,7 @@ async def test_a_controller_that_does_not_answer_leaves_it_unknown_and_nothing_s
     outcome = await world.run(migration(standby=(STANDBY,), elsewhere=True))
     assert outcome.outcome == "failed"
     assert "cannot tell" in outcome.detail
-    assert world.sent == [] and others.starts == []
+    assert (world.sent, others.starts) == ([], [])
 
 
 async def test_a_standby_copy_on_another_controllers_node_is_started_by_that_controller(world: World) -> None:
@@ -108,7 +122,7 @@ async def test_no_standby_copy_anywhere_fails_before_anything_is_stopped(world: 
     outcome = await world.run(migration(standby=(), elsewhere=True))
     assert outcome.outcome == "failed"
     assert "no healthy online node holds a standby copy" in outcome.detail
-    assert world.sent == [] and others.starts == []
+    assert (world.sent, others.starts) == ([], [])
 
 
 async def test_without_a_way_to_ask_the_others_a_target_elsewhere_fails_clearly(world: World) -> None:
