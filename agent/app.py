@@ -74,6 +74,7 @@ from agent.fencing import Contact, fence_after, run_fencing
 from agent.http_server import bind_listen, peer_server
 from agent.ledger import Ledger
 from agent.lifecycle import agent_service
+from agent.metrics import AgentMetrics, Figures
 from agent.resync import DatasetResyncer
 from agent.supervisor import DEFAULT_KINDS, Supervisor
 from agent.units.base import UnitContext, UnitFactory
@@ -192,9 +193,13 @@ class AgentApp:
         self.fallback = Fallback(node_id=self.node_id, session=session, policy=Policy.of(config),
                                  enabled=agent.fallback, units=self.supervisor, ledger=ledger, clock=clock,
                                  emit=self.emit, connected=self.link.connected.is_set, present=self._controller_present)
+        self.refused: Counter[str] = Counter()
+        """Requests the dataset peer API refused, by reason."""
+        self.metrics = AgentMetrics(Figures(node=self.node_id, messages=lambda: self.counts,
+                                            commands=lambda: self.executor.counts, refused=lambda: self.refused))
         self.http = peer_server(http_socket, node_id=self.node_id, key=key, datasets=self.digests.view, cache=cache,
-                                clock=clock, serves_datasets=bool(agent.datasets), tls_cert=agent.tls_cert,
-                                tls_key=agent.tls_key)
+                                clock=clock, serves_datasets=bool(agent.datasets), metrics=self.metrics.render,
+                                refused=self.refused, tls_cert=agent.tls_cert, tls_key=agent.tls_key)
         self._commands: asyncio.Queue[Command | None] = asyncio.Queue(maxsize=COMMAND_QUEUE)
         self._controllers: dict[str, tuple[str, int]] = {}
         """Status topic → (session, broker connection ``link.connects`` it arrived on) of each controller whose

@@ -30,6 +30,7 @@ import contextlib
 import json
 import socket
 import ssl
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -47,6 +48,9 @@ REQUEST_HEAD_LIMIT = 8 * 1024
 """Bytes of request line and headers the light server reads at most."""
 REQUEST_TIMEOUT = 5.0
 """Seconds the light server waits for a request head."""
+
+Metrics = Callable[[], tuple[bytes, str]]
+"""``/metrics``' body and content type (``agent.metrics.AgentMetrics.render``), made on the event loop."""
 
 WILDCARDS = ("0.0.0.0", "::", "")  # noqa: S104 - recognised, not bound here
 
@@ -87,14 +91,17 @@ class PeerServer(Protocol):
 
 
 def peer_server(sock: socket.socket, *, node_id: str, key: bytes | None, datasets: Callable[[str], DatasetView | None],
-                cache: DigestCache, clock: Clock, serves_datasets: bool, tls_cert: str | None = None,
-                tls_key: str | None = None) -> PeerServer:
-    """The peer API under uvicorn when the node serves datasets; otherwise the light ``/healthz`` server."""
+                cache: DigestCache, clock: Clock, serves_datasets: bool, metrics: Metrics,
+                refused: Counter[str], tls_cert: str | None = None, tls_key: str | None = None) -> PeerServer:
+    """The peer API under uvicorn when the node serves datasets; otherwise the light ``/healthz`` server.
+    Both serve ``/metrics`` from ``metrics`` (``agent.metrics``); the peer API counts what it refuses in
+    ``refused``."""
     if not serves_datasets:
-        return HealthServer(sock, node_id=node_id, tls_cert=tls_cert, tls_key=tls_key)
+        return HealthServer(sock, node_id=node_id, metrics=metrics, tls_cert=tls_cert, tls_key=tls_key)
     from agent.peer_api import PeerApiContext, create_peer_api  # noqa: PLC0415 - only a node with datasets
 
-    api = create_peer_api(PeerApiContext(node_id=node_id, key=key, datasets=datasets, cache=cache, clock=clock))
+    api = create_peer_api(PeerApiContext(node_id=node_id, key=key, datasets=datasets, cache=cache, clock=clock,
+                                         refused=refused, metrics=metrics))
     return HttpServer(api, sock, tls_cert=tls_cert, tls_key=tls_key)
 
 
@@ -146,15 +153,17 @@ def _Server(config: Any) -> Any:  # noqa: N802 - stands for the class, built on 
 
 
 class HealthServer:
-    """``GET /healthz`` on an already bound socket (HTTPS with a certificate and key), 404 for the rest.
+    """``GET /healthz`` and ``/metrics`` on an already bound socket (HTTPS with a certificate and key), 404 for
+    the rest.
 
     One request per connection, its head bounded in size and time; the body is never read."""
 
-    def __init__(self, sock: socket.socket, *, node_id: str, tls_cert: str | None = None,
-                 tls_key: str | None = None) -> None:
+    def __init__(self, sock: socket.socket, *, node_id: str, metrics: Metrics | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("agent.tls_cert and agent.tls_key go together")
         self.sock = sock
+        self._metrics = metrics
         self._health = json.dumps({"status": "ok", "node": node_id}, separators=(",", ":")).encode()
         self._ssl: ssl.SSLContext | None = None
         if tls_cert is not None and tls_key is not None:
@@ -187,6 +196,9 @@ class HealthServer:
             path = rest.partition(b" ")[0].partition(b"?")[0]
             if path == b"/healthz" and method in (b"GET", b"HEAD"):
                 status, kind, body = b"200 OK", b"application/json", self._health
+            elif path == b"/metrics" and method in (b"GET", b"HEAD") and self._metrics is not None:
+                body, content_type = self._metrics()
+                status, kind = b"200 OK", content_type.encode()
             else:
                 status, kind = b"404 Not Found", b"application/problem+json"
                 body = b'{"title":"Not Found","status":404,"detail":"this node serves no datasets"}'

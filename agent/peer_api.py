@@ -126,6 +126,8 @@ class PeerApiContext:
     clock: Clock
     refused: Counter[str] = field(default_factory=Counter)
     """Refused requests by reason class (``token``, ``scope``, ``body``): the agent's metrics read it."""
+    metrics: Callable[[], tuple[bytes, str]] | None = None
+    """``GET /metrics``' body and content type (``agent.metrics``); None: not served."""
 
 
 @dataclass
@@ -261,8 +263,15 @@ def create_peer_api(ctx: PeerApiContext, *, transfers: OpenTransfers | None = No
                 return _problem(problem.status, problem.detail, request.url.path)
         return answer
 
+    async def metrics(request: Request) -> Response:
+        if ctx.metrics is None:
+            return _problem(404, "no metrics here", request.url.path)
+        body, content_type = ctx.metrics()
+        return Response(body, media_type=content_type)
+
     return Starlette(routes=[
         Route("/healthz", healthz),
+        Route("/metrics", metrics),
         Route("/datasets/{name}/transfers", guarded(open_transfer), methods=["POST"]),
         Route("/datasets/{name}/tree", guarded(tree)),
         Route("/datasets/{name}/file", guarded(file)),

@@ -45,9 +45,9 @@ process: RSS (psutil), open fds (``num_fds``), threads and CPU; for the
 controller also its asyncio tasks (``selfheal_asyncio_tasks`` on
 ``/metrics``, counted on its event loop at the scrape) and, from the same
 scrape, reports accepted, open incidents, remediations finished and the
-report history it holds (``selfheal_report_history_bytes``). The agent has no
-metrics endpoint (its HTTP server answers ``/healthz`` and the peer API only),
-so its tasks are not sampled: RSS, fds and threads are.
+report history it holds (``selfheal_report_history_bytes``); for the agent
+also its asyncio tasks (``selfheal_agent_asyncio_tasks`` on the agent's own
+``/metrics``, on ``agent.listen``).
 
 The verdict, per process and series, over the samples after
 ``--warmup-minutes`` (default 5, a third of runs under 15 minutes): the
@@ -151,7 +151,7 @@ KILL_HEAL_TIMEOUT = 120.0
 """Seconds after a SIGKILL on the real agent's unit within which it must run healthy again to count healed."""
 TOLERANCE = {"rss_mb": 1.0, "fds": 1.0, "threads": 1.0, "tasks": 1.0}
 """Growth per hour that still counts as flat, per series."""
-SERIES = {"controller": ("rss_mb", "fds", "threads", "tasks"), "agent": ("rss_mb", "fds", "threads")}
+SERIES = {"controller": ("rss_mb", "fds", "threads", "tasks"), "agent": ("rss_mb", "fds", "threads", "tasks")}
 LIFTED = ("restart-exited-unit", "restart-unhealthy-unit", "restart-stalled-unit")
 """Built-in rules whose per-unit limits the soak lifts (the real agent's units are killed again and again)."""
 COMMAND_FILTER = f"{wire.PREFIX}/p/+/nodes/+/commands"
@@ -492,7 +492,7 @@ def soak_rules(window_scale: float = 1.0) -> str:
 
 
 def write_configs(root: Path, settings: Settings, *, port: int, api_port: int, web_port: int,
-                  key_dir: Path) -> tuple[Path, Path]:
+                  agent_port: int, key_dir: Path) -> tuple[Path, Path]:
     q = json.dumps  # a JSON string is a valid TOML basic string
     token = root / "api.token"
     token.write_text("bench-soak-token\n")
@@ -513,7 +513,7 @@ def write_configs(root: Path, settings: Settings, *, port: int, api_port: int, w
     agent.write_text(
         f'[mqtt]\nurl = "mqtt://127.0.0.1:{port}"\nkeepalive = 5.0\n'
         f'[agent]\nnode_id = "{AGENT}"\ninterval = 1.0\nstate_dir = {q(str(root / "agent"))}\n'
-        f'listen = "127.0.0.1:0"\n\n'
+        f'listen = "127.0.0.1:{agent_port}"\n\n'
         f'[[agent.units]]\nname = "web"\nkind = "process"\ncommand = {q(web)}\nstop_grace = 2.0\n\n'
         f'[agent.units.probe]\nkind = "http"\ntarget = "http://127.0.0.1:{web_port}/"\n'
         f"interval = 0.5\ntimeout = 0.5\nfailures = 3\nstart_period = 1.0\n\n"
@@ -616,6 +616,7 @@ class Sampler:
     controller: psutil.Process
     agent: psutil.Process
     http: httpx.Client
+    agent_http: httpx.Client
     fleet: Fleet
     t0: float
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -635,6 +636,8 @@ class Sampler:
         scraped = parse_metrics(get(self.http, "/metrics").text)
         tasks = scraped.get("selfheal_asyncio_tasks")
         row["controller"]["tasks"] = int(tasks[0][1]) if tasks else None
+        agent_tasks = parse_metrics(get(self.agent_http, "/metrics").text).get("selfheal_agent_asyncio_tasks")
+        row["agent"]["tasks"] = int(agent_tasks[0][1]) if agent_tasks else None
         counters = {"sent": float(self.fleet.sent()),
                     "accepted": metric(scraped, "selfheal_messages_received_total", channel="report"),
                     "dropped": metric(scraped, "selfheal_mqtt_inbox_dropped_total", channel="report")}
@@ -660,7 +663,7 @@ class Sampler:
 
 
 HEADER = (f"{'t min':>6} | {'ctl MB':>7} {'fds':>4} {'thr':>4} {'tasks':>5} {'cpu%':>5} | {'agt MB':>6} {'fds':>4} "
-          f"{'thr':>4} {'cpu%':>5} | {'sent/s':>6} {'acc/s':>6} {'hist MB':>7} {'open':>4} {'remed':>5} "
+          f"{'thr':>4} {'tasks':>5} {'cpu%':>5} | {'sent/s':>6} {'acc/s':>6} {'hist MB':>7} {'open':>4} {'remed':>5} "
           f"{'faults':>6} {'kills':>5}")
 
 
@@ -671,7 +674,8 @@ def format_row(row: dict[str, Any]) -> str:
         return f"{'-' if value is None else value:>{width}}"
 
     return (f"{row['t_s'] / 60:>6.1f} | {c['rss_mb']:>7.1f} {c['fds']:>4} {c['threads']:>4} {opt(c['tasks'], 5)} "
-            f"{opt(c['cpu_pct'], 5)} | {a['rss_mb']:>6.1f} {a['fds']:>4} {a['threads']:>4} {opt(a['cpu_pct'], 5)} | "
+            f"{opt(c['cpu_pct'], 5)} | {a['rss_mb']:>6.1f} {a['fds']:>4} {a['threads']:>4} {opt(a['tasks'], 5)} "
+            f"{opt(a['cpu_pct'], 5)} | "
             f"{opt(row.get('sent_per_s'), 6)} {opt(row.get('accepted_per_s'), 6)} {row['history_mb']:>7.1f} "
             f"{row['incidents_open']:>4} {row['remediations']:>5} {row['faults']:>6} {row['kills']:>5}")
 
@@ -819,6 +823,8 @@ class Started:
     controller: subprocess.Popen[bytes]
     agent: subprocess.Popen[bytes]
     http: httpx.Client
+    agent_http: httpx.Client
+    """The real agent's ``/metrics``."""
     statuses: dict[str, Any]
 
 
@@ -835,15 +841,17 @@ def start(settings: Settings, root: Path, cleanup: list[Callable[[], None]], say
                         cleanup=cleanup)
     cleanup.append(fleet.stop)
     statuses = fleet.publish_statuses()
-    api_port, web_port = free_port(), free_port()
+    api_port, web_port, agent_port = free_port(), free_port(), free_port()
     controller_conf, agent_conf = write_configs(root, settings, port=port, api_port=api_port, web_port=web_port,
-                                                key_dir=key_dir)
+                                                agent_port=agent_port, key_dir=key_dir)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SELFHEAL_")}
     controller = start_process([*selfheal_command(), "controller", "--config", str(controller_conf)],
                                root / "controller.log", env)
     cleanup.append(lambda: stop_process(controller, grace=25))
     http = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30)
     cleanup.append(http.close)
+    agent_http = httpx.Client(base_url=f"http://127.0.0.1:{agent_port}", timeout=30)
+    cleanup.append(agent_http.close)
     wait_for(lambda: get(http, "/readyz").status_code == 200, 120, "controller ready",
              alive=lambda: controller.poll() is None, log=root / "controller.log")
     statuses.update(wait_statuses(lambda: parse_metrics(get(http, "/metrics").text), settings.nodes, stall=15.0,
@@ -854,7 +862,7 @@ def start(settings: Settings, root: Path, cleanup: list[Callable[[], None]], say
     cleanup.append(lambda: stop_process(agent, grace=25))
     wait_for(lambda: all(healthy(agent_units(http).get(u)) for u in AGENT_UNITS), 120, "the real agent's units",
              alive=lambda: agent.poll() is None, log=root / "agent.log")
-    return Started(fleet, names, controller, agent, http, statuses)
+    return Started(fleet, names, controller, agent, http, agent_http, statuses)
 
 
 def run(settings: Settings, root: Path, cleanup: list[Callable[[], None]],
@@ -872,7 +880,8 @@ def run(settings: Settings, root: Path, cleanup: list[Callable[[], None]],
         f"bounded state full at ~{max(fill.values()) / 60:.0f} min (report history {fill['report_history'] / 60:.1f} "
         f"min, anomaly windows {fill['anomaly_windows'] / 60:.0f} min)"
         + (": after the warm-up, so the slopes measure its filling too" if max(fill.values()) > warmup_s else ""))
-    sampler = Sampler(psutil.Process(up.controller.pid), psutil.Process(up.agent.pid), up.http, up.fleet, t0)
+    sampler = Sampler(psutil.Process(up.controller.pid), psutil.Process(up.agent.pid), up.http, up.agent_http, up.fleet,
+                      t0)
     faults = Faults(random.Random(rng.random()), settings, up.names)
     faults.schedule(t0)
     kills = Kills(random.Random(rng.random()), settings.kill_every)

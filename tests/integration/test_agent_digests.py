@@ -118,3 +118,9 @@ async def test_the_agent_publishes_digests_notices_a_flipped_byte_and_serves_pee
                 assert refused.status_code == 401
             escape = await client.get("/datasets/train/tree", params={"path": "../.."}, headers=auth)
             assert escape.status_code == 400
+            # the agent's own figures, on the peer API too: the refusals above counted by reason
+            metrics = await client.get("/metrics")
+            assert metrics.status_code == 200
+            assert metrics.headers["content-type"].startswith("text/plain")
+            assert 'selfheal_agent_peer_refused_total{reason="token"} 3.0' in metrics.text
+            assert "selfheal_agent_asyncio_tasks " in metrics.text

@@ -1,7 +1,7 @@
 """The agent's light HTTP paths against real sockets: ``/healthz`` without datasets, plain-http probes.
 
-A node without datasets serves ``/healthz`` (the peer API's JSON) from
-``agent.http_server.HealthServer`` and 404 to the rest; an ``http://`` probe
+A node without datasets serves ``/healthz`` (the peer API's JSON) and
+``/metrics`` from ``agent.http_server.HealthServer`` and 404 to the rest; an ``http://`` probe
 reads the status line itself (``agent.probes``) and must give the verdicts
 httpx gave: 2xx and 3xx healthy (redirects not followed), 4xx/5xx unhealthy,
 a closed port ``ConnectError``.
@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from agent.http_server import HealthServer, bind_listen
+from agent.metrics import AgentMetrics, Figures
 from agent.probes import ProbeRunner
 from selfheal.clocks import SystemClock
 from selfheal.config import ProbeConfig
@@ -73,9 +74,12 @@ async def test_a_closed_port_is_a_connect_error() -> None:
     assert detail.startswith("ConnectError: ")
 
 
-async def test_the_health_server_answers_healthz_and_404_to_the_rest() -> None:
+async def test_the_health_server_answers_healthz_and_metrics_and_404_to_the_rest() -> None:
+    counts = {"reports": 12, "events": 2, "malformed": 1}
+    metrics = AgentMetrics(Figures(node="node-x", messages=lambda: counts, commands=lambda: {"done": 3},
+                                   refused=dict))
     sock, address = bind_listen("127.0.0.1:0", broker_host="127.0.0.1")
-    server = HealthServer(sock, node_id="node-x")
+    server = HealthServer(sock, node_id="node-x", metrics=metrics.render)
     stop = asyncio.Event()
     task = asyncio.create_task(server.run(stop=stop))
     try:
@@ -85,6 +89,16 @@ async def test_the_health_server_answers_healthz_and_404_to_the_rest() -> None:
             health = await client.get("/healthz")
             assert (health.status_code, health.json()) == (200, {"status": "ok", "node": "node-x"})
             assert (await client.head("/healthz")).status_code == 200
+            assert (await client.get("/metrics")).headers["content-type"].startswith("text/plain")
+            counts["reports"] += 1  # read at each scrape, on the server's loop
+            scraped = (await client.get("/metrics")).text
+            lines = dict(line.rsplit(" ", 1) for line in scraped.splitlines() if line and not line.startswith("#"))
+            assert lines['selfheal_agent_messages_total{kind="reports"}'] == "13.0"
+            assert lines['selfheal_agent_messages_total{kind="malformed"}'] == "1.0"
+            assert lines['selfheal_agent_commands_total{status="done"}'] == "3.0"
+            assert lines['selfheal_agent_info{node="node-x"}'] == "1.0"
+            assert float(lines["selfheal_agent_asyncio_tasks"]) >= 2  # this test's and the connection's, at least
+            assert float(lines["process_resident_memory_bytes"]) > 0
             missing = await client.get("/datasets/features/tree")
             assert missing.status_code == 404
             assert missing.headers["content-type"] == "application/problem+json"
@@ -125,3 +139,4 @@ async def test_the_health_server_speaks_https_with_a_certificate_and_refuses_a_b
             HealthServer(other, node_id="node-a", tls_cert=str(tmp_path / "junk.pem"), tls_key=key)
     finally:
         other.close()
+

@@ -3,7 +3,7 @@
 Behaviour, not speed: a small fleet for half a minute, then the JSON line must
 hold every figure the issue asks for — samples of the controller (RSS, fds,
 threads, asyncio tasks from its ``/metrics``) and of the agent (RSS, fds,
-threads), a slope and a verdict per series, the faults injected, the SIGKILLs
+threads, asyncio tasks from its own ``/metrics``), a slope and a verdict per series, the faults injected, the SIGKILLs
 on the real agent's units and the remediations the controller finished, and
 the load check (sent against accepted).
 """
@@ -20,8 +20,7 @@ import pytest
 from tests.conftest import require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
-SERIES = {"controller": {"rss_mb", "fds", "threads", "tasks"}, "agent": {"rss_mb", "fds", "threads"}}
-"""The agent has no metrics endpoint: no task count for it."""
+SERIES = {"controller": {"rss_mb", "fds", "threads", "tasks"}, "agent": {"rss_mb", "fds", "threads", "tasks"}}
 TREND_KEYS = {"samples", "tolerance_per_h", "slope_per_h", "se_per_h", "verdict"}
 
 
@@ -47,6 +46,7 @@ def test_a_short_soak_samples_both_processes_and_judges_each_series() -> None:
             assert row[proc]["fds"] > 0, row
             assert row[proc]["threads"] >= 1, row
         assert row["controller"]["tasks"] > 0  # selfheal_asyncio_tasks on the controller's /metrics
+        assert row["agent"]["tasks"] > 0  # selfheal_agent_asyncio_tasks on the agent's /metrics
     for proc, series in SERIES.items():
         assert set(figures["trends"][proc]) == series
         for name, trend in figures["trends"][proc].items():

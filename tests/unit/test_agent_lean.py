@@ -5,7 +5,8 @@ import the peer API's web stack (Starlette, uvicorn), httpx (a plain
 ``http://`` probe needs none of it; the CLI's client commands and dataset
 repair load it when used), the other unit kinds' modules, rich and pygments
 (pulled in by structlog's and httpx's optional extras), the docker SDK, Spark,
-numpy or scikit-learn: each is megabytes of resident memory on every node
+numpy, scikit-learn or prometheus_client (imported at the first scrape of
+``/metrics``): each is megabytes of resident memory on every node
 (``bench/agent.py``). Checked in a fresh interpreter, the way ``selfheal
 agent`` starts.
 """
@@ -25,7 +26,7 @@ from agent import collect
 from tests.conftest import free_port
 
 NEVER = ("numpy", "sklearn", "fastapi", "docker", "pyspark", "starlette", "uvicorn", "rich", "pygments", "click",
-         "httpx", "httpcore", "h11", "anyio", "controller", "detectors")
+         "httpx", "httpcore", "h11", "anyio", "controller", "detectors", "prometheus_client")
 
 SCRIPT = """
 import asyncio, json, sys
