@@ -197,8 +197,13 @@ class HealthServer:
             if path == b"/healthz" and method in (b"GET", b"HEAD"):
                 status, kind, body = b"200 OK", b"application/json", self._health
             elif path == b"/metrics" and method in (b"GET", b"HEAD") and self._metrics is not None:
-                body, content_type = self._metrics()
-                status, kind = b"200 OK", content_type.encode()
+                try:
+                    body, content_type = self._metrics()
+                    status, kind = b"200 OK", content_type.encode()
+                except Exception as exc:  # noqa: BLE001 - a figure that cannot be read is a 500, never a dead server
+                    status, kind = b"500 Internal Server Error", b"application/problem+json"
+                    body = json.dumps({"title": "Internal Server Error", "status": 500,
+                                       "detail": f"metrics: {type(exc).__name__}"}).encode()
             else:
                 status, kind = b"404 Not Found", b"application/problem+json"
                 body = b'{"title":"Not Found","status":404,"detail":"this node serves no datasets"}'

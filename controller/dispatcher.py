@@ -31,6 +31,7 @@ controller starts (``controller.elsewhere``).
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable
@@ -38,10 +39,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, assert_never
 
 from controller.datasets import Localisations
-from controller.elsewhere import MIGRATE_START, Copies, Elsewhere
+from controller.elsewhere import MIGRATE_START, Elsewhere, start_key
 from controller.fleet import Fleet, unit_is_healthy
 from controller.notify import Notification, Notifier, incident_labels
-from controller.ownership import Ownership, require_epoch
+from controller.ownership import ALL_BUCKETS, Ownership, require_epoch
 from controller.placement import Placements
 from controller.resync import ResyncPlanner
 from controller.store import Incident, Store
@@ -168,7 +169,7 @@ class Dispatcher:
         if isinstance(step, RestartUnit | StopUnit | StartUnit):
             await self._command(plan, incident, index, step.node, unit_command(step), audit=audit)
         elif isinstance(step, MigrateUnit):
-            await self._second_copy_or_target(step)
+            await self._second_copy_or_target(step, final=False)
             if not self._reachable(step.source) and await self._await_fence(step, audit):
                 if not recheck():  # back, and running the unit again (a network blip, a replayed will)
                     await audit("fence_aborted", {"node": step.source, "unit": step.unit,
@@ -176,12 +177,14 @@ class Dispatcher:
                     raise SourceReturned(f"{step.source} came back running {step.unit}: nothing was moved")
                 await audit("fence_aborted", {"node": step.source, "unit": step.unit,
                                               "reason": "the node came back without the unit: stopping it there"})
+            target, controller = await self._second_copy_or_target(step)  # known before anything is stopped
             if self._reachable(step.source):
                 await self._command(plan, incident, index, step.source, wire.StopUnit(unit=step.unit), audit=audit)
-            target, controller = await self._second_copy_or_target(step)
+                target, controller = await self._second_copy_or_target(step)  # and again after that took its time
             start = index + MIGRATE_START
-            if controller is None:
-                await self._command(plan, incident, start, target, wire.StartUnit(unit=step.unit), audit=audit)
+            if controller is None:  # keyed without the node: one start per step, whichever node, here or elsewhere
+                await self._command(plan, incident, start, target, wire.StartUnit(unit=step.unit), audit=audit,
+                                    key=start_key(step.unit, incident.id, start, plan.attempt))
             else:
                 await self._start_elsewhere(plan, incident, start, step.unit, target, controller, audit)
         elif isinstance(step, Notify):
@@ -218,25 +221,35 @@ class Dispatcher:
         snapshot = self.fleet.snapshot(node)
         return snapshot is not None and snapshot.confirmed and self._reachable(node)
 
-    async def _second_copy_or_target(self, step: MigrateUnit) -> tuple[str, str | None]:
+    async def _second_copy_or_target(self, step: MigrateUnit, *, final: bool = True) -> tuple[str, str | None]:
         """Refuse when a node other than the source runs the unit — this controller's or, with several, any
         other's (asked: one that does not answer makes it unknown, and nothing starts); else the node to
-        start it on, and the other controller that acts on it (None: this one)."""
+        start it on, and the other controller that acts on it (None: this one). Not ``final`` (before the
+        fence wait): an unknown answer is let pass, the wait gives it time, and the start asks again."""
         snapshots, offline = self.fleet.snapshots(self.clock.wall(), self.offline_after)
-        others = [n for n in runners(step.unit, snapshots.values(), offline, unconfirmed=True) if n != step.source]
-        copies = Copies({}, {})
-        if self.ownership.partial():
-            if self.elsewhere is None:
-                if step.target is None:
-                    raise PermanentRemediationError(
-                        f"no node this controller acts on holds a standby copy of {step.unit}, and it cannot ask "
-                        "the other controllers (no API token: security.api_token_file)")
-            else:
-                copies = await self.elsewhere.copies(step.unit)
-        others += sorted(n for n in copies.runners if n != step.source)
-        if others:
-            raise PermanentRemediationError(f"{step.unit} already runs on {', '.join(others)}: starting it on "
-                                            f"{step.target or 'a standby node'} would make a second copy")
+        here = [n for n in runners(step.unit, snapshots.values(), offline, unconfirmed=True) if n != step.source]
+        self._refuse_second(step, here)
+        if not self.ownership.partial():
+            if step.target is None:
+                raise PermanentRemediationError(f"no healthy online node holds a standby copy of {step.unit}")
+            return step.target, None
+        if self.elsewhere is None:
+            raise PermanentRemediationError(
+                f"other controllers act on part of the fleet and this one cannot ask them whether {step.unit} "
+                "runs on their nodes (no API token: security.api_token_file): nothing started")
+        try:
+            copies = await self.elsewhere.copies(step.unit)
+        except RemediationError:
+            if final:
+                raise
+            return step.target or "", None  # not known yet: the start asks again
+        unknown = ALL_BUCKETS - self.ownership.settled(self.offline_after) - copies.buckets
+        if unknown:
+            if final:
+                raise RemediationError(f"cannot tell whether {step.unit} runs in bucket(s) {_ranges(unknown)}: "
+                                       "no controller has heard from their nodes long enough; nothing started")
+            return step.target or "", None
+        self._refuse_second(step, sorted(n for n in copies.runners if n != step.source))
         if step.target is not None:
             return step.target, None
         targets = sorted(n for n in copies.standby if n != step.source)
@@ -245,17 +258,28 @@ class Dispatcher:
                                             "on the nodes the other controllers act on")
         return targets[0], copies.standby[targets[0]]
 
+    @staticmethod
+    def _refuse_second(step: MigrateUnit, others: list[str]) -> None:
+        if others:
+            raise PermanentRemediationError(f"{step.unit} already runs on {', '.join(others)}: starting it on "
+                                            f"{step.target or 'a standby node'} would make a second copy")
+
     async def _start_elsewhere(self, plan: Plan, incident: Incident, index: int, unit: str,  # noqa: PLR0917
                                node: str, controller: str, audit: Audit) -> None:
         """Have the controller that acts on ``node`` start the standby copy there (``controller.elsewhere``);
         it records, sends and audits the command under its epoch."""
         assert self.elsewhere is not None  # noqa: S101 - a target elsewhere comes only from it
-        await audit("start_asked", {"node": node, "unit": unit, "controller": controller})
-        # Until the other controller answers, its command may be out: hold the incident as for one sent here.
-        self._unacked[incident.id] = self.clock.wall() + self.ack_timeout + self.command_ttl
+        epoch = require_epoch(self.ownership, incident.node)  # the other controller's store write checks it too
+        # It may send only until not_after, and its command expires by expires_at: until then this incident is
+        # held, as for a command sent here (however the call ends), so no later plan can act beside it.
+        not_after = self.clock.wall() + self.ack_timeout
+        expires_at = not_after + self.command_ttl
+        self._unacked[incident.id] = expires_at
+        await audit("start_asked", {"node": node, "unit": unit, "controller": controller, "epoch": epoch,
+                                    "not_after": not_after, "expires_at": expires_at})
         started = await self.elsewhere.start(controller=controller, node=node, unit=unit, plan_id=plan.id,
-                                             incident_id=incident.id, step=index,
-                                             timeout=self.ack_timeout + FORWARD_SLACK)
+                                             incident_id=incident.id, step=index, epoch=epoch, not_after=not_after,
+                                             expires_at=expires_at, timeout=self.ack_timeout + FORWARD_SLACK)
         self._unacked.pop(incident.id, None)
         if started.status != "done":
             raise RemediationError(f"agent {node} answered {started.status}: {started.detail} "
@@ -286,18 +310,23 @@ class Dispatcher:
         return False
 
     async def _command(self, plan: Plan, incident: Incident, index: int, node: str, step: wire.CommandStep, *,
-                       audit: Audit, timeout: float | None = None) -> None:
+                       audit: Audit, timeout: float | None = None, key: str | None = None) -> None:
         if not self.ownership.owns(node) and self.ownership.owns(incident.node):
             raise PermanentRemediationError(f"{node} is in bucket {wire.bucket_of(node)}, which another controller "
                                             f"holds: {incident.node}'s controller sends it nothing")
-        result = await self.send(node, step, key=idempotency_key(node, incident.id, index, plan.attempt),
+        result = await self.send(node, step, key=key or idempotency_key(node, incident.id, index, plan.attempt),
                                  plan_id=plan.id, incident_id=incident.id, audit=audit, timeout=timeout)
         if result.status != "done":
             raise RemediationError(f"agent {node} answered {result.status}: {result.detail}")
 
     async def send(self, node: str, step: wire.CommandStep, *, key: str, plan_id: str, incident_id: int,
-                   audit: Audit, timeout: float | None = None) -> wire.CommandResult:
-        """Record the command under ``node``'s epoch, sign and publish it, and wait for the agent's answer."""
+                   audit: Audit, timeout: float | None = None, expires_at: float | None = None,
+                   also: tuple[str, int] | None = None, hold: bool = True) -> wire.CommandResult:
+        """Record the command under ``node``'s epoch, sign and publish it, and wait for the agent's answer.
+
+        ``expires_at``: at the latest (else ``command_ttl`` from now); ``also``: a second fence for the store
+        (``Store.record_command``); ``hold``: count it for the incident's hold while unacked (``take_unacked``;
+        not for another controller's incident)."""
         key_bytes = self.keys(node)
         if key_bytes is None:
             raise PermanentRemediationError(f"no signing key for node {node}: sent nothing "
@@ -306,11 +335,11 @@ class Dispatcher:
         now = self.clock.wall()
         command = wire.sign_command(wire.Command(
             id=uuid.uuid4().hex, key=key, node=node, epoch=epoch, issued_at=now,
-            expires_at=now + self.command_ttl, step=step), key_bytes)
+            expires_at=min(now + self.command_ttl, expires_at or math.inf), step=step), key_bytes)
         payload = wire.encode(command)
         try:
             recorded = await self.store.record_command(key=key, command_id=command.id, plan_id=plan_id, node=node,
-                                                       epoch=epoch, issued_at=now, payload=payload)
+                                                       epoch=epoch, issued_at=now, payload=payload, also=also)
         except StoreError as exc:  # unrecorded, a restarted controller could issue it again: never sent
             raise RemediationError(f"{type(step).__name__} for {node} not sent: it could not be recorded first "
                                    f"({exc})") from exc
@@ -318,7 +347,8 @@ class Dispatcher:
             raise PermanentRemediationError(f"command {key} was already issued; not sending it twice")
         future: asyncio.Future[wire.CommandResult] = asyncio.get_running_loop().create_future()
         self._pending[command.id] = (node, future)
-        self._unacked[incident_id] = max(self._unacked.get(incident_id, 0.0), command.expires_at)
+        if hold:
+            self._unacked[incident_id] = max(self._unacked.get(incident_id, 0.0), command.expires_at)
         try:
             self.link.publish(wire.node_topic(node, "commands"), payload, qos=1)
             target = ({"dataset": step.dataset, "files": [f.path for f in step.files]}
@@ -346,7 +376,8 @@ class Dispatcher:
             result = future.result()
         finally:
             self._pending.pop(command.id, None)
-        self._unacked.pop(incident_id, None)
+        if hold:
+            self._unacked.pop(incident_id, None)
         await audit("command_result", {"node": node, "command": command.id, "status": result.status,
                                        "detail": result.detail})
         return result
@@ -380,6 +411,17 @@ class Dispatcher:
         took = healthy_at - started
         return PlanOutcome("succeeded", f"{_goal(target)} {took:.2f}s after the action"
                                         + (f" and stayed so for {target.stable_for:g}s" if target.stable_for else ""))
+
+
+def _ranges(buckets: frozenset[int]) -> str:
+    """``3-5, 9``: buckets, in runs."""
+    runs: list[list[int]] = []
+    for bucket in sorted(buckets):
+        if runs and runs[-1][1] == bucket - 1:
+            runs[-1][1] = bucket
+        else:
+            runs.append([bucket, bucket])
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in runs)
 
 
 def _goal(target: Verification) -> str:

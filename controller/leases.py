@@ -244,6 +244,9 @@ class LeaseKeeper:
         self._listeners: list[Listener] = [on_change] if on_change is not None else []
         self._leases: dict[int, _Lease] = {}
         self._published: dict[int, int] = {}
+        self.gained_at: dict[int, float] = {}
+        """bucket → when this process last gained it (the local deadline clock): a bucket held only a moment
+        has not heard from its nodes yet (``settled``)."""
         self._renewed = asyncio.Event()
         self._conn: asyncpg.Connection[asyncpg.Record] | None = None
         self._migrated = False
@@ -264,6 +267,11 @@ class LeaseKeeper:
         """bucket → epoch of every bucket this process may act on now (its local deadline not yet passed)."""
         now = _now()
         return {bucket: lease.epoch for bucket, lease in self._leases.items() if now < lease.deadline}
+
+    def settled(self, seconds: float) -> frozenset[int]:
+        """The buckets owned now and held for at least ``seconds``: their nodes have had time to report."""
+        now = _now()
+        return frozenset(b for b in self.owned() if now - self.gained_at.get(b, now) >= seconds)
 
     def holds(self, bucket: int, epoch: int) -> bool:
         """Whether ``bucket`` is owned now under ``epoch``: the check before acting under that epoch."""
@@ -350,6 +358,8 @@ class LeaseKeeper:
         if not lost and not gained:
             return
         self._published = owned
+        now = _now()
+        self.gained_at = {b: (now if b in gained else self.gained_at.get(b, now)) for b in owned}
         if lost:
             level = self._log.warning if reason == "not renewed in time" else self._log.info
             level("lease.lost", buckets=sorted(lost), reason=reason, owned=len(owned))

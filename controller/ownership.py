@@ -20,6 +20,8 @@ from selfheal.wire import BUCKETS, bucket_of
 if TYPE_CHECKING:
     from controller.leases import LeaseKeeper
 
+ALL_BUCKETS = frozenset(range(BUCKETS))
+
 
 class NotOwner(SelfhealError):
     """This controller no longer holds the node's bucket: another one carries the work on; write nothing."""
@@ -34,6 +36,11 @@ class Ownership(Protocol):
 
     def partial(self) -> bool:
         """Whether other controllers act on some nodes now (this one holds fewer than all buckets)."""
+        ...
+
+    def settled(self, seconds: float) -> frozenset[int]:
+        """The buckets this controller has acted on for at least ``seconds`` (long enough to have heard from
+        their nodes)."""
         ...
 
 
@@ -52,6 +59,9 @@ class Sole:
     def partial(self) -> bool:
         return False
 
+    def settled(self, seconds: float) -> frozenset[int]:
+        return ALL_BUCKETS
+
 
 class Leased:
     """The nodes of the buckets whose leases this controller holds now, each under its bucket's epoch."""
@@ -67,6 +77,9 @@ class Leased:
 
     def partial(self) -> bool:
         return len(self.keeper.owned()) < BUCKETS
+
+    def settled(self, seconds: float) -> frozenset[int]:
+        return self.keeper.settled(seconds)
 
 
 def require_epoch(ownership: Ownership, node: str) -> int:

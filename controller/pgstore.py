@@ -663,15 +663,19 @@ class PostgresStore:
         return {plan_id: float(issued) + ttl for plan_id, issued in rows}
 
     async def record_command(self, *, key: str, command_id: str, plan_id: str, node: str, epoch: int,
-                             issued_at: float, payload: bytes) -> bool:
+                             issued_at: float, payload: bytes, also: tuple[str, int] | None = None) -> bool:
         """Record a command before it is published; False if its idempotency key was already issued.
 
         With ``fence_commands`` (controllers sharing the store through bucket leases), ``epoch`` must be the
         live grant of the node's bucket, checked in the same transaction (``epoch_current``): a controller
-        that lost the lease meanwhile (paused, cut off) is refused with ``NotOwner`` and sends nothing."""
+        that lost the lease meanwhile (paused, cut off) is refused with ``NotOwner`` and sends nothing.
+        ``also`` (node, epoch) is checked the same way: the asking controller's lease on its own node, for a
+        start one controller makes for another's migration (``controller.elsewhere``)."""
         async def insert(conn: Connection) -> bool:
             if self.fence_commands:
                 await _require_current(conn, node, epoch)
+                if also is not None:
+                    await _require_current(conn, *also)
             recorded = await conn.fetchval(
                 "INSERT INTO commands(key, command_id, plan_id, node, epoch, issued_at, payload) VALUES "
                 "($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (key) DO NOTHING RETURNING true",

@@ -31,12 +31,13 @@ class Placements:
         """Take up what other controllers recorded (several controllers share the store): a unit moved to a
         node another controller acts on is that controller's to find lost from then on. What this one
         recorded meanwhile, saved or not, stands; it runs here, and the next pass records it again."""
-        before = dict(self.current)
+        before, unsaved = dict(self.current), set(self._unsaved)
         stored = {p.unit: p for p in await store.list_placements()}
         changed = False
         for unit, record in stored.items():
             known = self.current.get(unit)
-            if known is before.get(unit) and unit not in self._unsaved and known != record:
+            # recorded here since the read began, or saved while it ran (the read may predate the save): stands
+            if known is before.get(unit) and unit not in unsaved and unit not in self._unsaved and known != record:
                 self.current[unit] = record
                 changed = True
                 self.log.info("placement.synced", unit=unit, node=record.node,

@@ -254,7 +254,11 @@ class Store(Protocol):
     async def plans_in(self, states: tuple[str, ...]) -> list[PlanRecord]: ...
     async def commands_live_after(self, now: float, ttl: float) -> dict[str, float]: ...
     async def record_command(self, *, key: str, command_id: str, plan_id: str, node: str, epoch: int,
-                             issued_at: float, payload: bytes) -> bool: ...
+                             issued_at: float, payload: bytes, also: tuple[str, int] | None = None) -> bool:
+        """Record a command before it is published; False if its key was already issued. ``also`` (node,
+        epoch): a second fence a shared store checks in the same transaction (a command another controller
+        asked for: its epoch on its own node)."""
+        ...
     async def set_pause(self, paused: bool, reason: str) -> None: ...
     async def get_pause(self) -> tuple[bool, str]: ...
     async def save_silence(self, silence: SilenceRecord) -> None: ...
@@ -674,8 +678,9 @@ class SqliteStore:
         return result
 
     async def record_command(self, *, key: str, command_id: str, plan_id: str, node: str, epoch: int,
-                             issued_at: float, payload: bytes) -> bool:
-        """Record a command before it is published; False if its idempotency key was already issued."""
+                             issued_at: float, payload: bytes, also: tuple[str, int] | None = None) -> bool:
+        """Record a command before it is published; False if its idempotency key was already issued. ``also``
+        is for stores shared by controllers; this one has a single controller and no other fence."""
         def insert() -> bool:
             try:
                 self._db.execute(

@@ -997,11 +997,14 @@ def test_a_unit_lost_with_its_node_moves_to_a_standby_copy_on_a_node_another_con
         except httpx.HTTPError:
             return False
         return any(u["name"] == "solo" and u["state"] == "running" for u in units) and \
-            copies == {"runners": [], "standby": [node_b]} and bool(ha.events("c1", "placement.recorded"))
+            (copies["runners"], copies["standby"]) == ([], [node_b]) and \
+            set(copies["buckets"]) == {b for b, o in owners.items() if o == "c2"} and \
+            bool(ha.events("c1", "placement.recorded"))
     eventually_sync(placed_and_ready, timeout=SETTLE, what=f"c1 placing solo on {node_a}, c2 offering {node_b}")
 
     # A start nobody's migration asked for is refused, with the token and without.
-    forged = {"node": node_b, "plan": "1-1", "incident": 1, "step": 100}
+    forged = {"node": node_b, "plan": "1-1", "incident": 1, "step": 100, "epoch": 1, "not_after": time.time() + 60,
+              "expires_at": time.time() + 120}
     response = httpx.post(ha.api_of("c2") + "/api/v1/copies/solo/start", json=forged, timeout=10,
                           headers={"authorization": f"Bearer {ha.token_file.read_text().strip()}"})
     assert response.status_code == 409, response.text

@@ -12,16 +12,20 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from agent.ledger import Ledger
-from controller.elsewhere import Copies, Started
+from controller.elsewhere import Copies, Started, fence_proven, start_key
+from controller.ownership import ALL_BUCKETS
+from controller.store import TimelineEntry
 from remediations.planner import Context, Propose, Target, plan_remediation
 from remediations.plans import MigrateUnit, Plan
 from remediations.state import TargetState
 from rules.model import Backoff, Rule, Rung
 from selfheal.errors import RemediationError
+from selfheal.wire import bucket_of
 from tests.unit.test_action_registry import KEYS, SOURCE, STANDBY, T0, World
 
 REMOTE = "node-9"
@@ -34,8 +38,11 @@ def world(tmp_path: Path) -> Iterator[World]:
         yield World(ledgers)
 
 
+MINE = frozenset({bucket_of(SOURCE), bucket_of(STANDBY)})
+
+
 class Partial:
-    """This controller acts on the world's two nodes; others on the rest of the fleet."""
+    """This controller acts on the world's two nodes (their buckets); others on the rest of the fleet."""
 
     def epoch_of(self, node: str) -> int | None:
         return 1 if node in {SOURCE, STANDBY} else None
@@ -46,23 +53,29 @@ class Partial:
     def partial(self) -> bool:
         return True
 
+    def settled(self, seconds: float) -> frozenset[int]:
+        return MINE
+
 
 @dataclass
 class Others:
     runners: dict[str, str] = field(default_factory=dict)
     standby: dict[str, str] = field(default_factory=dict)
     silent: bool = False
+    buckets: frozenset[int] = ALL_BUCKETS - MINE
+    """What the others have heard from long enough."""
     starts: list[dict[str, object]] = field(default_factory=list)
 
     async def copies(self, unit: str) -> Copies:
         if self.silent:
             raise RemediationError(f"cannot tell whether {unit} runs on the nodes of controller(s) c3")
-        return Copies(dict(self.runners), dict(self.standby))
+        return Copies(dict(self.runners), dict(self.standby), self.buckets)
 
     async def start(self, *, controller: str, node: str, unit: str, plan_id: str, incident_id: int,
-                    step: int, timeout: float) -> Started:
+                    step: int, epoch: int, not_after: float, expires_at: float, timeout: float) -> Started:
         self.starts.append({"controller": controller, "node": node, "unit": unit, "plan": plan_id,
-                            "incident": incident_id, "step": step})
+                            "incident": incident_id, "step": step, "epoch": epoch,
+                            "held_until": expires_at, "deadline": not_after})
         return Started(status="done", detail="started", controller=controller, command="c-1")
 
 
@@ -112,9 +125,46 @@ async def test_a_standby_copy_on_another_controllers_node_is_started_by_that_con
     assert outcome.outcome == "succeeded", outcome.detail
     # stopped on the reachable source here, started by the controller acting on the first target by name
     assert [(node, kind.__name__) for node, kind, _ in world.sent] == [(SOURCE, "StopUnit")]
-    assert others.starts == [{"controller": "c3", "node": "node-8", "unit": "web", "plan": "7-1",
-                              "incident": 7, "step": 100}]
-    assert ("start_asked", {"node": "node-8", "unit": "web", "controller": "c3"}) in world.audit
+    # asked under this controller's epoch on the source, to send by the ack timeout, expiring a TTL later
+    assert others.starts == [{"controller": "c3", "node": "node-8", "unit": "web", "plan": "7-1", "incident": 7,
+                              "step": 100, "epoch": 1, "deadline": T0 + 5.0, "held_until": T0 + 35.0}]
+    assert [d["controller"] for kind, d in world.audit if kind == "start_asked"] == ["c3"]
+
+
+async def test_a_bucket_no_controller_has_heard_from_long_enough_leaves_it_unknown(world: World) -> None:
+    """A dead controller's buckets before their leases run out, or ones gained a moment ago: their nodes
+    may run the unit unseen, so nothing starts."""
+    others = elsewhere_of(world, Others(standby={REMOTE: "c2"}, buckets=ALL_BUCKETS - MINE - {7, 8, 9, 30}))
+    outcome = await world.run(migration(standby=(STANDBY,), elsewhere=True))
+    assert outcome.outcome == "failed"
+    assert "bucket(s) 7-9, 30" in outcome.detail
+    assert (world.sent, others.starts) == ([], [])
+
+
+async def test_a_start_on_a_node_of_its_own_is_keyed_without_the_node(world: World) -> None:
+    """The key another controller would use for the same step: one step starts one copy, wherever."""
+    recorded: list[str] = []
+
+    async def record(**command: object) -> bool:
+        recorded.append(str(command["key"]))
+        return True
+    world.dispatcher.store = SimpleNamespace(record_command=record)  # type: ignore[assignment]
+    elsewhere_of(world, Others())
+    outcome = await world.run(migration(standby=(STANDBY,), elsewhere=True), recheck=lambda: not world.sent[1:])
+    assert outcome.outcome == "succeeded", outcome.detail
+    assert [(node, kind.__name__) for node, kind, _ in world.sent] == [(SOURCE, "StopUnit"), (STANDBY, "StartUnit")]
+    assert recorded[1] == start_key("web", 7, 100, 1)
+
+
+def test_a_start_needs_the_plans_own_word_that_its_source_is_fenced_or_stopped() -> None:
+    def entry(kind: str, **data: object) -> TimelineEntry:
+        return TimelineEntry(at=T0, kind=kind, data=dict(data))
+    waiting = [entry("fence_wait", plan="7-1", node=SOURCE), entry("fenced", plan="6-1", node=SOURCE),
+               entry("command_result", plan="7-1", node=SOURCE, status="failed"),
+               entry("fenced", plan="7-1", node=STANDBY)]
+    assert not fence_proven(waiting, "7-1", SOURCE)
+    assert fence_proven([*waiting, entry("fenced", plan="7-1", node=SOURCE)], "7-1", SOURCE)
+    assert fence_proven([entry("command_result", plan="7-1", node=SOURCE, status="done")], "7-1", SOURCE)
 
 
 async def test_no_standby_copy_anywhere_fails_before_anything_is_stopped(world: World) -> None:
@@ -125,9 +175,11 @@ async def test_no_standby_copy_anywhere_fails_before_anything_is_stopped(world: 
     assert (world.sent, others.starts) == ([], [])
 
 
-async def test_without_a_way_to_ask_the_others_a_target_elsewhere_fails_clearly(world: World) -> None:
+@pytest.mark.parametrize("standby", [(), (STANDBY,)], ids=["target elsewhere", "target here"])
+async def test_without_a_way_to_ask_the_others_nothing_starts(world: World, standby: tuple[str, ...]) -> None:
+    """Whether the unit runs on their nodes cannot be known: no start, even on a node of its own."""
     world.dispatcher.ownership = Partial()
-    outcome = await world.run(migration(standby=(), elsewhere=True))
+    outcome = await world.run(migration(standby=standby, elsewhere=True))
     assert outcome.outcome == "failed"
     assert "api_token_file" in outcome.detail
     assert world.sent == []
