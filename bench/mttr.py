@@ -124,6 +124,14 @@ def serving(port: int) -> bool:
         return False
 
 
+def gone(pid: int) -> bool:
+    """The process is dead: no longer there, or a zombie its agent has not reaped yet."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def unit(api: str, node: str) -> dict[str, Any]:
     items = httpx.get(f"{api}/api/v1/units", params={"node": node}, timeout=30).json()["items"]
     found: dict[str, Any] = next(u for u in items if u["node"] == node and u["name"] == "web")
@@ -156,8 +164,8 @@ def inject(layout: Layout, api: str, fault: str, n: int, *, poll: float = 0.1, q
         time.sleep(quiet)  # the controller catches up on the background after those requests
         t0 = time.monotonic()
         os.kill(pid, sig)
-        if fault == "crash":
-            wait_until(lambda: not serving(port), 5, "port closed")
+        if fault == "crash":  # its death, not a closed port, which a loaded machine's poll may never catch
+            wait_until(lambda pid=pid: gone(pid), 5, "the killed unit's process gone")
         healed_at = wait_until(lambda: serving(port), 60, f"{fault} {i + 1} healed")
         times.append(healed_at - t0)
         print(f"  {fault} {i + 1}/{n}: {times[-1]:.2f} s", flush=True)
