@@ -21,26 +21,15 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from controller.api_actions import MAX_TIME, authorised_by
-from controller.elsewhere import copies_here, start_here
+from controller.elsewhere import CopiesAnswer, copies_here, start_here
 from controller.engine import Engine
 from controller.ownership import NotOwner
 from selfheal.errors import PermanentRemediationError, RemediationError
 from selfheal.wire import NAME_PATTERN
 
-NAME = NAME_PATTERN
-
-
-class CopiesOut(BaseModel):
-    runners: list[str]
-    """This controller's nodes that run the unit (starting or running)."""
-    standby: list[str]
-    """This controller's healthy online nodes holding a stopped copy (migration targets)."""
-    buckets: list[int]
-    """The buckets this controller has held long enough to have heard from their nodes."""
-
 
 class StartIn(BaseModel):
-    node: str = Field(pattern=NAME)
+    node: str = Field(pattern=NAME_PATTERN)
     plan: str = Field(max_length=100, description="the asking controller's running migration plan")
     incident: int = Field(ge=0, description="the plan's unit_lost incident")
     step: int = Field(ge=0, le=1_000_000, description="the step index the idempotency key is derived from")
@@ -59,13 +48,13 @@ class StartOut(BaseModel):
 
 def create_copies(*, engine: Engine, token: str | None, member: str) -> APIRouter:
     Actor = Annotated[str, Depends(authorised_by(token))]  # noqa: N806 - a type alias, named like one
-    Unit = Annotated[str, Path(pattern=NAME)]  # noqa: N806 - a type alias, named like one
+    Unit = Annotated[str, Path(pattern=NAME_PATTERN)]  # noqa: N806 - a type alias, named like one
     router = APIRouter(prefix="/api/v1/copies")
 
     @router.get("/{unit}")
-    async def copies(unit: Unit) -> CopiesOut:
+    async def copies(unit: Unit) -> CopiesAnswer:
         running, standby, buckets = copies_here(engine, unit)
-        return CopiesOut(runners=running, standby=standby, buckets=buckets)
+        return CopiesAnswer(runners=running, standby=standby, buckets=buckets)
 
     @router.post("/{unit}/start", responses={401: {}, 409: {}, 421: {}, 503: {}, 504: {}})
     async def start(unit: Unit, body: StartIn, actor: Actor) -> StartOut:

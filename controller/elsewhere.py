@@ -38,9 +38,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import httpx
+from pydantic import BaseModel, Field, ValidationError
 
 from controller.ownership import NotOwner
 from controller.plan_records import plan_from_record
@@ -57,6 +58,17 @@ MIGRATE_START = 100
 if TYPE_CHECKING:
     from controller.engine import Engine
     from controller.peers import Peers
+
+
+class CopiesAnswer(BaseModel):
+    """One controller's answer to ``GET /api/v1/copies/{unit}``."""
+
+    runners: list[str]
+    """Its nodes that run the unit (starting or running)."""
+    standby: list[str]
+    """Its healthy online nodes holding a stopped copy (migration targets)."""
+    buckets: list[Annotated[int, Field(ge=0, lt=BUCKETS)]]
+    """The buckets it has held long enough to have heard from their nodes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,15 +113,21 @@ class PeerCopies:
         self._headers = {"authorization": f"Bearer {token}", "x-selfheal-actor": f"controller {peers.member}"}
 
     async def copies(self, unit: str) -> Copies:
-        answers, missing = await self.peers.ask(f"/api/v1/copies/{unit}", {}, self._headers)
-        bad = [m for m, a in answers.items() if not (_names(a.get("runners")) and _names(a.get("standby"))
-                                                     and _buckets(a.get("buckets")))]
-        if missing or bad:
+        path = f"/api/v1/copies/{unit}"
+        answers, missing = await self.peers.ask(path, {}, self._headers)
+        valid: dict[str, CopiesAnswer] = {}
+        for member, answer in answers.items():
+            try:
+                valid[member] = CopiesAnswer.model_validate(answer)
+            except ValidationError as exc:  # another version, a bug: counted with those that gave none
+                self.peers.failed(member, path, exc)
+                missing.append(member)
+        if missing:
             raise RemediationError(f"cannot tell whether {unit} runs on the nodes of controller(s) "
-                                   f"{', '.join(sorted(missing + bad))}: they did not answer; nothing started")
-        return Copies(runners={n: m for m, a in answers.items() for n in a["runners"]},
-                      standby={n: m for m, a in answers.items() for n in a["standby"]},
-                      buckets=frozenset(b for a in answers.values() for b in a["buckets"]))
+                                   f"{', '.join(sorted(missing))}: they did not answer; nothing started")
+        return Copies(runners={n: m for m, a in valid.items() for n in a.runners},
+                      standby={n: m for m, a in valid.items() for n in a.standby},
+                      buckets=frozenset(b for a in valid.values() for b in a.buckets))
 
     async def start(self, *, controller: str, node: str, unit: str, plan_id: str, incident_id: int,
                     step: int, epoch: int, not_after: float, expires_at: float, timeout: float) -> Started:
@@ -132,15 +150,6 @@ class PeerCopies:
             raise error(f"the controller acting on {node} refused to start {unit} ({answer.status_code}): {detail}")
         return Started(status=str(data.get("status", "")), detail=str(data.get("detail", "")),
                        controller=str(data.get("controller", "")), command=str(data.get("command", "")))
-
-
-def _names(value: object) -> bool:
-    """A list of node ids, as a peer's answer should hold (an empty one too)."""
-    return isinstance(value, list) and all(isinstance(n, str) for n in value)
-
-
-def _buckets(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(b, int) and 0 <= b < BUCKETS for b in value)
 
 
 def start_key(unit: str, incident_id: int, step: int, attempt: int) -> str:
