@@ -50,6 +50,7 @@ from controller.notify.registry import default_formatters
 from controller.notify.router import Destination, Router
 from controller.ownership import Leased, Ownership, Sole
 from controller.peers import Peers
+from controller.shared_replicas import SharedReplicas
 from controller.sources.alerts import ExternalAlerts
 from controller.sources.promql import PromQLSource
 from controller.store import Store
@@ -149,7 +150,7 @@ class Controller:
             await asyncio.to_thread(self.keys.load, self.clock.wall())
             link_base = self.config.controller.public_url or f"http://{self.config.controller.listen}"
             self.routes.replace(self._router(link_base, self.config.controller.notify, store))
-            engine = self.engine = self._engine(store, link_base)
+            engine = self.engine = self._engine(store, link_base, several=keeper is not None)
             dispatcher = engine.dispatcher
             await engine.recover(self.ownership.owns)  # with leases: nothing yet, buckets come as they are granted
             self._engine_metrics(engine)
@@ -194,8 +195,10 @@ class Controller:
                 link_stop.set()
                 await self.fleet.notify()
 
-    def _engine(self, store: Store, link_base: str) -> Engine:
+    def _engine(self, store: Store, link_base: str, *, several: bool) -> Engine:
+        """``several``: controllers share the fleet, and compare their dataset replicas through the store."""
         notifier: Notifier = FanoutNotifier(self.notifier, self.routes)
+        shared = self.index.shared = SharedReplicas(self.ownership.epoch_of) if several else None
         config = self.config.controller
         dispatcher = MeteredDispatcher(metrics=self.metrics, fleet=self.fleet, store=store, link=self.link,
                                        keys=self.key_for, clock=self.clock, notifier=notifier,
@@ -209,7 +212,7 @@ class Controller:
                       budget=Budget(max_concurrent=budget.max_concurrent, max_node_share=budget.max_node_share,
                                     max_replica_share=budget.max_replica_share, group_label=budget.group_label),
                       command_ttl=config.command_ttl, link_base=link_base, anomalies=self.anomalies,
-                      external=self._external_findings, listening=self.link.connected.is_set)
+                      external=self._external_findings, listening=self.link.connected.is_set, shared=shared)
 
     def _router(self, external_url: str, notify: Sequence[NotifyConfig], store: Store) -> Router | None:
         """Chat notifications: grouped, rate-limited, retried; deliveries go into the incidents' audit trails."""
@@ -268,11 +271,19 @@ class Controller:
         return f"http://{f'[{host}]' if ':' in host else host}:{self.api_port}"
 
     async def _follow_shared(self, engine: Engine, stop: asyncio.Event) -> None:
-        """Every second, take up the pause, silences and placements other controllers wrote to the shared store."""
+        """Every second, take up the pause, silences, placements and dataset replicas other controllers wrote to the
+        shared store, and write the replicas this one heard."""
+        shared = engine.observer.shared
         while not stop.is_set():
             try:
                 await engine.operations.sync_shared()
-                if await engine.placements.sync(engine.store):
+                moved = await engine.placements.sync(engine.store)
+                if shared is not None:
+                    await shared.save(engine.store)
+                    changed = await shared.sync(engine.store)
+                    engine.observer.shared_changed(changed)
+                    moved = moved or bool(changed)
+                if moved:
                     await self.fleet.notify()
             except StoreError as exc:
                 log.warning("controller.shared_unread", error=str(exc)[:300])

@@ -13,11 +13,11 @@ still the current ones.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from controller.fleet import Fleet, NodeState
+from controller.fleet import NodeState
 from detectors.digests import Localisation, ReplicaDigest, decide_authority, detect_divergence, measure_agreement
 from detectors.model import Finding
 from remediations.planner import Replica
@@ -56,49 +56,78 @@ class Localisations:
         return item.localisation
 
 
-def replica_digests(fleet: Fleet) -> dict[str, list[ReplicaDigest]]:
-    return {name: [ReplicaDigest(node.id, s.root, s.state, s.manifest_root, s.files, s.bytes) for node, s in holders]
-            for name, holders in sorted(fleet.replicas().items())}
+@dataclass(frozen=True, slots=True)
+class Held:
+    """One replica of a dataset: its node, the node's latest summary of it, and how to reach the node."""
+
+    node: str
+    summary: DatasetSummary
+    online: bool
+    """As last heard: the node's agent said online (whether it fell silent since is the caller's ``offline``)."""
+    http: str
+    """Where the node's agent serves its datasets (``NodeStatus.http``)."""
+    here: bool = True
+    """Heard by this controller (it acts on the node); otherwise read from the shared store
+    (``controller.shared_replicas``): compared with, and a resync source, but never acted on here."""
+
+    def digest(self) -> ReplicaDigest:
+        s = self.summary
+        return ReplicaDigest(self.node, s.root, s.state, s.manifest_root, s.files, s.bytes)
 
 
-def observe_dataset(name: str, holders: Sequence[tuple[NodeState, DatasetSummary]],
-                    offline: Collection[str]) -> tuple[list[Finding], tuple[Replica, ...]]:
-    """One dataset's findings that hold now, and its replicas as resync source candidates."""
-    digests = [ReplicaDigest(node.id, s.root, s.state, s.manifest_root, s.files, s.bytes) for node, s in holders]
-    findings = detect_divergence(name, digests, offline=frozenset(offline))
-    return findings, tuple(Replica(node.id, s.root, s.state, node.online and node.id not in offline)
-                           for node, s in holders)
-
-
-def describe_datasets(fleet: Fleet, offline: Collection[str], localisations: Localisations, *,
-                      holders: Iterable[NodeState] | None = None) -> list[dict[str, Any]]:
-    """Per dataset: replicas, authority, agreement and divergent replicas (the API's and metrics' view).
-
-    ``holders``: the nodes that hold any replica, when the caller keeps track of them (``FleetIndex``);
-    otherwise every node of the fleet is looked at. Replicas are taken in node order, so the view does not
-    depend on the order nodes were first heard."""
-    replicas: dict[str, list[tuple[NodeState, DatasetSummary]]] = {}
-    for node in sorted(fleet.nodes.values() if holders is None else holders, key=lambda n: n.id):
+def held_by_dataset(nodes: Iterable[NodeState],
+                    elsewhere: Mapping[str, Mapping[str, Held]] | None = None) -> dict[str, list[Held]]:
+    """Dataset → its replicas in node order: those on ``nodes`` (heard here) and, for nodes not among them,
+    those ``elsewhere`` (dataset → node → replica, from the shared store)."""
+    out: dict[str, list[Held]] = {}
+    here: set[str] = set()
+    for node in nodes:
+        here.add(node.id)
         for name, summary in node.datasets.items():
-            replicas.setdefault(name, []).append((node, summary))
+            out.setdefault(name, []).append(Held(node.id, summary, node.online, node.http))
+    for name, remote in (elsewhere or {}).items():
+        held = [replica for node_id, replica in remote.items() if node_id not in here]
+        if held:
+            out.setdefault(name, []).extend(held)
+    for replicas in out.values():
+        replicas.sort(key=lambda r: r.node)
+    return dict(sorted(out.items()))
+
+
+def observe_dataset(name: str, held: Sequence[Held],
+                    offline: Collection[str]) -> tuple[list[Finding], tuple[Replica, ...]]:
+    """One dataset's findings that hold now on the replicas heard here, and its replicas as resync source
+    candidates (``offline``: nodes heard here that fell silent)."""
+    down = frozenset(offline) | {r.node for r in held if not r.online}
+    findings = detect_divergence(name, [r.digest() for r in held], offline=down)
+    here = {r.node for r in held if r.here}
+    return [f for f in findings if f.node in here], tuple(
+        Replica(r.node, r.summary.root, r.summary.state, r.node not in down) for r in held)
+
+
+def describe_datasets(held: Mapping[str, Sequence[Held]], offline: Collection[str],
+                      localisations: Localisations) -> list[dict[str, Any]]:
+    """Per dataset: replicas, authority, agreement and divergent replicas (the API's and metrics' view), from
+    ``held_by_dataset``; ``offline``: nodes heard here that fell silent."""
     out = []
-    for name, held in sorted(replicas.items()):
-        digests = [ReplicaDigest(node.id, s.root, s.state, s.manifest_root, s.files, s.bytes) for node, s in held]
-        authority = decide_authority(digests)
-        reference = next((s for node, s in held if node.id in authority.matching), None)
+    for name, replicas in sorted(held.items()):
+        authority = decide_authority([r.digest() for r in replicas])
+        reference = next((r.summary for r in replicas if r.node in authority.matching), None)
         localised = {}
-        for node, summary in held:
-            if node.id in authority.divergent and authority.root:
-                found = localisations.get(name, node.id, reference_root=authority.root, replica_root=summary.root)
+        for replica in replicas:
+            if replica.node in authority.divergent and authority.root:
+                found = localisations.get(name, replica.node, reference_root=authority.root,
+                                          replica_root=replica.summary.root)
                 if found is not None:
-                    localised[node.id] = found
+                    localised[replica.node] = found
         agreement = measure_agreement(authority, authority_files=reference.files if reference else None,
                                       localised=localised)
         out.append({
             "name": name,
-            "replicas": [{"node": node.id, "root": s.root, "state": s.state, "files": s.files, "bytes": s.bytes,
-                          "generation": s.generation, "online": node.online and node.id not in offline,
-                          "scanned_at": s.scanned_at, "error": s.error} for node, s in held],
+            "replicas": [{"node": r.node, "root": r.summary.root, "state": r.summary.state, "files": r.summary.files,
+                          "bytes": r.summary.bytes, "generation": r.summary.generation,
+                          "online": r.online and r.node not in offline, "scanned_at": r.summary.scanned_at,
+                          "error": r.summary.error} for r in replicas],
             "authority": {"kind": authority.kind, "root": authority.root, "reason": authority.reason,
                           "matching": list(authority.matching)},
             "agreement": {"replicas": agreement.replicas, "files": agreement.files},

@@ -40,6 +40,7 @@ from controller.notify import Notifier
 from controller.observe import Observer
 from controller.operations import Operations
 from controller.plan_records import plan_from_record
+from controller.shared_replicas import SharedReplicas
 from controller.store import Incident, PlanRecord, Store
 from detectors.anomaly.watch import AnomalyWatch
 from detectors.model import DetectorSettings, Finding
@@ -63,7 +64,7 @@ class Engine:
                  budget: Budget | None = None, command_ttl: float = 15.0, tick: float = 1.0,
                  link_base: str = "", anomalies: AnomalyWatch | None = None,
                  external: Callable[[float], list[Finding]] | None = None,
-                 listening: Callable[[], bool] = lambda: True) -> None:
+                 listening: Callable[[], bool] = lambda: True, shared: SharedReplicas | None = None) -> None:
         self.fleet = fleet
         self.store = store
         self.rulebook = rulebook
@@ -81,8 +82,10 @@ class Engine:
         self.reconciler = Reconciler(rulebook, budget)
         self.observer = Observer(fleet, settings, placements=self.placements, anomalies=anomalies,
                                  external=external, group_label=self.reconciler.budget.group_label,
-                                 owns=dispatcher.ownership.owns, elsewhere=dispatcher.ownership.partial)
+                                 owns=dispatcher.ownership.owns, elsewhere=dispatcher.ownership.partial,
+                                 shared=shared)
         fleet.on_evict = self.observer.forget
+        dispatcher.resync.replicas_of = self.observer.replicas_of
         self.effects = Effects(fleet=fleet, store=store, rulebook=rulebook, reconciler=self.reconciler,
                                dispatcher=dispatcher, clock=clock, metrics=metrics, notifier=notifier,
                                recheck=self.symptom_holds, link_base=link_base)

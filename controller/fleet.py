@@ -295,14 +295,6 @@ class Fleet:
         node.datasets = {d.name: d for d in digest.datasets[:MAX_DATASETS_PER_NODE]}
         self._touch(node.id)
 
-    def replicas(self) -> dict[str, list[tuple[NodeState, DatasetSummary]]]:
-        """Every dataset known from digests → the nodes holding a replica and their latest summary."""
-        out: dict[str, list[tuple[NodeState, DatasetSummary]]] = {}
-        for node in self.nodes.values():
-            for name, summary in node.datasets.items():
-                out.setdefault(name, []).append((node, summary))
-        return out
-
     def _enter_session(self, node: NodeState, session: int, now: float, *, held: bool = True) -> None:
         """A newer agent session starts its sequence numbers and clock afresh; a status held back for it
         (a session jump, refused while the old session was live) applies now."""

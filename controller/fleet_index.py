@@ -18,8 +18,9 @@ contributes, in O(its units):
   here;
 - the nodes with a problem (offline, or a unit unhealthy), for the page;
 - the datasets view (``controller.datasets.describe_datasets``), recomputed
-  only when a digest, the presence of a replica's node or a localisation
-  changed since it was last asked for.
+  only when a digest, the presence of a replica's node, a localisation or,
+  with several controllers, a replica another one hears
+  (``controller.shared_replicas``) changed since it was last asked for.
 
 ``recount`` computes the counts from scratch; the tests hold the index to it
 after random sequences of messages.
@@ -33,8 +34,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.datasets import Localisations, describe_datasets
+from controller.datasets import Localisations, describe_datasets, held_by_dataset
 from controller.fleet import Fleet, NodeState
+from controller.shared_replicas import SharedReplicas
 from detectors.model import NodeSnapshot
 from detectors.presence import is_offline
 from selfheal.wire import UnitReport
@@ -128,7 +130,9 @@ class FleetIndex:
         self._now = float("-inf")
         """The latest ``now`` silence was counted at."""
         self._datasets_version = 0
-        self._datasets_key: tuple[int, int, int] | None = None
+        self._datasets_key: tuple[int, int, int, int] | None = None
+        self.shared: SharedReplicas | None = None
+        """Several controllers: the replicas other controllers hear, shown beside this one's."""
         self._datasets: list[dict[str, Any]] = []
         for node_id in fleet.nodes:
             self.update(node_id)
@@ -268,10 +272,11 @@ class FleetIndex:
     def datasets(self, now: float, localisations: Localisations) -> list[dict[str, Any]]:
         """``describe_datasets``' view, recomputed only when something it reads changed."""
         self._advance(now)
-        key = (self._datasets_version, id(localisations), localisations.version)
+        shared = self.shared
+        key = (self._datasets_version, id(localisations), localisations.version, shared.version if shared else 0)
         if key != self._datasets_key:
-            holders = [self.fleet.nodes[n] for n in sorted(self._holders)]
-            self._datasets = describe_datasets(self.fleet, self._offline, localisations, holders=holders)
+            held = held_by_dataset((self.fleet.nodes[n] for n in self._holders), shared.elsewhere if shared else None)
+            self._datasets = describe_datasets(held, self._offline, localisations)
             self._datasets_key = key
         return self._datasets
 

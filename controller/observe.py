@@ -13,8 +13,9 @@ again when it comes due. The engine asks ``next_due`` how long it may sleep.
 
 What spans nodes is bounded by what it is about, not by the fleet: lost
 singletons by the movable units' copies (an index of who runs what), dataset
-findings by the replicas of the datasets a changed node holds, external
-findings by the alerts received. ``Observer.detections`` counts the nodes the
+findings by the replicas of the datasets a changed node holds (with several
+controllers, also those other controllers hear: ``controller.shared_replicas``),
+external findings by the alerts received. ``Observer.detections`` counts the nodes the
 detectors ran on (a unit test holds per-message work to one node).
 """
 
@@ -26,9 +27,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from controller.datasets import observe_dataset
+from controller.datasets import Held, observe_dataset
 from controller.fleet import Fleet, NodeState
 from controller.placement import Placements
+from controller.shared_replicas import SharedReplicas
 from detectors.anomaly.watch import AnomalyWatch
 from detectors.model import DetectorSettings, Finding, NodeSnapshot
 from detectors.placement import RUNNING, detect_lost_units
@@ -75,13 +77,15 @@ class Observer:
                  anomalies: AnomalyWatch | None = None,
                  external: Callable[[float], list[Finding]] | None = None,
                  owns: Callable[[str], bool] = lambda node: True,
-                 elsewhere: Callable[[], bool] = lambda: False) -> None:
+                 elsewhere: Callable[[], bool] = lambda: False, shared: SharedReplicas | None = None) -> None:
         self.fleet = fleet
         self.owns = owns
         """Whether this controller acts on a node now: a movable unit placed on a node it does not act on is
         its controller's to find lost, never this one's (``Ownership.owns``)."""
         self.elsewhere = elsewhere
         """Whether other controllers act on part of the fleet (``Ownership.partial``)."""
+        self.shared = shared
+        """Several controllers: the dataset replicas they hear, and where this one's are written for them."""
         self.settings = settings
         self.placements = placements
         self.group_label = group_label
@@ -95,8 +99,8 @@ class Observer:
         self._owned: dict[str, tuple[str, ...]] = {}
         """Source (a node id, ``external``, ``lost``, ``dataset:<name>``) → the keys of its symptoms."""
         self._nodes: dict[str, NodeObservation] = {}
-        self._datasets_of: dict[str, tuple[int, bool, frozenset[str]]] = {}
-        """node → (identity of its datasets dict, online, their names) as last observed."""
+        self._datasets_of: dict[str, tuple[int, bool, str, frozenset[str]]] = {}
+        """node → (identity of its datasets dict, online, address, their names) as last observed."""
         self.offline: set[str] = set()
         self.groups: dict[str, str] = {}
         self.group_sizes: Counter[str] = Counter()
@@ -148,6 +152,20 @@ class Observer:
         """Whether the finding ``key`` holds now (the fleet as it is, changes looked at first)."""
         self.refresh(now)
         return key in self.symptoms
+
+    def shared_changed(self, datasets: Iterable[str]) -> None:
+        """Other controllers' replicas of these datasets changed (``SharedReplicas.sync``): look again."""
+        self._dirty_datasets.update(datasets)
+
+    def replicas_of(self, name: str) -> list[Held]:
+        """The dataset's replicas in node order: those heard here, then, on nodes not heard here, those other
+        controllers heard."""
+        held = [Held(node.id, node.datasets[name], node.online, node.http)
+                for node_id in self.holders.get(name, ())
+                if (node := self.fleet.nodes.get(node_id)) is not None and name in node.datasets]
+        if self.shared is not None:
+            held += [r for node_id, r in self.shared.elsewhere.get(name, {}).items() if node_id not in self.fleet.nodes]
+        return sorted(held, key=lambda r: r.node)
 
     def observe_all(self) -> None:
         """Look at every node again on the next pass (settings or watches were reloaded)."""
@@ -230,18 +248,23 @@ class Observer:
         self._contribute_datasets(node_id, state, online=state.online and not seen.offline)
 
     def _contribute_datasets(self, node_id: str, state: NodeState | None, *, online: bool = False) -> None:
-        """A node's datasets (or its presence, which every replica view carries) changed: look at them again."""
+        """A node's datasets (or its presence or address, which every replica view carries) changed: look at
+        them again, and tell the other controllers (``SharedReplicas.heard``)."""
         before = self._datasets_of.pop(node_id, None)
         names = frozenset(state.datasets) if state is not None else frozenset()
-        if state is not None:
-            self._datasets_of[node_id] = (id(state.datasets), online, names)
-        if before is not None and state is not None and before == (id(state.datasets), online, names):
+        now = None if state is None else (id(state.datasets), online, state.http, names)
+        if now is not None:
+            self._datasets_of[node_id] = now
+        if before is not None and before == now:
             return  # the same digest, the same presence: nothing to look at
-        for name in (before[2] if before is not None else frozenset()) - names:
+        if self.shared is not None:
+            self.shared.heard(node_id, None if state is None else state.datasets, online=online,
+                              http=state.http if state is not None else "")
+        for name in (before[3] if before is not None else frozenset()) - names:
             _discard(self.holders, name, node_id)
         for name in names:
             self.holders.setdefault(name, set()).add(node_id)
-        self._dirty_datasets |= names | (before[2] if before is not None else frozenset())
+        self._dirty_datasets |= names | (before[3] if before is not None else frozenset())
 
     def _feed_anomalies(self, state: NodeState) -> None:
         """The node's reports not fed yet, oldest first (its history is in arrival order)."""
@@ -260,14 +283,13 @@ class Observer:
     # --- what spans nodes -------------------------------------------------------------------------
 
     def _observe_dataset(self, name: str) -> None:
-        holders = [(node, node.datasets[name]) for node_id in sorted(self.holders.get(name, ()))
-                   if (node := self.fleet.nodes.get(node_id)) is not None and name in node.datasets]
-        if not holders:
+        held = self.replicas_of(name)
+        if not held:
             self.datasets.pop(name, None)
             self.holders.pop(name, None)
             self._replace(f"dataset:{name}", ())
             return
-        findings, self.datasets[name] = observe_dataset(name, holders, self.offline)
+        findings, self.datasets[name] = observe_dataset(name, held, self.offline)
         self._replace(f"dataset:{name}", findings)
 
     def _replace(self, source: str, findings: Iterable[Finding]) -> None:

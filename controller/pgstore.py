@@ -4,7 +4,7 @@ The same ``Store`` protocol as ``controller.store.SqliteStore``, with the same
 meaning: one unresolved incident per key, hash-chained timelines
 (``controller.audit``), plans, commands whose idempotency key is unique
 (``record_command`` answers False for a key already issued, by any
-controller), silences, quarantines, placements, the pause and the epoch. What
+controller), silences, quarantines, placements, dataset replicas, the pause and the epoch. What
 differs is what PostgreSQL gives for free or asks for:
 
 - **Driver**: asyncpg, through its connection pool (``POOL_SIZE``), chosen by
@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -70,6 +71,7 @@ from controller.store import (
     IncidentState,
     PlacementRecord,
     PlanRecord,
+    ReplicaRecord,
     SilenceRecord,
     TimelineEntry,
     _incident,
@@ -248,11 +250,31 @@ ALTER TABLE controller_members ADD COLUMN api TEXT NOT NULL DEFAULT '';
 """
 """Where each controller's API answers its peers (``controller.peers``): one fleet view from any controller."""
 
+SCHEMA_5 = """
+CREATE SEQUENCE dataset_replica_writes;
+CREATE TABLE dataset_replicas (
+    dataset TEXT NOT NULL,
+    node TEXT NOT NULL,
+    summary BYTEA,
+    online BOOLEAN NOT NULL,
+    http TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    changed_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (dataset, node)
+);
+CREATE INDEX dataset_replicas_by_seq ON dataset_replicas(seq);
+CREATE INDEX dataset_replicas_by_change ON dataset_replicas(changed_at);
+"""
+"""Each node's dataset replicas as its controller last heard them (``controller.shared_replicas``): each record
+numbered from a sequence and stamped with the database's clock, so the others read only what changed."""
+
 MIGRATIONS: tuple[tuple[str, str], ...] = (
     ("incidents, timeline (append-only), plans, commands, silences, quarantines, placements, meta", SCHEMA_1),
     ("controller membership and bucket leases (epochs only grow)", SCHEMA_2),
     ("the notification log: each notification claimed once across controllers", SCHEMA_3),
     ("each controller's API address, for its peers", SCHEMA_4),
+    ("dataset replicas as each node's controller heard them", SCHEMA_5),
 )
 """Ordered (summary, SQL) steps; step ``i`` makes schema version ``i + 1``. Append, never edit a released step."""
 
@@ -735,6 +757,38 @@ class PostgresStore:
     async def list_placements(self) -> list[PlacementRecord]:
         rows = await self._fetch("SELECT unit, node, fence_after, since FROM placements ORDER BY unit")
         return [PlacementRecord(u, n, float(f), float(t)) for u, n, f, t in rows]
+
+    async def save_replicas(self, records: Sequence[ReplicaRecord]) -> int:
+        """With ``fence_commands``, a record whose epoch is not the live lease of its node's bucket is dropped
+        (checked in the statement that writes it, under the lease row's share lock)."""
+        async def write(conn: Connection) -> int:
+            written = 0
+            for record in records:
+                if await conn.fetchval(
+                        "INSERT INTO dataset_replicas(dataset, node, summary, online, http, epoch, seq, changed_at) "
+                        "SELECT $1::text, $2::text, $3::bytea, $4::boolean, $5::text, $6::bigint, "
+                        "nextval('dataset_replica_writes'), extract(epoch FROM clock_timestamp()) "
+                        "WHERE NOT $7::boolean OR EXISTS "
+                        "(SELECT 1 FROM bucket_leases WHERE bucket = $8::integer AND epoch = $6::bigint "
+                        "AND owner IS NOT NULL AND expires_at > clock_timestamp() FOR SHARE) "
+                        "ON CONFLICT (dataset, node) DO UPDATE SET summary = excluded.summary, "
+                        "online = excluded.online, http = excluded.http, epoch = excluded.epoch, seq = excluded.seq, "
+                        "changed_at = excluded.changed_at RETURNING true",
+                        record.dataset, record.node, record.summary, record.online, record.http, record.epoch,
+                        self.fence_commands, bucket_of(record.node)):
+                    written += 1
+            return written
+        return await self._write(write)
+
+    async def replicas_changed(self, *, after: int, since: float | None) -> tuple[list[ReplicaRecord], float]:
+        async def select(conn: Connection) -> tuple[list[ReplicaRecord], float]:
+            now = float(await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())"))
+            rows = await conn.fetch("SELECT dataset, node, summary, online, http, epoch, seq FROM dataset_replicas "
+                                    "WHERE seq > $1 OR changed_at >= $2 ORDER BY seq",
+                                    after, -math.inf if since is None else since)
+            return [ReplicaRecord(d, n, None if s is None else bytes(s), bool(o), h, int(e), int(q))
+                    for d, n, s, o, h, e, q in rows], now
+        return await self._read(select)
 
     # --- the notification log (``controller.notify.claims``) ---------------------------------------
 

@@ -50,7 +50,7 @@ from typing import Any, TypeVar, overload
 import httpx
 import msgspec
 
-from controller.datasets import Localisations, Localised, replica_digests
+from controller.datasets import Held, Localisations, Localised, held_by_dataset
 from controller.fleet import Fleet
 from detectors.digests import Answers, Difference, Localisation, Side, TreeEntry, decide_authority, localise
 from detectors.listings import FileListing, ListingRejected, verify_file_listing, verify_tree_listing
@@ -141,6 +141,10 @@ class ResyncPlanner:
                  listing_deadline: float = LISTING_DEADLINE) -> None:
         """``verify``: how ``https://`` peers' certificates are checked (``selfheal.peer_tls``)."""
         self.fleet = fleet
+        self.replicas_of: Callable[[str], Sequence[Held]] = \
+            lambda name: held_by_dataset(fleet.nodes.values()).get(name, [])
+        """A dataset's replicas as they stand (the engine gives ``Observer.replicas_of``: no walk over the fleet,
+        and other controllers' replicas too)."""
         self.keys = keys
         self.clock = clock
         self.localisations = localisations
@@ -151,8 +155,7 @@ class ResyncPlanner:
         self.listing_deadline = listing_deadline
 
     async def prepare(self, step: ResyncDataset, audit: Audit) -> Prepared:
-        source, replica = self._peers(step)
-        chunk_size = self.fleet.nodes[step.source].datasets[step.dataset].chunk_size
+        source, replica, chunk_size = self._peers(step)
         try:
             async with httpx.AsyncClient(transport=self.transport, timeout=self.request_timeout, verify=self.verify,
                                          follow_redirects=False) as client:
@@ -167,7 +170,7 @@ class ResyncPlanner:
                             raise RemediationError(
                                 f"{step.dataset}: the trees kept changing during localisation") from None
                         await asyncio.sleep(RESTART_PAUSE)  # let the newer digest reach the fleet
-                        source, replica = self._peers(step)
+                        source, replica, chunk_size = self._peers(step)
                 files, unrepairable, special = await self._actions(
                     client, step.dataset, source, localisation=localisation, entries=entries, listings=listings,
                     chunk_size=chunk_size)
@@ -196,33 +199,33 @@ class ResyncPlanner:
 
         return Prepared(SignedOnAccess(unsigned, sign), localisation, fetch_bytes, unrepairable)
 
-    def _peers(self, step: ResyncDataset) -> tuple[_Peer, _Peer]:
-        replicas = replica_digests(self.fleet).get(step.dataset, [])
-        if any(r.state == "settling" for r in replicas):
+    def _peers(self, step: ResyncDataset) -> tuple[_Peer, _Peer, int]:
+        """The source and the replica to walk, and the source's chunk size."""
+        replicas = {r.node: r for r in self.replicas_of(step.dataset)}
+        if any(r.summary.state == "settling" for r in replicas.values()):
             raise RemediationError(f"{step.dataset} is settling on some replica: not repaired while written")
-        authority = decide_authority(replicas)
+        authority = decide_authority([r.digest() for r in replicas.values()])
         if authority.kind == "none" or authority.root is None:
             raise PermanentRemediationError(f"{step.dataset}: no authority any more ({authority.reason})")
         if step.source not in authority.matching:
             raise PermanentRemediationError(f"{step.source} no longer verifies against the authority of "
                                             f"{step.dataset}: not used as a source")
-        if step.node not in authority.divergent:
-            raise RemediationError(f"{step.node}'s replica of {step.dataset} is not divergent any more")
+        if step.node not in authority.divergent or not replicas[step.node].here:
+            raise RemediationError(f"{step.node}'s replica of {step.dataset} is not divergent here any more")
         peers = []
-        for node_id, root in ((step.source, authority.root),
-                              (step.node, next(r.root for r in replicas if r.node == step.node))):
-            node = self.fleet.nodes.get(node_id)
-            if node is None or not node.online or not node.http:
+        for node_id, root in ((step.source, authority.root), (step.node, replicas[step.node].summary.root)):
+            held = replicas[node_id]
+            if not held.online or not held.http:
                 raise RemediationError(f"{node_id} is offline or announced no HTTP address")
             key = self.keys(node_id)
             if key is None:
                 raise PermanentRemediationError(f"no key for node {node_id}: cannot sign a transfer token")
             try:
-                url = peer_base_url(node.http)
+                url = peer_base_url(held.http)
             except ValueError as exc:
                 raise PermanentRemediationError(f"{node_id} announced an unusable HTTP address: {exc}") from None
             peers.append(_Peer(node_id, url, key, root))
-        return peers[0], peers[1]
+        return peers[0], peers[1], replicas[step.source].summary.chunk_size
 
     async def _localise(self, client: httpx.AsyncClient, dataset: str, source: _Peer, replica: _Peer, *,
                         chunk_size: int) -> tuple[Localisation, dict[str, TreeEntry], dict[str, FileListing]]:

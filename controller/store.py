@@ -37,7 +37,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import sqlite3
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -132,6 +134,19 @@ CREATE TABLE IF NOT EXISTS placements (
     fence_after REAL NOT NULL,
     since REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS dataset_replicas (
+    dataset TEXT NOT NULL,
+    node TEXT NOT NULL,
+    summary BLOB,
+    online INTEGER NOT NULL,
+    http TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    changed_at REAL NOT NULL,
+    PRIMARY KEY (dataset, node)
+);
+CREATE INDEX IF NOT EXISTS dataset_replicas_by_seq ON dataset_replicas(seq);
+CREATE INDEX IF NOT EXISTS dataset_replicas_by_change ON dataset_replicas(changed_at);
 CREATE TABLE IF NOT EXISTS commands (
     key TEXT PRIMARY KEY,
     command_id TEXT NOT NULL,
@@ -162,6 +177,25 @@ class PlacementRecord:
     fence_after: float
     """Seconds after ``node`` was last heard by which its copy is surely stopped (from its agent)."""
     since: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRecord:
+    """A node's replica of a dataset as the controller acting on the node last heard it, for the other
+    controllers sharing the store to compare theirs with (``controller.shared_replicas``)."""
+
+    dataset: str
+    node: str
+    summary: bytes | None
+    """The ``wire.DatasetSummary``, encoded; None: the node no longer holds the dataset."""
+    online: bool
+    http: str
+    """Where the node's agent serves its datasets (``NodeStatus.http``): a resync's source address."""
+    epoch: int = 0
+    """The writer's epoch on the node's bucket: a store shared by controllers drops the record unless that
+    is the bucket's live lease, so a controller that lost the bucket never overwrites its new owner's."""
+    seq: int = 0
+    """Given by the store: grows with every record written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +301,14 @@ class Store(Protocol):
     async def list_quarantines(self) -> list[tuple[str, str, float, str]]: ...
     async def save_placement(self, placement: PlacementRecord) -> None: ...
     async def list_placements(self) -> list[PlacementRecord]: ...
+    async def save_replicas(self, records: Sequence[ReplicaRecord]) -> int:
+        """Insert or replace each (dataset, node)'s record; how many were written (a shared store drops those
+        written under a stale epoch, as ``save_plan`` refuses)."""
+        ...
+    async def replicas_changed(self, *, after: int, since: float | None) -> tuple[list[ReplicaRecord], float]:
+        """The records written after sequence number ``after`` or at or after ``since`` (the store's clock;
+        None: every record), and the store's clock now: ``since`` of a later call."""
+        ...
     async def claim_notification(self, *, key: str, incident_id: int, event: str, destination: str,
                                  at: float) -> bool: ...
     async def finish_notifications(self, keys: Sequence[str], *, outcome: str, at: float) -> None: ...
@@ -675,6 +717,31 @@ class SqliteStore:
             rows = self._db.execute("SELECT unit, node, fence_after, since FROM placements ORDER BY unit").fetchall()
             return [PlacementRecord(u, n, float(f), float(t)) for u, n, f, t in rows]
         result: list[PlacementRecord] = await self._run(select)
+        return result
+
+    async def save_replicas(self, records: Sequence[ReplicaRecord]) -> int:
+        """One controller owns every node here: nothing to fence."""
+        def write() -> int:
+            for record in records:
+                self._db.execute(
+                    "INSERT INTO dataset_replicas(dataset, node, summary, online, http, epoch, seq, changed_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, (SELECT coalesce(max(seq), 0) + 1 FROM dataset_replicas), ?) "
+                    "ON CONFLICT(dataset, node) DO UPDATE SET summary = excluded.summary, online = excluded.online, "
+                    "http = excluded.http, epoch = excluded.epoch, seq = excluded.seq, "
+                    "changed_at = excluded.changed_at",
+                    (record.dataset, record.node, record.summary, int(record.online), record.http, record.epoch,
+                     time.time()))
+            return len(records)
+        return await self._write(write)
+
+    async def replicas_changed(self, *, after: int, since: float | None) -> tuple[list[ReplicaRecord], float]:
+        def select() -> tuple[list[ReplicaRecord], float]:
+            now = time.time()
+            rows = self._db.execute(
+                "SELECT dataset, node, summary, online, http, epoch, seq FROM dataset_replicas "
+                "WHERE seq > ? OR changed_at >= ? ORDER BY seq", (after, -math.inf if since is None else since))
+            return [ReplicaRecord(d, n, s, bool(o), h, int(e), int(q)) for d, n, s, o, h, e, q in rows], now
+        result: tuple[list[ReplicaRecord], float] = await self._run(select)
         return result
 
     async def record_command(self, *, key: str, command_id: str, plan_id: str, node: str, epoch: int,

@@ -42,6 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.app import AgentApp
 from controller.app import Controller, running_controller
+from controller.datasets import held_by_dataset
 from selfheal import wire
 from selfheal.broker_setup import init_broker
 from selfheal.config import AgentConfig, Config, ControllerConfig, DatasetConfig, SecurityConfig, UnitConfig
@@ -441,6 +442,6 @@ async def test_made_up_dataset_names_make_no_series_without_a_key_and_at_most_20
         assert len(series) <= 200
         assert "ds" in series  # the fleet's real dataset (two replicas) is kept first
         assert not [s for s in series if s.startswith("made-up-9-")]
-        known = len(controller.fleet.replicas())
+        known = len(held_by_dataset(controller.fleet.nodes.values()))
         assert known == 201
         assert total(metrics, "selfheal_datasets_unexported") == known - 200

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +49,7 @@ from controller.leases import assign
 from selfheal.wire import BUCKETS, bucket_of
 from tests.conftest import eventually_sync, free_port, start_mosquitto
 from tests.e2e.conftest import SELFHEAL, Cluster
+from tests.e2e.test_datasets import CHUNK, dataset_toml, flip, make_dataset
 from tests.integration.postgres import Cluster as Postgres
 from tests.integration.postgres import running_cluster
 
@@ -1038,6 +1040,79 @@ def test_a_unit_lost_with_its_node_moves_to_a_standby_copy_on_a_node_another_con
     assert ha.incidents("c1", node_b) == []
     assert ha.opened_by(members, node_b) == []
     assert started(starts[node_b]) == started(starts[node_b])[:1]
+    verified = ha.audit_verify()
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    ha.check_epochs(members)
+    ha.check_running(members)
+
+
+# --- 9. dataset replicas compared and repaired across controllers ----------------------------------
+
+DATASET_RULES = """version: 1
+rules:
+  - name: resync-divergent-replica
+    match: {kind: dataset_divergent}
+    ladder: [{action: resync, attempts: 3, backoff: {first: 0, base: 1, factor: 2, max: 5, jitter: 0}}]
+    verify: {kind: cleared, within: 60, stable_for: 1}
+    cooldown: 1
+    resolve_after: 2
+  - name: report-dataset-without-authority
+    match: {kind: dataset_no_authority}
+    ladder: [{action: notify}]
+    verify: {kind: cleared}
+"""
+
+
+def test_replicas_on_nodes_of_different_controllers_are_compared_and_repaired_across_them(ha: HA) -> None:
+    """node-a (c1's), node-b and node-c (c2's) hold a replica of ``train``; node-a's is then corrupted. Alone, c1
+    would have nothing to compare it with and c2 would see agreement: the divergence would go unseen. c1 reads
+    c2's replicas from the store, finds node-a divergent from the majority and repairs it from a replica on
+    a node of c2 (each listing verified against the root that node's record holds, the transfer token signed
+    with that node's key), once; nobody else opens an incident, and either controller shows all three."""
+    members = ["c1", "c2"]
+    owners = expected_owners(members)
+    node_a, node_b, node_c = pick_nodes(lambda b: owners[b] == "c1", lambda b: owners[b] == "c2",
+                                        lambda b: owners[b] == "c2")
+    ha.rules = ha.root / "rules.yaml"
+    ha.rules.write_text(DATASET_RULES)
+    ha.start_controllers(*members)
+    ha.wait_settled(members)
+    paths = {node: ha.root / f"data-{node}" for node in (node_a, node_b, node_c)}
+    make_dataset(paths[node_a])
+    for node in (node_b, node_c):
+        shutil.copytree(paths[node_a], paths[node])
+    original = (paths[node_a] / "shards/part-1.bin").read_bytes()
+    for node, path in paths.items():
+        ha.start(node, "agent", ha.write_agent(node, dataset_toml(path)))
+
+    def train(cid: str) -> dict[str, Any] | None:
+        try:
+            items = ha.get_from(cid, "/api/v1/datasets")["items"]
+        except httpx.HTTPError:
+            return None
+        return next((d for d in items if d["name"] == "train"), None)
+
+    def agreed(cid: str) -> bool:
+        found = train(cid)
+        return found is not None and [r["node"] for r in found["replicas"]] == sorted(paths) and \
+            found["agreement"]["replicas"] == 1.0 and all(r["online"] for r in found["replicas"])
+    eventually_sync(lambda: agreed("c1") and agreed("c2"), timeout=SETTLE,
+                    what="both controllers showing the three replicas in agreement")
+
+    flip(paths[node_a] / "shards/part-1.bin", CHUNK + 3)
+    resolved = ha.wait_resolved("c1", [node_a])[node_a]
+    assert [i["kind"] for i in resolved] == ["dataset_divergent"]
+    assert (paths[node_a] / "shards/part-1.bin").read_bytes() == original
+    timeline = resolved[0]["timeline"]
+    [localised] = [e["data"] for e in timeline if e["kind"] == "localised"]
+    assert localised["source"] in (node_b, node_c)
+    assert localised["files"] == ["shards/part-1.bin"]
+    assert [e["data"]["status"] for e in timeline if e["kind"] == "command_result"] == ["done"]
+    assert ha.opened_by(members, node_a) == ["c1"]
+    assert ha.opened_by(members, node_b) == ha.opened_by(members, node_c) == []
+    assert not [line for cid in members for line in ha.events(cid, "incident.opened")
+                if line.get("kind") == "dataset_no_authority"]
+    eventually_sync(lambda: agreed("c1") and agreed("c2"), timeout=SETTLE, what="agreement again, on both")
     verified = ha.audit_verify()
     assert verified.returncode == 0, verified.stdout + verified.stderr
     ha.check_epochs(members)

@@ -25,8 +25,8 @@ import pytest
 from controller.leases import LeaseChange, LeaseKeeper, assign, claim, heartbeat
 from controller.ownership import NotOwner
 from controller.pgstore import MIGRATIONS, PostgresStore, epoch_current, migrate
-from controller.store import PlanRecord
-from selfheal.wire import BUCKETS, bucket_of
+from controller.store import PlanRecord, ReplicaRecord
+from selfheal.wire import BUCKETS, DatasetSummary, bucket_of, encode
 from tests.conftest import eventually
 from tests.integration.postgres import Cluster, throwaway_database
 
@@ -126,6 +126,22 @@ async def test_the_store_saves_a_plan_state_only_under_its_buckets_live_epoch(fe
     stored = await store.get_plan("1-1")
     assert stored is not None
     assert stored.state == "expired"
+
+
+async def test_the_store_keeps_a_replica_record_only_under_its_buckets_live_epoch(fenced: Fenced) -> None:
+    """A controller that lost a node's bucket (paused, cut off) and wakes with a replica record in hand must not
+    overwrite what the bucket's new owner wrote of that node's replica since."""
+    store, node = fenced.store, fenced.node
+
+    def record(root: str, epoch: int) -> ReplicaRecord:
+        return ReplicaRecord("train", node, encode(DatasetSummary(name="train", root=root, state="ok")), True,
+                             "127.0.0.1:1", epoch)
+    assert await store.save_replicas([record("r:old", fenced.epoch)]) == 1
+    newer = await fenced.take_over()
+    assert await store.save_replicas([record("r:new", newer)]) == 1
+    assert await store.save_replicas([record("r:stale", fenced.epoch)]) == 0
+    records, _ = await store.replicas_changed(after=0, since=None)
+    assert [(r.node, r.epoch, b"r:new" in (r.summary or b"")) for r in records] == [(node, newer, True)]
 
 
 async def test_bucket_epochs_start_above_every_epoch_a_single_controller_on_the_store_sent(url: str) -> None:

@@ -24,7 +24,7 @@ import pytest
 from controller.audit import ChainProblem, verify_database
 from controller.pgstore import PostgresStore, verify_chains
 from controller.placement import Placements
-from controller.store import MAX_BATCH, PlanRecord, SqliteStore, Store
+from controller.store import MAX_BATCH, PlanRecord, ReplicaRecord, SqliteStore, Store
 from selfheal.errors import StoreError
 from tests.conftest import eventually
 from tests.integration.postgres import Cluster, throwaway_database
@@ -355,6 +355,34 @@ async def test_placements_survive_a_controller_restart_and_follow_each_move(back
     assert [(p.unit, p.node) for p in await store.list_placements()] == [("predict", "node-b")]
     await store.close()
 
+
+
+async def test_replica_records_are_read_back_by_what_changed_since_the_last_read(backend: Backend) -> None:
+    """What several controllers use to compare dataset replicas they hear apart (``controller.shared_replicas``):
+    a read returns the records written after the last sequence number seen (or within the overlap), each record
+    numbered above every earlier one, a dataset no longer held as a record without summary."""
+    store = await backend.open()
+
+    def record(node: str, summary: bytes | None) -> ReplicaRecord:
+        return ReplicaRecord("train", node, summary, True, f"{node}:8080", 1)
+    assert await store.save_replicas([record("node-a", b'{"name":"train"}'), record("node-b", b"b1")]) == 2
+    first, now = await store.replicas_changed(after=0, since=None)
+    assert [(r.node, r.summary, r.http) for r in first] == [("node-a", b'{"name":"train"}', "node-a:8080"),
+                                                           ("node-b", b"b1", "node-b:8080")]
+    last = max(r.seq for r in first)
+    nothing, _ = await store.replicas_changed(after=last, since=now + 3600)  # nothing after it, nor in the window
+    assert nothing == []
+    await store.save_replicas([record("node-b", None)])
+    changed, _ = await store.replicas_changed(after=last, since=now + 3600)
+    assert [(r.node, r.summary) for r in changed] == [("node-b", None)]
+    assert changed[0].seq > last
+    again, _ = await store.replicas_changed(after=changed[0].seq, since=now - 60)  # the overlap reads them again
+    assert {r.node for r in again} == {"node-a", "node-b"}
+    await store.close()
+    reopened = await backend.open()
+    kept, _ = await reopened.replicas_changed(after=0, since=None)
+    assert [(r.node, r.summary) for r in kept] == [("node-a", b'{"name":"train"}'), ("node-b", None)]
+    await reopened.close()
 
 
 # --- group commit -------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from controller.datasets import held_by_dataset
 from controller.fleet import MAX_UNITS_PER_NODE, Fleet
 from controller.metrics import MAX_DATASET_SERIES, ControllerMetrics
 from detectors.model import HostSample, ReportSample, UnitSample
@@ -332,8 +333,9 @@ def test_made_up_dataset_names_add_no_series_beyond_the_bound() -> None:
     metrics = ControllerMetrics()
 
     def view() -> list[dict[str, Any]]:
-        return [{"name": name, "replicas": [{"node": n.id} for n, _ in holders],
-                 "agreement": {"replicas": 1.0, "files": None}} for name, holders in sorted(fleet.replicas().items())]
+        return [{"name": name, "replicas": [{"node": r.node} for r in held],
+                 "agreement": {"replicas": 1.0, "files": None}}
+                for name, held in held_by_dataset(fleet.nodes.values()).items()]
 
     metrics.add_dataset_collector(view)
     fleet.apply(wire.DatasetDigest(node="real-1", session=1, ts=T0, datasets=[

@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.datasets import Localisations, Localised, describe_datasets
+from controller.datasets import Localisations, Localised, describe_datasets, held_by_dataset
 from controller.fleet import Fleet
 from controller.fleet_index import FleetIndex, recount, unit_unhealthy
 from detectors.digests import Localisation
@@ -118,7 +118,8 @@ class World:
         assert index.offline(at) == offline
         sick = {n for n, s in fleet.nodes.items() if any(unit_unhealthy(u) for u in s.units.values())}
         assert index.problems(at, len(NODES)) == sorted(offline | sick)
-        assert index.datasets(at, self.localisations) == describe_datasets(fleet, offline, self.localisations)
+        held = held_by_dataset(fleet.nodes.values())
+        assert index.datasets(at, self.localisations) == describe_datasets(held, offline, self.localisations)
         assert all_pages(index, 2) == sorted(fleet.nodes)
 
 
