@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
+from urllib.parse import quote
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -211,6 +212,15 @@ class DatasetOut(BaseModel):
     unknown: list[str]
 
 
+class SeriesOut(BaseModel):
+    """A node's (or one unit's) CPU and memory from its bounded report history: (time, value) pairs."""
+
+    node: str
+    unit: str | None
+    cpu_percent: list[tuple[float, float]]
+    rss_mib: list[tuple[float, float]]
+
+
 class Items(BaseModel, Generic[T]):
     items: list[T]
 
@@ -363,7 +373,7 @@ def create_api(ctx: ApiContext) -> FastAPI:
         return HTMLResponse(_status_page(ctx, after, fleet, missing=missing, history=history, plans=plans))
 
     @app.get("/incidents/{incident_id}", response_class=HTMLResponse, responses={404: {}})
-    async def incident_page(incident_id: int) -> HTMLResponse:
+    async def incident_page(incident_id: int, request: Request) -> HTMLResponse:
         detail = await ctx.store.get_incident(incident_id) if 0 <= incident_id <= MAX_ID else None
         if detail is None:
             raise HTTPException(404, f"no incident {incident_id}")
@@ -371,7 +381,7 @@ def create_api(ctx: ApiContext) -> FastAPI:
         return HTMLResponse(render_incident_page(
             incident=_incident(found).model_dump(), plans=[_plan(p).model_dump() for p in detail.plans],
             timeline=[{"at": iso(e.at) or "", "kind": e.kind, "data": e.data} for e in detail.timeline],
-            metrics=unit_series(ctx.fleet, found.node, found.unit), opened_ts=found.opened_at,
+            metrics=await _incident_series(ctx, found, request), opened_ts=found.opened_at,
             version=selfheal.__version__, now=iso(ctx.clock.wall()) or ""))
 
     return app
@@ -427,6 +437,15 @@ def _fleet_routes(ctx: ApiContext) -> APIRouter:
     async def datasets() -> Items[DatasetOut]:
         return Items(items=[DatasetOut(**d) for d in datasets_view(ctx)])
 
+    @router.get("/api/v1/nodes/{node}/series", responses={404: {}, 421: {}})
+    async def series(node: str, unit: str | None = Query(None, max_length=MAX_CURSOR)) -> SeriesOut:
+        """The node's (or ``unit``'s) CPU and memory from the node's bounded report history, as the incident
+        page plots them. A node this controller does not hear: 404, or 421 with several controllers (its
+        own controller has them; the incident page asks it)."""
+        if node not in ctx.fleet.nodes:
+            raise HTTPException(421 if ctx.peers is not None else 404, f"{node[:MAX_CURSOR]} is not heard here")
+        return SeriesOut(node=node, unit=unit, **unit_series(ctx.fleet, node, unit))
+
     @router.get("/api/v1/view")
     async def view(after: str | None = Query(None, max_length=MAX_CURSOR),
                    limit: int = Query(PAGE_NODES, ge=1, le=MAX_PAGE)) -> ViewOut:
@@ -460,6 +479,26 @@ def _peers(ctx: ApiContext, request: Request, scope: str) -> Peers | None:
     if scope == "local" or ctx.peers is None or FORWARDED in request.headers or not ctx.peers.members():
         return None
     return ctx.peers
+
+
+async def _incident_series(ctx: ApiContext, incident: Incident,
+                           request: Request) -> dict[str, list[tuple[float, float]]]:
+    """The incident's unit (or node) series: from this controller's history of the node, or, for a node another
+    controller hears (several controllers), from that one's; empty when it did not answer."""
+    node, unit = incident.node, incident.unit
+    peers = _peers(ctx, request, "fleet")
+    if node in ctx.fleet.nodes or peers is None:
+        return unit_series(ctx.fleet, node, unit)
+    path = f"/api/v1/nodes/{quote(node, safe='')}/series" + (f"?unit={quote(unit, safe='')}" if unit else "")
+    answer = await peers.forward("GET", path, request.headers)
+    if answer is None or answer.status_code != 200:
+        return unit_series(ctx.fleet, node, unit)  # empty: the page says there is no data
+    try:
+        found = SeriesOut.model_validate_json(answer.content)
+    except ValidationError as exc:  # another version, a bug: counted as no answer
+        peers.failed("owner", path, exc)
+        return unit_series(ctx.fleet, node, unit)
+    return {"cpu_percent": found.cpu_percent, "rss_mib": found.rss_mib}
 
 
 def _problem(status: int, detail: str, instance: str) -> JSONResponse:

@@ -206,6 +206,17 @@ async def test_nodes_list(api: Api) -> None:
     assert node_b["state"] == "offline"
 
 
+async def test_a_nodes_series_is_what_the_incident_page_plots_and_an_unknown_node_is_a_404(api: Api) -> None:
+    fill_fleet(api.ctx.fleet)
+    body = (await api.client.get(f"/api/v1/nodes/{NODE}/series", params={"unit": "web"})).json()
+    assert (body["node"], body["unit"], [v for _, v in body["rss_mib"]]) == (NODE, "web", [1.0])
+    assert len(body["cpu_percent"]) == 1
+    host = (await api.client.get(f"/api/v1/nodes/{NODE}/series")).json()
+    assert host["unit"] is None
+    assert len(host["rss_mib"]) == 1
+    assert_problem(await api.client.get("/api/v1/nodes/node-zz/series"), 404)
+
+
 async def test_a_silent_node_is_listed_offline(api: Api) -> None:
     fill_fleet(api.ctx.fleet)
     api.ctx.fleet.nodes[NODE].last_seen = time.time() - 60

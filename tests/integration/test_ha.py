@@ -906,6 +906,10 @@ def test_any_controller_shows_the_whole_fleet_and_takes_approvals_pauses_and_sil
     approved = [e["data"] for e in incident["timeline"] if e["kind"] == "approved"]
     assert approved == [{"plan": plan["id"], "by": "alice"}]
     assert ha.opened_by(members, theirs) == ["c2"]
+    # The incident page on c1 plots the unit's history, which c2 keeps (c1 never heard the node).
+    page = httpx.get(f"{ha.api_of('c1')}/incidents/{incident['id']}", timeout=10).text
+    assert f"CPU of {theirs}/web around the incident" in page
+    assert "no data yet" not in page
     # Not forwarded again: a controller asked on another's behalf answers for itself only.
     misdirected = httpx.post(f"{ha.api_of('c1')}/api/v1/plans/{plan['id']}/cancel", timeout=10,
                              headers={"Authorization": f"Bearer {token}", "X-Selfheal-Forwarded": "c2"})
