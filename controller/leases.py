@@ -147,12 +147,6 @@ _LEAVE = "DELETE FROM controller_members WHERE id = $1"
 
 
 
-async def heartbeat(conn: Connection, member: str, ttl: float, *, api: str = "",
-                    timeout: float | None = None) -> list[str]:
-    """Record ``member``'s heartbeat; returns the live members, ``member`` included, sorted."""
-    return sorted({member, *await peers(conn, member, ttl, api=api, timeout=timeout)})
-
-
 async def peers(conn: Connection, member: str, ttl: float, *, api: str = "",
                 timeout: float | None = None) -> dict[str, str]:
     """Record ``member``'s heartbeat with its API address; returns the other live members → their addresses."""

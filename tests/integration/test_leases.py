@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import asyncpg
 import pytest
 
-from controller.leases import LeaseChange, LeaseKeeper, assign, claim, heartbeat
+from controller.leases import LeaseChange, LeaseKeeper, assign, claim, peers
 from controller.ownership import NotOwner
 from controller.pgstore import MIGRATIONS, PostgresStore, epoch_current, migrate
 from controller.store import PlanRecord, ReplicaRecord
@@ -184,14 +184,15 @@ async def test_an_expired_lease_is_taken_by_anyone_under_a_new_epoch_even_by_its
 
 async def test_members_are_live_while_their_heartbeat_is_younger_than_the_ttl(
         conn: asyncpg.Connection[asyncpg.Record]) -> None:
-    assert await heartbeat(conn, "a", 0.5) == ["a"]
-    assert await heartbeat(conn, "b", 0.5) == ["a", "b"]
-    assert await heartbeat(conn, "c", 60.0) == ["a", "b", "c"]
+    """``peers`` records the caller's heartbeat (with its API address) and answers the other live members."""
+    assert await peers(conn, "a", 0.5, api="http://a") == {}
+    assert await peers(conn, "b", 0.5, api="http://b") == {"a": "http://a"}
+    assert await peers(conn, "c", 60.0) == {"a": "http://a", "b": "http://b"}
 
     async def a_and_b_silent_long_enough() -> bool:
-        return await heartbeat(conn, "c", 0.5) == ["c"]
+        return await peers(conn, "c", 0.5) == {}
     await eventually(a_and_b_silent_long_enough, timeout=30, what="a and b to stop counting as live")
-    assert await heartbeat(conn, "a", 0.5) == ["a", "c"]
+    assert await peers(conn, "a", 0.5, api="http://a") == {"c": ""}
 
 
 async def test_the_database_refuses_a_lower_epoch_and_a_deleted_lease(
