@@ -482,7 +482,7 @@ class Reconciler:
             incident_plans=incident.plans, running=tuple(self.running.values()), budget=self.budget,
             group=group, group_size=max(1, group_sizes.get(group, 1)),
             replicas=max(1, fleet.replicas.get(symptom.unit or "", 1)), standby=standby, elsewhere=fleet.elsewhere,
-            rule_starts=tuple(self.rule_starts.get(rule.name, ())), paused=self.paused,
+            rule_starts=self.rule_starts.get(rule.name, ()), paused=self.paused,
             pause_reason=self.pause_reason, silences=tuple(self.silences), stats=self.stats,
             unit_history=self._unit_history(target_key))
         if isinstance(dataset := symptom.evidence.get("dataset"), str):
