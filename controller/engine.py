@@ -158,6 +158,8 @@ class Engine:
                 task.cancel()
         for incident_id in [i for i, incident in self.effects.incidents.items() if gone(incident.node)]:
             del self.effects.incidents[incident_id]
+        if self.observer.shared is not None:
+            self.observer.shared.release(gone)
         if plans:
             self.log.info("engine.released", plans=sorted(plans))
 

@@ -38,6 +38,7 @@ from detectors.presence import is_offline
 from detectors.registry import detect_node, next_change
 from remediations.planner import Replica
 from remediations.reconciler import FleetView, Symptom
+from selfheal.wire import DatasetSummary
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +100,9 @@ class Observer:
         self._owned: dict[str, tuple[str, ...]] = {}
         """Source (a node id, ``external``, ``lost``, ``dataset:<name>``) → the keys of its symptoms."""
         self._nodes: dict[str, NodeObservation] = {}
-        self._datasets_of: dict[str, tuple[int, bool, str, frozenset[str]]] = {}
-        """node → (identity of its datasets dict, online, address, their names) as last observed."""
+        self._datasets_of: dict[str, tuple[Mapping[str, DatasetSummary], bool, str]] = {}
+        """node → (its datasets, online, address) as last observed. The dict itself, not its ``id``: a dict
+        freed since could lend its id to the next one."""
         self.offline: set[str] = set()
         self.groups: dict[str, str] = {}
         self.group_sizes: Counter[str] = Counter()
@@ -251,20 +253,21 @@ class Observer:
         """A node's datasets (or its presence or address, which every replica view carries) changed: look at
         them again, and tell the other controllers (``SharedReplicas.heard``)."""
         before = self._datasets_of.pop(node_id, None)
-        names = frozenset(state.datasets) if state is not None else frozenset()
-        now = None if state is None else (id(state.datasets), online, state.http, names)
+        now = None if state is None else (state.datasets, online, state.http)
         if now is not None:
             self._datasets_of[node_id] = now
-        if before is not None and before == now:
-            return  # the same digest, the same presence: nothing to look at
+        if before is not None and now is not None and before[0] is now[0] and before[1:] == now[1:]:
+            return  # the same digest (the fleet replaces the dict on each), the same presence: nothing to look at
         if self.shared is not None:
             self.shared.heard(node_id, None if state is None else state.datasets, online=online,
                               http=state.http if state is not None else "")
-        for name in (before[3] if before is not None else frozenset()) - names:
+        names = frozenset(state.datasets) if state is not None else frozenset()
+        old = frozenset(before[0]) if before is not None else frozenset()
+        for name in old - names:
             _discard(self.holders, name, node_id)
         for name in names:
             self.holders.setdefault(name, set()).add(node_id)
-        self._dirty_datasets |= names | (before[3] if before is not None else frozenset())
+        self._dirty_datasets |= names | old
 
     def _feed_anomalies(self, state: NodeState) -> None:
         """The node's reports not fed yet, oldest first (its history is in arrival order)."""

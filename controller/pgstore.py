@@ -278,6 +278,25 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
 )
 """Ordered (summary, SQL) steps; step ``i`` makes schema version ``i + 1``. Append, never edit a released step."""
 
+REPLICA_BATCH = 500
+"""Dataset replica records written in one transaction at most (``save_replicas``)."""
+REPLICA_TIMEOUT = 5.0
+"""Seconds one such transaction's statements may take (``controller.shared_replicas.OVERLAP`` is longer)."""
+_SAVE_REPLICAS = """
+INSERT INTO dataset_replicas(dataset, node, summary, online, http, epoch, seq, changed_at)
+SELECT r.dataset, r.node, r.summary, r.online, r.http, r.epoch, nextval('dataset_replica_writes'),
+       extract(epoch FROM clock_timestamp())
+FROM unnest($1::text[], $2::text[], $3::bytea[], $4::boolean[], $5::text[], $6::bigint[], $7::int[])
+    WITH ORDINALITY AS r(dataset, node, summary, online, http, epoch, bucket, i)
+WHERE NOT $8::boolean OR EXISTS (SELECT 1 FROM bucket_leases l WHERE l.bucket = r.bucket AND l.epoch = r.epoch
+                                 AND l.owner IS NOT NULL AND l.expires_at > clock_timestamp())
+ORDER BY r.i
+ON CONFLICT (dataset, node) DO UPDATE SET summary = excluded.summary, online = excluded.online,
+    http = excluded.http, epoch = excluded.epoch, seq = excluded.seq, changed_at = excluded.changed_at
+RETURNING 1
+"""
+"""Each record of a batch, in the batch's order, unless its epoch is not its bucket's live lease."""
+
 CURRENT_EPOCH = """SELECT 1 FROM bucket_leases WHERE bucket = $1 AND epoch = $2 AND owner IS NOT NULL
     AND expires_at > clock_timestamp() FOR SHARE"""
 """A row when epoch ``$2`` is the live grant of bucket ``$1`` (see ``epoch_current``)."""
@@ -390,8 +409,10 @@ class PostgresStore:
 
     # --- reads and writes -------------------------------------------------------------------------
 
-    async def _read(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
-        """Run a read on a pooled connection; one lost with the server is replaced and the read run again."""
+    async def _pooled(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run ``fn`` on a pooled connection of its own, outside the group commit: a read, or a write that must
+        neither wait in nor hold up the group commit (``save_replicas``). A connection lost with the server is
+        replaced and ``fn`` run again."""
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 async with self._pool.acquire(timeout=COMMAND_TIMEOUT) as conn:
@@ -407,7 +428,7 @@ class PostgresStore:
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         async def fetch(conn: Connection) -> list[asyncpg.Record]:
             return await conn.fetch(sql, *args)
-        return await self._read(fetch)
+        return await self._pooled(fetch)
 
     async def _write(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         """Queue a write; returns once the transaction holding it committed.
@@ -633,7 +654,7 @@ class PostgresStore:
                                   tuple(TimelineEntry(at, kind, json.loads(data), digest)
                                         for at, kind, data, digest in entries),
                                   tuple(_plan(tuple(plan)) for plan in plans))
-        return await self._read(select)
+        return await self._pooled(select)
 
     # --- plans and commands -----------------------------------------------------------------------
 
@@ -759,26 +780,37 @@ class PostgresStore:
         return [PlacementRecord(u, n, float(f), float(t)) for u, n, f, t in rows]
 
     async def save_replicas(self, records: Sequence[ReplicaRecord]) -> int:
-        """With ``fence_commands``, a record whose epoch is not the live lease of its node's bucket is dropped
-        (checked in the statement that writes it, under the lease row's share lock)."""
-        async def write(conn: Connection) -> int:
-            written = 0
-            for record in records:
-                if await conn.fetchval(
-                        "INSERT INTO dataset_replicas(dataset, node, summary, online, http, epoch, seq, changed_at) "
-                        "SELECT $1::text, $2::text, $3::bytea, $4::boolean, $5::text, $6::bigint, "
-                        "nextval('dataset_replica_writes'), extract(epoch FROM clock_timestamp()) "
-                        "WHERE NOT $7::boolean OR EXISTS "
-                        "(SELECT 1 FROM bucket_leases WHERE bucket = $8::integer AND epoch = $6::bigint "
-                        "AND owner IS NOT NULL AND expires_at > clock_timestamp() FOR SHARE) "
-                        "ON CONFLICT (dataset, node) DO UPDATE SET summary = excluded.summary, "
-                        "online = excluded.online, http = excluded.http, epoch = excluded.epoch, seq = excluded.seq, "
-                        "changed_at = excluded.changed_at RETURNING true",
-                        record.dataset, record.node, record.summary, record.online, record.http, record.epoch,
-                        self.fence_commands, bucket_of(record.node)):
-                    written += 1
-            return written
-        return await self._write(write)
+        """Not in the group commit (a takeover writes thousands of records): on a pooled connection of its own, in
+        transactions of at most ``REPLICA_BATCH`` records, each at most ``REPLICA_TIMEOUT`` seconds. With
+        ``fence_commands``, a record whose epoch is not the live lease of its node's bucket is dropped: the
+        lease rows are share-locked first, in bucket order like the lease keeper's claim, so a takeover waits
+        for the write and the two never deadlock."""
+        ordered = sorted(records, key=lambda r: (bucket_of(r.node), r.node, r.dataset))
+        written = 0
+        for start in range(0, len(ordered), REPLICA_BATCH):
+            batch = ordered[start:start + REPLICA_BATCH]
+
+            async def write(conn: Connection, batch: list[ReplicaRecord] = batch) -> int:
+                async with conn.transaction():
+                    await conn.execute(f"SET LOCAL statement_timeout = {int(REPLICA_TIMEOUT * 1000)}")
+                    buckets = sorted({bucket_of(r.node) for r in batch})
+                    if self.fence_commands:
+                        await conn.execute("SELECT 1 FROM bucket_leases WHERE bucket = ANY($1::int[]) "
+                                           "ORDER BY bucket FOR SHARE", buckets)
+                    rows = await conn.fetch(_SAVE_REPLICAS, [r.dataset for r in batch], [r.node for r in batch],
+                                            [r.summary for r in batch], [r.online for r in batch],
+                                            [r.http for r in batch], [r.epoch for r in batch],
+                                            [bucket_of(r.node) for r in batch], self.fence_commands)
+                    return len(rows)
+            written += await self._pooled(write)
+        return written
+
+    async def forget_replicas(self, *, older_than: float) -> int:
+        async def delete(conn: Connection) -> int:
+            status = await conn.execute("DELETE FROM dataset_replicas WHERE summary IS NULL AND changed_at < "
+                                        "extract(epoch FROM clock_timestamp()) - $1::float8", older_than)
+            return int(status.split()[-1])
+        return await self._pooled(delete)
 
     async def replicas_changed(self, *, after: int, since: float | None) -> tuple[list[ReplicaRecord], float]:
         async def select(conn: Connection) -> tuple[list[ReplicaRecord], float]:
@@ -788,7 +820,7 @@ class PostgresStore:
                                     after, -math.inf if since is None else since)
             return [ReplicaRecord(d, n, None if s is None else bytes(s), bool(o), h, int(e), int(q))
                     for d, n, s, o, h, e, q in rows], now
-        return await self._read(select)
+        return await self._pooled(select)
 
     # --- the notification log (``controller.notify.claims``) ---------------------------------------
 

@@ -309,6 +309,9 @@ class Store(Protocol):
         """The records written after sequence number ``after`` or at or after ``since`` (the store's clock;
         None: every record), and the store's clock now: ``since`` of a later call."""
         ...
+    async def forget_replicas(self, *, older_than: float) -> int:
+        """Delete the records without summary written more than ``older_than`` seconds ago; how many."""
+        ...
     async def claim_notification(self, *, key: str, incident_id: int, event: str, destination: str,
                                  at: float) -> bool: ...
     async def finish_notifications(self, keys: Sequence[str], *, outcome: str, at: float) -> None: ...
@@ -733,6 +736,12 @@ class SqliteStore:
                      time.time()))
             return len(records)
         return await self._write(write)
+
+    async def forget_replicas(self, *, older_than: float) -> int:
+        def delete() -> int:
+            return self._db.execute("DELETE FROM dataset_replicas WHERE summary IS NULL AND changed_at < ?",
+                                    (time.time() - older_than,)).rowcount
+        return await self._write(delete)
 
     async def replicas_changed(self, *, after: int, since: float | None) -> tuple[list[ReplicaRecord], float]:
         def select() -> tuple[list[ReplicaRecord], float]:

@@ -311,7 +311,10 @@ def detect_divergence(dataset: str, replicas: Sequence[ReplicaDigest], *,
         roots = {root for root, _ in authority.groups}
         if len(roots) < 2 and len(manifests) < 2 and not (roots and manifests - roots):
             return []  # nothing disagrees (e.g. every replica in error): not a divergence
-        node = min(r.node for r in replicas)
+        # on one node, so one incident: the first replica's (online first: an offline one's controller may be
+        # gone, and with several controllers the finding is raised only by the one that hears its node)
+        node = min(r.node for r in replicas if r.node not in offline) if set(by_node) - offline else \
+            min(r.node for r in replicas)
         return [Finding(
             kind="dataset_no_authority", node=node, unit=None, severity="critical", scope=dataset,
             summary=f"dataset {dataset}: replicas disagree and nothing says which is right ({authority.reason})",

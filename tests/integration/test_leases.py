@@ -142,6 +142,9 @@ async def test_the_store_keeps_a_replica_record_only_under_its_buckets_live_epoc
     assert await store.save_replicas([record("r:stale", fenced.epoch)]) == 0
     records, _ = await store.replicas_changed(after=0, since=None)
     assert [(r.node, r.epoch, b"r:new" in (r.summary or b"")) for r in records] == [(node, newer, True)]
+    # A takeover's worth, over several transactions: only the records under their bucket's live epoch land.
+    many = [ReplicaRecord(f"d{i}", node, b"{}", True, "", newer if i % 3 else fenced.epoch) for i in range(1200)]
+    assert await store.save_replicas(many) == 800
 
 
 async def test_bucket_epochs_start_above_every_epoch_a_single_controller_on_the_store_sent(url: str) -> None:

@@ -47,6 +47,8 @@ def test_one_against_one_is_for_a_human() -> None:
     assert [(f.kind, f.node, f.scope) for f in findings] == [("dataset_no_authority", "node-a", "train")]
     assert "no strict majority" in findings[0].evidence["reason"]
     assert detect_divergence("train", replicas(GOOD, BAD, OTHER))[0].kind == "dataset_no_authority"
+    on = detect_divergence("train", replicas(GOOD, BAD, OTHER), offline=frozenset({"node-a"}))
+    assert [(f.kind, f.node) for f in on] == [("dataset_no_authority", "node-b")]  # raised where it can be heard
 
 
 def test_a_manifest_decides_even_against_a_majority() -> None:

@@ -40,6 +40,12 @@ class ReplicaStore:
             self.rows[(record.dataset, record.node)] = replace(record, seq=self.seq)
         return len(records)
 
+    async def forget_replicas(self, *, older_than: float) -> int:
+        gone = [key for key, record in self.rows.items() if record.summary is None]
+        for key in gone:
+            del self.rows[key]
+        return len(gone)
+
     async def replicas_changed(self, *, after: int, since: float | None) -> tuple[list[ReplicaRecord], float]:
         return sorted((r for r in self.rows.values() if r.seq > after or since is not None),
                       key=lambda r: r.seq), T0
@@ -54,6 +60,7 @@ class Controller:
         self.shared = SharedReplicas(lambda node: 7 if node in self.nodes else None)
         self.observer = Observer(self.fleet, SETTINGS, placements=Placements(), group_label="rack",
                                  owns=lambda node: node in self.nodes, elsewhere=lambda: True, shared=self.shared)
+        self.fleet.on_evict = self.observer.forget  # as the engine does
         for node in sorted(nodes):
             self.fleet.apply(NodeStatus(node=node, session=1, state="online", ts=T0, http=f"{node}:8080"), T0)
             self.fleet.apply(Report(node=node, session=1, seq=1, ts=T0, units=[], host=HOST), T0)
@@ -131,7 +138,7 @@ async def test_a_replica_on_a_node_gone_silent_elsewhere_is_no_source_and_raises
     assert online == {"node-a": True, "node-b": False, "node-c": True}
 
 
-async def test_only_what_the_others_compare_is_written_and_a_node_no_longer_heard_writes_nothing() -> None:
+async def test_only_what_the_others_compare_is_written() -> None:
     store = ReplicaStore()
     c1, c2 = Controller("node-a"), Controller("node-b")
     c1.digest("node-a", "m:1")
@@ -146,13 +153,46 @@ async def test_only_what_the_others_compare_is_written_and_a_node_no_longer_hear
     assert store.writes == writes + 1
     assert [r.node for r in c2.observer.replicas_of("train")] == ["node-b"]
 
-    c2.digest("node-b", "m:2", at=T0 + 7)
-    c2.observer.refresh(T0)
-    c2.observer.forget("node-b")  # its bucket moved away before the record was written: the new owner writes
-    await c2.shared.save(store)  # type: ignore[arg-type]
-    assert store.writes == writes + 1
-    assert store.rows[("train", "node-b")].summary is not None
+
+async def test_a_node_evicted_leaves_the_comparison_and_one_whose_bucket_moved_writes_nothing() -> None:
+    """Evicted by its own controller (the fleet full, the node long silent): its replicas go, as they would
+    with one controller. Its bucket moved to another controller: the new owner writes; a record the old one
+    had not written yet is dropped, never written late."""
+    store = ReplicaStore()
+    c1, c2 = Controller("node-a", "node-b"), Controller("node-c")
+    for controller, node in ((c1, "node-a"), (c1, "node-b"), (c2, "node-c")):
+        controller.digest(node, "m:1")
+    await settle(store, c1, c2)
+    c1.fleet.forget("node-a")  # evicted
+    await settle(store, c1, c2)
+    assert [r.node for r in c2.observer.replicas_of("train")] == ["node-b", "node-c"]
+    assert store.rows[("train", "node-a")].summary is None
+
+    writes = store.writes
+    c1.digest("node-b", "m:2", at=T0 + 7)
+    c1.observer.refresh(T0)  # heard, not yet written
+    c1.nodes.discard("node-b")  # its bucket moved: released, then forgotten
+    c1.shared.release(lambda node: node == "node-b")
+    c1.fleet.forget("node-b")
+    await c1.shared.save(store)  # type: ignore[arg-type]
+    assert store.writes == writes
     assert b"m:1" in (store.rows[("train", "node-b")].summary or b"")
+
+
+async def test_the_whole_table_read_now_and_then_drops_what_an_incremental_read_missed() -> None:
+    clock = [0.0]
+    shared = SharedReplicas(lambda node: None, monotonic=lambda: clock[0])
+    store = ReplicaStore()
+    store.rows[("train", "node-x")] = ReplicaRecord("train", "node-x", b'{"name":"train","root":"m:1","state":"ok"}',
+                                                    True, "x:1", 1, seq=1)
+    assert await shared.sync(store) == {"train"}  # type: ignore[arg-type]
+    del store.rows[("train", "node-x")]  # its record without summary written, and deleted, while this one was away
+    clock[0] += 599
+    assert await shared.sync(store) == set()  # type: ignore[arg-type]
+    assert list(shared.elsewhere["train"]) == ["node-x"]
+    clock[0] += 1
+    assert await shared.sync(store) == {"train"}  # type: ignore[arg-type]
+    assert shared.elsewhere == {}
 
 
 async def test_a_record_read_again_or_out_of_order_never_undoes_a_newer_one() -> None:
