@@ -52,7 +52,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -815,9 +814,11 @@ class PostgresStore:
     async def replicas_changed(self, *, after: int, since: float | None) -> tuple[list[ReplicaRecord], float]:
         async def select(conn: Connection) -> tuple[list[ReplicaRecord], float]:
             now = float(await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())"))
-            rows = await conn.fetch("SELECT dataset, node, summary, online, http, epoch, seq FROM dataset_replicas "
-                                    "WHERE seq > $1 OR changed_at >= $2 ORDER BY seq",
-                                    after, -math.inf if since is None else since)
+            # numbers written into the text, not parameters: a prepared statement's generic plan cannot know how
+            # few rows they select, and would scan the whole table (what this read exists to avoid)
+            window = f" OR changed_at >= {float(since)!r}" if since is not None else ""
+            rows = await conn.fetch("SELECT dataset, node, summary, online, http, epoch, seq FROM dataset_replicas "  # noqa: S608
+                                    f"WHERE seq > {int(after)}{window} ORDER BY seq")
             return [ReplicaRecord(d, n, None if s is None else bytes(s), bool(o), h, int(e), int(q))
                     for d, n, s, o, h, e, q in rows], now
         return await self._pooled(select)
