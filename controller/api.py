@@ -213,12 +213,15 @@ class DatasetOut(BaseModel):
 
 
 class SeriesOut(BaseModel):
-    """A node's (or one unit's) CPU and memory from its bounded report history: (time, value) pairs."""
+    """A node's (or one unit's) CPU and memory from its bounded report history: ``[time, value]`` pairs.
+
+    Lists, not tuples: a tuple's schema (``prefixItems``) was once rendered in the OpenAPI document in the
+    older ``items: [...]`` form, which OpenAPI 3.1 rejects (schemathesis, in the full suite)."""
 
     node: str
     unit: str | None
-    cpu_percent: list[tuple[float, float]]
-    rss_mib: list[tuple[float, float]]
+    cpu_percent: list[list[float]]
+    rss_mib: list[list[float]]
 
 
 class Items(BaseModel, Generic[T]):
@@ -444,7 +447,7 @@ def _fleet_routes(ctx: ApiContext) -> APIRouter:
         own controller has them; the incident page asks it)."""
         if node not in ctx.fleet.nodes:
             raise HTTPException(421 if ctx.peers is not None else 404, f"{node[:MAX_CURSOR]} is not heard here")
-        return SeriesOut(node=node, unit=unit, **unit_series(ctx.fleet, node, unit))
+        return SeriesOut.model_validate({"node": node, "unit": unit, **unit_series(ctx.fleet, node, unit)})
 
     @router.get("/api/v1/view")
     async def view(after: str | None = Query(None, max_length=MAX_CURSOR),
@@ -498,7 +501,12 @@ async def _incident_series(ctx: ApiContext, incident: Incident,
     except ValidationError as exc:  # another version, a bug: counted as no answer
         peers.failed("owner", path, exc)
         return unit_series(ctx.fleet, node, unit)
-    return {"cpu_percent": found.cpu_percent, "rss_mib": found.rss_mib}
+    return {"cpu_percent": _pairs(found.cpu_percent), "rss_mib": _pairs(found.rss_mib)}
+
+
+def _pairs(points: list[list[float]]) -> list[tuple[float, float]]:
+    """A peer's ``[time, value]`` points; anything else it sent is left out."""
+    return [(point[0], point[1]) for point in points if len(point) == 2]
 
 
 def _problem(status: int, detail: str, instance: str) -> JSONResponse:
