@@ -36,6 +36,9 @@ TTL = 3.0
 RENEW = 0.5
 MARGIN = 0.5
 """Keepers act on a bucket for 2.5 s after each renewal they sent; the database holds it 3 s."""
+HELD = 60.0
+"""Lease length in the statement tests that are about epochs, not expiry: no stall of a loaded machine ends it
+between two statements (a test that wants it over ends it by hand or waits for ``expired``)."""
 SETTLE = 60.0
 """Seconds a wait for keepers to settle may take on a loaded machine (normally one or two rounds)."""
 ALL = set(range(BUCKETS))
@@ -77,7 +80,7 @@ class Fenced:
         """c1's lease runs out and c2 takes the bucket: c2's (higher) epoch."""
         bucket = bucket_of(self.node)
         await self.connection.execute("UPDATE bucket_leases SET expires_at = now() WHERE bucket = $1", bucket)
-        [newer] = (await claim(self.connection, "c2", [bucket], TTL)).values()
+        [newer] = (await claim(self.connection, "c2", [bucket], HELD)).values()
         assert newer > self.epoch
         return newer
 
@@ -88,7 +91,7 @@ async def fenced(url: str) -> AsyncIterator[Fenced]:
     store.fence_commands = True
     connection: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(url)
     try:
-        [epoch] = (await claim(connection, "c1", [bucket_of("node-a")], TTL)).values()
+        [epoch] = (await claim(connection, "c1", [bucket_of("node-a")], HELD)).values()
         yield Fenced(store, connection, "node-a", epoch)
     finally:
         await connection.close()
@@ -156,7 +159,7 @@ async def test_bucket_epochs_start_above_every_epoch_a_single_controller_on_the_
         await connection.execute("INSERT INTO meta(name, value) VALUES ('epoch', 41)")  # 41 controller starts
         await migrate(connection)
         assert {r["epoch"] for r in await connection.fetch("SELECT epoch FROM bucket_leases")} == {41}
-        assert await claim(connection, "c1", [7], TTL) == {7: 42}
+        assert await claim(connection, "c1", [7], HELD) == {7: 42}
     finally:
         await connection.close()
 
@@ -165,15 +168,15 @@ async def test_bucket_epochs_start_above_every_epoch_a_single_controller_on_the_
 async def test_a_lease_is_renewed_under_its_epoch_and_every_other_grant_raises_it(
         conn: asyncpg.Connection[asyncpg.Record]) -> None:
     assert await conn.fetchval("SELECT count(*) FROM bucket_leases WHERE epoch = 0 AND owner IS NULL") == BUCKETS
-    assert await claim(conn, "a", [0, 1], TTL) == {0: 1, 1: 1}
-    assert await claim(conn, "a", [0, 1], TTL) == {0: 1, 1: 1}  # renewed: same epochs
-    assert await claim(conn, "b", [0, 1, 2], TTL) == {2: 1}  # a's are live: not b's to take
-    assert await claim(conn, "a", [1], TTL) == {1: 1}  # a releases 0 ...
+    assert await claim(conn, "a", [0, 1], HELD) == {0: 1, 1: 1}
+    assert await claim(conn, "a", [0, 1], HELD) == {0: 1, 1: 1}  # renewed: same epochs
+    assert await claim(conn, "b", [0, 1, 2], HELD) == {2: 1}  # a's are live: not b's to take
+    assert await claim(conn, "a", [1], HELD) == {1: 1}  # a releases 0 ...
     assert await conn.fetchval("SELECT owner FROM bucket_leases WHERE bucket = 0") is None
-    assert await claim(conn, "b", [0, 2], TTL) == {0: 2, 2: 1}  # ... which b then takes, under a new epoch
-    assert await claim(conn, "b", [2], TTL) == {2: 1}
-    assert await claim(conn, "a", [0, 1], TTL) == {0: 3, 1: 1}  # back to a: never reset, still growing
-    assert await claim(conn, "a", [], TTL) == {}  # leaving: releases everything
+    assert await claim(conn, "b", [0, 2], HELD) == {0: 2, 2: 1}  # ... which b then takes, under a new epoch
+    assert await claim(conn, "b", [2], HELD) == {2: 1}
+    assert await claim(conn, "a", [0, 1], HELD) == {0: 3, 1: 1}  # back to a: never reset, still growing
+    assert await claim(conn, "a", [], HELD) == {}  # leaving: releases everything
     assert await conn.fetchval("SELECT count(*) FROM bucket_leases WHERE owner = 'a'") == 0
 
 
@@ -181,27 +184,27 @@ async def test_an_expired_lease_is_taken_by_anyone_under_a_new_epoch_even_by_its
         conn: asyncpg.Connection[asyncpg.Record]) -> None:
     assert await claim(conn, "a", [5, 6], 0.3) == {5: 1, 6: 1}
     await eventually(lambda: expired(conn, 6), timeout=30, what="the leases to expire by the database's clock")
-    assert await claim(conn, "a", [5], TTL) == {5: 2}  # its own, but lapsed: what it did under 1 is fenced off
-    assert await claim(conn, "b", [6], TTL) == {6: 2}  # a's lapsed lease, taken over by b
+    assert await claim(conn, "a", [5], HELD) == {5: 2}  # its own, but lapsed: what it did under 1 is fenced off
+    assert await claim(conn, "b", [6], HELD) == {6: 2}  # a's lapsed lease, taken over by b
 
 
 async def test_members_are_live_while_their_heartbeat_is_younger_than_the_ttl(
         conn: asyncpg.Connection[asyncpg.Record]) -> None:
     """``peers`` records the caller's heartbeat (with its API address) and answers the other live members."""
-    assert await peers(conn, "a", 0.5, api="http://a") == {}
-    assert await peers(conn, "b", 0.5, api="http://b") == {"a": "http://a"}
+    assert await peers(conn, "a", 5.0, api="http://a") == {}
+    assert await peers(conn, "b", 5.0, api="http://b") == {"a": "http://a"}
     assert await peers(conn, "c", 60.0) == {"a": "http://a", "b": "http://b"}
 
     async def a_and_b_silent_long_enough() -> bool:
-        return await peers(conn, "c", 0.5) == {}
-    await eventually(a_and_b_silent_long_enough, timeout=30, what="a and b to stop counting as live")
-    assert await peers(conn, "a", 0.5, api="http://a") == {"c": ""}
+        return await peers(conn, "c", 5.0) == {}
+    await eventually(a_and_b_silent_long_enough, timeout=60, what="a and b to stop counting as live")
+    assert await peers(conn, "a", 5.0, api="http://a") == {"c": ""}
 
 
 async def test_the_database_refuses_a_lower_epoch_and_a_deleted_lease(
         conn: asyncpg.Connection[asyncpg.Record]) -> None:
     """Whoever connects (the superuser here): a row's epoch is never reset."""
-    await claim(conn, "a", [3], TTL)
+    await claim(conn, "a", [3], HELD)
     for statement in ("UPDATE bucket_leases SET epoch = 0 WHERE bucket = 3", "DELETE FROM bucket_leases",
                       "TRUNCATE bucket_leases"):
         with pytest.raises(asyncpg.RestrictViolationError, match="epoch only grows"):
@@ -214,13 +217,13 @@ async def test_epoch_current_refuses_stale_epochs_and_holds_a_takeover_off_until
     writer: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(url)
     taker: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(url)
     try:
-        assert await claim(conn, "a", [9], 1.0) == {9: 1}
+        assert await claim(conn, "a", [9], 5.0) == {9: 1}  # expires during the test
         transaction = writer.transaction()
         await transaction.start()
         assert await epoch_current(writer, 9, 1)  # the write under epoch 1 may go ahead: the row is share-locked
         assert not await epoch_current(writer, 9, 0)
         await eventually(lambda: expired(conn, 9), timeout=30, what="a's lease to expire")
-        takeover = asyncio.create_task(claim(taker, "b", [9], TTL))
+        takeover = asyncio.create_task(claim(taker, "b", [9], HELD))
         pid = taker.get_server_pid()
 
         async def waiting_for_the_writer() -> bool:
@@ -232,7 +235,7 @@ async def test_epoch_current_refuses_stale_epochs_and_holds_a_takeover_off_until
         assert await asyncio.wait_for(takeover, 30) == {9: 2}
         assert not await epoch_current(writer, 9, 1)  # a's epoch is stale now: its writes are refused
         assert await epoch_current(writer, 9, 2)
-        await claim(taker, "b", [], TTL)
+        await claim(taker, "b", [], HELD)
         assert not await epoch_current(writer, 9, 2)  # released: nobody's epoch is current
     finally:
         await writer.close()

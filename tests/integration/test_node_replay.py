@@ -143,7 +143,8 @@ async def test_a_replayed_last_will_of_an_earlier_connection_leaves_a_live_node_
         own_mosquitto: Broker, tmp_path: Path) -> None:
     node = unique_node("replay-will")
     key = node_keys(tmp_path, node)[node]
-    config = controller_config(tmp_path, own_mosquitto)
+    # offline_after well above the report interval: only a believed will, not a late report, marks it offline.
+    config = controller_config(tmp_path, own_mosquitto, offline_after=10.0)
     agent_cfg = agent_config(own_mosquitto, tmp_path, node, [UnitConfig(name="web", command=SLEEPER)])
     slow = msgspec.structs.replace(agent_cfg, agent=msgspec.structs.replace(agent_cfg.agent, interval=2.0))
     async with running_controller(config) as controller, running_agent(slow) as agent, \
