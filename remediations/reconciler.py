@@ -26,9 +26,10 @@ disruption budget, which count plans, not time.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -49,6 +50,7 @@ from remediations.policy import Policy
 from remediations.state import Attempt, Budget, OutcomeStats, Running, Silence, TargetState
 
 MAX_TARGETS = 100_000
+"""Targets remembered at most; idle ones are forgotten long before (``Reconciler._forget_idle``)."""
 MAX_ADOPTED = 10_000
 """Agents' local actions remembered as adopted (``Reconciler.adopt``), newest kept."""
 OUT_OF_ORDER = 1.0
@@ -57,6 +59,8 @@ given after a plan's task read the clock again), not the clock going back."""
 
 
 class RuleLookup(Protocol):
+    @property
+    def rules(self) -> Sequence[Policy]: ...
     def rule_for(self, kind: str, severity: str, labels: dict[str, str] | None = None) -> Policy | None: ...
     def by_name(self, name: str) -> Policy | None: ...
 
@@ -204,6 +208,8 @@ class Reconciler:
         self._resetting: set[tuple[str, str]] = set()
         self.unit_rules: dict[str, set[str]] = {}
         """node/unit → rules that have a history for it (to merge their attempts cheaply)."""
+        self._idle: list[tuple[float, tuple[str, str]]] = []
+        """Heap of (when it may be forgotten, target key) of idle targets; rechecked when due."""
         self._adopted: dict[str, None] = {}
         """Plan ids of agents' local actions adopted so far (bounded, oldest forgotten first)."""
         self._latest = -math.inf
@@ -245,6 +251,7 @@ class Reconciler:
             elif incident.state == "open":
                 effects.extend(self._decide(incident, fleet, unhealthy, group_sizes, now))
         self._reset_ladders(symptoms, now)
+        self._forget_idle(now)
         return effects
 
     def bind(self, key: str, incident_id: int) -> None:
@@ -277,7 +284,9 @@ class Reconciler:
     def restore_attempt(self, rule: str, symptom: Symptom, attempt: Attempt) -> None:
         """Replay a plan from the store into the target's history (controller start)."""
         self._latest = max(self._latest, attempt.at)
-        self._target(rule, symptom).attempts.append(attempt)
+        target = self._target(rule, symptom)
+        target.attempts.append(attempt)
+        self._note_idle((rule, f"{symptom.node}/{symptom.unit or '-'}"), target)  # until an incident uses it
         self.rule_starts.setdefault(rule, deque(maxlen=10_000)).append(attempt.at)
 
     def hold_until(self, key: str, until: float) -> None:
@@ -311,13 +320,8 @@ class Reconciler:
             self.plan_incident.pop(plan_id, None)
         for key in [key for key, incident in self.incidents.items() if gone(incident.symptom.node)]:
             del self.incidents[key]
-        for rule, target in [key for key in self.targets if gone(key[1].rsplit("/", 1)[0])]:
-            del self.targets[(rule, target)]
-            rules = self.unit_rules.get(target)
-            if rules is not None:
-                rules.discard(rule)
-                if not rules:
-                    del self.unit_rules[target]
+        for target_key in [k for k in self.targets if gone(k[1].rsplit("/", 1)[0])]:
+            self._drop(target_key)
         return plans
 
     def restore_incident(self, incident: IncidentState) -> None:
@@ -384,6 +388,7 @@ class Reconciler:
                 target.last_success += delta
         for rule, starts in self.rule_starts.items():
             self.rule_starts[rule] = deque((at + delta for at in starts), maxlen=starts.maxlen)
+        self._idle = [(at + delta, key) for at, key in self._idle]  # the same shift keeps the heap's order
 
     def _wake(self, at: float | None) -> None:
         if at is not None:
@@ -395,16 +400,55 @@ class Reconciler:
         return self.rules.rule_for(symptom.kind, symptom.severity, labels)
 
     def _target(self, rule: str, symptom: Symptom) -> TargetState:
+        """The (rule, node/unit) history an incident uses: created when new, no longer idle."""
         key = (rule, f"{symptom.node}/{symptom.unit or '-'}")
         target = self.targets.get(key)
         if target is None:
             if len(self.targets) >= MAX_TARGETS:  # bounded: forget the target attempted longest ago
-                oldest = min(self.targets, key=lambda k: self.targets[k].last_attempt_at() or 0.0)
-                del self.targets[oldest]
-                self.unit_rules.get(oldest[1], set()).discard(oldest[0])
+                self._drop(min(self.targets, key=lambda k: self.targets[k].last_attempt_at() or 0.0))
             target = self.targets[key] = TargetState()
             self.unit_rules.setdefault(key[1], set()).add(rule)
+        target.idle = False
         return target
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        del self.targets[key]
+        rules = self.unit_rules.get(key[1])
+        if rules is not None:
+            rules.discard(key[0])
+            if not rules:
+                del self.unit_rules[key[1]]
+
+    def _note_idle(self, key: tuple[str, str], target: TargetState) -> None:
+        if not target.idle:
+            target.idle = True
+            heapq.heappush(self._idle, (self._forget_at(target), key))
+
+    def _forget_at(self, target: TargetState) -> float:
+        """When nothing an idle target remembers can count in a decision: its attempts older than every rule's
+        ``attempt_window`` and ``cooldown`` (any rule on the unit reads them), its last success older than every
+        loop breaker's ``within``, its quarantine over. A controller restarted then would not restore it either."""
+        rules = self.rules.rules
+        horizon = max((max(r.attempt_window, r.cooldown) for r in rules), default=0.0)
+        within = max((r.loop_breaker.within for r in rules), default=0.0)
+        last = target.last_attempt_at()
+        return max(-math.inf if last is None else last + horizon,
+                   -math.inf if target.last_success is None else target.last_success + within,
+                   target.quarantined_until)
+
+    def _forget_idle(self, now: float) -> None:
+        """Forget the idle targets that came due: what is remembered stays bounded by what happened within the
+        rules' windows, not by every unit that ever failed. Amortised: each is looked at when due, no sweep."""
+        while self._idle and self._idle[0][0] <= now:
+            _, key = heapq.heappop(self._idle)
+            target = self.targets.get(key)
+            if target is None or not target.idle:
+                continue  # forgotten already, or used again (its next ladder reset queues it again)
+            due = self._forget_at(target)
+            if due > now:  # a rule's window grew with a reload
+                heapq.heappush(self._idle, (due, key))
+            else:
+                self._drop(key)
 
     def _unit_history(self, target_key: str) -> TargetState:
         """Every rule's attempts on one node/unit, merged in time order."""
@@ -456,6 +500,7 @@ class Reconciler:
                 target.refires.clear()
                 target.healthy_since = None
                 self._resetting.discard(key)
+                self._note_idle(key, target)
             else:
                 self._wake(target.healthy_since + rule.reset_after)
 

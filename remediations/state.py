@@ -35,6 +35,9 @@ class TargetState:
     last_success: float | None = None
     refires: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
     quarantined_until: float = 0.0
+    idle: bool = False
+    """No incident has used it since its ladder reset (or since it was restored from the store): the
+    reconciler forgets it once nothing it remembers can count in a decision any more."""
 
     def ladder_attempts(self) -> list[Attempt]:
         return [a for a in self.attempts if a.at >= self.ladder_from]

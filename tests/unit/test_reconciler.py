@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from typing import TypeVar
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -181,6 +182,83 @@ def test_max_attempts_fails_the_incident() -> None:
     assert failed.reason == "max_attempts: 3 attempts on this target in the last 600s; the rule allows 3"
     assert [c.guard for c in failed.checks if c.verdict != "allow"] == ["max_attempts"]
     assert sim.run([exited()], until=120.0) == []
+
+
+# --- memory bounded by the rules' windows -------------------------------------------------------
+
+KEY = ("restart-exited-unit", "node-1/web")
+
+
+def crash_and_heal(sim: Sim, symptom: Symptom, at: float) -> Started:
+    """``symptom`` holds at ``at`` (relative to T0); its plan succeeds half a second later."""
+    started = only(sim.tick([symptom], at=T0 + at), Started)[0]
+    sim.finish(started, "succeeded")
+    return started
+
+
+def test_a_target_idle_past_every_rules_window_is_forgotten_and_the_next_crash_starts_afresh() -> None:
+    sim = Sim()
+    crash_and_heal(sim, exited(), 0.0)
+    sim.run([], until=400.0, step=5.0)  # resolved after 5 s, ladder reset after reset_after (300 s)
+    assert sim.engine.incidents == {}
+    assert sim.engine.targets[KEY].idle
+    sim.tick([], at=T0 + 3599.0)  # its attempt is within attempt_window (3600 s): it still counts
+    assert KEY in sim.engine.targets
+    sim.tick([], at=T0 + 3601.0)
+    assert sim.engine.targets == {}
+    assert sim.engine.unit_rules == {}
+    [started] = only(sim.tick([exited()], at=T0 + 3602.0), Started)
+    assert (started.plan.action, started.plan.rung) == ("restart_unit", 0)
+
+
+def test_an_idle_target_keeps_counting_its_attempts_within_the_window() -> None:
+    """Forgetting must not lift max_attempts: attempts inside attempt_window count after the ladder reset."""
+    rule = Rule(name="r", kind="unit_exited", ladder=(Rung("restart", 20, Backoff(jitter=0.0, base=0.0)),),
+                cooldown=1.0, reset_after=10.0, resolve_after=2.0, max_attempts=2, attempt_window=600.0)
+    sim = Sim(rule)
+    crash_and_heal(sim, exited(), 0.0)
+    sim.run([], until=100.0, step=5.0)
+    assert sim.engine.targets[("r", "node-1/web")].idle
+    crash_and_heal(sim, exited(), 105.0)
+    sim.run([], until=200.0, step=5.0)
+    effects = sim.tick([exited()], at=T0 + 205.0)
+    assert not only(effects, Started)
+    assert only(effects, Failed)[0].reason.startswith("max_attempts: 2 attempts")
+
+
+def test_a_target_whose_incident_stays_open_is_kept_however_old_its_attempts() -> None:
+    """A unit that failed its ladder and still fails is no idle target: forgetting it would restart the ladder."""
+    sim = Sim()
+    plans = [only(sim.tick([exited()]), Started)[0]]
+    for _ in range(4):
+        sim.finish(plans[-1], "failed", after=0.25)
+        plans.append(sim.until_started([exited()], step=0.25))
+    sim.finish(plans[-1], "succeeded", after=0.25)
+    assert only(sim.tick([exited()], at=sim.now + 0.25), Failed)
+    assert sim.run([exited()], until=3 * 3600.0, step=60.0) == []
+    assert not sim.engine.targets[KEY].idle
+    assert len(sim.engine.targets[KEY].attempts) == 5
+
+
+def test_what_is_remembered_is_bounded_by_the_window_not_by_every_unit_that_ever_failed() -> None:
+    """A different unit crashes every 10 s for three hours (1,080 units): only those within the rules'
+    windows (attempt_window 3600 s, a few hundred) are remembered."""
+    sim = Sim()
+    for i in range(1080):
+        crash_and_heal(sim, exited(node=f"node-{i}"), 10.0 * i)
+    sim.tick([], at=T0 + 10_810.0)
+    assert 300 < len(sim.engine.targets) <= 362
+    assert set(sim.engine.unit_rules) == {unit for _, unit in sim.engine.targets}
+
+
+def test_at_the_cap_the_target_attempted_longest_ago_goes_with_its_index_entry(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("remediations.reconciler.MAX_TARGETS", 3)
+    sim = Sim()
+    for i in range(5):
+        crash_and_heal(sim, exited(node=f"node-{i}"), 10.0 * i)
+    assert sorted(unit for _, unit in sim.engine.targets) == ["node-2/web", "node-3/web", "node-4/web"]
+    assert set(sim.engine.unit_rules) == {"node-2/web", "node-3/web", "node-4/web"}
 
 
 # --- loop breaker, ladder reset -----------------------------------------------------------------
