@@ -12,15 +12,12 @@ from selfheal.logs import get_logger
 
 
 class LogNotifier:
-    """Writes each notification as a ``notification`` log line; keeps the last thousand for the API and tests."""
+    """Writes each notification as a ``notification`` log line."""
 
     def __init__(self) -> None:
         self.log = get_logger("notify")
-        self.sent: list[Notification] = []
 
     async def notify(self, notification: Notification) -> list[Delivery]:
-        self.sent.append(notification)
-        del self.sent[:-1000]
         emit = self.log.warning if notification.event in ALERT_EVENTS else self.log.info
         emit("notification", incident=notification.incident_id, notify_event=notification.event,
              severity=notification.severity, title=notification.title, text=notification.text,
