@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from controller.dispatcher import Dispatcher
 from controller.effects import Effects
@@ -50,11 +50,12 @@ from remediations.reconciler import (
     Opened,
     Reconciler,
     Symptom,
+    memory_horizon,
 )
 from remediations.state import Attempt, Budget, Running
 from rules.model import Rulebook
 from selfheal.clocks import Clock
-from selfheal.errors import SelfhealError
+from selfheal.errors import ConfigError, SelfhealError, StoreError
 from selfheal.logs import get_logger
 
 
@@ -114,13 +115,7 @@ class Engine:
         """Take up, from the store, the work on the nodes ``mine`` names: at start, or when this controller
         gained their buckets (another one stopped, left or gave them up). Exactly what a restart does."""
         now = self.clock.wall()
-        window = max((rule.attempt_window for rule in self.rulebook.rules), default=0.0)
-        for incident, plan in await self.store.recent_plans(since=now - window):
-            if not mine(incident.node):
-                continue
-            action = self._action(plan)
-            self.reconciler.restore_attempt(plan.rule, _symptom(incident), Attempt(plan.id, plan.rung,
-                                                                                   plan.created_at, action))
+        self._restore_attempts(await self.store.recent_plans(since=now - memory_horizon(self.rulebook.rules)), mine)
         live = await self.store.commands_live_after(now, self.command_ttl)
         for incident in await self.store.unresolved_incidents():
             if not mine(incident.node) or incident.key in self.reconciler.incidents:
@@ -212,9 +207,33 @@ class Engine:
         else:
             self._last_failure = (last, logged_at, since + 1)
 
-    def reload(self, rulebook: Rulebook, settings: DetectorSettings, anomalies: AnomalyWatch | None) -> None:
-        """New rules, detector settings or anomaly watches (SIGHUP): every node is looked at again."""
+    def _restore_attempts(self, plans: Sequence[tuple[Incident, PlanRecord]], mine: Callable[[str], bool], *,
+                          count_start: bool = True) -> None:
+        for incident, plan in plans:
+            if mine(incident.node):
+                self.reconciler.restore_attempt(plan.rule, _symptom(incident),
+                                                Attempt(plan.id, plan.rung, plan.created_at, self._action(plan)),
+                                                count_start=count_start)
+
+    async def attempts_for(self, rulebook: Rulebook) -> list[tuple[Incident, PlanRecord]]:
+        """Before a reload: the plans whose attempts ``rulebook``'s rules count and the reconciler may have
+        forgotten (it keeps a unit's attempts only while the current rules can count them): those within its
+        windows when they are wider than the current rules', else none. Raises ``ConfigError`` when the store
+        cannot be read: the reload is then refused, not applied with attempts uncounted."""
+        if memory_horizon(rulebook.rules) <= memory_horizon(self.rulebook.rules):
+            return []
+        try:
+            return await self.store.recent_plans(since=self.clock.wall() - memory_horizon(rulebook.rules))
+        except StoreError as exc:
+            raise ConfigError(f"the new rules count attempts further back, and the store cannot be read: {exc}") \
+                from exc
+
+    def reload(self, rulebook: Rulebook, settings: DetectorSettings, anomalies: AnomalyWatch | None,
+               attempts: Sequence[tuple[Incident, PlanRecord]] = ()) -> None:
+        """New rules, detector settings or anomaly watches (SIGHUP): every node is looked at again.
+        ``attempts`` (``attempts_for``) are counted again with the new rules, as a restart would."""
         self.rulebook = self.effects.rulebook = self.reconciler.rules = rulebook
+        self._restore_attempts(attempts, self.dispatcher.ownership.owns, count_start=False)
         self.observer.settings = settings
         self.observer.anomalies = anomalies
         self.observer.observe_all()

@@ -92,6 +92,7 @@ def controller_service(controller: Controller, engine: Engine, *, source: Path |
 
     async def apply(new: Config, changed: Sequence[str]) -> list[str]:
         rulebook = await asyncio.to_thread(load_rulebooks, new.controller.rulebooks)  # RulebookError: keep all
+        attempts = await engine.attempts_for(rulebook)  # ConfigError (the store unreadable): keep all
         from controller.app import build_watch  # noqa: PLC0415 - app imports this module
 
         rebuild_watch = (rulebook.anomalies, rulebook.host_models) != (controller.rulebook.anomalies,
@@ -105,7 +106,7 @@ def controller_service(controller: Controller, engine: Engine, *, source: Path |
             if watch is not None and controller.anomalies is not None:  # unchanged watches keep their streams
                 watch.adopt_streams(controller.anomalies)
             controller.anomalies = watch
-        engine.reload(rulebook, controller.settings(), watch)
+        engine.reload(rulebook, controller.settings(), watch, attempts)
         await asyncio.to_thread(controller.keys.load, controller.clock.wall())  # key files added or rotated
         applied = ["controller.rulebooks", "node keys"]
         if new_routes:

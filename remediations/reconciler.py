@@ -27,6 +27,7 @@ disruption budget, which count plans, not time.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -56,6 +57,12 @@ MAX_ADOPTED = 10_000
 OUT_OF_ORDER = 1.0
 """Seconds: a ``now`` earlier than the latest seen by less is one clock read out of order (a pass's ``now``
 given after a plan's task read the clock again), not the clock going back."""
+
+
+def memory_horizon(rules: Sequence[Policy]) -> float:
+    """How long any rule reads a unit's past attempts (its ``attempt_window`` and ``cooldown``): what a
+    restart restores, and how long an idle target is kept."""
+    return max((max(r.attempt_window, r.cooldown) for r in rules), default=0.0)
 
 
 class RuleLookup(Protocol):
@@ -208,8 +215,10 @@ class Reconciler:
         self._resetting: set[tuple[str, str]] = set()
         self.unit_rules: dict[str, set[str]] = {}
         """node/unit → rules that have a history for it (to merge their attempts cheaply)."""
-        self._idle: list[tuple[float, tuple[str, str]]] = []
-        """Heap of (when it may be forgotten, target key) of idle targets; rechecked when due."""
+        self._idle: list[tuple[float, int, tuple[str, str], TargetState]] = []
+        """Heap of (when it may be forgotten, tie-break, key, target) of idle targets, one entry per target;
+        rechecked when due."""
+        self._tie = itertools.count()
         self._adopted: dict[str, None] = {}
         """Plan ids of agents' local actions adopted so far (bounded, oldest forgotten first)."""
         self._latest = -math.inf
@@ -281,13 +290,25 @@ class Reconciler:
         if outcome == "succeeded":
             target.last_success = now
 
-    def restore_attempt(self, rule: str, symptom: Symptom, attempt: Attempt) -> None:
-        """Replay a plan from the store into the target's history (controller start)."""
+    def restore_attempt(self, rule: str, symptom: Symptom, attempt: Attempt, *, count_start: bool = True) -> None:
+        """Replay a plan from the store into the target's history (controller start, a bucket gained, a reload
+        that widened a rule's windows); a plan the target holds already is left as it is. ``count_start=False``:
+        the rule's start rate already counted it."""
         self._latest = max(self._latest, attempt.at)
+        key = (rule, f"{symptom.node}/{symptom.unit or '-'}")
+        new = key not in self.targets
         target = self._target(rule, symptom)
-        target.attempts.append(attempt)
-        self._note_idle((rule, f"{symptom.node}/{symptom.unit or '-'}"), target)  # until an incident uses it
-        self.rule_starts.setdefault(rule, deque(maxlen=10_000)).append(attempt.at)
+        if any(a.plan_id == attempt.plan_id for a in target.attempts):
+            return
+        if target.attempts and target.attempts[-1].at > attempt.at:
+            target.attempts = deque(sorted([*target.attempts, attempt], key=lambda a: a.at),
+                                    maxlen=target.attempts.maxlen)
+        else:
+            target.attempts.append(attempt)
+        if new:  # no incident uses it (yet): forgotten in due course unless one does
+            self._note_idle(key, target)
+        if count_start:
+            self.rule_starts.setdefault(rule, deque(maxlen=10_000)).append(attempt.at)
 
     def hold_until(self, key: str, until: float) -> None:
         """Leave an incident alone until ``until`` (a command of its last plan may still be executed)."""
@@ -301,6 +322,7 @@ class Reconciler:
         if state is None:
             state = self.targets[(rule, target)] = TargetState()
             self.unit_rules.setdefault(target, set()).add(rule)
+            self._note_idle((rule, target), state)  # forgotten after the quarantine unless an incident uses it
         state.quarantined_until = max(state.quarantined_until, until)
 
     def restore_running(self, key: str, running: Running) -> None:
@@ -327,6 +349,8 @@ class Reconciler:
     def restore_incident(self, incident: IncidentState) -> None:
         self._latest = max(self._latest, incident.first_seen)
         self.incidents[incident.key] = incident
+        if incident.rule is not None:
+            self._target(incident.rule, incident.symptom)  # in use: not idle until its ladder resets
 
     def adopt(self, symptom: Symptom, plan_id: str, at: float, now: float) -> Adopted | None:
         """A restart of ``symptom``'s unit that its agent made at ``at`` while no controller listened
@@ -388,7 +412,7 @@ class Reconciler:
                 target.last_success += delta
         for rule, starts in self.rule_starts.items():
             self.rule_starts[rule] = deque((at + delta for at in starts), maxlen=starts.maxlen)
-        self._idle = [(at + delta, key) for at, key in self._idle]  # the same shift keeps the heap's order
+        self._idle = [(at + delta, tie, key, t) for at, tie, key, t in self._idle]  # the same shift: still a heap
 
     def _wake(self, at: float | None) -> None:
         if at is not None:
@@ -420,33 +444,35 @@ class Reconciler:
                 del self.unit_rules[key[1]]
 
     def _note_idle(self, key: tuple[str, str], target: TargetState) -> None:
-        if not target.idle:
-            target.idle = True
-            heapq.heappush(self._idle, (self._forget_at(target), key))
+        target.idle = True
+        if not target.queued:
+            target.queued = True
+            heapq.heappush(self._idle, (self._forget_at(target), next(self._tie), key, target))
 
     def _forget_at(self, target: TargetState) -> float:
         """When nothing an idle target remembers can count in a decision: its attempts older than every rule's
         ``attempt_window`` and ``cooldown`` (any rule on the unit reads them), its last success older than every
-        loop breaker's ``within``, its quarantine over. A controller restarted then would not restore it either."""
+        loop breaker's ``within``, its quarantine over (plus ``OUT_OF_ORDER``: a ``now`` read a little earlier
+        may still come). A controller restarted then would not restore it either."""
         rules = self.rules.rules
-        horizon = max((max(r.attempt_window, r.cooldown) for r in rules), default=0.0)
         within = max((r.loop_breaker.within for r in rules), default=0.0)
         last = target.last_attempt_at()
-        return max(-math.inf if last is None else last + horizon,
-                   -math.inf if target.last_success is None else target.last_success + within,
-                   target.quarantined_until)
+        return OUT_OF_ORDER + max(-math.inf if last is None else last + memory_horizon(rules),
+                                  -math.inf if target.last_success is None else target.last_success + within,
+                                  target.quarantined_until)
 
     def _forget_idle(self, now: float) -> None:
         """Forget the idle targets that came due: what is remembered stays bounded by what happened within the
         rules' windows, not by every unit that ever failed. Amortised: each is looked at when due, no sweep."""
-        while self._idle and self._idle[0][0] <= now:
-            _, key = heapq.heappop(self._idle)
-            target = self.targets.get(key)
-            if target is None or not target.idle:
+        while self._idle and self._idle[0][0] < now:
+            _, _, key, target = heapq.heappop(self._idle)
+            target.queued = False
+            if self.targets.get(key) is not target or not target.idle:
                 continue  # forgotten already, or used again (its next ladder reset queues it again)
             due = self._forget_at(target)
-            if due > now:  # a rule's window grew with a reload
-                heapq.heappush(self._idle, (due, key))
+            if due >= now:  # remembered longer since it was queued (a restored attempt, a widened window)
+                target.queued = True
+                heapq.heappush(self._idle, (due, next(self._tie), key, target))
             else:
                 self._drop(key)
 

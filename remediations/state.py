@@ -38,6 +38,8 @@ class TargetState:
     idle: bool = False
     """No incident has used it since its ladder reset (or since it was restored from the store): the
     reconciler forgets it once nothing it remembers can count in a decision any more."""
+    queued: bool = False
+    """It has an entry in the reconciler's heap of idle targets (one at most)."""
 
     def ladder_attempts(self) -> list[Attempt]:
         return [a for a in self.attempts if a.at >= self.ladder_from]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -13,9 +14,11 @@ import pytest
 import structlog
 
 from controller.app import Controller, running_controller
+from controller.store import Incident, PlanRecord
 from selfheal import wire
 from selfheal.cli import main
 from selfheal.config import load_config
+from selfheal.errors import ConfigError, StoreError
 from selfheal.keys import read_key, write_key
 from tests.conftest import Broker, eventually, free_port
 from tests.integration.test_controller_flow import ScriptedAgent, _running
@@ -201,3 +204,36 @@ async def test_stats_and_metrics_report_outcomes(tmp_path: Path, mosquitto: Brok
         metrics = (await client.get("/metrics")).text
         assert 'selfheal_remediation_success_ratio{action="restart",kind="unit_exited"} 1.0' in metrics
         assert 'selfheal_remediations_total{action="restart_unit",outcome="succeeded"} 1.0' in metrics
+
+
+async def test_a_reload_that_widens_a_rules_window_counts_the_attempts_it_reaches_again(
+        tmp_path: Path, mosquitto: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reconciler keeps a unit's attempts only while the rules can count them; a reload whose rule counts
+    further back reads those attempts back from the store, as a restart would (``Engine.attempts_for``)."""
+    async with running_controller(load_config(_config(tmp_path, mosquitto))) as controller:
+        engine = controller.engine
+        assert engine is not None
+        now = time.time()
+        incident = await engine.store.open_incident(
+            key="unit_exited:reload-node/web", kind="unit_exited", node="reload-node", unit="web", severity="critical",
+            summary="web exited", rule="restart-exited-unit", opened_at=now - 7200, evidence={})
+        await engine.store.save_plan(PlanRecord(
+            id=f"{incident.id}-1", incident_id=incident.id, rule="restart-exited-unit", attempt=1, state="succeeded",
+            created_at=now - 7000, updated_at=now - 6990, action="restart_unit"))
+        assert await engine.attempts_for(engine.rulebook) == []  # nothing widened: nothing to read
+        wider = dataclasses.replace(engine.rulebook, rules=tuple(
+            dataclasses.replace(r, attempt_window=3 * 3600.0) if r.name == "restart-exited-unit" else r
+            for r in engine.rulebook.rules))
+        attempts = await engine.attempts_for(wider)
+        assert [plan.id for _, plan in attempts] == [f"{incident.id}-1"]
+        engine.reload(wider, controller.settings(), controller.anomalies, attempts)
+        target = engine.reconciler.targets[("restart-exited-unit", "reload-node/web")]
+        assert [a.plan_id for a in target.attempts] == [f"{incident.id}-1"]
+
+        async def unreadable(since: float) -> list[tuple[Incident, PlanRecord]]:
+            raise StoreError("database disk image is malformed")
+        monkeypatch.setattr(engine.store, "recent_plans", unreadable)
+        widest = dataclasses.replace(wider, rules=tuple(dataclasses.replace(r, attempt_window=10 * 3600.0)
+                                                        for r in wider.rules))
+        with pytest.raises(ConfigError, match="the store cannot be read: database disk image is malformed"):
+            await engine.attempts_for(widest)

@@ -7,6 +7,7 @@ engine does), and reports plan outcomes with ``finish``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections import Counter, defaultdict
@@ -24,6 +25,7 @@ from remediations.reconciler import (
     Failed,
     FleetView,
     Held,
+    IncidentState,
     Opened,
     Quarantined,
     Reconciler,
@@ -32,7 +34,7 @@ from remediations.reconciler import (
     Started,
     Symptom,
 )
-from remediations.state import Budget, Matcher, Silence
+from remediations.state import Attempt, Budget, Matcher, Silence
 from rules.model import Backoff, LoopBreaker, Rule, Rulebook, Rung
 
 E = TypeVar("E")
@@ -204,10 +206,12 @@ def test_a_target_idle_past_every_rules_window_is_forgotten_and_the_next_crash_s
     assert sim.engine.targets[KEY].idle
     sim.tick([], at=T0 + 3599.0)  # its attempt is within attempt_window (3600 s): it still counts
     assert KEY in sim.engine.targets
-    sim.tick([], at=T0 + 3601.0)
+    sim.tick([], at=T0 + 3601.0)  # and for a second more: a pass's ``now`` may come a little out of order
+    assert KEY in sim.engine.targets
+    sim.tick([], at=T0 + 3602.0)
     assert sim.engine.targets == {}
     assert sim.engine.unit_rules == {}
-    [started] = only(sim.tick([exited()], at=T0 + 3602.0), Started)
+    [started] = only(sim.tick([exited()], at=T0 + 3603.0), Started)
     assert (started.plan.action, started.plan.rung) == ("restart_unit", 0)
 
 
@@ -249,6 +253,57 @@ def test_what_is_remembered_is_bounded_by_the_window_not_by_every_unit_that_ever
     sim.tick([], at=T0 + 10_810.0)
     assert 300 < len(sim.engine.targets) <= 362
     assert set(sim.engine.unit_rules) == {unit for _, unit in sim.engine.targets}
+
+
+def test_a_unit_that_keeps_failing_and_healing_holds_one_entry_in_the_idle_queue() -> None:
+    """A compromised node flapping a unit for days must not grow the reconciler's memory."""
+    rule = dataclasses.replace(CRASH, reset_after=10.0, max_attempts=100)
+    sim = Sim(rule)
+    for cycle in range(50):  # every 200 s: outside the loop breaker's 120 s, inside attempt_window
+        crash_and_heal(sim, exited(), 200.0 * cycle)
+        sim.run([], until=200.0 * cycle + 50.0, step=5.0)  # resolved, ladder reset: idle until the next crash
+        assert sim.engine.targets[KEY].idle
+    assert len(sim.engine._idle) == 1
+
+
+def test_a_restored_incident_keeps_its_target_however_old_its_attempts() -> None:
+    """A controller restarted while an incident that used up its ladder stays failed for hours: when it
+    clears and the unit fails again before reset_after, the ladder is still used up (no restart at rung 0)."""
+    sim = Sim()
+    symptom = exited()
+    for i, (rung, action) in enumerate([(0, "restart_unit")] * 3 + [(1, "stop_unit"), (2, "notify")]):
+        sim.engine.restore_attempt(CRASH.name, symptom, Attempt(f"1-{i + 1}", rung, T0 + i, action))
+    sim.engine.restore_incident(IncidentState(symptom.key, symptom, CRASH.name, first_seen=T0, id=1, state="failed",
+                                              plans=5))
+    sim.now = T0 + 10
+    assert not only(sim.run([symptom], until=2 * 3600.0, step=60.0), Started)
+    sim.run([], until=2 * 3600.0 + 30.0, step=1.0)  # cleared: resolved after resolve_after
+    assert sim.engine.incidents == {}
+    effects = sim.tick([symptom], at=sim.now + 30.0)
+    assert not only(effects, Started)
+    assert only(effects, Failed)[0].reason.startswith("ladder exhausted")
+
+
+def test_attempts_counted_again_after_a_reload_that_widened_the_window_hold_max_attempts() -> None:
+    """Forgotten under a 600 s window, counted again when a reload widens it to an hour (``Engine.reload``
+    reads them back from the store): max_attempts holds as if they had never been forgotten."""
+    narrow = Rule(name="r", kind="unit_exited", ladder=(Rung("restart", 20, Backoff(jitter=0.0, base=0.0)),),
+                  cooldown=1.0, reset_after=10.0, resolve_after=2.0, max_attempts=2, attempt_window=600.0)
+    sim = Sim(narrow)
+    first = crash_and_heal(sim, exited(), 0.0)
+    second = crash_and_heal(sim, exited(), 105.0)
+    sim.run([], until=800.0, step=5.0)
+    assert sim.engine.targets == {}  # forgotten: no rule counts them any more
+    sim.engine.rules = Rulebook((dataclasses.replace(narrow, attempt_window=3600.0),))
+    for started in (first, second):
+        plan = started.plan
+        sim.engine.restore_attempt("r", exited(), Attempt(plan.id, plan.rung, plan.created_at, plan.action),
+                                   count_start=False)
+    sim.engine.restore_attempt("r", exited(), Attempt(first.plan.id, 0, first.plan.created_at, "restart_unit"))
+    assert len(sim.engine.targets[("r", "node-1/web")].attempts) == 2  # a plan held already is not added twice
+    effects = sim.tick([exited()], at=T0 + 805.0)
+    assert not only(effects, Started)
+    assert only(effects, Failed)[0].reason.startswith("max_attempts: 2 attempts")
 
 
 def test_at_the_cap_the_target_attempted_longest_ago_goes_with_its_index_entry(
