@@ -56,23 +56,31 @@ a tolerance per hour (``TOLERANCE``: RSS 1 MiB/h; fds, threads, tasks 1/h).
 ``flat``: slope <= tolerance. ``GROWS``: slope - 2 se > tolerance (growth
 beyond the tolerance, outside the noise). ``noisy``: neither (above the
 tolerance but within two standard errors: run longer). The goal, "no growth
-after warm-up", holds when every series is ``flat``. A meaningful soak also
-needs the load it claims: the controller must have accepted at least 0.95 of
+after warm-up", holds when every series is ``flat``. Beside each slope the
+script prints the slope of the second half of those samples (growth that
+slows down reads as a cache or the allocator settling, growth that keeps its
+pace as a leak) and, for each process, the slope of its anonymous memory (RSS
+less file-backed pages: psutil's ``rss - shared``), neither judged. A
+meaningful soak also needs the load it claims: the controller must have accepted at least 0.95 of
 the reports sent after warm-up, and the generator sent at least 0.97 of what
 was offered (both printed, and in the JSON).
 
 Bounded state fills in over a while and is not a leak: each node's report
 history (``controller.history``, 120 reports: 20 minutes at one report per
 10 s; ``selfheal_report_history_bytes`` is sampled, and its slope printed
-beside the RSS's, not judged) and the anomaly watches' windows (the built-in
-ones up to an hour). The script prints when both are full, and the verdict
+beside the RSS's, not judged), the anomaly watches' windows (the built-in
+ones up to an hour) and the engine's memory of remediated units (up to two
+hours). The script prints when all are full, and the verdict
 says so when the warm-up ended before (``--warmup-minutes`` at least that
 long leaves the filling out), or when fewer than ``MIN_WINDOW_MINUTES``
 followed the warm-up (a per-hour slope of a few minutes is indicative only).
 ``--short-windows`` makes a 30-minute soak readable: ``controller.history``
 becomes what fills in 0.8 of the warm-up (at least 12 reports) and the
 anomaly watches' window, step and horizon shrink by the factor that fits the
-longest in 0.8 of the warm-up. The bounded structures still fill and evict all
+longest in 0.8 of the warm-up, and every rule's ``attempt_window`` and
+``reset_after`` is at most 0.4 of it (the engine forgets a remediated unit
+once its ladder reset and its attempts left every rule's window; by default
+that is up to two hours). The bounded structures still fill and evict all
 along; only their size shrinks, so growth after warm-up is not their filling.
 
     .venv/bin/python bench/soak.py [--nodes 1000] [--rate 100] [--minutes 30] [--warmup-minutes 5]
@@ -84,6 +92,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -135,6 +144,7 @@ from bench.simulated import (
     wait_statuses,
     write_keys,
 )
+from rules.model import Rule
 from selfheal import wire
 from selfheal.config import ControllerConfig
 from selfheal.errors import WireError
@@ -161,6 +171,8 @@ SHORT_FILL = 0.8
 """``--short-windows``: the bounded state is full after this share of the warm-up."""
 SHORT_HISTORY_MIN = 12
 """``--short-windows``: reports kept per node at least (the built-in thresholds look at up to 10)."""
+RULE_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Rule)}
+"""A rule's settings where the rulebook names none (``rules.model.Rule``)."""
 MIN_WINDOW_MINUTES = 10.0
 """Below this many minutes after warm-up the verdict is marked indicative only."""
 
@@ -473,15 +485,25 @@ def fleet_stats(fleet: Fleet) -> dict[str, int]:
 # --- the real controller and agent ------------------------------------------------------------------------
 
 
-def soak_rules(window_scale: float = 1.0) -> str:
+def setting(rule: dict[str, Any], name: str) -> float:
+    """A rule's setting in the rulebook's YAML, or its default."""
+    return float(rule.get(name, RULE_DEFAULTS[name]))
+
+
+def soak_rules(window_scale: float = 1.0, rule_window: float | None = None) -> str:
     """The built-in rulebook with the restart rules' per-unit limits lifted (see the module's docstring); with
-    ``window_scale`` below 1, the anomaly watches' window, step and horizon shortened by that factor."""
+    ``window_scale`` below 1, the anomaly watches' window, step and horizon shortened by that factor; with
+    ``rule_window``, every rule's ``attempt_window`` and ``reset_after`` at most that many seconds (what the
+    engine remembers of a unit it remediated is kept that long after its ladder reset)."""
     book = yaml.safe_load((ROOT / "rules" / "default.yaml").read_text())
     for rule in book["rules"]:
         if rule["name"] in LIFTED:
             rule["ladder"][0]["attempts"] = 100
             rule.update(max_attempts=200, reset_after=1)
             rule["loop_breaker"] = {**rule.get("loop_breaker", {}), "refires": 100}
+        if rule_window is not None:
+            rule["attempt_window"] = min(setting(rule, "attempt_window"), rule_window)
+            rule["reset_after"] = min(setting(rule, "reset_after"), rule_window)
     if window_scale < 1:
         for watch in book.get("anomalies", []):
             detector = watch["detector"]
@@ -498,7 +520,7 @@ def write_configs(root: Path, settings: Settings, *, port: int, api_port: int, w
     token.write_text("bench-soak-token\n")
     token.chmod(0o600)
     rules = root / "rules.yaml"
-    rules.write_text(soak_rules(settings.window_scale))
+    rules.write_text(soak_rules(settings.window_scale, settings.rule_window))
     controller = root / "controller.toml"
     controller.write_text(
         f'[mqtt]\nurl = "mqtt://127.0.0.1:{port}"\n'
@@ -630,8 +652,10 @@ class Sampler:
         cpu: dict[str, float] = {}
         for name, proc in (("controller", self.controller), ("agent", self.agent)):
             with proc.oneshot():
-                row[name] = {"rss_mb": round(proc.memory_info().rss / 2**20, 2), "fds": proc.num_fds(),
-                             "threads": proc.num_threads()}
+                memory = proc.memory_info()
+                row[name] = {"rss_mb": round(memory.rss / 2**20, 2), "fds": proc.num_fds(),
+                             "threads": proc.num_threads(),
+                             "anon_mb": round((memory.rss - memory.shared) / 2**20, 2)}
             cpu[name] = cpu_seconds(proc)
         scraped = parse_metrics(get(self.http, "/metrics").text)
         tasks = scraped.get("selfheal_asyncio_tasks")
@@ -720,7 +744,23 @@ def trends(rows: list[dict[str, Any]], warmup_s: float) -> dict[str, dict[str, A
             else:
                 entry.update(slope_per_h=round(fit[0], 3), se_per_h=round(fit[1], 3),
                              verdict=verdict(fit[0], fit[1], TOLERANCE[name]))
+            late = slope(points[len(points) // 2:])
+            entry["late_slope_per_h"] = None if late is None else round(late[0], 3)
             out[proc][name] = entry
+    return out
+
+
+def anon_trend(rows: list[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
+    """Of each process's RSS slope, how much is anonymous memory (the heap: Python objects, the allocator, SQLite's
+    page cache) rather than file-backed pages (libraries, mapped files); printed, not judged."""
+    out: dict[str, Any] = {}
+    for proc in SERIES:
+        points = [(r["t_s"] / 3600, float(r[proc]["anon_mb"])) for r in rows
+                  if r["t_s"] >= warmup_s and r[proc].get("anon_mb") is not None]
+        fit, late = slope(points), slope(points[len(points) // 2:])
+        out[proc] = {"slope_mb_per_h": None if fit is None else round(fit[0], 3),
+                     "late_slope_mb_per_h": None if late is None else round(late[0], 3),
+                     "first_mb": points[0][1] if points else None, "last_mb": points[-1][1] if points else None}
     return out
 
 
@@ -780,6 +820,12 @@ class Settings:
         if not self.short_windows:
             return HISTORY
         return max(SHORT_HISTORY_MIN, min(HISTORY, int(SHORT_FILL * self.warmup_minutes * 60 / self.period)))
+
+    @property
+    def rule_window(self) -> float | None:
+        """With ``short_windows``, the rules' ``attempt_window`` and ``reset_after`` at most half of 0.8 of the
+        warm-up, so what the engine remembers of remediated units is full within it too."""
+        return SHORT_FILL * self.warmup_minutes * 60 / 2 if self.short_windows else None
 
     @property
     def window_scale(self) -> float:
@@ -878,7 +924,8 @@ def run(settings: Settings, root: Path, cleanup: list[Callable[[], None]],
     say(f"load on: {settings.nodes} simulated nodes at {settings.rate:g} reports/s (each every "
         f"{settings.period:g}s), offline_after {settings.offline_after:g}s, stall_after {settings.stall_after:g}s; "
         f"bounded state full at ~{max(fill.values()) / 60:.0f} min (report history {fill['report_history'] / 60:.1f} "
-        f"min, anomaly windows {fill['anomaly_windows'] / 60:.0f} min)"
+        f"min, anomaly windows {fill['anomaly_windows'] / 60:.0f} min, remediated units "
+        f"{fill['remediation_history'] / 60:.0f} min)"
         + (": after the warm-up, so the slopes measure its filling too" if max(fill.values()) > warmup_s else ""))
     sampler = Sampler(psutil.Process(up.controller.pid), psutil.Process(up.agent.pid), up.http, up.agent_http, up.fleet,
                       t0)
@@ -907,7 +954,7 @@ def run(settings: Settings, root: Path, cleanup: list[Callable[[], None]],
     scraped = sampler.scraped
     return {
         "statuses": up.statuses, "warmup_s": warmup_s, "state_fill_s": fill,
-        "samples": sampler.rows, "trends": trends(sampler.rows, warmup_s),
+        "samples": sampler.rows, "trends": trends(sampler.rows, warmup_s), "anon": anon_trend(sampler.rows, warmup_s),
         "load": load_check(sampler.rows, warmup_s, settings.rate),
         "report_history": history_trend(sampler.rows, warmup_s),
         "faults": {"ordered": dict(faults.ordered), "simulated": fleet_stats(up.fleet), "real_kills": kills.figures()},
@@ -924,10 +971,16 @@ def summary(figures: dict[str, Any]) -> list[str]:
             if t["slope_per_h"] is None:
                 lines.append(f"  {proc:<10} {name:<8} {t['verdict']}")
                 continue
+            late = "" if t["late_slope_per_h"] is None else f", second half {t['late_slope_per_h']:+.2f}/h"
             lines.append(f"  {proc:<10} {name:<8} {t['slope_per_h']:>+10.2f}/h (+- {2 * t['se_per_h']:.2f})  "
                          f"tolerance {t['tolerance_per_h']:g}/h  {t['first']:g} -> {t['last']:g} "
-                         f"(min {t['min']:g}, max {t['max']:g})  {t['verdict']}")
-    lines.append("  agent      tasks    not sampled: the agent has no metrics endpoint")
+                         f"(min {t['min']:g}, max {t['max']:g})  {t['verdict']}{late}")
+    for proc, anon in figures["anon"].items():
+        if anon["slope_mb_per_h"] is not None:
+            lines.append(f"  ({proc} anonymous memory, part of its RSS, not judged: {anon['slope_mb_per_h']:+.2f} MB/h"
+                         + ("" if anon["late_slope_mb_per_h"] is None else
+                            f", second half {anon['late_slope_mb_per_h']:+.2f} MB/h")
+                         + f", {anon['first_mb']:g} -> {anon['last_mb']:g} MB)")
     history = figures["report_history"]
     if history["slope_mb_per_h"] is not None:
         lines.append(f"  (controller report history, bounded, not judged: {history['slope_mb_per_h']:+.2f} MB/h, "
@@ -961,11 +1014,17 @@ def summary(figures: dict[str, Any]) -> list[str]:
 
 def state_fill(settings: Settings) -> dict[str, float]:
     """Seconds until the controller's bounded state is full: each node's report history (``controller.history``,
-    default 120 reports) and the longest window of the rulebook's anomaly watches (samples older drop out)."""
-    book = yaml.safe_load(soak_rules(settings.window_scale))
+    default 120 reports), the longest window of the rulebook's anomaly watches (samples older drop out) and the
+    engine's memory of remediated units (a unit is forgotten once its ladder reset and its last attempt is older
+    than every rule's ``attempt_window`` and ``cooldown``)."""
+    book = yaml.safe_load(soak_rules(settings.window_scale, settings.rule_window))
     windows = [float(a["detector"].get("window", 0)) for a in book.get("anomalies", [])]
+    rules = book.get("rules", [])
+    horizon = max((max(setting(r, "attempt_window"), setting(r, "cooldown")) for r in rules), default=0.0)
+    reset = max((setting(r, "reset_after") for r in rules), default=0.0)
     return {"report_history": round(settings.history * settings.period, 1),
-            "anomaly_windows": max(windows, default=0.0)}
+            "anomaly_windows": max(windows, default=0.0),
+            "remediation_history": horizon + reset}
 
 
 def overall(figures: dict[str, Any], settings: Settings) -> str:
@@ -1006,8 +1065,9 @@ def parse_args() -> Settings:
     parser.add_argument("--status-timeout", type=float, default=300.0,
                         help="most seconds to wait for the retained statuses to reach the controller")
     parser.add_argument("--short-windows", action="store_true",
-                        help="shorten controller.history and the anomaly windows so the bounded state is full "
-                             "within the warm-up (default: as shipped; full after an hour)")
+                        help="shorten controller.history, the anomaly windows and the rules' attempt_window and "
+                             "reset_after so the bounded state is full within the warm-up (default: as shipped; "
+                             "full after two hours)")
     parser.add_argument("--json", action="store_true", help="end with one line holding a JSON object of all figures")
     args = parser.parse_args()
     if args.nodes < 1 or args.rate <= 0 or args.minutes <= 0 or args.sample_seconds <= 0:

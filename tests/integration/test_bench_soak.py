@@ -21,7 +21,7 @@ from tests.conftest import require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 SERIES = {"controller": {"rss_mb", "fds", "threads", "tasks"}, "agent": {"rss_mb", "fds", "threads", "tasks"}}
-TREND_KEYS = {"samples", "tolerance_per_h", "slope_per_h", "se_per_h", "verdict"}
+TREND_KEYS = {"samples", "tolerance_per_h", "slope_per_h", "se_per_h", "verdict", "late_slope_per_h"}
 
 
 @pytest.mark.timeout(180)
@@ -45,6 +45,7 @@ def test_a_short_soak_samples_both_processes_and_judges_each_series() -> None:
             assert row[proc]["rss_mb"] > 0, row
             assert row[proc]["fds"] > 0, row
             assert row[proc]["threads"] >= 1, row
+            assert 0 < row[proc]["anon_mb"] <= row[proc]["rss_mb"], row
         assert row["controller"]["tasks"] > 0  # selfheal_asyncio_tasks on the controller's /metrics
         assert row["agent"]["tasks"] > 0  # selfheal_agent_asyncio_tasks on the agent's /metrics
     for proc, series in SERIES.items():
@@ -52,6 +53,8 @@ def test_a_short_soak_samples_both_processes_and_judges_each_series() -> None:
         for name, trend in figures["trends"][proc].items():
             assert set(trend) >= TREND_KEYS, (proc, name)
             assert trend["verdict"] in {"flat", "GROWS", "noisy"}, (proc, name, trend)
+    assert set(figures["anon"]) == set(SERIES)
+    assert all(anon["slope_mb_per_h"] is not None for anon in figures["anon"].values()), figures["anon"]
     assert figures["load"]["sent_per_s"] > 0
     assert figures["load"]["accepted_per_s"] > 0
     assert {"generator_ok", "controller_kept_up"} <= set(figures["load"])
